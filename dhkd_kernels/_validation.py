@@ -1,0 +1,101 @@
+"""Argument checks shared by every backend: clear errors naming the argument, raised before any work."""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from .reference import LOGIT_LOSSES, REDUCTIONS
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _tensor(name: str, x, ndim: int, float_: bool = True) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if float_ and x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a float16/bfloat16/float32/float64 tensor, got {x.dtype}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(x.shape)}")
+
+
+def _shape(name: str, x: torch.Tensor, expected: tuple, meaning: str) -> None:
+    if tuple(x.shape) != expected:
+        raise ValueError(f"{name} must have shape {meaning} = {expected}, got {tuple(x.shape)}")
+
+
+def _number(name: str, value, *, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        need = "a finite positive number" if positive else "a finite number >= 0"
+        raise ValueError(f"{name} must be {need}, got {value}")
+    return value
+
+
+def _choice(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def validate(features, head_weight, head_bias, aux_weight, aux_bias, teacher_logits, labels, *,
+             aux_features, ce_weight, kd_weight, logit_weight, kd_temperature, logit_temperature,
+             logit_loss, ignore_index, reduction, backend) -> None:
+    """Check every argument of ``fused_dual_head_kd_loss``; raise ValueError/TypeError naming the culprit."""
+    _tensor("features", features, 2)
+    n, d = features.shape
+    _tensor("head_weight", head_weight, 2)
+    c = head_weight.shape[0]
+    _shape("head_weight", head_weight, (c, d), "(C, D)")
+    if c < 1:
+        raise ValueError("head_weight must have at least one class row (C >= 1)")
+    if aux_features is not None:
+        _tensor("aux_features", aux_features, 2)
+        if aux_features.shape[0] != n:
+            raise ValueError(
+                f"aux_features must have shape (N, D_aux) with N = {n} rows like features, "
+                f"got {tuple(aux_features.shape)}")
+        da = aux_features.shape[1]
+    else:
+        da = d
+    _tensor("aux_weight", aux_weight, 2)
+    _shape("aux_weight", aux_weight, (c, da), "(C, D_aux)" if aux_features is not None else "(C, D)")
+    for name, bias in (("head_bias", head_bias), ("aux_bias", aux_bias)):
+        if bias is not None:
+            _tensor(name, bias, 1)
+            _shape(name, bias, (c,), "(C,)")
+    _tensor("teacher_logits", teacher_logits, 2)
+    _shape("teacher_logits", teacher_logits, (n, c), "(N, C)")
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be an int64 or int32 tensor, got {labels.dtype}")
+    _shape("labels", labels, (n,), "(N,)")
+
+    named = [("features", features), ("head_weight", head_weight), ("head_bias", head_bias),
+             ("aux_weight", aux_weight), ("aux_bias", aux_bias), ("teacher_logits", teacher_logits),
+             ("labels", labels), ("aux_features", aux_features)]
+    devices = {name: x.device for name, x in named if x is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"all tensors must be on one device, got {devices}")
+
+    for name, w in (("ce_weight", ce_weight), ("kd_weight", kd_weight), ("logit_weight", logit_weight)):
+        _number(name, w, positive=False)
+    for name, temp in (("kd_temperature", kd_temperature), ("logit_temperature", logit_temperature)):
+        _number(name, temp, positive=True)
+    _choice("logit_loss", logit_loss, LOGIT_LOSSES)
+    _choice("reduction", reduction, REDUCTIONS)
+    _choice("backend", backend, BACKENDS)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+    if n > 0:
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= c))
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"labels must lie in [0, C) = [0, {c}) or equal ignore_index={ignore_index}; "
+                f"labels[{first}] = {int(labels[first])}")

@@ -1,0 +1,126 @@
+"""The public entry points: ``fused_dual_head_kd_loss`` and the ``DualHeadKDLoss`` module."""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from . import reference
+from ._validation import validate
+from .ops.chunked import chunked_dual_head_kd_loss
+
+
+def _triton_usable(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend == "auto":
+        if device.type == "cuda" and _triton_ops() is not None:
+            return "triton"
+        return "torch"
+    if backend == "triton":
+        if _triton_ops() is None:
+            raise RuntimeError("backend='triton' needs the triton package, which is not importable here")
+        if not _triton_usable(device):
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors; got {device}")
+    return backend
+
+
+def _triton_ops():
+    try:
+        from .ops import dual_head_kd
+    except ImportError:
+        return None
+    return dual_head_kd
+
+
+def fused_dual_head_kd_loss(
+    features: torch.Tensor,
+    head_weight: torch.Tensor,
+    head_bias: torch.Tensor | None,
+    aux_weight: torch.Tensor,
+    aux_bias: torch.Tensor | None,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    aux_features: torch.Tensor | None = None,
+    ce_weight: float = 1.0,
+    kd_weight: float = 0.0,
+    logit_weight: float = 1.0,
+    kd_temperature: float = 4.0,
+    logit_temperature: float = 2.0,
+    logit_loss: str = "binary_kl_norm",
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    backend: str = "auto",
+    return_components: bool = False,
+):
+    """Dual-head KD loss from features and head weights, without keeping the (N, C) logits.
+
+    Shapes: features (N, D); head_weight (C, D); head_bias (C,) or None; aux_weight (C, D_aux);
+    aux_bias (C,) or None; teacher_logits (N, C), any float dtype, no gradient; labels (N,) int64/int32;
+    aux_features (N, D_aux), defaulting to ``features`` (a linear auxiliary head).
+
+    With z1 = features W1^T + b1 and z2 = aux_features W2^T + b2 (see ``dhkd_kernels.reference``):
+        loss = ce_weight CE(z1, y) + kd_weight KD_T(z1, t) + logit_weight L_tau(z2, t)
+    with L = BinaryKL-Norm (default) or BinaryKL, summed over the rows whose label is not
+    ``ignore_index`` and divided by their count for ``reduction="mean"`` (0 when there are none).
+
+    Backends: "auto" (Triton kernels for CUDA tensors, else "torch"), "triton", "torch" (chunked
+    PyTorch with an analytic backward), "reference" (plain PyTorch autograd, in the inputs' dtype).
+    The loss is float32 (float64 for float64 inputs); gradients come back in each input's dtype.
+
+    Returns the loss, or with ``return_components=True`` ``(loss, dict)`` whose ``ce``, ``kd``, ``logit``
+    are the unweighted terms reduced like the loss (detached), ``correct`` the number of valid rows whose
+    first arg-max of z1 is the label, and ``n_valid`` the number of valid rows.
+    """
+    validate(features, head_weight, head_bias, aux_weight, aux_bias, teacher_logits, labels,
+             aux_features=aux_features, ce_weight=ce_weight, kd_weight=kd_weight,
+             logit_weight=logit_weight, kd_temperature=kd_temperature,
+             logit_temperature=logit_temperature, logit_loss=logit_loss, ignore_index=ignore_index,
+             reduction=reduction, backend=backend)
+    opts = dict(ce_weight=float(ce_weight), kd_weight=float(kd_weight), logit_weight=float(logit_weight),
+                kd_temperature=float(kd_temperature), logit_temperature=float(logit_temperature),
+                logit_loss=logit_loss, ignore_index=int(ignore_index), reduction=reduction,
+                return_components=bool(return_components))
+    backend = _resolve_backend(backend, features.device)
+    if backend == "reference":
+        return reference.dual_head_kd_loss(features, head_weight, head_bias, aux_weight, aux_bias,
+                                           teacher_logits, labels, aux_features=aux_features, **opts)
+    if backend == "triton":
+        run = _triton_ops().dual_head_kd_loss
+    else:
+        run = chunked_dual_head_kd_loss
+    loss, terms, correct, n_valid = run(features, head_weight, head_bias, aux_weight, aux_bias,
+                                        teacher_logits, labels, aux_features=aux_features, **opts)
+    if not return_components:
+        return loss
+    return loss, {"ce": terms[0], "kd": terms[1], "logit": terms[2], "correct": correct,
+                  "n_valid": n_valid}
+
+
+class DualHeadKDLoss(nn.Module):
+    """Module form of :func:`fused_dual_head_kd_loss`: holds the options, takes the tensors."""
+
+    def __init__(self, *, ce_weight: float = 1.0, kd_weight: float = 0.0, logit_weight: float = 1.0,
+                 kd_temperature: float = 4.0, logit_temperature: float = 2.0,
+                 logit_loss: str = "binary_kl_norm", ignore_index: int = -100, reduction: str = "mean",
+                 backend: str = "auto", return_components: bool = False):
+        super().__init__()
+        self.options = dict(ce_weight=ce_weight, kd_weight=kd_weight, logit_weight=logit_weight,
+                            kd_temperature=kd_temperature, logit_temperature=logit_temperature,
+                            logit_loss=logit_loss, ignore_index=ignore_index, reduction=reduction,
+                            backend=backend, return_components=return_components)
+
+    def forward(self, features, head_weight, head_bias, aux_weight, aux_bias, teacher_logits, labels,
+                aux_features=None):
+        return fused_dual_head_kd_loss(features, head_weight, head_bias, aux_weight, aux_bias,
+                                       teacher_logits, labels, aux_features=aux_features, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
