@@ -1,0 +1,15 @@
+"""Shared test set-up. Without CUDA, Triton kernels run in the interpreter (TRITON_INTERPRET=1),
+which must be set before triton compiles anything, hence here, before any test module imports."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(params=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def device(request):
+    return torch.device(request.param)
