@@ -56,22 +56,23 @@ def make_inputs(n, d, c, *, da=None, dtype=torch.float32, device="cpu", bias=Tru
                 labels=y.to(device), aux_features=leaf(a))
 
 
-def cast_inputs(inputs, dtype):
-    """Fresh leaves of ``inputs`` in ``dtype`` (labels kept, teacher cast too)."""
+def cast_inputs(inputs, dtype=None):
+    """Fresh leaves of ``inputs``, cast to ``dtype`` when given (teacher too; labels and each leaf's
+    requires_grad kept)."""
     out = {}
     for k, v in inputs.items():
         if v is None or k == "labels":
             out[k] = v
         elif k == "teacher_logits":
-            out[k] = v.detach().to(dtype)
+            out[k] = v.detach().to(dtype or v.dtype)
         else:
-            out[k] = v.detach().to(dtype).requires_grad_(True)
+            out[k] = v.detach().to(dtype or v.dtype).clone().requires_grad_(v.requires_grad)
     return out
 
 
 def loss_and_grads(inputs, *, backend, grad_scale=2.0, fn=None, **opts):
     """Loss (detached) and the gradients of ``grad_scale * loss`` for every input leaf (dict)."""
-    inputs = cast_inputs(inputs, inputs["features"].dtype)
+    inputs = cast_inputs(inputs)
     args = [inputs[k] for k in ("features", "head_weight", "head_bias", "aux_weight", "aux_bias",
                                 "teacher_logits", "labels")]
     if fn is None:
@@ -81,7 +82,7 @@ def loss_and_grads(inputs, *, backend, grad_scale=2.0, fn=None, **opts):
     if isinstance(loss, tuple):
         loss = loss[0]
     (loss * grad_scale).backward()
-    grads = {k: inputs[k].grad for k in GRAD_NAMES if inputs.get(k) is not None}
+    grads = {k: inputs[k].grad for k in GRAD_NAMES if inputs.get(k) is not None and inputs[k].requires_grad}
     return loss.detach(), grads
 
 

@@ -169,9 +169,9 @@ class ChunkedDualHeadKD(torch.autograd.Function):
 
 
 def chunked_dual_head_kd_loss(features, head_weight, head_bias, aux_weight, aux_bias, teacher_logits,
-                              labels, *, aux_features, chunk_elements=DEFAULT_CHUNK_ELEMENTS, **opts):
+                              labels, *, aux_features, chunk_elements=None, **opts):
     """Run the torch path; returns (loss, terms[3], correct, n_valid). Inputs must be validated."""
-    opts["chunk_elements"] = chunk_elements
+    opts["chunk_elements"] = chunk_elements or DEFAULT_CHUNK_ELEMENTS
     with torch.autocast(device_type=features.device.type, enabled=False):
         return ChunkedDualHeadKD.apply(features, head_weight, head_bias, aux_features, aux_weight,
                                        aux_bias, teacher_logits, labels, opts)
