@@ -129,10 +129,13 @@ def nc1(features: torch.Tensor, labels: torch.Tensor, num_classes: int, rtol: fl
     mu_G of all N features (Papyan et al. 2020), D_i = h_i - mu_{y_i} and M the (C', d) matrix of rows
     mu_c - mu_G:
         Sigma_W = D^T D / N,   Sigma_B = M^T M / C'.
-    Since (M^T M)^+ = M^+ (M^+)^T, NC1 = ||D M^+||_F^2 / N, computed with ``torch.linalg.pinv(M)``
-    (singular values below ``rtol`` times the largest are dropped; default max(C', d) * eps of the
-    input dtype), without forming d x d matrices. Classes absent from the batch are left out. Returns
-    nan when fewer than 2 classes are present or the class means coincide (NC1 is undefined then).
+    Since (M^T M)^+ = M^+ (M^+)^T, NC1 = ||D M^+||_F^2 / N = sum_k ||D v_k||^2 / (N s_k^2) over the SVD
+    M = U S V^T, so no d x d matrix is formed. The pseudo-inverse keeps singular values above ``rtol``
+    times the largest (default max(C', d) * eps of the input dtype) and at most C' - 1 of them: the
+    count-weighted rows of M sum to zero, so rank(M) <= C' - 1 and the last singular value is round-off
+    (keeping it would make NC1 explode when the features share a large offset). Classes absent from
+    the batch are left out. Returns nan when fewer than 2 classes are present or the class means
+    coincide (NC1 is undefined then).
     """
     _check_float_tensor("features", features, 2)
     if not isinstance(labels, torch.Tensor):
@@ -153,6 +156,7 @@ def nc1(features: torch.Tensor, labels: torch.Tensor, num_classes: int, rtol: fl
         raise ValueError(f"labels must lie in [0, {num_classes}), got range [{int(lab.min())}, {int(lab.max())}]")
     eps = torch.finfo(features.dtype).eps
     h = features.detach().to(_F64)
+    h = h - h.mean(dim=0, keepdim=True)  # centre on mu_G first: class means are then the rows of M
     counts = torch.bincount(lab, minlength=num_classes)
     sums = torch.zeros(num_classes, h.shape[1], dtype=_F64, device=h.device).index_add_(0, lab, h)
     present = counts > 0
@@ -161,13 +165,16 @@ def nc1(features: torch.Tensor, labels: torch.Tensor, num_classes: int, rtol: fl
         return math.nan
     means = sums / counts.clamp_min(1).unsqueeze(1).to(_F64)
     d_within = h - means[lab]
-    m = means[present] - h.mean(dim=0, keepdim=True)
-    if not bool(m.abs().amax() > 0):
+    m = means[present]
+    _, sv, vh = torch.linalg.svd(m, full_matrices=False)
+    if not bool(sv[0] > 0):
         return math.nan
     if rtol is None:
         rtol = max(n_present, h.shape[1]) * eps
-    m_pinv = torch.linalg.pinv(m, rtol=rtol)  # (d, C')
-    return (d_within @ m_pinv).square().sum().item() / n
+    # sum_c n_c (mu_c - mu_G) = 0, so rank(M) <= C' - 1: the last singular value is round-off, never kept.
+    keep = (sv > rtol * sv[0]) & (torch.arange(sv.shape[0], device=sv.device) < n_present - 1)
+    proj = (d_within @ vh[keep].T) / sv[keep]
+    return proj.square().sum().item() / n
 
 
 def _as_tensor_list(name: str, grads) -> list:

@@ -164,6 +164,18 @@ def test_nc1_is_invariant_to_rotation_scale_and_shift():
     assert nc1(moved, y, 6) == pytest.approx(ref, rel=1e-9)
 
 
+def test_nc1_with_a_large_common_offset():
+    # The rows of M are dependent (rank C' - 1); the round-off singular value must not be inverted.
+    f, y = noisy_clusters(10, 64, 20, 0.5, seed=3)
+    ref = nc1(f, y, 10)
+    for offset in (1e3, 1e6):
+        assert nc1(f + offset, y, 10) == pytest.approx(ref, rel=1e-6)
+    assert nc1((f + 1e3).float(), y, 10) == pytest.approx(ref, rel=1e-4)
+    keep = y != 3  # unbalanced counts with a class missing: the dependency is count-weighted
+    keep[:7] = False
+    assert nc1(f[keep] + 1e6, y[keep], 10) == pytest.approx(nc1(f[keep], y[keep], 10), rel=1e-6)
+
+
 def test_nc1_float32_close_to_float64(device):
     f, y = noisy_clusters(10, 32, 20, 0.5, seed=7)
     assert nc1(f.float().to(device), y.to(device), 10) == pytest.approx(nc1(f, y, 10), rel=1e-4)
