@@ -103,6 +103,7 @@ def test_markdown_table_bad_input():
 
 
 def test_plot_accuracy_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")  # the "train" extra
     runs = {"ce": [synthetic_run(s) for s in range(3)], "dhkd": synthetic_run(0, offset=2.0)}  # single run too
     out = plot_accuracy(runs, tmp_path / "sub" / "acc.png", title="MNIST-1D")
     assert out == str(tmp_path / "sub" / "acc.png")
@@ -113,6 +114,7 @@ def test_plot_accuracy_writes_png(tmp_path):
 
 
 def test_plot_diagnostics_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")  # the "train" extra
     runs = {"ce": [synthetic_run(s, aux=False) for s in range(2)], "dhkd": [synthetic_run(s) for s in range(2)]}
     plot_diagnostics(runs, tmp_path / "diag.png", keys=("norm_cv", "cos_etf_gap", "nc1", "cos_std"),
                      extra_keys=("diag/grad_cos",))  # cos_std has no data: that panel says so
@@ -120,6 +122,7 @@ def test_plot_diagnostics_writes_png(tmp_path):
 
 
 def test_plots_with_no_data_raise(tmp_path):
+    pytest.importorskip("matplotlib")  # the "train" extra
     runs = {"ce": [[{"epoch": 1, "train/loss": 1.0}]]}
     with pytest.raises(ValueError, match="val/acc1_main"):
         plot_accuracy(runs, tmp_path / "a.png")
