@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .cifar import ZOO as CIFAR_ZOO
 from .mnist1d import MNIST1DCNN, MNIST1DMLP
 from .student import DualHeadStudent
 
@@ -51,6 +52,8 @@ _SPECS: dict[str, _Spec] = {
     "resnet50": _Spec(_torchvision_maker("resnet50"), "fc", "torchvision"),
     "mobilenet_v2": _Spec(_torchvision_maker("mobilenet_v2"), "classifier.1", "torchvision"),
 }
+for _name, (_make, _head) in CIFAR_ZOO.items():
+    _SPECS[_name] = _Spec(lambda c, make=_make: make(num_classes=c), _head, "cifar")
 
 
 def model_names() -> list[str]:
