@@ -36,11 +36,10 @@ def _torchvision_maker(name: str) -> Callable[..., nn.Module]:
         short = weights.split(".")[-1]
         if short not in choices:
             raise ValueError(f"weights={weights!r} is not a torchvision weight of {name}; choose from {choices}")
-        model = torchvision.models.get_model(name, weights=short)
-        if num_classes != _head_module(model, _SPECS[name].head).out_features:
-            raise ValueError(f"weights={weights!r} of {name} has {_head_module(model, _SPECS[name].head).out_features} "
-                             f"classes, but num_classes={num_classes}")
-        return model
+        n_categories = len(enum[short].meta.get("categories") or [])
+        if n_categories and n_categories != num_classes:
+            raise ValueError(f"weights={weights!r} of {name} has {n_categories} classes, but num_classes={num_classes}")
+        return torchvision.models.get_model(name, weights=short)
     return make
 
 
@@ -240,9 +239,10 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
 
 
 def _adapt_keys(state: dict[str, torch.Tensor], model_keys: set[str], head: str) -> dict[str, torch.Tensor]:
-    for prefix in ("module.", "_orig_mod."):
-        if state and all(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in model_keys):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+    if state and all(k.startswith("module.") for k in state) and not any(k.startswith("module.") for k in model_keys):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    if any("_orig_mod." in k for k in state) and not any("_orig_mod." in k for k in model_keys):
+        state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}
     is_student = "head.weight" in state and any(k.startswith("backbone.") for k in state)
     if is_student and head and not any(k.startswith("backbone.") for k in model_keys):
         adapted = {}
