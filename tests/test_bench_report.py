@@ -144,3 +144,19 @@ def test_check_catches_a_wrong_provider():
     assert all(v <= limits[k] for k, v in providers.errors_against(good, inputs, ref).items())
     errs = providers.errors_against(wrong_temperature, inputs, ref)
     assert any(v > limits[k] for k, v in errs.items())
+
+
+@pytest.mark.parametrize("precision,loss", [("bf16", "fused"), ("fp32", "reference")])
+def test_train_step_builds_and_steps_on_cpu(precision, loss):
+    """The GPU training-step benchmark's step, run tiny on CPU: its loss check passes and it trains."""
+    pytest.importorskip("torchvision")
+    pytest.importorskip("dhkd.models")
+    from benchmarks.test_bench_train_step import build_step
+
+    step, next_batch, check = build_step(precision, False, loss, torch.device("cpu"), batch=4,
+                                         image_size=32, num_classes=10)
+    err, (feats, aux, t, y) = check()
+    assert err <= (2e-2 if precision == "bf16" else 1e-4)
+    first = step(*next_batch())
+    assert torch.isfinite(first)
+    step.loss_only_fn(feats, aux, t, y)()
