@@ -160,3 +160,29 @@ def test_train_step_builds_and_steps_on_cpu(precision, loss):
     first = step(*next_batch())
     assert torch.isfinite(first)
     step.loss_only_fn(feats, aux, t, y)()
+
+
+def test_cuda_event_timer_pairs_calls(monkeypatch):
+    """The GPU timer returns 0 at the start call and the events' elapsed seconds at the end call."""
+    clock = {"now": 0.0}
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.t = None
+
+        def record(self):
+            self.t = clock["now"]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3  # milliseconds, like CUDA events
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    timer = providers.CudaEventTimer()
+    for work in (0.25, 0.5):
+        start = timer()
+        clock["now"] += work
+        assert timer() - start == pytest.approx(work)
