@@ -28,10 +28,12 @@ LEAVES = ("features", "head_weight", "head_bias", "aux_weight", "aux_bias")
 POSITIONAL = LEAVES + ("teacher_logits", "labels")
 
 # Correctness gate on the timed provider, relative (norm-wise) error against float64.
-# fp32 leaves room for TF32 matmuls; low precision is judged against eager PyTorch's own error.
+# fp32 leaves room for TF32 matmuls. Below fp32 the limit is LOWP_MARGIN x eager PyTorch's own error in
+# that dtype, at least LOWP_FLOOR (eager bf16 measured ~1e-2 on the loss, ~4e-3 on gradients, C = 1k..32k).
+# A gate against wrong results, not a precision test: tests/ holds the strict tolerances.
 FP32_LIMITS = {"loss": 2e-3, "grad": 1e-2}
 LOWP_MARGIN = 2.0
-LOWP_FLOOR = {"loss": 5e-3, "grad": 2e-2}
+LOWP_FLOOR = {"loss": 2e-2, "grad": 2e-2}
 
 
 def make_input_set(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int) -> dict:

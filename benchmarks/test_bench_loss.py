@@ -78,7 +78,10 @@ class ShapeState:
         if self.dtype == torch.float32:
             return None
         if self._eager is None:
-            self._eager = errors_against(self.provider_fn("reference"), self.sets[0], self.ref64)
+            try:
+                self._eager = errors_against(self.provider_fn("reference"), self.sets[0], self.ref64)
+            except torch.cuda.OutOfMemoryError:
+                self._eager = {}  # eager does not fit: the floors alone set the limits
         return self._eager
 
     def provider_fn(self, name):
