@@ -94,22 +94,25 @@ class ShapeState:
         if name in self.checks:
             return self.checks[name]
         provider = PROVIDERS[name]
+        inputs = self.sets[0]
+        ref = None if provider.partial else self.ref64
         sync(self.device)
         t0 = time.perf_counter()
         fn = self.provider_fn(name)
-        inputs = self.sets[0]
         if provider.partial:
-            # partial peers: their main-head CE against float64; the whole loss must be finite
-            ce = fn.main_ce(inputs)
+            # partial peers: their main-head CE against float64; their whole loss must be finite
+            ce = fn.main_ce(inputs).detach()
             loss = fn(inputs)
             loss.backward()
             clear_grads(inputs)
+            sync(self.device)
             first_s = time.perf_counter() - t0
             errs = {"loss": rel_err(ce, float64_main_ce(inputs))}
             assert math.isfinite(loss.item()), f"{name}: non-finite loss {loss.item()}"
         else:
-            errs = errors_against(fn, inputs, self.ref64)
-            first_s = time.perf_counter() - t0
+            errs = errors_against(fn, inputs, ref)
+            sync(self.device)
+            first_s = time.perf_counter() - t0  # first forward+backward, compilation included
         limits = limits_for(self.dtype, self.eager_errors())
         bad = {k: (v, limits[k]) for k, v in errs.items() if not v <= limits[k]}
         assert not bad, f"{name} {self.shape.name} {self.dtype}: error above limit {bad}"
