@@ -165,16 +165,23 @@ def test_loss(benchmark, shape_name, dtype_name, provider, mode):
         if reason:
             pytest.skip(reason)
     dtype = DTYPES[dtype_name]
-    oom = False
+    reason = None
     try:
         _run_case(benchmark, shape, dtype, device, provider, mode)
     except torch.cuda.OutOfMemoryError:
-        oom = True  # handled below, once the traceback (and the tensors its frames hold) is gone
-    if oom:
+        reason = f"out of memory on {device_name(device)} ({shape.name}, {dtype_name}, {provider})"
+    except (AssertionError, pytest.skip.Exception):
+        raise
+    except Exception as e:  # a third-party peer that rejects this case (version, dtype) is skipped, not failed
+        if provider == FLOOR or not PROVIDERS[provider].partial:
+            raise
+        reason = f"{provider} raised {type(e).__name__}: {str(e)[:160]}"
+    if reason:  # outside the except blocks, so the traceback and the tensors its frames hold are gone
         _STATE.clear()
         gc.collect()
-        torch.cuda.empty_cache()
-        pytest.skip(f"out of memory on {device_name(device)} ({shape.name}, {dtype_name}, {provider})")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        pytest.skip(reason)
 
 
 def _run_case(benchmark, shape, dtype, device, provider, mode):
