@@ -194,9 +194,9 @@ def _run_case(benchmark, shape, dtype, device, provider, mode):
     if provider == FLOOR:
         ops = [gemm_floor_ops(s, st.dz, mode) for s in st.sets]
         z = ops[0]() if mode == "forward" else None
-        if z is not None:  # what is timed: the logits GEMM, against float64
-            x, w = st.sets[0]["features"].detach(), st.sets[0]["head_weight"].detach()
-            err = rel_err(z[0], x.double() @ w.double().t())
+        if z is not None:  # what is timed: the logits GEMM, against float64 on the first rows
+            x, w = st.sets[0]["features"].detach()[:256], st.sets[0]["head_weight"].detach()
+            err = rel_err(z[0][:256], x.double() @ w.double().t())
             assert err <= (2e-2 if dtype == torch.bfloat16 else 2e-3), f"GEMM floor error {err}"
             info["check_rel_err_loss"] = err
 
