@@ -136,7 +136,11 @@ def markdown(data: dict, charts: dict) -> str:
 
 
 def _bar_chart(path, title, ylabel, shapes, providers, value):
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError("the charts need matplotlib (pip install matplotlib); "
+                           "--no-charts writes the table alone") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -212,7 +216,7 @@ def main(argv=None) -> int:
         parser.error(f"no such file: {args.json}")
     try:
         path = render(args.json, args.out, with_charts=not args.no_charts)
-    except ValueError as e:
+    except (ValueError, RuntimeError) as e:
         parser.error(str(e))
     print(f"wrote {path}")
     return 0

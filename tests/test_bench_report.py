@@ -47,6 +47,7 @@ def bench_json(tmp_path):
 
 
 def test_report_writes_table_and_charts(bench_json, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
     out = tmp_path / "out"
     assert report.main([str(bench_json), "--out", str(out)]) == 0
     md = (out / "benchmarks.md").read_text()
