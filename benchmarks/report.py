@@ -1,7 +1,7 @@
 """Render pytest-benchmark JSON from the dhkd benchmarks as a Markdown table and PNG charts.
 
     pytest benchmarks/ --benchmark-only --benchmark-json BENCH.json
-    python benchmarks/report.py BENCH.json --out DIR
+    python benchmarks/report.py BENCH.json [MORE.json ...] --out DIR
 
 Writes DIR/benchmarks.md (one table per dtype and mode, then the training-step rows if any) and, per
 dtype and mode, DIR/time_<dtype>_<mode>.png and DIR/memory_<dtype>_<mode>.png (memory only when peak
@@ -193,9 +193,19 @@ def charts(data: dict, out_dir: str) -> dict:
     return made
 
 
-def render(json_path: str, out_dir: str, *, with_charts: bool = True) -> str:
-    """Read ``json_path``, write ``out_dir``/benchmarks.md (and the charts); returns the Markdown path."""
-    data = load(json_path)
+def load_all(paths) -> dict:
+    """Several runs' JSON as one: machine and commit info from the first, every file's benchmarks."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    runs = [load(p) for p in paths]
+    merged = dict(runs[0])
+    merged["benchmarks"] = [b for run in runs for b in run["benchmarks"]]
+    return merged
+
+
+def render(json_paths, out_dir: str, *, with_charts: bool = True) -> str:
+    """Read one or more JSON files, write ``out_dir``/benchmarks.md (and the charts); returns its path."""
+    data = load_all(json_paths)
     os.makedirs(out_dir, exist_ok=True)
     made = charts(data, out_dir) if with_charts else {}
     path = os.path.join(out_dir, "benchmarks.md")
@@ -208,12 +218,15 @@ def render(json_path: str, out_dir: str, *, with_charts: bool = True) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="report.py", description=__doc__.split("\n")[0])
-    parser.add_argument("json", help="pytest-benchmark JSON (from --benchmark-json)")
+    parser.add_argument("json", nargs="+",
+                        help="pytest-benchmark JSON (from --benchmark-json); several files are merged, "
+                             "e.g. a GPU suite run in pieces with -k")
     parser.add_argument("--out", required=True, help="directory for benchmarks.md and the PNG charts")
     parser.add_argument("--no-charts", action="store_true", help="write the Markdown table only")
     args = parser.parse_args(argv)
-    if not os.path.isfile(args.json):
-        parser.error(f"no such file: {args.json}")
+    for path in args.json:
+        if not os.path.isfile(path):
+            parser.error(f"no such file: {path}")
     try:
         path = render(args.json, args.out, with_charts=not args.no_charts)
     except (ValueError, RuntimeError) as e:

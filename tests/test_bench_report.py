@@ -187,3 +187,14 @@ def test_cuda_event_timer_pairs_calls(monkeypatch):
         start = timer()
         clock["now"] += work
         assert timer() - start == pytest.approx(work)
+
+
+def test_report_merges_several_runs(bench_json, tmp_path):
+    data = json.loads(bench_json.read_text())
+    extra = dict(data, benchmarks=[_bench("compiled", "llm-128k", "bf16", "forward", 0.0948)])
+    second = tmp_path / "second.json"
+    second.write_text(json.dumps(extra))
+    report.main([str(bench_json), str(second), "--out", str(tmp_path / "m"), "--no-charts"])
+    md = (tmp_path / "m" / "benchmarks.md").read_text()
+    assert "| llm-128k | 8192x4096x128256 | compiled | 94.800 |" in md
+    assert "| imagenet-r18 | 1024x512x1000 | fused (triton) | 1.000 |" in md
