@@ -1,5 +1,5 @@
 """Models: builders by name, the dual-head student and its export, teacher checkpoint loading."""
-import os
+import argparse
 
 import pytest
 import torch
@@ -7,6 +7,7 @@ from torch import nn
 
 from dhkd.models import (DualHeadStudent, build_backbone, build_classifier, build_student, build_teacher,
                          model_names)
+from dhkd.models.cifar import ZOO
 from dhkd_kernels import fused_dual_head_kd_loss
 
 MNIST1D = ["mnist1d_mlp", "mnist1d_cnn"]
@@ -195,6 +196,10 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match=r"good.pth.*shape mismatches: fc\.weight"):
         build_teacher("mnist1d_mlp", num_classes=100, checkpoint=good)
 
+    pickled = _save({"opt": argparse.Namespace(lr=0.05), "model": src.state_dict()}, tmp_path / "resnet_last.pth")
+    with pytest.raises(ValueError, match="resnet_last.pth.*weights_only"):
+        build_teacher("mnist1d_mlp", num_classes=10, checkpoint=pickled)
+
     other = _save({"epoch": 1, "acc": 3.0}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="other.pth.*no state dict"):
         build_teacher("mnist1d_mlp", num_classes=10, checkpoint=other)
@@ -235,7 +240,8 @@ def test_cifar_zoo(name):
     keys = model.state_dict().keys()
     for key in CHECKPOINT_KEYS.get(name, []):
         assert key in keys
-    assert model.get_submodule(model.head_name) is model.final_linear
+    assert ZOO[name][1] == model.head_name
+    assert isinstance(model.final_linear, nn.Linear) and model.final_linear.out_features == 100
     x = _input(name)
     model.eval()
     with torch.no_grad():
@@ -278,3 +284,38 @@ def test_student_backbone_takes_zoo_weights(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(s(x), src(x), rtol=0, atol=0)
+
+
+def test_teacher_weights_class_count_checked_before_download():
+    with pytest.raises(ValueError, match="1000 classes.*num_classes=10"):
+        build_teacher("resnet18", num_classes=10, weights="IMAGENET1K_V1")
+
+
+def test_teacher_from_wrapped_state_dicts(tmp_path):
+    src = build_classifier("mnist1d_mlp", num_classes=10).eval()
+    x = torch.randn(3, 40)
+    ddp = _save({f"module.{k}": v for k, v in src.state_dict().items()}, tmp_path / "ddp.pt")
+    torch.testing.assert_close(build_teacher("mnist1d_mlp", num_classes=10, checkpoint=ddp)(x), src(x))
+    s = build_student("mnist1d_mlp", num_classes=10).eval()
+    compiled = {k.replace("backbone.", "backbone._orig_mod."): v for k, v in s.state_dict().items()}
+    path = _save({"model": compiled}, tmp_path / "compiled.pt")
+    torch.testing.assert_close(build_teacher("mnist1d_mlp", num_classes=10, checkpoint=path)(x), s(x))
+
+
+@pytest.mark.parametrize("name", ["resnet8x4", "ShuffleV1", "ShuffleV2", "MobileNetV2"])
+def test_zoo_channels_last_and_bf16_autocast(name):
+    model = build_classifier(name, num_classes=100).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        cl = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
+        torch.testing.assert_close(cl, ref, rtol=1e-4, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x)
+    assert low.shape == ref.shape and torch.isfinite(low).all()
+
+
+def test_numpy_int_arguments():
+    import numpy as np
+    s = build_student("mnist1d_mlp", num_classes=np.int64(10))
+    assert s.head.out_features == 10 and isinstance(s.num_classes, int)
