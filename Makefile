@@ -21,6 +21,8 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q benchmarks/ --benchmark-only
 
 bench: $(STAMP)
-	$(BIN)/python -m pytest benchmarks/ --benchmark-only
+	$(BIN)/python -m pytest benchmarks/ --benchmark-only --benchmark-json bench.json
+	$(BIN)/python benchmarks/report.py bench.json --out bench-report

@@ -15,9 +15,11 @@ setup(
         "numpy",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib"],
         "train": ["torchvision", "PyYAML>=6", "tqdm", "matplotlib", "mnist1d"],
         "tensorboard": ["tensorboard"],
+        "timm": ["timm"],
+        "bench": ["liger-kernel", "cut-cross-entropy"],
     },
     entry_points={"console_scripts": ["dhkd = dhkd.cli:main"]},
 )
