@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Config, ConfigError, dump_config, expand_path, load_config, to_dict
+from .config import Config, ConfigError, config_from_dict, dump_config, expand_path, load_config, to_dict
 from .data import build_data
 from .distill import build_distiller
 from .optim import build_optimizer, build_scheduler, scaled_lr
@@ -174,17 +174,24 @@ class MetricsLog:
 
 # ---------------------------------------------------------------- teacher
 
-def train_teacher(config_path: str, checkpoint: Path, *, device: str | None = None, log=print) -> None:
-    """Train a teacher with ``config_path`` (usually method ``ce``) and save its exported classifier
-    (``{"model": state_dict}``, the format ``build_teacher`` reads) atomically to ``checkpoint``."""
-    tcfg = load_config(config_path, [f"train.device={device}"] if device else [])
+def train_teacher(config, checkpoint: Path, *, device: str | None = None, log=print) -> dict:
+    """Train a teacher with ``config`` (a ``Config`` or a YAML path; usually method ``ce``) and save its
+    exported classifier (``{"model": state_dict}``, the format ``build_teacher`` reads) atomically to
+    ``checkpoint``. Returns the final eval row."""
+    checkpoint = Path(checkpoint)
+    overrides = [f"train.device={device}"] if device else []
+    if isinstance(config, Config):
+        tcfg = config_from_dict(to_dict(config), overrides)
+    else:
+        tcfg = load_config(config, overrides)
     run_dir = checkpoint.parent / f"{checkpoint.stem}_run"
-    log(f"[dhkd] teacher checkpoint {checkpoint} missing: training it with {config_path} in {run_dir}")
+    log(f"[dhkd] teacher checkpoint {checkpoint} missing: training {tcfg.student.name} in {run_dir}")
     trainer = Trainer(tcfg, run_dir, resume=(run_dir / "last.pt").is_file(), log=log)
     final = trainer.fit()
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     atomic_save({"model": trainer.student.export_student().state_dict(), "config": to_dict(tcfg),
                  "val_acc1": final.get("val/acc1_main")}, checkpoint)
+    return final
 
 
 def build_teacher_for(cfg: Config, device: torch.device, log=print):
