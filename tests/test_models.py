@@ -7,6 +7,7 @@ from torch import nn
 
 from dhkd.models import (DualHeadStudent, build_backbone, build_classifier, build_student, build_teacher,
                          model_names)
+from dhkd.models.cifar import ZOO
 from dhkd_kernels import fused_dual_head_kd_loss
 
 MNIST1D = ["mnist1d_mlp", "mnist1d_cnn"]
@@ -198,3 +199,113 @@ def test_checkpoint_errors(tmp_path):
     other = _save({"epoch": 1, "acc": 3.0}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="other.pth.*no state dict"):
         build_teacher("mnist1d_mlp", num_classes=10, checkpoint=other)
+
+
+# Parameter counts of the CIFAR-100 classifiers as tabulated in the KD literature (CRD, mdistiller), in M.
+LITERATURE_PARAMS_M = {"resnet8x4": 1.23, "resnet32x4": 7.43, "resnet20": 0.28, "resnet32": 0.47, "resnet56": 0.86,
+                       "resnet110": 1.74, "ResNet50": 23.71, "wrn_40_2": 2.26, "wrn_40_1": 0.57, "wrn_16_2": 0.70,
+                       "vgg13": 9.46, "vgg8": 3.96, "MobileNetV2": 0.81, "ShuffleV1": 0.95, "ShuffleV2": 1.36}
+
+# A few parameter names from the literature's checkpoints, per model (with its final Linear).
+CHECKPOINT_KEYS = {
+    "resnet32x4": ["conv1.weight", "layer1.0.downsample.0.weight", "layer3.4.bn2.running_var", "fc.weight"],
+    "resnet56": ["layer2.0.downsample.1.weight", "layer3.8.conv2.weight", "fc.bias"],
+    "ResNet50": ["layer4.2.bn3.weight", "layer1.0.shortcut.0.weight", "linear.weight"],
+    "wrn_40_2": ["block1.layer.0.convShortcut.weight", "block3.layer.5.conv2.weight", "bn1.weight", "fc.weight"],
+    "vgg13": ["block0.0.weight", "block0.4.running_mean", "block4.3.bias", "classifier.weight"],
+    "vgg8": ["block0.0.bias", "block4.1.num_batches_tracked", "classifier.bias"],
+    "MobileNetV2": ["conv1.0.weight", "blocks.0.0.conv.0.weight", "blocks.6.0.conv.7.weight", "conv2.1.weight",
+                    "classifier.0.weight"],
+    "ShuffleV1": ["layer1.0.conv1.weight", "layer3.3.bn3.weight", "linear.weight"],
+    "ShuffleV2": ["layer1.0.conv5.weight", "layer2.7.bn3.weight", "conv2.weight", "bn2.weight", "linear.weight"],
+}
+
+
+def test_cifar_zoo_is_complete():
+    expected = {"resnet8x4", "resnet32x4", "resnet20", "resnet56", "resnet110", "resnet32", "wrn_40_2", "wrn_16_2",
+                "wrn_40_1", "vgg13", "vgg8", "MobileNetV2", "ShuffleV1", "ShuffleV2"}
+    assert expected <= set(CIFAR)
+    assert set(CIFAR) == set(LITERATURE_PARAMS_M)
+
+
+@pytest.mark.parametrize("name", CIFAR)
+def test_cifar_zoo(name):
+    model = build_classifier(name, num_classes=100)
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    assert abs(n_params - LITERATURE_PARAMS_M[name]) < 0.006, n_params
+    keys = model.state_dict().keys()
+    for key in CHECKPOINT_KEYS.get(name, []):
+        assert key in keys
+    assert ZOO[name][1] == model.head_name
+    assert isinstance(model.final_linear, nn.Linear) and model.final_linear.out_features == 100
+    x = _input(name)
+    model.eval()
+    with torch.no_grad():
+        logits = model(x)
+        feats = model.forward_features(x)
+    assert logits.shape == (2, 100) and feats.shape == (2, model.num_features)
+    torch.testing.assert_close(model.final_linear(feats), logits)
+
+    backbone, d = build_backbone(name, num_classes=100)
+    assert d == model.num_features
+    s = DualHeadStudent(backbone, d, 100, aux_head="mlp").eval()
+    with torch.no_grad():
+        f, aux = s.forward_features(x)
+    assert f.shape == (2, d) and aux.shape == (2, 200)
+
+
+@pytest.mark.parametrize("name", ["resnet8x4", "wrn_16_2", "MobileNetV2", "ShuffleV2"])
+def test_zoo_teacher_checkpoint_roundtrip(tmp_path, name):
+    src = build_classifier(name, num_classes=100)
+    src.train()
+    with torch.no_grad():
+        src(torch.randn(4, 3, 32, 32))  # move the BatchNorm running statistics away from their defaults
+    src.eval()
+    path = _save({"epoch": 240, "model": src.state_dict(), "accuracy": torch.tensor(71.2),
+                  "optimizer": {"state": {}, "param_groups": [{"lr": 0.05, "params": [0]}]}},
+                 tmp_path / f"{name}_vanilla_ckpt_epoch_240.pth")
+    t = build_teacher(name, num_classes=100, checkpoint=path)
+    assert not t.training and not any(p.requires_grad for p in t.parameters())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(t(x), src(x), rtol=0, atol=0)
+
+
+def test_student_backbone_takes_zoo_weights(tmp_path):
+    src = build_classifier("resnet20", num_classes=100).eval()
+    s = build_student("resnet20", num_classes=100, aux_head="linear").eval()
+    state = {k: v for k, v in src.state_dict().items() if not k.startswith("fc.")}
+    s.backbone.load_state_dict(state)
+    s.head.load_state_dict(src.fc.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(s(x), src(x), rtol=0, atol=0)
+
+
+def test_teacher_weights_class_count_checked_before_download():
+    with pytest.raises(ValueError, match="1000 classes.*num_classes=10"):
+        build_teacher("resnet18", num_classes=10, weights="IMAGENET1K_V1")
+
+
+def test_teacher_from_wrapped_state_dicts(tmp_path):
+    src = build_classifier("mnist1d_mlp", num_classes=10).eval()
+    x = torch.randn(3, 40)
+    ddp = _save({f"module.{k}": v for k, v in src.state_dict().items()}, tmp_path / "ddp.pt")
+    torch.testing.assert_close(build_teacher("mnist1d_mlp", num_classes=10, checkpoint=ddp)(x), src(x))
+    s = build_student("mnist1d_mlp", num_classes=10).eval()
+    compiled = {k.replace("backbone.", "backbone._orig_mod."): v for k, v in s.state_dict().items()}
+    path = _save({"model": compiled}, tmp_path / "compiled.pt")
+    torch.testing.assert_close(build_teacher("mnist1d_mlp", num_classes=10, checkpoint=path)(x), s(x))
+
+
+@pytest.mark.parametrize("name", ["resnet8x4", "ShuffleV1", "ShuffleV2", "MobileNetV2"])
+def test_zoo_channels_last_and_bf16_autocast(name):
+    model = build_classifier(name, num_classes=100).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        cl = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
+        torch.testing.assert_close(cl, ref, rtol=1e-4, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x)
+    assert low.shape == ref.shape and torch.isfinite(low).all()

@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .cifar import ZOO as CIFAR_ZOO
 from .mnist1d import MNIST1DCNN, MNIST1DMLP
 from .student import DualHeadStudent
 
@@ -35,11 +36,10 @@ def _torchvision_maker(name: str) -> Callable[..., nn.Module]:
         short = weights.split(".")[-1]
         if short not in choices:
             raise ValueError(f"weights={weights!r} is not a torchvision weight of {name}; choose from {choices}")
-        model = torchvision.models.get_model(name, weights=short)
-        if num_classes != _head_module(model, _SPECS[name].head).out_features:
-            raise ValueError(f"weights={weights!r} of {name} has {_head_module(model, _SPECS[name].head).out_features} "
-                             f"classes, but num_classes={num_classes}")
-        return model
+        n_categories = len(enum[short].meta.get("categories") or [])
+        if n_categories and n_categories != num_classes:
+            raise ValueError(f"weights={weights!r} of {name} has {n_categories} classes, but num_classes={num_classes}")
+        return torchvision.models.get_model(name, weights=short)
     return make
 
 
@@ -51,6 +51,8 @@ _SPECS: dict[str, _Spec] = {
     "resnet50": _Spec(_torchvision_maker("resnet50"), "fc", "torchvision"),
     "mobilenet_v2": _Spec(_torchvision_maker("mobilenet_v2"), "classifier.1", "torchvision"),
 }
+for _name, (_make, _head) in CIFAR_ZOO.items():
+    _SPECS[_name] = _Spec(lambda c, make=_make: make(num_classes=c), _head, "cifar")
 
 
 def model_names() -> list[str]:
@@ -237,9 +239,10 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
 
 
 def _adapt_keys(state: dict[str, torch.Tensor], model_keys: set[str], head: str) -> dict[str, torch.Tensor]:
-    for prefix in ("module.", "_orig_mod."):
-        if state and all(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in model_keys):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+    if state and all(k.startswith("module.") for k in state) and not any(k.startswith("module.") for k in model_keys):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    if any("_orig_mod." in k for k in state) and not any("_orig_mod." in k for k in model_keys):
+        state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}
     is_student = "head.weight" in state and any(k.startswith("backbone.") for k in state)
     if is_student and head and not any(k.startswith("backbone.") for k in model_keys):
         adapted = {}
