@@ -100,6 +100,7 @@ class TrainConfig:
     epochs: int = 10
     stop_after_epoch: int | None = None  # end this invocation after this many completed epochs
     accum_steps: int = 1
+    global_batch: int | None = None    # if set: accum_steps = global_batch / (batch_size x processes)
     max_steps_per_epoch: int | None = None  # cap optimizer steps per epoch (tests, throughput)
     seed: int = 0
     deterministic: bool = False
@@ -361,6 +362,11 @@ def validate_config(cfg: Config) -> None:
     if tr.stop_after_epoch is not None:
         _positive("train.stop_after_epoch", tr.stop_after_epoch)
     _positive("train.accum_steps", tr.accum_steps)
+    if tr.global_batch is not None:
+        _positive("train.global_batch", tr.global_batch)
+        if tr.global_batch % d.batch_size:
+            raise ConfigError(f"train.global_batch={tr.global_batch} is not a multiple of "
+                              f"data.batch_size={d.batch_size}")
     if tr.max_steps_per_epoch is not None:
         _positive("train.max_steps_per_epoch", tr.max_steps_per_epoch)
     _positive("train.log_every", tr.log_every)

@@ -139,7 +139,8 @@ class Distiller(nn.Module):
         """
         ce_w, kd_w, lg_w = self.loss_weights(epoch)
         eps = self.cfg.label_smoothing if ce_w else 0.0
-        main, comps = self._fused(f, a, t, labels, ce_w * (1 - eps), kd_w, 0.0 if split else lg_w)
+        a_main = a.detach() if split and a is not None else a  # the prob-level terms do not use it
+        main, comps = self._fused(f, a_main, t, labels, ce_w * (1 - eps), kd_w, 0.0 if split else lg_w)
         comps = dict(comps)
         if eps:
             zeros = torch.zeros_like(t, dtype=torch.float32)

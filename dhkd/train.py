@@ -255,6 +255,12 @@ class Trainer:
                 self.distiller.teacher_forward = torch.compile(self.distiller.teacher_forward)
 
         self.accum = tr.accum_steps
+        if tr.global_batch is not None:
+            per_step = cfg.data.batch_size * world_size
+            if tr.global_batch % per_step:
+                raise ConfigError(f"train.global_batch={tr.global_batch} is not a multiple of data.batch_size "
+                                  f"x processes = {per_step}")
+            self.accum = tr.global_batch // per_step
         self.global_batch = cfg.data.batch_size * world_size * self.accum
         self.steps_per_epoch = len(self.data.train) // self.accum
         if tr.max_steps_per_epoch is not None:
