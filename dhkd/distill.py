@@ -179,12 +179,13 @@ class Distiller(nn.Module):
         a = self._aux(fd)
         prob, logit, comps = self._prob_and_logit(fd, a, t, labels, epoch, split=True)
         (prob * scale).backward()
-        g_p = fd.grad.float()
+        acc = torch.promote_types(fd.dtype, torch.float32)
+        g_p = fd.grad.to(acc)
         fd.grad = None
         total = prob.detach()
         if logit is not None:
             (logit * scale).backward()
-            g_l = fd.grad.float()
+            g_l = fd.grad.to(acc)
             total = total + logit.detach()
             dot = (g_l * g_p).sum()
             gp2 = (g_p * g_p).sum()
