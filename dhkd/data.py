@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -145,14 +145,18 @@ class Data:
     std: tuple | None = None
     num_train: int = 0
     num_val: int = 0
+    _stats: dict = field(default_factory=dict, repr=False)
 
     def prepare(self, x: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
         """Move a batch to ``device`` (non-blocking) and normalize: (x/255 - mean)/std for images."""
         x = x.to(device, non_blocking=True)
         if self.kind != "image":
             return x.float()
-        mean = torch.tensor(self.mean, device=device).view(1, -1, 1, 1) * 255.0
-        std = torch.tensor(self.std, device=device).view(1, -1, 1, 1) * 255.0
+        key = str(device)
+        if key not in self._stats:
+            self._stats[key] = (torch.tensor(self.mean, device=device).view(1, -1, 1, 1) * 255.0,
+                                torch.tensor(self.std, device=device).view(1, -1, 1, 1) * 255.0)
+        mean, std = self._stats[key]
         x = (x.float() - mean) / std
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -419,7 +419,7 @@ class Trainer:
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss_sum steps correct
         n_seen = 0
         win_t0, win_images, win_data, win_steps = time.perf_counter(), 0, 0.0, 0
-        win_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        win = {}
         for i in range(self.steps_per_epoch):
             batches = []
             for _ in range(self.accum):
@@ -435,19 +435,19 @@ class Trainer:
             totals[1] += 1
             totals[2] += stats.get("correct", 0)
             n_seen += sum(b[1].shape[0] for b in batches)
-            win_loss += stats["loss"]
+            for k in ("loss", "ce", "kd", "logit", "smooth", "grad_cos", "ga_conflict"):
+                if k in stats:
+                    win[k] = win.get(k, 0) + stats[k]
             win_steps += 1
             if bar is not None:
                 bar.update(1)
             if win_steps == log_every or i == self.steps_per_epoch - 1:
-                loss = (win_loss / win_steps).item()  # synchronizes the device
+                means = {k: float(v) / win_steps for k, v in win.items()}  # synchronizes the device
+                loss = means.pop("loss")
                 dt = time.perf_counter() - win_t0
                 row = {"kind": "train", "epoch": epoch + 1, "step": self.step,
                        "lr": self.optimizer.param_groups[0]["lr"], "loss": loss,
-                       "img_per_s": win_images / dt, "data_time_s": win_data / win_steps}
-                for k in ("ce", "kd", "logit", "smooth", "grad_cos", "ga_conflict"):
-                    if k in stats:
-                        row[k] = float(stats[k])
+                       "img_per_s": win_images / dt, "data_time_s": win_data / win_steps, **means}
                 row["logit_weight"] = self.distiller.loss_weights(epoch)[2]
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at epoch {epoch + 1}, step {self.step}")
@@ -456,7 +456,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{row['img_per_s']:.0f}",
                                     data=f"{1000 * row['data_time_s']:.1f}ms")
                 win_t0, win_images, win_data, win_steps = time.perf_counter(), 0, 0.0, 0
-                win_loss.zero_()
+                win = {}
         if bar is not None:
             bar.close()
         self.all_reduce(totals)
