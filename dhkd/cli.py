@@ -57,7 +57,7 @@ def _demo(args) -> int:
     """Teacher (cached in the run dir), then CE, KD and DHKD students; prints their accuracies."""
     import torch
 
-    from .train import Trainer, load_checkpoint, train_teacher  # noqa: F401
+    from .train import Trainer, train_teacher
     out = Path(args.out)
     t0 = time.perf_counter()
     quiet = (lambda msg: None) if not args.verbose else print
@@ -72,19 +72,30 @@ def _demo(args) -> int:
     teacher_acc = torch.load(teacher_ckpt, map_location="cpu", weights_only=True).get("val_acc1")
     results = {}
     for method in ("ce", "kd", "dhkd"):
-        print(f"  training the MLP student with {method} ...", flush=True)
-        cfg = demo_config(method, args.epochs, str(teacher_ckpt))
-        cfg.train.eval_teacher = False
-        results[method] = Trainer(cfg, out / method, log=quiet).fit()
+        print(f"  training the MLP student with {method} ({args.seeds} seed(s)) ...", flush=True)
+        for seed in range(args.seeds):
+            cfg = demo_config(method, args.epochs, str(teacher_ckpt))
+            cfg.train.eval_teacher = False
+            cfg.train.seed = seed
+            row = Trainer(cfg, out / f"{method}_seed{seed}", log=quiet).fit()
+            results.setdefault(method, []).append((row["val/acc1_main"], row["val/acc1_aux"]))
+
+    def stat(values):
+        t = torch.tensor(values, dtype=torch.float64)
+        spread = f" ± {t.std().item():.1f}" if len(values) > 1 else ""
+        return f"{t.mean().item():.1f}%{spread}"
+
     print()
-    print(f"{'model':<34}{'test top-1':>12}")
+    print(f"{'model':<36}{'test top-1':>16}")
     if teacher_acc is not None:
-        print(f"{'teacher: 1-D CNN':<34}{teacher_acc:>11.1f}%")
+        print(f"{'teacher: 1-D CNN':<36}{teacher_acc:>15.1f}%")
     names = {"ce": "student MLP, CE only", "kd": "student MLP, KD (CE + softmax KD)",
              "dhkd": "student MLP, DHKD (main head)"}
-    for method, row in results.items():
-        print(f"{names[method]:<34}{row['val/acc1_main']:>11.1f}%")
-    print(f"{'  DHKD auxiliary head':<34}{results['dhkd']['val/acc1_aux']:>11.1f}%")
+    for method, accs in results.items():
+        print(f"{names[method]:<36}{stat([a for a, _ in accs]):>16}")
+    print(f"{'  DHKD auxiliary head':<36}{stat([a for _, a in results['dhkd']]):>16}")
+    if args.seeds > 1:
+        print(f"(mean ± standard deviation over {args.seeds} student seeds; one teacher)")
     print(f"\nruns, checkpoints and metrics.jsonl in {out}/  ({time.perf_counter() - t0:.0f} s)")
     return 0
 
@@ -109,6 +120,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("demo", help="DHKD vs CE vs KD on MNIST-1D (about a minute on a CPU)")
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     p.add_argument("--epochs", type=int, default=30, help="epochs per model (default 30)")
+    p.add_argument("--seeds", type=int, default=3, help="student seeds per method (default 3)")
     p.add_argument("--verbose", action="store_true", help="print per-epoch progress")
     p.set_defaults(func=_demo)
 

@@ -228,3 +228,12 @@ def test_label_smoothing_loss_value():
     torch.testing.assert_close(out["loss"], expected, rtol=1e-10, atol=1e-10)
     assert _m.isfinite(float(out["smooth"]))
     assert math.isclose(float(out["smooth"]), float(-torch.log_softmax(z.detach(), 1).mean(1).mean()), rel_tol=1e-9)
+
+
+def test_demo_runs(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "2", "--seeds", "1"]) == 0
+    out = capsys.readouterr().out
+    for line in ("teacher: 1-D CNN", "student MLP, CE only", "student MLP, KD", "student MLP, DHKD (main head)",
+                 "DHKD auxiliary head"):
+        assert line in out
+    assert (tmp_path / "demo" / "teacher.pt").is_file() and (tmp_path / "demo" / "dhkd_seed0" / "last.pt").is_file()
