@@ -78,7 +78,7 @@ def _demo(args) -> int:
             cfg.train.eval_teacher = False
             cfg.train.seed = seed
             row = Trainer(cfg, out / f"{method}_seed{seed}", log=quiet).fit()
-            results.setdefault(method, []).append((row["val/acc1_main"], row["val/acc1_aux"]))
+            results.setdefault(method, []).append((row["val/acc1_main"], row.get("val/acc1_aux")))
 
     def stat(values):
         t = torch.tensor(values, dtype=torch.float64)

@@ -279,7 +279,7 @@ class Trainer:
             self.resume(self.out / "last.pt")
         elif self.is_main:
             (self.out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-            self.metrics.truncate_after(0)
+            self.metrics.truncate_after(-1)  # a fresh run starts a fresh metrics.jsonl
 
     # -------------------------------------------------- hooks
     def log(self, msg: str) -> None:
@@ -377,9 +377,13 @@ class Trainer:
         n = max(counts[4].item(), 1.0)
         if model is not None:
             return {"val/acc1": 100 * counts[0].item() / n, "val/acc5": 100 * counts[1].item() / n}
-        return {"val/acc1_main": 100 * counts[0].item() / n, "val/acc5_main": 100 * counts[1].item() / n,
-                "val/acc1_aux": 100 * counts[2].item() / n, "val/acc5_aux": 100 * counts[3].item() / n,
-                "val/loss_ce_main": counts[5].item() / n, "val/n": int(counts[4].item())}
+        row = {"val/acc1_main": 100 * counts[0].item() / n, "val/acc5_main": 100 * counts[1].item() / n,
+               "val/acc1_aux": 100 * counts[2].item() / n, "val/acc5_aux": 100 * counts[3].item() / n,
+               "val/loss_ce_main": counts[5].item() / n, "val/n": int(counts[4].item())}
+        distiller = getattr(self, "distiller", None)
+        if distiller is not None and not distiller.uses_aux_head:  # an aux head no loss trained
+            del row["val/acc1_aux"], row["val/acc5_aux"]
+        return row
 
     # -------------------------------------------------- training
     def train_step(self, batches, epoch: int) -> dict:
