@@ -1,5 +1,5 @@
 """Models: builders by name, the dual-head student and its export, teacher checkpoint loading."""
-import os
+import argparse
 
 import pytest
 import torch
@@ -196,6 +196,10 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match=r"good.pth.*shape mismatches: fc\.weight"):
         build_teacher("mnist1d_mlp", num_classes=100, checkpoint=good)
 
+    pickled = _save({"opt": argparse.Namespace(lr=0.05), "model": src.state_dict()}, tmp_path / "resnet_last.pth")
+    with pytest.raises(ValueError, match="resnet_last.pth.*weights_only"):
+        build_teacher("mnist1d_mlp", num_classes=10, checkpoint=pickled)
+
     other = _save({"epoch": 1, "acc": 3.0}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="other.pth.*no state dict"):
         build_teacher("mnist1d_mlp", num_classes=10, checkpoint=other)
@@ -309,3 +313,9 @@ def test_zoo_channels_last_and_bf16_autocast(name):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model(x)
     assert low.shape == ref.shape and torch.isfinite(low).all()
+
+
+def test_numpy_int_arguments():
+    import numpy as np
+    s = build_student("mnist1d_mlp", num_classes=np.int64(10))
+    assert s.head.out_features == 10 and isinstance(s.num_classes, int)

@@ -1,6 +1,7 @@
 """Model builders by name: backbones for ``DualHeadStudent``, teachers, checkpoint loading."""
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -65,11 +66,12 @@ def _unknown(name) -> ValueError:
                       f"(and {TIMM_PREFIX}<name> with timm installed)")
 
 
-def _check_common(name, num_classes) -> None:
+def _check_common(name, num_classes) -> int:
     if not isinstance(name, str):
         raise TypeError(f"model name must be a str, got {type(name).__name__}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    return int(num_classes)
 
 
 def _import_timm(name: str):
@@ -108,8 +110,9 @@ def _set_in_channels(model: nn.Module, in_channels: int, name: str) -> None:
 def _apply_in_channels(model: nn.Module, spec: _Spec, name: str, in_channels) -> None:
     if in_channels is None:
         return
-    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+    if isinstance(in_channels, bool) or not isinstance(in_channels, numbers.Integral) or in_channels < 1:
         raise ValueError(f"in_channels must be a positive int or None, got {in_channels!r}")
+    in_channels = int(in_channels)
     if spec.family == "mnist1d":
         if in_channels != 1:
             raise ValueError(f"model {name!r} takes 1-channel signals; got in_channels={in_channels}")
@@ -119,7 +122,7 @@ def _apply_in_channels(model: nn.Module, spec: _Spec, name: str, in_channels) ->
 
 def build_classifier(name: str, *, num_classes: int, in_channels: int | None = None) -> nn.Module:
     """The full classifier ``name`` (randomly initialised), returning logits (N, num_classes)."""
-    _check_common(name, num_classes)
+    num_classes = _check_common(name, num_classes)
     if name.startswith(TIMM_PREFIX):
         timm = _import_timm(name)
         kwargs = {} if in_channels is None else {"in_chans": in_channels}
@@ -139,7 +142,7 @@ def build_backbone(name: str, *, num_classes: int, in_channels: int | None = Non
     are the classifier's, e.g. a torchvision/CIFAR-zoo state dict minus the head loads into it);
     ``num_classes`` only sizes that discarded head. timm models come with ``num_classes=0``.
     """
-    _check_common(name, num_classes)
+    num_classes = _check_common(name, num_classes)
     if name.startswith(TIMM_PREFIX):
         timm = _import_timm(name)
         kwargs = {} if in_channels is None else {"in_chans": in_channels}
@@ -181,7 +184,7 @@ def build_teacher(name: str, *, num_classes: int, weights: str | None = None, ch
     ``ckpt_epoch_240.pth`` format); a dhkd ``DualHeadStudent``/exported-student state dict also loads
     (its ``backbone.*`` + ``head.*``; the auxiliary head is dropped).
     """
-    _check_common(name, num_classes)
+    num_classes = _check_common(name, num_classes)
     if weights is not None and checkpoint is not None:
         raise ValueError("give either weights or checkpoint for a teacher, not both")
     if weights is not None and not isinstance(weights, str):

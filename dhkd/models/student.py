@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import numbers
 
 import torch
 from torch import nn
@@ -44,10 +45,11 @@ class DualHeadStudent(nn.Module):
             raise ValueError(f"aux_head must be one of {AUX_HEADS}, got {aux_head!r}")
         for arg, value in (("num_features", num_features), ("num_classes", num_classes),
                            ("aux_hidden", aux_hidden)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{arg} must be a positive int, got {value!r}")
         if not 0.0 <= float(aux_dropout) < 1.0:
             raise ValueError(f"aux_dropout must be in [0, 1), got {aux_dropout!r}")
+        num_features, num_classes, aux_hidden = int(num_features), int(num_classes), int(aux_hidden)
         self.backbone = backbone
         self.num_features = num_features
         self.num_classes = num_classes
