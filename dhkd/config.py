@@ -47,7 +47,8 @@ class TeacherConfig:
 class DataConfig:
     dataset: str = "mnist1d"           # mnist1d | cifar100 | imagenet | synthetic
     root: str | None = None            # dataset directory (cifar100: holds cifar-100-python/; imagenet: train/, val/)
-    num_classes: int | None = None     # default: 10 / 100 / 1000 by dataset; required for synthetic
+    num_classes: int | None = None     # default 10 / 100 / 1000 by dataset (imagenet: any ImageFolder
+                                       # class count, e.g. a 100-class subset); required for synthetic
     batch_size: int = 128              # per process and per micro-batch
     eval_batch_size: int | None = None
     workers: int = 4
@@ -306,7 +307,7 @@ def validate_config(cfg: Config) -> None:
         raise ConfigError("data.num_classes is required for the synthetic dataset")
     if d.num_classes is not None:
         _positive("data.num_classes", d.num_classes)
-        if d.dataset in NUM_CLASSES and d.num_classes != NUM_CLASSES[d.dataset]:
+        if d.dataset in ("mnist1d", "cifar100") and d.num_classes != NUM_CLASSES[d.dataset]:
             raise ConfigError(f"data.num_classes={d.num_classes} but {d.dataset} has {NUM_CLASSES[d.dataset]}")
     for key in ("batch_size", "image_size", "mnist1d_samples", "synthetic_train_samples",
                 "synthetic_val_samples"):

@@ -203,7 +203,8 @@ def _image_loader(dataset, transform, cfg: Config, *, train: bool, rank: int, wo
         SeededDataset(dataset, transform, cfg.train.seed), batch_size=d.batch_size if train else
         (d.eval_batch_size or d.batch_size), sampler=sampler, num_workers=d.workers,
         pin_memory=d.pin_memory and device.type == "cuda", drop_last=train,
-        persistent_workers=d.workers > 0)
+        persistent_workers=d.workers > 0,
+        generator=torch.Generator().manual_seed(cfg.train.seed))  # keeps the global RNG untouched
     return LoaderWithEpoch(loader, sampler)
 
 

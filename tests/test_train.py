@@ -237,3 +237,61 @@ def test_demo_runs(tmp_path, capsys):
                  "DHKD auxiliary head"):
         assert line in out
     assert (tmp_path / "demo" / "teacher.pt").is_file() and (tmp_path / "demo" / "dhkd_seed0" / "last.pt").is_file()
+
+
+def _image_folder(root, classes=2, per_class=4, size=40):
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                px = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()
+                Image.fromarray(px).save(d / f"{i}.png")
+
+
+def test_imagefolder_pipeline_end_to_end(tmp_path):
+    _image_folder(tmp_path / "imnet")
+    c = load_config(CONFIGS / "imagenet/r34_r18_dhkd.yaml", FAST + [
+        f"data.root={tmp_path / 'imnet'}", "data.num_classes=2", "data.image_size=32", "data.batch_size=4",
+        "data.workers=0", "teacher.weights=null", "teacher.random_init=true", "train.compile=false",
+        "train.epochs=2", "student.aux_head=mlp", "loss.ga=true", "loss.logit_weight_off_epoch=1"])
+    trainer = Trainer(c, tmp_path / "run", **QUIET)
+    assert trainer.channels_last and trainer.data.kind == "image"
+    trainer.data.train.set_epoch(0)
+    x, y = next(iter(trainer.data.train))
+    assert x.dtype == torch.uint8 and x.shape == (4, 3, 32, 32)
+    final = trainer.fit()
+    assert final["val/n"] == 8 and 0 <= final["val/acc1_main"] <= 100
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["logit_weight"] for r in rows if r["kind"] == "train"] == [0.1, 0.0]
+
+
+def test_augmentation_is_seeded_per_sample_and_epoch(tmp_path):
+    """Random crops/flips depend on (seed, epoch, index) only: equal with 0 or 2 workers, and the
+    caller's RNG is untouched."""
+    _image_folder(tmp_path / "imnet", per_class=3)
+    from dhkd.data import build_data
+    batches = {}
+    for workers in (0, 2):
+        c = load_config(CONFIGS / "imagenet/r34_r18_dhkd.yaml", FAST + [
+            f"data.root={tmp_path / 'imnet'}", "data.num_classes=2", "data.image_size=16", "data.batch_size=3",
+            f"data.workers={workers}", "teacher.weights=null", "teacher.random_init=true"])
+        data = build_data(c)
+        for epoch in (0, 1):
+            data.train.set_epoch(epoch)
+            state = torch.get_rng_state()
+            batches[workers, epoch] = [x for x, _ in data.train]
+            assert torch.equal(state, torch.get_rng_state())
+    for epoch in (0, 1):
+        assert all(torch.equal(a, b) for a, b in zip(batches[0, epoch], batches[2, epoch]))
+    assert not all(torch.equal(a, b) for a, b in zip(batches[0, 0], batches[0, 1]))
+
+
+@pytest.mark.parametrize("ga", ["false", "true"])
+def test_bf16_autocast_on_cpu(tmp_path, dhkd_cache, ga):  # noqa: F811
+    c = cfg("train.amp=bf16", f"loss.ga={ga}", "train.epochs=1")
+    trainer = Trainer(c, tmp_path, **QUIET)
+    final = trainer.fit()
+    assert math.isfinite(final["train/loss"]) and final["val/acc1_main"] > 20
