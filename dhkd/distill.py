@@ -73,7 +73,7 @@ class Distiller(nn.Module):
         self.student = student
         self.teacher = teacher
         self.features = StudentFeatures(student)
-        self.teacher_forward = teacher
+        self.teacher_forward = teacher  # the teacher, or its torch.compile wrapper
         self.cfg = loss
         self.method = method
         self.autocast = autocast or (lambda: torch.autocast("cpu", enabled=False))
@@ -93,6 +93,13 @@ class Distiller(nn.Module):
         return {"ce": (c.ce_weight, 0.0, 0.0), "kd": (c.ce_weight, c.kd_weight, 0.0),
                 "binary_kl": (0.0, 0.0, logit), "ce_binary_kl": (c.ce_weight, 0.0, logit),
                 "dhkd": (c.ce_weight, c.kd_weight, logit)}[self.method]
+
+    def train(self, mode: bool = True):
+        """Train/eval mode of the student; the teacher always stays in eval mode."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
 
     # ---------------------------------------------------------------- pieces
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -167,3 +167,10 @@ def test_trainer_step_loss_equals_reference(tmp_path, dhkd_cache):  # noqa: F811
             kd_temperature=4.0, logit_temperature=2.0)
     stats = trainer.train_step([(x, y)], 0)
     torch.testing.assert_close(stats["loss"].double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_teacher_stays_in_eval_mode():
+    d, _ = make("kd")
+    d.train()
+    assert d.student.training and not d.teacher.training
+    assert not any(p.requires_grad for p in d.teacher.parameters())
