@@ -291,6 +291,10 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
+    def micro_batch_context(self, last: bool):
+        """Context of one micro-batch's backward; a DDP trainer returns ``no_sync()`` unless ``last``."""
+        return nullcontext()
+
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over processes (identity for one process)."""
         if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -389,8 +393,9 @@ class Trainer:
     def train_step(self, batches, epoch: int) -> dict:
         """One optimizer step over ``accum_steps`` (images, labels) micro-batches; detached stats."""
         stats = {}
-        for x, y in batches:
-            out = self.distiller.train_step(x, y, epoch, scale=1.0 / self.accum)
+        for i, (x, y) in enumerate(batches):
+            with self.micro_batch_context(last=i == len(batches) - 1):
+                out = self.distiller.train_step(x, y, epoch, scale=1.0 / self.accum)
             for k, v in out.items():
                 v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
                 if k in ("correct", "n_valid"):
