@@ -174,3 +174,27 @@ def test_teacher_stays_in_eval_mode():
     d.train()
     assert d.student.training and not d.teacher.training
     assert not any(p.requires_grad for p in d.teacher.parameters())
+
+
+@pytest.mark.parametrize("method", ["dhkd", "ce_binary_kl"])
+def test_triton_backend_matches_reference(method):
+    """Through the Triton kernels (the interpreter on a CPU) when dhkd_kernels ships them."""
+    pytest.importorskip("dhkd_kernels.ops.dual_head_kd")
+    import os
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+    d, _ = make(method, aux_head="mlp", backend="triton", kd_weight=0.5)
+    d = d.float()
+    x, y = batch(16)
+    x = x.float()
+    ref = copy.deepcopy(d)
+    torch.manual_seed(2)
+    _, out = d.forward_train(x, y)
+    out["loss"].backward()
+    torch.manual_seed(2)
+    expected = oracle(ref, x, y)
+    expected.backward()
+    torch.testing.assert_close(out["loss"], expected, rtol=1e-4, atol=1e-4)
+    for p, q in zip(d.student.parameters(), ref.student.parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5)
