@@ -215,7 +215,7 @@ def _tensor_loader(x, y, cfg: Config, *, train: bool, rank: int, world_size: int
     return TensorLoader(x, y, d.batch_size if train else (d.eval_batch_size or d.batch_size), sampler)
 
 
-def _cifar100(cfg: Config, rank: int, world_size: int, device: torch.device) -> Data:
+def _cifar100(cfg: Config, rank: int, world_size: int, device: torch.device, with_train: bool) -> Data:
     from torchvision import datasets, transforms
     root = os.path.expanduser(cfg.data.root)
     expected = os.path.join(root, "cifar-100-python")
@@ -224,30 +224,30 @@ def _cifar100(cfg: Config, rank: int, world_size: int, device: torch.device) -> 
             f"CIFAR-100 not found: expected the directory {expected} (the python version of CIFAR-100, "
             f"cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html, extracted there). "
             f"dhkd does not download datasets.")
-    train_set = datasets.CIFAR100(root, train=True, download=False)
+    train_set = datasets.CIFAR100(root, train=True, download=False) if with_train else None
     val_set = datasets.CIFAR100(root, train=False, download=False)
     train_tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
                                    transforms.PILToTensor()])
     val_tf = transforms.PILToTensor()
     return Data(_image_loader(train_set, train_tf, cfg, train=True, rank=rank, world_size=world_size,
-                              device=device),
+                              device=device) if with_train else None,
                 _image_loader(val_set, val_tf, cfg, train=False, rank=rank, world_size=world_size,
                               device=device),
-                100, "image", CIFAR100_MEAN, CIFAR100_STD, len(train_set), len(val_set))
+                100, "image", CIFAR100_MEAN, CIFAR100_STD, len(train_set) if with_train else 0, len(val_set))
 
 
-def _imagenet(cfg: Config, rank: int, world_size: int, device: torch.device) -> Data:
+def _imagenet(cfg: Config, rank: int, world_size: int, device: torch.device, with_train: bool) -> Data:
     from torchvision import datasets, transforms
     root = os.path.expanduser(cfg.data.root)
-    for split in ("train", "val"):
+    for split in ("train", "val") if with_train else ("val",):
         if not os.path.isdir(os.path.join(root, split)):
             raise FileNotFoundError(
                 f"ImageNet not found: expected the directory {os.path.join(root, split)} "
                 f"(an ImageFolder: one sub-directory of images per class under {root}/train and {root}/val)")
     size = cfg.data.image_size
-    train_set = datasets.ImageFolder(os.path.join(root, "train"))
+    train_set = datasets.ImageFolder(os.path.join(root, "train")) if with_train else None
     val_set = datasets.ImageFolder(os.path.join(root, "val"))
-    for name, ds in (("train", train_set), ("val", val_set)):
+    for name, ds in (("train", train_set), ("val", val_set)) if with_train else (("val", val_set),):
         if len(ds.classes) != cfg.num_classes:
             raise ValueError(f"{root}/{name} has {len(ds.classes)} class folders, expected {cfg.num_classes}")
     train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
@@ -255,13 +255,14 @@ def _imagenet(cfg: Config, rank: int, world_size: int, device: torch.device) -> 
     val_tf = transforms.Compose([transforms.Resize(round(size * 256 / 224)), transforms.CenterCrop(size),
                                  transforms.PILToTensor()])
     return Data(_image_loader(train_set, train_tf, cfg, train=True, rank=rank, world_size=world_size,
-                              device=device),
+                              device=device) if with_train else None,
                 _image_loader(val_set, val_tf, cfg, train=False, rank=rank, world_size=world_size,
                               device=device),
-                cfg.num_classes, "image", IMAGENET_MEAN, IMAGENET_STD, len(train_set), len(val_set))
+                cfg.num_classes, "image", IMAGENET_MEAN, IMAGENET_STD, len(train_set) if with_train else 0,
+                len(val_set))
 
 
-def _synthetic(cfg: Config, rank: int, world_size: int, device: torch.device) -> Data:
+def _synthetic(cfg: Config, rank: int, world_size: int, device: torch.device, with_train: bool) -> Data:
     d = cfg.data
     g = torch.Generator().manual_seed(cfg.train.seed + 7)
     shape = list(d.synthetic_shape)
@@ -281,7 +282,7 @@ def _synthetic(cfg: Config, rank: int, world_size: int, device: torch.device) ->
                 c, kind, IMAGENET_MEAN, IMAGENET_STD, len(yt), len(yv))
 
 
-def _mnist1d(cfg: Config, rank: int, world_size: int, device: torch.device) -> Data:
+def _mnist1d(cfg: Config, rank: int, world_size: int, device: torch.device, with_train: bool) -> Data:
     d = cfg.data
     cache = Path(os.path.expanduser(d.root)) if d.root else None
     arr = mnist1d_arrays(d.mnist1d_samples, d.mnist1d_seed, cache)
@@ -292,12 +293,13 @@ def _mnist1d(cfg: Config, rank: int, world_size: int, device: torch.device) -> D
                 10, "signal", None, None, len(yt), len(yv))
 
 
-def build_data(cfg: Config, *, rank: int = 0, world_size: int = 1, device=None) -> Data:
-    """The ``Data`` of ``cfg.data``; FileNotFoundError naming the expected path when files are missing."""
+def build_data(cfg: Config, *, rank: int = 0, world_size: int = 1, device=None, with_train: bool = True) -> Data:
+    """The ``Data`` of ``cfg.data``; FileNotFoundError naming the expected path when files are missing.
+    ``with_train=False`` skips the training split of image datasets (evaluation only)."""
     device = torch.device(device or "cpu")
     builders = {"mnist1d": _mnist1d, "cifar100": _cifar100, "imagenet": _imagenet, "synthetic": _synthetic}
-    data = builders[cfg.data.dataset](cfg, rank, world_size, device)
-    if len(data.train) == 0:
+    data = builders[cfg.data.dataset](cfg, rank, world_size, device, with_train)
+    if data.train is not None and len(data.train) == 0:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} is larger than the {data.num_train} training "
                          f"samples per rank: no full batch")
     return data

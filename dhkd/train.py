@@ -519,7 +519,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint, *, log=print) -> dict:
     trainer = Trainer.__new__(Trainer)
     trainer.cfg, trainer.device, trainer.world_size = cfg, device, 1
     trainer.amp = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and device.type == "cuda")
-    trainer.data = build_data(cfg, device=device)
+    trainer.data = build_data(cfg, device=device, with_train=False)
     trainer.channels_last = cfg.train.channels_last and trainer.data.kind == "image"
     student = build_student(cfg.student.name, num_classes=cfg.num_classes, aux_head=cfg.student.aux_head,
                             aux_hidden=cfg.student.aux_hidden, aux_dropout=cfg.student.aux_dropout)

@@ -295,3 +295,16 @@ def test_bf16_autocast_on_cpu(tmp_path, dhkd_cache, ga):  # noqa: F811
     trainer = Trainer(c, tmp_path, **QUIET)
     final = trainer.fit()
     assert math.isfinite(final["train/loss"]) and final["val/acc1_main"] > 20
+
+
+def test_eval_of_an_imagefolder_run_needs_only_val(tmp_path):
+    _image_folder(tmp_path / "imnet")
+    over = FAST + [f"data.root={tmp_path / 'imnet'}", "data.num_classes=2", "data.image_size=32", "data.batch_size=4",
+                   "data.workers=0", "teacher.weights=null", "teacher.random_init=true", "train.compile=false",
+                   "train.epochs=1"]
+    c = load_config(CONFIGS / "imagenet/r34_r18_dhkd.yaml", over)
+    final = Trainer(c, tmp_path / "run", **QUIET).fit()
+    shutil.rmtree(tmp_path / "imnet" / "train")
+    from dhkd.train import evaluate_checkpoint
+    got = evaluate_checkpoint(c, tmp_path / "run" / "best.pt")
+    assert got["val/acc1_main"] == final["val/acc1_main"] and got["val/acc1_aux"] == final["val/acc1_aux"]
