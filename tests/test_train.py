@@ -230,7 +230,7 @@ def test_label_smoothing_loss_value():
     assert math.isclose(float(out["smooth"]), float(-torch.log_softmax(z.detach(), 1).mean(1).mean()), rel_tol=1e-9)
 
 
-def test_demo_runs(tmp_path, capsys):
+def test_demo_runs(tmp_path, capsys, dhkd_cache):  # noqa: F811
     assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "2", "--seeds", "1"]) == 0
     out = capsys.readouterr().out
     for line in ("teacher: 1-D CNN", "student MLP, CE only", "student MLP, KD", "student MLP, DHKD (main head)",
