@@ -1,0 +1,376 @@
+"""Run configuration: YAML files (``yaml.safe_load``) mapped onto dataclasses, plus dotted overrides.
+
+    cfg = load_config("configs/mnist1d/dhkd.yaml", ["train.epochs=2", "loss.ga=true"])
+
+Every key of the file and of the overrides must name a field below; values are checked against the
+field's type (an int is accepted for a float). Errors are ``ConfigError`` (a ``ValueError``) naming the
+key, raised before anything runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+METHODS = ("ce", "kd", "binary_kl", "ce_binary_kl", "dhkd")
+DATASETS = ("mnist1d", "cifar100", "imagenet", "synthetic")
+NUM_CLASSES = {"mnist1d": 10, "cifar100": 100, "imagenet": 1000}
+
+
+class ConfigError(ValueError):
+    """A bad configuration file, key or value."""
+
+
+@dataclass
+class StudentConfig:
+    name: str = "mnist1d_mlp"
+    aux_head: str = "linear"          # "linear" | "mlp" (Linear-Dropout-BN-ReLU-Linear, hidden 200)
+    aux_hidden: int = 200
+    aux_dropout: float = 0.1
+
+
+@dataclass
+class TeacherConfig:
+    name: str | None = None            # None: no teacher (method "ce" only)
+    weights: str | None = None         # torchvision weight name, e.g. IMAGENET1K_V1
+    checkpoint: str | None = None      # local file; "{cache}" expands to the dhkd cache directory
+    train_config: str | None = None    # config that trains the teacher when `checkpoint` is missing
+    random_init: bool = False          # allow a randomly initialised teacher (tests, throughput work)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "mnist1d"           # mnist1d | cifar100 | imagenet | synthetic
+    root: str | None = None            # dataset directory (cifar100: holds cifar-100-python/; imagenet: train/, val/)
+    num_classes: int | None = None     # default 10 / 100 / 1000 by dataset (imagenet: any ImageFolder
+                                       # class count, e.g. a 100-class subset); required for synthetic
+    batch_size: int = 128              # per process and per micro-batch
+    eval_batch_size: int | None = None
+    workers: int = 4
+    pin_memory: bool = True
+    image_size: int = 224              # imagenet / synthetic crop size
+    mnist1d_samples: int = 5000        # total generated, 80% train / 20% test
+    mnist1d_seed: int = 42
+    synthetic_shape: list[int] = field(default_factory=lambda: [3, 224, 224])
+    synthetic_train_samples: int = 1024
+    synthetic_val_samples: int = 256
+
+
+@dataclass
+class LossConfig:
+    ce_weight: float = 1.0
+    kd_weight: float = 0.0
+    logit_weight: float = 1.0
+    kd_temperature: float = 4.0
+    logit_temperature: float = 2.0
+    logit_loss: str = "binary_kl_norm"         # binary_kl_norm | binary_kl
+    logit_weight_off_epoch: int | None = None  # logit weight is 0 from this (0-based) epoch on
+    ga: bool = False                           # gradient alignment (method dhkd)
+    label_smoothing: float = 0.0
+    backend: str = "auto"                      # auto | triton | torch | reference
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"                  # sgd | lars
+    lr: float = 0.1                    # learning rate at a global batch of `base_batch`
+    base_batch: int = 256              # lr used = lr * global_batch / base_batch
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    no_decay_norm_bias: bool = False   # no weight decay (and no LARS scaling) on 1-D params
+    lars_eta: float = 0.001
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "step"                 # step | cosine | constant
+    milestones: list[int] = field(default_factory=list)  # epochs (step schedule)
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0         # linear per-iteration warmup from ~0
+    min_lr_factor: float = 0.0         # cosine floor, as a fraction of the peak lr
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    stop_after_epoch: int | None = None  # end this invocation after this many completed epochs
+    accum_steps: int = 1
+    global_batch: int | None = None    # if set: accum_steps = global_batch / (batch_size x processes)
+    max_steps_per_epoch: int | None = None  # cap optimizer steps per epoch (tests, throughput)
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"               # auto | cpu | cuda | cuda:N
+    amp: str = "auto"                  # auto (bf16 on CUDA, off on CPU) | bf16 | off
+    channels_last: bool = True         # for 4-D image inputs
+    compile: bool = False              # torch.compile student features and teacher
+    log_every: int = 50
+    progress: bool = True              # tqdm bar
+    tensorboard: bool = True           # when tensorboard is installed
+    eval_teacher: bool = True          # log the teacher's val accuracy once at the start
+
+
+@dataclass
+class Config:
+    method: str = "dhkd"
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def num_classes(self) -> int:
+        return self.data.num_classes if self.data.num_classes is not None else NUM_CLASSES[self.data.dataset]
+
+
+def cache_dir() -> Path:
+    """``$DHKD_CACHE`` or ``~/.cache/dhkd``."""
+    return Path(os.environ.get("DHKD_CACHE") or Path.home() / ".cache" / "dhkd")
+
+
+def expand_path(path: str | None) -> str | None:
+    """Expand ``{cache}``, ``~`` and environment variables in a configured path."""
+    if path is None:
+        return None
+    return os.path.expandvars(os.path.expanduser(path.replace("{cache}", str(cache_dir()))))
+
+
+# ---------------------------------------------------------------- typed mapping
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value, tp, key: str):
+    """Check ``value`` against the annotation ``tp``; return it converted (int -> float only)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an int, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")  # pragma: no cover
+
+
+def _apply(obj, mapping: dict, prefix: str) -> None:
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{prefix or 'the config'} must be a mapping, got {mapping!r}")
+    hints = _hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in mapping.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key {full!r}; valid keys here: {', '.join(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, f"{full}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full))
+
+
+def set_key(cfg: Config, dotted: str, value) -> None:
+    """Set ``section.key`` (or a top-level key such as ``method``) to a typed value."""
+    parts = dotted.split(".")
+    if not all(parts):
+        raise ConfigError(f"bad override key {dotted!r}")
+    nested: dict = value
+    for p in reversed(parts):
+        nested = {p: nested}
+    _apply(cfg, nested, "")
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """``"train.epochs=2"`` -> ``("train.epochs", 2)``; the value is read as YAML (``null``, ``[1, 2]``)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc})") from None
+    return key, value
+
+
+def config_from_dict(data: dict | None, overrides=()) -> Config:
+    cfg = Config()
+    _apply(cfg, data or {}, "")
+    for item in overrides:
+        key, value = parse_override(item) if isinstance(item, str) else item
+        set_key(cfg, key, value)
+    validate_config(cfg)
+    return cfg
+
+
+def load_config(path, overrides=()) -> Config:
+    """Read a YAML config, apply ``overrides`` ("a.b=value" strings), validate; raise ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        cfg = config_from_dict(data, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    tc = cfg.teacher.train_config
+    if tc is not None and not os.path.isabs(expand_path(tc)):
+        beside = path.parent / tc
+        if beside.is_file():
+            cfg.teacher.train_config = str(beside)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ---------------------------------------------------------------- validation
+
+def _choice(key, value, choices):
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def _positive(key, value, *, allow_zero=False):
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def validate_config(cfg: Config) -> None:
+    """Cross-field checks (types are already checked); ConfigError naming the key."""
+    _choice("method", cfg.method, METHODS)
+    _choice("student.aux_head", cfg.student.aux_head, ("linear", "mlp"))
+    _positive("student.aux_hidden", cfg.student.aux_hidden)
+    if not 0 <= cfg.student.aux_dropout < 1:
+        raise ConfigError(f"student.aux_dropout must be in [0, 1), got {cfg.student.aux_dropout}")
+    t = cfg.teacher
+    if cfg.method != "ce":
+        if t.name is None:
+            raise ConfigError(f"method {cfg.method!r} needs a teacher: set teacher.name")
+        if t.weights is None and t.checkpoint is None and not t.random_init:
+            raise ConfigError("the teacher needs teacher.weights or teacher.checkpoint "
+                              "(or teacher.random_init=true for tests and throughput runs)")
+    if t.weights is not None and t.checkpoint is not None:
+        raise ConfigError("set teacher.weights or teacher.checkpoint, not both")
+
+    d = cfg.data
+    _choice("data.dataset", d.dataset, DATASETS)
+    if d.dataset in ("cifar100", "imagenet") and not d.root:
+        raise ConfigError(f"data.root must name the {d.dataset} directory")
+    if d.dataset == "synthetic" and d.num_classes is None:
+        raise ConfigError("data.num_classes is required for the synthetic dataset")
+    if d.num_classes is not None:
+        _positive("data.num_classes", d.num_classes)
+        if d.dataset in ("mnist1d", "cifar100") and d.num_classes != NUM_CLASSES[d.dataset]:
+            raise ConfigError(f"data.num_classes={d.num_classes} but {d.dataset} has {NUM_CLASSES[d.dataset]}")
+    for key in ("batch_size", "image_size", "mnist1d_samples", "synthetic_train_samples",
+                "synthetic_val_samples"):
+        _positive(f"data.{key}", getattr(d, key))
+    if d.eval_batch_size is not None:
+        _positive("data.eval_batch_size", d.eval_batch_size)
+    _positive("data.workers", d.workers, allow_zero=True)
+    if len(d.synthetic_shape) not in (1, 3) or min(d.synthetic_shape) < 1:
+        raise ConfigError(f"data.synthetic_shape must be [L] or [C, H, W] of positive ints, got {d.synthetic_shape}")
+
+    loss = cfg.loss
+    for key in ("ce_weight", "kd_weight", "logit_weight"):
+        _positive(f"loss.{key}", getattr(loss, key), allow_zero=True)
+    for key in ("kd_temperature", "logit_temperature"):
+        _positive(f"loss.{key}", getattr(loss, key))
+    _choice("loss.logit_loss", loss.logit_loss, ("binary_kl_norm", "binary_kl"))
+    _choice("loss.backend", loss.backend, ("auto", "triton", "torch", "reference"))
+    if not 0 <= loss.label_smoothing < 1:
+        raise ConfigError(f"loss.label_smoothing must be in [0, 1), got {loss.label_smoothing}")
+    if loss.ga and cfg.method != "dhkd":
+        raise ConfigError(f"loss.ga=true needs method dhkd (two heads), got method {cfg.method!r}")
+    if cfg.method == "kd" and loss.kd_weight == 0:
+        raise ConfigError("method kd needs loss.kd_weight > 0")
+    if cfg.method in ("binary_kl", "ce_binary_kl") and loss.logit_weight == 0:
+        raise ConfigError(f"method {cfg.method} needs loss.logit_weight > 0")
+    if loss.label_smoothing and cfg.method == "binary_kl":
+        raise ConfigError("loss.label_smoothing applies to the CE term, which method binary_kl does not use")
+
+    o = cfg.optim
+    _choice("optim.name", o.name, ("sgd", "lars"))
+    _positive("optim.lr", o.lr)
+    _positive("optim.base_batch", o.base_batch)
+    _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    _positive("optim.lars_eta", o.lars_eta)
+    if not 0 <= o.momentum < 1:
+        raise ConfigError(f"optim.momentum must be in [0, 1), got {o.momentum}")
+    if o.nesterov and o.momentum == 0:
+        raise ConfigError("optim.nesterov=true needs optim.momentum > 0")
+
+    s = cfg.sched
+    _choice("sched.name", s.name, ("step", "cosine", "constant"))
+    if sorted(s.milestones) != s.milestones or any(m < 1 for m in s.milestones):
+        raise ConfigError(f"sched.milestones must be increasing epochs >= 1, got {s.milestones}")
+    _positive("sched.gamma", s.gamma)
+    _positive("sched.warmup_epochs", s.warmup_epochs, allow_zero=True)
+    if not 0 <= s.min_lr_factor <= 1:
+        raise ConfigError(f"sched.min_lr_factor must be in [0, 1], got {s.min_lr_factor}")
+
+    tr = cfg.train
+    _positive("train.epochs", tr.epochs)
+    if s.warmup_epochs > tr.epochs:
+        raise ConfigError(f"sched.warmup_epochs={s.warmup_epochs} exceeds train.epochs={tr.epochs}")
+    if tr.stop_after_epoch is not None:
+        _positive("train.stop_after_epoch", tr.stop_after_epoch)
+    _positive("train.accum_steps", tr.accum_steps)
+    if tr.global_batch is not None:
+        _positive("train.global_batch", tr.global_batch)
+        if tr.global_batch % d.batch_size:
+            raise ConfigError(f"train.global_batch={tr.global_batch} is not a multiple of "
+                              f"data.batch_size={d.batch_size}")
+    if tr.max_steps_per_epoch is not None:
+        _positive("train.max_steps_per_epoch", tr.max_steps_per_epoch)
+    _positive("train.log_every", tr.log_every)
+    _choice("train.amp", tr.amp, ("auto", "bf16", "off"))
+    if not (tr.device in ("auto", "cpu", "cuda") or tr.device.startswith("cuda:")):
+        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {tr.device!r}")

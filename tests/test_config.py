@@ -1,0 +1,125 @@
+"""Configs: every shipped file parses and builds; overrides are typed; bad input fails early."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dhkd.cli import main
+from dhkd.config import ConfigError, Config, load_config, parse_override
+from dhkd.train import Trainer
+from tests.trainer_helpers import CONFIGS, FAST, dhkd_cache  # noqa: F401
+
+SHIPPED = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))
+
+
+def tiny(path: str) -> list[str]:
+    """Overrides that run a shipped image config on a few synthetic samples with a random teacher."""
+    if path.startswith("mnist1d/"):
+        return ["train.epochs=1", "train.max_steps_per_epoch=2"]
+    size = 32 if path.startswith("cifar100/") else 64
+    classes = 100 if path.startswith("cifar100/") else 1000
+    return ["data.dataset=synthetic", f"data.num_classes={classes}", f"data.synthetic_shape=[3,{size},{size}]",
+            "data.synthetic_train_samples=8", "data.synthetic_val_samples=4", "data.batch_size=4",
+            "data.workers=0", "train.global_batch=null", "train.compile=false", "teacher.weights=null",
+            "teacher.checkpoint=null", "teacher.random_init=true", "train.epochs=1",
+            "train.max_steps_per_epoch=1", "train.eval_teacher=false", "sched.warmup_epochs=0"]
+
+
+def test_all_expected_configs_ship():
+    for m in ("ce", "kd", "binary_kl", "ce_binary_kl", "dhkd"):
+        assert f"mnist1d/{m}.yaml" in SHIPPED
+    assert "imagenet/r34_r18_dhkd.yaml" in SHIPPED
+    assert "imagenet/r34_r18_dhkd_large_batch.yaml" in SHIPPED
+    assert "imagenet/r50_mv1_dhkd.yaml" in SHIPPED
+    assert len([p for p in SHIPPED if p.startswith("cifar100/")]) >= 10
+
+
+@pytest.mark.parametrize("path", SHIPPED)
+def test_shipped_config_parses(path):
+    cfg = load_config(CONFIGS / path)
+    assert isinstance(cfg, Config)
+    if path.startswith("cifar100/"):
+        assert (cfg.train.epochs, cfg.data.batch_size, cfg.sched.milestones) == (240, 64, [150, 180, 210])
+        assert cfg.loss.ga and cfg.student.aux_head == "mlp" and cfg.optim.weight_decay == 5e-4
+        small = cfg.student.name in ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+        assert cfg.optim.lr == (0.01 if small else 0.05) and cfg.optim.base_batch == 64
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if not p.startswith("mnist1d/")])
+def test_image_config_builds_and_steps(path, tmp_path):
+    cfg = load_config(CONFIGS / path, FAST + tiny(path))
+    trainer = Trainer(cfg, tmp_path, log=lambda m: None)
+    assert trainer.optimizer.param_groups and trainer.scheduler is not None
+    data = trainer.data
+    data.train.set_epoch(0)
+    x, y = next(iter(data.train))
+    stats = trainer.train_step([(data.prepare(x, trainer.device, trainer.channels_last), y)], 0)
+    assert torch.isfinite(stats["loss"])
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if p.startswith("mnist1d/")])
+def test_mnist1d_config_builds(path, tmp_path, dhkd_cache):  # noqa: F811
+    cfg = load_config(CONFIGS / path, FAST + tiny(path))
+    row = Trainer(cfg, tmp_path, log=lambda m: None).fit()
+    assert 0 <= row["val/acc1_main"] <= 100
+
+
+def test_large_batch_recipe():
+    cfg = load_config(CONFIGS / "imagenet/r34_r18_dhkd_large_batch.yaml")
+    assert cfg.train.global_batch == 8192 and cfg.sched.warmup_epochs == 5
+    assert cfg.optim.lr * cfg.train.global_batch / cfg.optim.base_batch == pytest.approx(3.2)
+    lars = load_config(CONFIGS / "imagenet/r34_r18_dhkd_large_batch_lars.yaml")
+    assert lars.optim.name == "lars"
+
+
+def test_overrides_are_typed():
+    cfg = load_config(CONFIGS / "mnist1d/dhkd.yaml",
+                      ["train.epochs=2", "loss.ga=true", "optim.lr=1", "sched.milestones=[1, 2]",
+                       "teacher.weights=null", "method=dhkd"])
+    assert cfg.train.epochs == 2 and cfg.loss.ga is True
+    assert isinstance(cfg.optim.lr, float) and cfg.sched.milestones == [1, 2]
+    assert parse_override("a.b=null") == ("a.b", None)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("train.epoch=2", "unknown config key 'train.epoch'"),
+    ("nosection.x=1", "unknown config key 'nosection'"),
+    ("train.epochs=two", "train.epochs must be an int"),
+    ("train.epochs=2.5", "train.epochs must be an int"),
+    ("loss.ga=yes please", "loss.ga must be true or false"),
+    ("sched.milestones=5", "sched.milestones must be a list"),
+    ("method=kdd", "method must be one of"),
+    ("train.epochs", "must look like section.key=value"),
+    ("loss.backend=cuda", "loss.backend must be one of"),
+    ("optim.lr=-1", "optim.lr must be > 0"),
+    ("train.epochs=0", "train.epochs must be > 0"),
+])
+def test_bad_overrides(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(CONFIGS / "mnist1d/dhkd.yaml", [override])
+
+
+def test_cross_field_errors():
+    with pytest.raises(ConfigError, match="loss.ga=true needs method dhkd"):
+        load_config(CONFIGS / "mnist1d/kd.yaml", ["loss.ga=true"])
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        load_config(CONFIGS / "mnist1d/kd.yaml", ["teacher.name=null"])
+    with pytest.raises(ConfigError, match="data.root"):
+        load_config(CONFIGS / "cifar100/resnet32x4_resnet8x4_dhkd.yaml", ["data.root=null"])
+
+
+def test_bad_config_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: dhkd\ntrain:\n  epochz: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'train.epochz'"):
+        load_config(bad)
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_cli_rejects_bad_override_before_running(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", "--config", str(CONFIGS / "mnist1d/dhkd.yaml"), "--out", str(out), "train.epochz=1"])
+    assert rc == 2
+    assert "unknown config key 'train.epochz'" in capsys.readouterr().err
+    assert not out.exists()

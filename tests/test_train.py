@@ -1,0 +1,310 @@
+"""Trainer: exact resume, checkpoint errors, missing data, export, metrics, schedules, CLI."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from dhkd.cli import main
+from dhkd.config import load_config
+from dhkd.data import EpochSampler
+from dhkd.optim import LARS, LRFactor, build_optimizer
+from dhkd.train import CheckpointError, Trainer, load_checkpoint
+from tests.trainer_helpers import CONFIGS, FAST, dhkd_cache  # noqa: F401
+
+QUIET = dict(log=lambda m: None)
+# MLP aux head: its dropout draws from the RNG, so exact resume needs the RNG state restored.
+RUN = FAST + ["student.aux_head=mlp", "train.epochs=2", "train.eval_teacher=false", "train.log_every=100"]
+
+
+def eval_rows(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in rows if r["kind"] == "eval"]
+
+
+def cfg(*extra, method="dhkd"):
+    return load_config(CONFIGS / f"mnist1d/{method}.yaml", RUN + list(extra))
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, dhkd_cache):  # noqa: F811
+    straight = Trainer(cfg("loss.ga=true"), tmp_path / "a", **QUIET)
+    straight.fit()
+    Trainer(cfg("loss.ga=true", "train.stop_after_epoch=1"), tmp_path / "b", **QUIET).fit()
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["epoch"] == 1
+    assert len(eval_rows(tmp_path / "b")) == 1
+    resumed = Trainer(cfg("loss.ga=true"), tmp_path / "b", resume=True, **QUIET)
+    assert (resumed.epoch, resumed.step) == (1, straight.steps_per_epoch)
+    resumed.fit()
+    a, b = eval_rows(tmp_path / "a"), eval_rows(tmp_path / "b")
+    assert len(a) == 2 and a == b
+    for (name, p), q in zip(straight.student.state_dict().items(), resumed.student.state_dict().values()):
+        assert torch.equal(p, q), name
+    # the run without a restored RNG state would differ: a fresh run with another seed does
+    other = Trainer(cfg("loss.ga=true", "train.seed=1"), tmp_path / "c", **QUIET)
+    other.fit()
+    assert eval_rows(tmp_path / "c") != a
+
+
+def test_checkpoints_metrics_and_export(tmp_path, dhkd_cache):  # noqa: F811
+    out = tmp_path / "run"
+    trainer = Trainer(cfg(), out, **QUIET)
+    final = trainer.fit()
+    assert {p.name for p in out.iterdir()} >= {"last.pt", "best.pt", "student.pt", "metrics.jsonl", "config.yaml"}
+    assert not [p for p in out.iterdir() if "tmp" in p.name]
+    rows = eval_rows(out)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for key in ("val/acc1_main", "val/acc5_main", "val/acc1_aux", "val/acc5_aux", "train/loss"):
+        assert key in rows[-1]
+    assert all(any("acc" in k for k in r) for r in rows)
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["epoch"] == 2 and ckpt["metrics"]["val/acc1_main"] == final["val/acc1_main"]
+    best = load_checkpoint(out / "best.pt")
+    assert best["best_acc1"] == max(r["val/acc1_main"] for r in rows)
+
+    exported = trainer.student.export_student()
+    assert not [n for n, _ in exported.named_modules() if "aux" in n]
+    assert not [k for k in exported.state_dict() if "aux" in k]
+    saved = torch.load(out / "student.pt", weights_only=True)["model"]
+    assert saved.keys() == exported.state_dict().keys()
+    x = torch.randn(7, 40)
+    trainer.student.eval()
+    torch.testing.assert_close(exported.eval()(x), trainer.student(x))
+
+
+def test_cli_train_resume_and_eval(tmp_path, dhkd_cache, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    args = ["--config", str(CONFIGS / "mnist1d/kd.yaml"), "--out", str(out), *RUN[:-1]]
+    assert main(["train", *args, "train.stop_after_epoch=1"]) == 0
+    assert main(["train", *args, "--resume"]) == 0
+    final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert final["epoch"] == 2
+    for ckpt in ("last.pt", "student.pt"):
+        assert main(["eval", "--checkpoint", str(out / ckpt), "--config", str(CONFIGS / "mnist1d/kd.yaml"),
+                     "train.device=cpu", "student.aux_head=mlp"]) == 0
+        got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert got["val/acc1_main"] == pytest.approx(final["val/acc1_main"])
+    rc = main(["train", "--config", str(CONFIGS / "mnist1d/kd.yaml"), "--out", str(tmp_path / "none"), "--resume"])
+    assert rc == 2 and "no checkpoint" in capsys.readouterr().err
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path, dhkd_cache):  # noqa: F811
+    out = tmp_path / "run"
+    Trainer(cfg("train.stop_after_epoch=1"), out, **QUIET).fit()
+    data = (out / "last.pt").read_bytes()
+    (out / "last.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        Trainer(cfg(), out, resume=True, **QUIET)
+    (out / "last.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        Trainer(cfg(), out, resume=True, **QUIET)
+
+
+def test_older_epoch_checkpoint_is_a_clear_error(tmp_path, dhkd_cache):  # noqa: F811
+    out = tmp_path / "run"
+    Trainer(cfg("train.stop_after_epoch=1"), out, **QUIET).fit()
+    shutil.copy(out / "last.pt", tmp_path / "epoch1.pt")
+    Trainer(cfg(), out, resume=True, **QUIET).fit()
+    shutil.copy(tmp_path / "epoch1.pt", out / "last.pt")
+    with pytest.raises(CheckpointError, match="from epoch 1.*completed epoch 2.*older than the run"):
+        Trainer(cfg(), out, resume=True, **QUIET)
+
+
+def test_checkpoint_of_another_run_or_format(tmp_path, dhkd_cache):  # noqa: F811
+    out = tmp_path / "run"
+    Trainer(cfg("train.stop_after_epoch=1"), out, **QUIET).fit()
+    with pytest.raises(CheckpointError, match="method='dhkd'"):
+        Trainer(cfg(method="kd"), out, resume=True, **QUIET)
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    ckpt["format_version"] = 0
+    torch.save(ckpt, out / "last.pt")
+    with pytest.raises(CheckpointError, match="format 0"):
+        Trainer(cfg(), out, resume=True, **QUIET)
+
+
+def test_resume_drops_rows_of_an_interrupted_epoch(tmp_path, dhkd_cache):  # noqa: F811
+    out = tmp_path / "run"
+    Trainer(cfg("train.stop_after_epoch=1", "train.log_every=5"), out, **QUIET).fit()
+    with open(out / "metrics.jsonl", "a") as f:  # a crash mid-epoch 2 left a step row and half a line
+        f.write(json.dumps({"kind": "train", "epoch": 2, "step": 99, "loss": 1.0}) + "\n{\"kind\": ")
+    Trainer(cfg("train.log_every=5"), out, resume=True, **QUIET).fit()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["step"] != 99 for r in rows) and [r["epoch"] for r in rows if r["kind"] == "eval"] == [1, 2]
+
+
+@pytest.mark.parametrize("path, expected", [
+    ("cifar100/resnet32x4_resnet8x4_dhkd.yaml", "cifar-100-python"),
+    ("imagenet/r34_r18_dhkd.yaml", "train"),
+])
+def test_missing_dataset_dir_is_a_clear_error(path, expected, tmp_path):
+    root = tmp_path / "nowhere"
+    c = load_config(CONFIGS / path, FAST + [f"data.root={root}", "teacher.weights=null", "teacher.checkpoint=null",
+                                            "teacher.random_init=true", "train.compile=false"])
+    with pytest.raises(FileNotFoundError, match=f"{root}/{expected}"):
+        Trainer(c, tmp_path / "run", **QUIET)
+
+
+def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path):
+    c = load_config(CONFIGS / "mnist1d/dhkd.yaml", FAST + [f"teacher.checkpoint={tmp_path}/t.pt",
+                                                           "teacher.train_config=null"])
+    with pytest.raises(FileNotFoundError, match="teacher checkpoint not found"):
+        Trainer(c, tmp_path / "run", **QUIET)
+
+
+def test_lr_scaling_warmup_and_schedules():
+    c = load_config(CONFIGS / "imagenet/r34_r18_dhkd_large_batch.yaml")
+    f = LRFactor(c, steps_per_epoch=10)
+    assert f(0) == pytest.approx(1 / 50) and f(49) == pytest.approx(1.0)
+    assert f(299) == 1.0 and f(300) == pytest.approx(0.1) and f(600) == pytest.approx(0.01)
+    c.sched.name, c.sched.min_lr_factor = "cosine", 0.0
+    f = LRFactor(c, steps_per_epoch=10)
+    assert f(50) == pytest.approx(1.0) and f(525) == pytest.approx(0.5) and f(1000) == pytest.approx(0.0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    opt = build_optimizer(model, c, global_batch=8192)
+    assert opt.param_groups[0]["lr"] == pytest.approx(3.2)
+    c.optim.no_decay_norm_bias = True
+    opt = build_optimizer(model, c, global_batch=512)
+    assert [g["weight_decay"] for g in opt.param_groups] == [1e-4, 0.0]
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 3]
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.2)
+
+
+def test_lars_step_matches_definition():
+    p = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    p.grad = torch.tensor([0.6, 0.8])
+    opt = LARS([p], lr=0.5, momentum=0.0, weight_decay=0.1, eta=0.01)
+    opt.step()
+    trust = 0.01 * 5.0 / (1.0 + 0.1 * 5.0)
+    expected = torch.tensor([3.0, 4.0]) - 0.5 * trust * (torch.tensor([0.6, 0.8]) + 0.1 * torch.tensor([3.0, 4.0]))
+    torch.testing.assert_close(p.data, expected)
+
+
+def test_grad_accumulation_equals_large_batch(tmp_path, dhkd_cache):  # noqa: F811
+    """Two micro-batches of 64 with accum_steps=2 give the same step as one batch of 128 (no dropout)."""
+    base = FAST + ["train.epochs=1", "train.max_steps_per_epoch=1", "train.eval_teacher=false",
+                   "loss.kd_weight=0.5"]
+    big = Trainer(load_config(CONFIGS / "mnist1d/dhkd.yaml", base + ["data.batch_size=128"]), tmp_path / "a", **QUIET)
+    small = Trainer(load_config(CONFIGS / "mnist1d/dhkd.yaml", base + ["data.batch_size=64", "train.accum_steps=2"]),
+                    tmp_path / "b", **QUIET)
+    assert big.global_batch == small.global_batch == 128
+    big.data.train.set_epoch(0)
+    x, y = next(iter(big.data.train))
+    s_big = big.train_step([(x, y)], 0)
+    s_small = small.train_step([(x[:64], y[:64]), (x[64:], y[64:])], 0)
+    torch.testing.assert_close(s_big["loss"], s_small["loss"], rtol=1e-5, atol=1e-6)
+    for p, q in zip(big.student.parameters(), small.student.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_epoch_sampler_order_and_shards():
+    a = EpochSampler(10, shuffle=True, seed=3)
+    a.set_epoch(1)
+    first = list(a)
+    a.set_epoch(2)
+    assert list(a) != first and sorted(first) == list(range(10))
+    a.set_epoch(1)
+    assert list(a) == first
+    shards = [list(EpochSampler(10, shuffle=False, rank=r, world_size=3, drop_last=False)) for r in range(3)]
+    assert sorted(sum(shards, [])) == list(range(10))
+    train = [EpochSampler(10, shuffle=True, seed=3, rank=r, world_size=3) for r in range(3)]
+    assert all(len(list(s)) == 3 == len(s) for s in train)
+
+
+def test_label_smoothing_loss_value():
+    """The logged loss with label smoothing is the smoothed CE itself (constant log C included)."""
+    import math as _m
+    from dhkd.distill import Distiller
+    from dhkd.models import build_student
+    c = load_config(CONFIGS / "mnist1d/ce.yaml", FAST + ["loss.label_smoothing=0.3"])
+    torch.manual_seed(0)
+    s = build_student("mnist1d_mlp", num_classes=10).double()
+    d = Distiller(s, None, c.loss, "ce")
+    x, y = torch.randn(16, 40, dtype=torch.float64), torch.randint(0, 10, (16,))
+    _, out = d.forward_train(x, y)
+    z = s(x)
+    expected = torch.nn.functional.cross_entropy(z, y, label_smoothing=0.3)
+    torch.testing.assert_close(out["loss"], expected, rtol=1e-10, atol=1e-10)
+    assert _m.isfinite(float(out["smooth"]))
+    assert math.isclose(float(out["smooth"]), float(-torch.log_softmax(z.detach(), 1).mean(1).mean()), rel_tol=1e-9)
+
+
+def test_demo_runs(tmp_path, capsys, dhkd_cache):  # noqa: F811
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "2", "--seeds", "1"]) == 0
+    out = capsys.readouterr().out
+    for line in ("teacher: 1-D CNN", "student MLP, CE only", "student MLP, KD", "student MLP, DHKD (main head)",
+                 "DHKD auxiliary head"):
+        assert line in out
+    assert (tmp_path / "demo" / "teacher.pt").is_file() and (tmp_path / "demo" / "dhkd_seed0" / "last.pt").is_file()
+
+
+def _image_folder(root, classes=2, per_class=4, size=40):
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                px = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()
+                Image.fromarray(px).save(d / f"{i}.png")
+
+
+def test_imagefolder_pipeline_end_to_end(tmp_path):
+    _image_folder(tmp_path / "imnet")
+    c = load_config(CONFIGS / "imagenet/r34_r18_dhkd.yaml", FAST + [
+        f"data.root={tmp_path / 'imnet'}", "data.num_classes=2", "data.image_size=32", "data.batch_size=4",
+        "data.workers=0", "teacher.weights=null", "teacher.random_init=true", "train.compile=false",
+        "train.epochs=2", "student.aux_head=mlp", "loss.ga=true", "loss.logit_weight_off_epoch=1"])
+    trainer = Trainer(c, tmp_path / "run", **QUIET)
+    assert trainer.channels_last and trainer.data.kind == "image"
+    trainer.data.train.set_epoch(0)
+    x, y = next(iter(trainer.data.train))
+    assert x.dtype == torch.uint8 and x.shape == (4, 3, 32, 32)
+    final = trainer.fit()
+    assert final["val/n"] == 8 and 0 <= final["val/acc1_main"] <= 100
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["logit_weight"] for r in rows if r["kind"] == "train"] == [0.1, 0.0]
+
+
+def test_augmentation_is_seeded_per_sample_and_epoch(tmp_path):
+    """Random crops/flips depend on (seed, epoch, index) only: equal with 0 or 2 workers, and the
+    caller's RNG is untouched."""
+    _image_folder(tmp_path / "imnet", per_class=3)
+    from dhkd.data import build_data
+    batches = {}
+    for workers in (0, 2):
+        c = load_config(CONFIGS / "imagenet/r34_r18_dhkd.yaml", FAST + [
+            f"data.root={tmp_path / 'imnet'}", "data.num_classes=2", "data.image_size=16", "data.batch_size=3",
+            f"data.workers={workers}", "teacher.weights=null", "teacher.random_init=true"])
+        data = build_data(c)
+        for epoch in (0, 1):
+            data.train.set_epoch(epoch)
+            state = torch.get_rng_state()
+            batches[workers, epoch] = [x for x, _ in data.train]
+            assert torch.equal(state, torch.get_rng_state())
+    for epoch in (0, 1):
+        assert all(torch.equal(a, b) for a, b in zip(batches[0, epoch], batches[2, epoch]))
+    assert not all(torch.equal(a, b) for a, b in zip(batches[0, 0], batches[0, 1]))
+
+
+@pytest.mark.parametrize("ga", ["false", "true"])
+def test_bf16_autocast_on_cpu(tmp_path, dhkd_cache, ga):  # noqa: F811
+    c = cfg("train.amp=bf16", f"loss.ga={ga}", "train.epochs=1")
+    trainer = Trainer(c, tmp_path, **QUIET)
+    final = trainer.fit()
+    assert math.isfinite(final["train/loss"]) and final["val/acc1_main"] > 20
+
+
+def test_eval_of_an_imagefolder_run_needs_only_val(tmp_path):
+    _image_folder(tmp_path / "imnet")
+    over = FAST + [f"data.root={tmp_path / 'imnet'}", "data.num_classes=2", "data.image_size=32", "data.batch_size=4",
+                   "data.workers=0", "teacher.weights=null", "teacher.random_init=true", "train.compile=false",
+                   "train.epochs=1"]
+    c = load_config(CONFIGS / "imagenet/r34_r18_dhkd.yaml", over)
+    final = Trainer(c, tmp_path / "run", **QUIET).fit()
+    shutil.rmtree(tmp_path / "imnet" / "train")
+    from dhkd.train import evaluate_checkpoint
+    got = evaluate_checkpoint(c, tmp_path / "run" / "best.pt")
+    assert got["val/acc1_main"] == final["val/acc1_main"] and got["val/acc1_aux"] == final["val/acc1_aux"]
