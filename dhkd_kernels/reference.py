@@ -22,7 +22,8 @@ BinaryKL-Norm: the official DHKD code writes it as 0.5 log(0.5/d) + 0.5 log(0.5/
 d = sig((z2 - t)/tau) clamped to [1e-8, 1 - 1e-8]. The clamp zeroes the gradient once |z2 - t| passes
 about 18 tau, and in float32 ``1 - d`` rounds to 0 (log gives inf) past about 16.6 tau, before the
 clamp can act. The expression equals log cosh((z2 - t)/(2 tau)) exactly, which this library computes as
-|x| + log1p(exp(-2|x|)) - log 2: finite for every finite gap, with the exact gradient (tau/2) tanh(x).
+|x| + log1p(exp(-2|x|)) - log 2 (and, for |x| < 1, as log1p(2 sinh(x/2)^2), which keeps the relative
+accuracy of small values): finite for every finite gap, with the exact gradient (tau/2) tanh(x).
 """
 from __future__ import annotations
 
@@ -47,9 +48,16 @@ REDUCTIONS = ("mean", "sum")
 
 
 def log_cosh(x: torch.Tensor) -> torch.Tensor:
-    """log cosh(x) = |x| + log1p(exp(-2|x|)) - log 2, finite for every finite x."""
+    """log cosh(x), finite for every finite x, accurate to rounding in relative terms.
+
+    |x| >= 1: |x| + log1p(exp(-2|x|)) - log 2 (never overflows). |x| < 1: log1p(2 sinh(|x|/2)^2)
+    (= log cosh x exactly), because the first form cancels against log 2 near 0 and loses all
+    relative accuracy of the small value there.
+    """
     a = x.abs()
-    return a + torch.log1p(torch.exp(-2.0 * a)) - math.log(2.0)
+    large = a + torch.log1p(torch.exp(-2.0 * a)) - math.log(2.0)
+    small = torch.log1p(2.0 * torch.sinh(a.clamp(max=1.0) / 2.0) ** 2)
+    return torch.where(a < 1.0, small, large)
 
 
 def cross_entropy(z1: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -18,17 +18,12 @@ Gradients of the per-element losses (s = softmax, sig = sigmoid):
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
+from ..reference import log_cosh
+
 DEFAULT_CHUNK_ELEMENTS = 2**20
-
-
-def _log_cosh(x: torch.Tensor) -> torch.Tensor:
-    a = x.abs()
-    return a + torch.log1p(torch.exp(-2.0 * a)) - math.log(2.0)
 
 
 def row_losses_and_grads(z1, z2, t, y, *, kd_temperature, logit_temperature, logit_loss,
@@ -60,7 +55,7 @@ def row_losses_and_grads(z1, z2, t, y, *, kd_temperature, logit_temperature, log
         tau = logit_temperature
         if logit_loss == "binary_kl_norm":
             x = (z2 - t) / (2.0 * tau)
-            logit = tau * tau * _log_cosh(x).sum(-1)
+            logit = tau * tau * log_cosh(x).sum(-1)
             if need_grad and logit_weight:
                 dz2 = torch.tanh(x).mul_(logit_weight * tau / 2.0)
         else:
