@@ -2,7 +2,8 @@
 
 Tolerances: one table per dtype, judged against a float64 reference. For bf16/fp16 the bar is
 "no worse than eager PyTorch's own error in that dtype" (the reference run in that dtype), times
-LOWP_MARGIN, plus a small absolute floor.
+LOWP_MARGIN, plus a small floor; float32 must meet TOL/GRAD_TOL, or that same eager bar where
+eager float32 itself is worse (cancelling tiny losses).
 """
 from __future__ import annotations
 
@@ -107,9 +108,17 @@ def assert_matches_reference(inputs, *, backend, **opts):
     loss, grads = loss_and_grads(inputs, backend=backend, **opts)
     ref_loss, ref_grads = reference_in(inputs, torch.float64, **opts)
     assert set(grads) == set(ref_grads)
-    if dtype in TOL:
+    if dtype == torch.float64:
         limits = {"loss": TOL[dtype], **{k: GRAD_TOL[dtype] for k in grads}}
-        atol = 1e-12 if dtype == torch.float64 else 1e-6
+        atol = 1e-12
+    elif dtype == torch.float32:
+        # 1e-5 / 1e-4 relative, or no worse than eager float32's own error where that is larger
+        # (tiny losses that cancel in any float32 evaluation, e.g. KD of nearly equal distributions)
+        eager_loss, eager_grads = reference_in(inputs, dtype, **opts)
+        limits = {"loss": max(TOL[dtype], LOWP_MARGIN * rel_err(eager_loss, ref_loss))}
+        for k in grads:
+            limits[k] = max(GRAD_TOL[dtype], LOWP_MARGIN * rel_err(eager_grads[k], ref_grads[k]))
+        atol = 1e-6
     else:
         eager_loss, eager_grads = reference_in(inputs, dtype, **opts)
         limits = {"loss": LOWP_MARGIN * rel_err(eager_loss, ref_loss) + LOWP_FLOOR[dtype]}

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from tests.helpers import assert_matches_reference, make_inputs
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     n=st.integers(1, 12), d=st.integers(1, 9), c=st.integers(1, 40),
     da=st.one_of(st.none(), st.integers(1, 7)),

@@ -179,3 +179,11 @@ def test_module_form():
     got = crit(*args)
     want = fused_dual_head_kd_loss(*args, kd_weight=0.5, logit_loss="binary_kl", backend="reference")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_binary_kl_exact_past_softplus_cutoff():
+    """Teacher logits beyond 20 tau (where F.softplus switches to the identity) stay exact in float64."""
+    inputs = make_inputs(3, 2, 6, dtype=torch.float64, logit_scale=0.1, seed=21)
+    inputs["teacher_logits"] = torch.tensor([-21.0, 23.0, -40.0, 0.5, 25.0, -22.0],
+                                            dtype=torch.float64).repeat(3, 1) * 2.0
+    assert_matches_reference(inputs, backend="torch", logit_loss="binary_kl", ce_weight=0.0)

@@ -60,7 +60,8 @@ def row_losses_and_grads(z1, z2, t, y, *, kd_temperature, logit_temperature, log
                 dz2 = torch.tanh(x).mul_(logit_weight * tau / 2.0)
         else:
             zs, ts = z2 / tau, t / tau
-            per = F.softplus(-zs) - F.softplus(-ts) + torch.sigmoid(-ts) * (zs - ts)
+            # log sig(ts) - log sig(zs) + sig(-ts) (zs - ts); F.softplus would cut off at 20
+            per = F.logsigmoid(ts) - F.logsigmoid(zs) + torch.sigmoid(-ts) * (zs - ts)
             logit = tau * tau * per.sum(-1)
             if need_grad and logit_weight:
                 dz2 = (torch.sigmoid(zs) - torch.sigmoid(ts)).mul_(logit_weight * tau)
