@@ -1,0 +1,280 @@
+"""Triton kernels of the dual-head KD loss (launched from :mod:`dhkd_kernels.ops.dual_head_kd`).
+
+Three kernels:
+
+``fwd_partials_kernel``  grid (row blocks, class splits). Each program takes BLOCK_N rows and one
+    contiguous split of the classes, computes z1 = X W1^T + b1 and z2 = A W2^T + b2 tile by tile with
+    ``tl.dot`` over D in BLOCK_D steps and folds every (BLOCK_N, BLOCK_C) tile into running per-row
+    statistics (online log-sum-exp). It writes NSTAT floats per (split, row); the logits never reach
+    memory. Per (split, row), with m1 = max z1, mt = max t/T, ms = m1/T, T = kd temperature:
+        0 m1       1 s1 = sum exp(z1 - m1)        2 s1T = sum exp((z1 - m1)/T)
+        3 z1[y]    4 first index of m1 (as float; exact below 2**24)
+        5 mt       6 st = sum exp(t/T - mt)       7 K = sum exp(t/T - mt) ((t/T - mt) - (z1/T - ms))
+        8 sum_c l(z2, t)  with l the unscaled per-element logit loss (log cosh or Bernoulli KL)
+    so that KD/T^2 = K/st - log st + log s1T and CE = m1 + log s1 - z1[y]. Splits are merged on the host.
+    Traffic per program: BLOCK_N (D + Da) activations, split x (D + Da) weights, BLOCK_N x split
+    teacher; FLOPs 2 BLOCK_N split (D + Da) on tensor cores plus ~30 per logit in the epilogue.
+
+``dz_kernel``  grid (row blocks, class blocks) of one (row chunk, class slab): recomputes the z1, z2
+    tile with ``tl.dot`` and writes, in fp32 arithmetic then rounded to the buffer dtype,
+        dz1 = coef (ce_w (softmax(z1) - onehot(y)) + kd_w T (softmax(z1/T) - softmax(t/T)))
+        dz2 = coef lg_w (tau/2) tanh((z2 - t)/(2 tau))      [BinaryKL-Norm]
+        dz2 = coef lg_w tau (sig(z2/tau) - sig(t/tau))       [BinaryKL]
+    with coef = grad_loss * valid / (|V| for "mean"), from the saved row log-sum-exps.
+
+``mm_kernel``  out (+)= A B (+ A2 B2): a plain tiled GEMM with fp32 accumulation and arbitrary
+    strides, used for dX = dZ W and dW = dZ^T X. With ACC it reads and adds the previous value of
+    ``out`` (read-modify-write by the owning program only: deterministic, no atomics).
+
+All row/column indices that multiply a stride are int64, so N*C and C*D may exceed 2**31.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+NSTAT = 9
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _project(acc, x_ptr, w_ptr, rows64, rmask, cols64, cmask, K,
+             stride_xn, stride_xk, stride_wc, stride_wk,
+             DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc (BLOCK_N, BLOCK_C) += X[rows, :] W[cols, :]^T, K in BLOCK_K steps."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        kmask = kk < K
+        xt = tl.load(x_ptr + rows64[:, None] * stride_xn + kk[None, :] * stride_xk,
+                     mask=rmask[:, None] & kmask[None, :], other=0.0)
+        wt = tl.load(w_ptr + cols64[None, :] * stride_wc + kk[:, None] * stride_wk,
+                     mask=cmask[None, :] & kmask[:, None], other=0.0)
+        acc = tl.dot(xt, wt, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def fwd_partials_kernel(
+    # pointers: inputs (x/a: (N, D)/(N, Da); w1/w2: (C, D)/(C, Da); b1/b2: (C,); t: (N, C); y: (N,)),
+    # output part: (S, NSTAT, N) fp32 contiguous
+    x_ptr, w1_ptr, b1_ptr, a_ptr, w2_ptr, b2_ptr, t_ptr, y_ptr, part_ptr,
+    # sizes
+    N, C, D, DA, CLASSES_PER_SPLIT,
+    # strides, in elements
+    stride_xn, stride_xd, stride_w1c, stride_w1d, stride_an, stride_ad, stride_w2c, stride_w2d,
+    stride_tn, stride_tc,
+    # scalars: 1/T (kd), 1/tau (logit)
+    inv_kd_t, inv_tau,
+    # meta-parameters
+    HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, NEED_Z1: tl.constexpr, NEED_KD: tl.constexpr,
+    NEED_LOGIT: tl.constexpr, KL_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    rows64 = rows.to(tl.int64)
+    y = tl.load(y_ptr + rows64, mask=rmask, other=-1).to(tl.int64)
+    c_start = pid_s * CLASSES_PER_SPLIT
+    c_end = tl.minimum(C, c_start + CLASSES_PER_SPLIT)
+    neg_inf = float("-inf")
+
+    # finite "minus infinity" for the running maxima: exp(start - max) = 0 and no inf - inf = NaN
+    m1 = tl.full((BLOCK_N,), -1.0e30, tl.float32)
+    s1 = tl.zeros((BLOCK_N,), tl.float32)
+    s1t = tl.zeros((BLOCK_N,), tl.float32)
+    zy = tl.zeros((BLOCK_N,), tl.float32)
+    amax = tl.zeros((BLOCK_N,), tl.int32)
+    mt = tl.full((BLOCK_N,), -1.0e30, tl.float32)
+    st = tl.zeros((BLOCK_N,), tl.float32)
+    kacc = tl.zeros((BLOCK_N,), tl.float32)
+    lsum = tl.zeros((BLOCK_N,), tl.float32)
+
+    for c0 in range(c_start, c_end, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        cmask = cols < c_end
+        cols64 = cols.to(tl.int64)
+        tile_mask = rmask[:, None] & cmask[None, :]
+        if NEED_KD or NEED_LOGIT:
+            t = tl.load(t_ptr + rows64[:, None] * stride_tn + cols64[None, :] * stride_tc,
+                        mask=tile_mask, other=0.0).to(tl.float32)
+        if NEED_Z1:
+            z1 = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
+            z1 = _project(z1, x_ptr, w1_ptr, rows64, rmask, cols64, cmask, D,
+                          stride_xn, stride_xd, stride_w1c, stride_w1d, DOT_PRECISION, BLOCK_D)
+            if HAS_B1:
+                z1 += tl.load(b1_ptr + cols64, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            z1m = tl.where(cmask[None, :], z1, neg_inf)
+            tmax = tl.max(z1m, 1)
+            m_new = tl.maximum(m1, tmax)
+            tidx = tl.min(tl.where(z1m == tmax[:, None], cols[None, :], 2147483647), 1)
+            amax = tl.where(tmax > m1, tidx, amax)
+            s1 = s1 * tl.exp(m1 - m_new) + tl.sum(tl.exp(z1m - m_new[:, None]), 1)
+            zy += tl.sum(tl.where(cols64[None, :] == y[:, None], z1, 0.0), 1)
+            if NEED_KD:
+                s1t = s1t * tl.exp((m1 - m_new) * inv_kd_t) \
+                    + tl.sum(tl.exp((z1m - m_new[:, None]) * inv_kd_t), 1)
+                tt = tl.where(cmask[None, :], t * inv_kd_t, neg_inf)
+                mt_new = tl.maximum(mt, tl.max(tt, 1))
+                alpha_t = tl.exp(mt - mt_new)
+                # re-anchor K at the new maxima: K <- a (K + st ((ms' - ms) - (mt' - mt)))
+                shift = (m_new - m1) * inv_kd_t - (mt_new - mt)
+                kacc = alpha_t * (kacc + tl.where(st > 0, st * shift, 0.0))
+                st = st * alpha_t
+                e = tl.exp(tt - mt_new[:, None])
+                st += tl.sum(e, 1)
+                gap = (t * inv_kd_t - mt_new[:, None]) - (z1 - m_new[:, None]) * inv_kd_t
+                kacc += tl.sum(tl.where(cmask[None, :], e * gap, 0.0), 1)
+                mt = mt_new
+            m1 = m_new
+        if NEED_LOGIT:
+            z2 = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
+            z2 = _project(z2, a_ptr, w2_ptr, rows64, rmask, cols64, cmask, DA,
+                          stride_an, stride_ad, stride_w2c, stride_w2d, DOT_PRECISION, BLOCK_D)
+            if HAS_B2:
+                z2 += tl.load(b2_ptr + cols64, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            if KL_NORM:
+                u = tl.abs((z2 - t) * (0.5 * inv_tau))
+                val = u + tl.log(1.0 + tl.exp(-2.0 * u)) - LN2
+            else:
+                zs = z2 * inv_tau
+                ts = t * inv_tau
+                sp_z = tl.maximum(-zs, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(zs)))
+                sp_t = tl.maximum(-ts, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(ts)))
+                val = sp_z - sp_t + (zs - ts) / (1.0 + tl.exp(ts))
+            lsum += tl.sum(tl.where(cmask[None, :], val, 0.0), 1)
+
+    # pointer += N steps (never k * N in int32): safe for any N
+    p = part_ptr + pid_s.to(tl.int64) * 9 * N + rows64
+    tl.store(p, m1, mask=rmask)
+    p += N
+    tl.store(p, s1, mask=rmask)
+    p += N
+    tl.store(p, s1t, mask=rmask)
+    p += N
+    tl.store(p, zy, mask=rmask)
+    p += N
+    tl.store(p, amax.to(tl.float32), mask=rmask)
+    p += N
+    tl.store(p, mt, mask=rmask)
+    p += N
+    tl.store(p, st, mask=rmask)
+    p += N
+    tl.store(p, kacc, mask=rmask)
+    p += N
+    tl.store(p, lsum, mask=rmask)
+
+
+@triton.jit
+def dz_kernel(
+    # pointers: inputs as in fwd_partials_kernel; stats (3, N) fp32 = lse(z1), lse(z1/T), lse(t/T);
+    # coef (N,) fp32; outputs dz1/dz2 (rows, cols) of one chunk, in the matmul dtype
+    x_ptr, w1_ptr, b1_ptr, a_ptr, w2_ptr, b2_ptr, t_ptr, y_ptr, stats_ptr, coef_ptr, dz1_ptr, dz2_ptr,
+    # sizes: chunk = rows [row0, row0 + n_rows) x classes [col0, col0 + n_cols)
+    N, D, DA, row0, col0, n_rows, n_cols,
+    # strides, in elements
+    stride_xn, stride_xd, stride_w1c, stride_w1d, stride_an, stride_ad, stride_w2c, stride_w2d,
+    stride_tn, stride_tc, stride_dz1, stride_dz2,
+    # scalars
+    ce_w, kd_w_t, inv_kd_t, lg_w, inv_tau,
+    # meta-parameters
+    HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, NEED_DZ1: tl.constexpr, CE_ON: tl.constexpr,
+    KD_ON: tl.constexpr, NEED_DZ2: tl.constexpr, KL_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    lrows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    lcols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rmask = lrows < n_rows
+    cmask = lcols < n_cols
+    rows64 = row0 + lrows.to(tl.int64)
+    cols64 = col0 + lcols.to(tl.int64)
+    tile_mask = rmask[:, None] & cmask[None, :]
+    coef = tl.load(coef_ptr + rows64, mask=rmask, other=0.0)
+    lrows64 = lrows.to(tl.int64)
+    if KD_ON or NEED_DZ2:
+        t = tl.load(t_ptr + rows64[:, None] * stride_tn + cols64[None, :] * stride_tc,
+                    mask=tile_mask, other=0.0).to(tl.float32)
+    if NEED_DZ1:
+        z1 = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
+        z1 = _project(z1, x_ptr, w1_ptr, rows64, rmask, cols64, cmask, D,
+                      stride_xn, stride_xd, stride_w1c, stride_w1d, DOT_PRECISION, BLOCK_D)
+        if HAS_B1:
+            z1 += tl.load(b1_ptr + cols64, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        g = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
+        if CE_ON:
+            lse1 = tl.load(stats_ptr + rows64, mask=rmask, other=0.0)
+            y = tl.load(y_ptr + rows64, mask=rmask, other=-1).to(tl.int64)
+            onehot = tl.where(cols64[None, :] == y[:, None], 1.0, 0.0)
+            g += ce_w * (tl.exp(z1 - lse1[:, None]) - onehot)
+        if KD_ON:
+            lse_s = tl.load(stats_ptr + N + rows64, mask=rmask, other=0.0)
+            lse_t = tl.load(stats_ptr + N + N + rows64, mask=rmask, other=0.0)
+            g += kd_w_t * (tl.exp(z1 * inv_kd_t - lse_s[:, None]) - tl.exp(t * inv_kd_t - lse_t[:, None]))
+        g = g * coef[:, None]
+        tl.store(dz1_ptr + lrows64[:, None] * stride_dz1 + lcols[None, :],
+                 g.to(dz1_ptr.dtype.element_ty), mask=tile_mask)
+    if NEED_DZ2:
+        z2 = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
+        z2 = _project(z2, a_ptr, w2_ptr, rows64, rmask, cols64, cmask, DA,
+                      stride_an, stride_ad, stride_w2c, stride_w2d, DOT_PRECISION, BLOCK_D)
+        if HAS_B2:
+            z2 += tl.load(b2_ptr + cols64, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        if KL_NORM:
+            u = (z2 - t) * (0.5 * inv_tau)
+            e = tl.exp(-2.0 * tl.abs(u))
+            th = (1.0 - e) / (1.0 + e)
+            g2 = tl.where(u < 0, -th, th) * (0.5 * lg_w / inv_tau)
+        else:
+            sig_z = 1.0 / (1.0 + tl.exp(-z2 * inv_tau))
+            sig_t = 1.0 / (1.0 + tl.exp(-t * inv_tau))
+            g2 = (sig_z - sig_t) * (lg_w / inv_tau)
+        g2 = g2 * coef[:, None]
+        tl.store(dz2_ptr + lrows64[:, None] * stride_dz2 + lcols[None, :],
+                 g2.to(dz2_ptr.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def mm_kernel(
+    # pointers: out (M, P) (+)= a (M, K) b (K, P) [+ a2 (M, K2) b2 (K2, P)]
+    out_ptr, a_ptr, b_ptr, a2_ptr, b2_ptr,
+    # sizes
+    M, P, K, K2,
+    # strides, in elements
+    stride_om, stride_op, stride_am, stride_ak, stride_bk, stride_bp,
+    stride_a2m, stride_a2k, stride_b2k, stride_b2p,
+    # meta-parameters
+    ACC: tl.constexpr, HAS_SECOND: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rp = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mmask = rm < M
+    pmask = rp < P
+    rm64 = rm.to(tl.int64)
+    rp64 = rp.to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_P), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = (k0 + offs_k).to(tl.int64)
+        kmask = kk < K
+        at = tl.load(a_ptr + rm64[:, None] * stride_am + kk[None, :] * stride_ak,
+                     mask=mmask[:, None] & kmask[None, :], other=0.0)
+        bt = tl.load(b_ptr + kk[:, None] * stride_bk + rp64[None, :] * stride_bp,
+                     mask=kmask[:, None] & pmask[None, :], other=0.0)
+        acc = tl.dot(at, bt, acc, input_precision=DOT_PRECISION)
+    if HAS_SECOND:
+        for k0 in range(0, K2, BLOCK_K):
+            kk = (k0 + offs_k).to(tl.int64)
+            kmask = kk < K2
+            at = tl.load(a2_ptr + rm64[:, None] * stride_a2m + kk[None, :] * stride_a2k,
+                         mask=mmask[:, None] & kmask[None, :], other=0.0)
+            bt = tl.load(b2_ptr + kk[:, None] * stride_b2k + rp64[None, :] * stride_b2p,
+                         mask=kmask[:, None] & pmask[None, :], other=0.0)
+            acc = tl.dot(at, bt, acc, input_precision=DOT_PRECISION)
+    optrs = out_ptr + rm64[:, None] * stride_om + rp64[None, :] * stride_op
+    omask = mmask[:, None] & pmask[None, :]
+    if ACC:
+        acc += tl.load(optrs, mask=omask, other=0.0).to(tl.float32)
+    tl.store(optrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
