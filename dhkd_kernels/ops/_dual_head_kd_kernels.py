@@ -26,6 +26,10 @@ Three kernels:
     strides, used for dX = dZ W and dW = dZ^T X. With ACC it reads and adds the previous value of
     ``out`` (read-modify-write by the owning program only: deterministic, no atomics).
 
+``DOT_UPCAST`` (set only under TRITON_INTERPRET for bfloat16, whose ``tl.dot`` the interpreter of
+triton 3.8 computes wrongly) converts the tiles to fp32 before the dot; bf16 products are exact in
+fp32, so this matches the GPU's bf16 x bf16 -> fp32 ``tl.dot`` up to summation order.
+
 All row/column indices that multiply a stride are int64, so N*C and C*D may exceed 2**31.
 """
 from __future__ import annotations
@@ -38,9 +42,16 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def _sigmoid(v):
+    """sig(v) without overflow: exp of a non-positive argument only."""
+    e = tl.exp(-tl.abs(v))
+    return tl.where(v >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
 def _project(acc, x_ptr, w_ptr, rows64, rmask, cols64, cmask, K,
              stride_xn, stride_xk, stride_wc, stride_wk,
-             DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+             DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc (BLOCK_N, BLOCK_C) += X[rows, :] W[cols, :]^T, K in BLOCK_K steps."""
     offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
@@ -50,6 +61,9 @@ def _project(acc, x_ptr, w_ptr, rows64, rmask, cols64, cmask, K,
                      mask=rmask[:, None] & kmask[None, :], other=0.0)
         wt = tl.load(w_ptr + cols64[None, :] * stride_wc + kk[:, None] * stride_wk,
                      mask=cmask[None, :] & kmask[:, None], other=0.0)
+        if DOT_UPCAST:
+            xt = xt.to(tl.float32)
+            wt = wt.to(tl.float32)
         acc = tl.dot(xt, wt, acc, input_precision=DOT_PRECISION)
     return acc
 
@@ -69,7 +83,7 @@ def fwd_partials_kernel(
     # meta-parameters
     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, NEED_Z1: tl.constexpr, NEED_KD: tl.constexpr,
     NEED_LOGIT: tl.constexpr, KL_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -103,7 +117,7 @@ def fwd_partials_kernel(
         if NEED_Z1:
             z1 = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
             z1 = _project(z1, x_ptr, w1_ptr, rows64, rmask, cols64, cmask, D,
-                          stride_xn, stride_xd, stride_w1c, stride_w1d, DOT_PRECISION, BLOCK_D)
+                          stride_xn, stride_xd, stride_w1c, stride_w1d, DOT_PRECISION, DOT_UPCAST, BLOCK_D)
             if HAS_B1:
                 z1 += tl.load(b1_ptr + cols64, mask=cmask, other=0.0).to(tl.float32)[None, :]
             z1m = tl.where(cmask[None, :], z1, neg_inf)
@@ -132,7 +146,7 @@ def fwd_partials_kernel(
         if NEED_LOGIT:
             z2 = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
             z2 = _project(z2, a_ptr, w2_ptr, rows64, rmask, cols64, cmask, DA,
-                          stride_an, stride_ad, stride_w2c, stride_w2d, DOT_PRECISION, BLOCK_D)
+                          stride_an, stride_ad, stride_w2c, stride_w2d, DOT_PRECISION, DOT_UPCAST, BLOCK_D)
             if HAS_B2:
                 z2 += tl.load(b2_ptr + cols64, mask=cmask, other=0.0).to(tl.float32)[None, :]
             if KL_NORM:
@@ -143,7 +157,7 @@ def fwd_partials_kernel(
                 ts = t * inv_tau
                 sp_z = tl.maximum(-zs, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(zs)))
                 sp_t = tl.maximum(-ts, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(ts)))
-                val = sp_z - sp_t + (zs - ts) / (1.0 + tl.exp(ts))
+                val = sp_z - sp_t + (zs - ts) * _sigmoid(-ts)
             lsum += tl.sum(tl.where(cmask[None, :], val, 0.0), 1)
 
     # pointer += N steps (never k * N in int32): safe for any N
@@ -182,7 +196,7 @@ def dz_kernel(
     # meta-parameters
     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, NEED_DZ1: tl.constexpr, CE_ON: tl.constexpr,
     KD_ON: tl.constexpr, NEED_DZ2: tl.constexpr, KL_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     lrows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     lcols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -199,7 +213,7 @@ def dz_kernel(
     if NEED_DZ1:
         z1 = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
         z1 = _project(z1, x_ptr, w1_ptr, rows64, rmask, cols64, cmask, D,
-                      stride_xn, stride_xd, stride_w1c, stride_w1d, DOT_PRECISION, BLOCK_D)
+                      stride_xn, stride_xd, stride_w1c, stride_w1d, DOT_PRECISION, DOT_UPCAST, BLOCK_D)
         if HAS_B1:
             z1 += tl.load(b1_ptr + cols64, mask=cmask, other=0.0).to(tl.float32)[None, :]
         g = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
@@ -218,7 +232,7 @@ def dz_kernel(
     if NEED_DZ2:
         z2 = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
         z2 = _project(z2, a_ptr, w2_ptr, rows64, rmask, cols64, cmask, DA,
-                      stride_an, stride_ad, stride_w2c, stride_w2d, DOT_PRECISION, BLOCK_D)
+                      stride_an, stride_ad, stride_w2c, stride_w2d, DOT_PRECISION, DOT_UPCAST, BLOCK_D)
         if HAS_B2:
             z2 += tl.load(b2_ptr + cols64, mask=cmask, other=0.0).to(tl.float32)[None, :]
         if KL_NORM:
@@ -227,9 +241,7 @@ def dz_kernel(
             th = (1.0 - e) / (1.0 + e)
             g2 = tl.where(u < 0, -th, th) * (0.5 * lg_w / inv_tau)
         else:
-            sig_z = 1.0 / (1.0 + tl.exp(-z2 * inv_tau))
-            sig_t = 1.0 / (1.0 + tl.exp(-t * inv_tau))
-            g2 = (sig_z - sig_t) * (lg_w / inv_tau)
+            g2 = (_sigmoid(z2 * inv_tau) - _sigmoid(t * inv_tau)) * (lg_w / inv_tau)
         g2 = g2 * coef[:, None]
         tl.store(dz2_ptr + lrows64[:, None] * stride_dz2 + lcols[None, :],
                  g2.to(dz2_ptr.dtype.element_ty), mask=tile_mask)
@@ -245,7 +257,7 @@ def mm_kernel(
     stride_om, stride_op, stride_am, stride_ak, stride_bk, stride_bp,
     stride_a2m, stride_a2k, stride_b2k, stride_b2p,
     # meta-parameters
-    ACC: tl.constexpr, HAS_SECOND: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACC: tl.constexpr, HAS_SECOND: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -263,6 +275,9 @@ def mm_kernel(
                      mask=mmask[:, None] & kmask[None, :], other=0.0)
         bt = tl.load(b_ptr + kk[:, None] * stride_bk + rp64[None, :] * stride_bp,
                      mask=kmask[:, None] & pmask[None, :], other=0.0)
+        if DOT_UPCAST:
+            at = at.to(tl.float32)
+            bt = bt.to(tl.float32)
         acc = tl.dot(at, bt, acc, input_precision=DOT_PRECISION)
     if HAS_SECOND:
         for k0 in range(0, K2, BLOCK_K):
@@ -272,6 +287,9 @@ def mm_kernel(
                          mask=mmask[:, None] & kmask[None, :], other=0.0)
             bt = tl.load(b2_ptr + kk[:, None] * stride_b2k + rp64[None, :] * stride_b2p,
                          mask=kmask[:, None] & pmask[None, :], other=0.0)
+            if DOT_UPCAST:
+                at = at.to(tl.float32)
+                bt = bt.to(tl.float32)
             acc = tl.dot(at, bt, acc, input_precision=DOT_PRECISION)
     optrs = out_ptr + rm64[:, None] * stride_om + rp64[None, :] * stride_op
     omask = mmask[:, None] & pmask[None, :]

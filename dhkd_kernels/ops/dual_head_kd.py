@@ -176,6 +176,11 @@ def _dot_precision(dtype: torch.dtype, tf32: bool) -> str:
     return "tf32" if (dtype == torch.float32 and tf32) else "ieee"
 
 
+def _dot_upcast(dtype: torch.dtype, device: torch.device) -> bool:
+    """The triton interpreter gets bf16 ``tl.dot`` wrong: upcast tiles there (only there)."""
+    return dtype == torch.bfloat16 and _interpreted(device)
+
+
 def _forward(x, w1, b1, a, w2, b2, t, y, ce_w, kd_w, lg_w, kd_t, tau, kl_norm, ignore_index, mean,
              components, tf32):
     """Returns loss (), terms (3,), correct (), n_valid (), stats (3, N) = lse(z1), lse(z1/T), lse(t/T)."""
@@ -212,7 +217,8 @@ def _forward(x, w1, b1, a, w2, b2, t, y, ce_w, kd_w, lg_w, kd_t, tau, kl_norm, i
                 w2.stride(0), w2.stride(1), t.stride(0), t.stride(1),
                 1.0 / kd_t, 1.0 / tau,
                 HAS_B1=b1 is not None, HAS_B2=b2 is not None, NEED_Z1=need_z1, NEED_KD=need_kd,
-                NEED_LOGIT=need_logit, KL_NORM=kl_norm, DOT_PRECISION=_dot_precision(x.dtype, tf32))
+                NEED_LOGIT=need_logit, KL_NORM=kl_norm, DOT_PRECISION=_dot_precision(x.dtype, tf32),
+                DOT_UPCAST=_dot_upcast(x.dtype, dev))
         rows = torch.zeros(3, n, dtype=f32, device=dev)
         if need_z1:
             m1 = part[:, 0]
@@ -268,7 +274,8 @@ def _mm(out, a, b, a2, b2, acc: bool, precision: str):
             out, a, b, a2_, b2_, m, p, k, k2,
             out.stride(0), out.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             a2_.stride(0), a2_.stride(1), b2_.stride(0), b2_.stride(1),
-            ACC=acc, HAS_SECOND=has2, DOT_PRECISION=precision)
+            ACC=acc, HAS_SECOND=has2, DOT_PRECISION=precision,
+            DOT_UPCAST=_dot_upcast(a.dtype, out.device))
 
 
 def _backward(g, x, w1, b1, a, w2, b2, t, y, stats, n_valid, ce_w, kd_w, lg_w, kd_t, tau, kl_norm,
@@ -284,17 +291,24 @@ def _backward(g, x, w1, b1, a, w2, b2, t, y, stats, n_valid, ce_w, kd_w, lg_w, k
         need_a = False
     dz1_on = bool(ce_w) or bool(kd_w)
     dz2_on = bool(lg_w)
-    empty = torch.empty(0, dtype=f32, device=dev)
+    def zeros_if(flag, ref):  # a fresh empty tensor per slot: custom-op outputs may not alias
+        return torch.zeros_like(ref) if (flag and ref is not None) else torch.empty(0, dtype=f32, device=dev)
 
-    def zeros_if(flag, ref):
-        return torch.zeros_like(ref) if (flag and ref is not None) else empty
-
-    gx, gw1, gb1 = zeros_if(need_x, x), zeros_if(need_w1, w1), zeros_if(need_b1, b1)
-    ga, gw2, gb2 = zeros_if(need_a, a), zeros_if(need_w2, w2), zeros_if(need_b2, b2)
     dz1_on = dz1_on and (need_x or need_w1 or need_b1)
     dz2_on = dz2_on and ((need_x and shared) or need_a or need_w2 or need_b2)
     if n == 0 or not (dz1_on or dz2_on):
-        return [gx, gw1, gb1, ga, gw2, gb2]
+        return [zeros_if(need_x, x), zeros_if(need_w1, w1), zeros_if(need_b1, b1),
+                zeros_if(need_a, a), zeros_if(need_w2, w2), zeros_if(need_b2, b2)]
+    x_pairs = need_x and (dz1_on or (dz2_on and shared))
+    a_pairs = need_a and dz2_on
+    w1_on = need_w1 and dz1_on
+    w2_on = need_w2 and dz2_on
+    # outputs the kernels write completely start as _buffer (NaN when poisoning), the rest as zeros
+    gx = _buffer(x.shape, x.dtype, dev) if x_pairs else zeros_if(need_x, x)
+    ga = _buffer(a.shape, a.dtype, dev) if a_pairs else zeros_if(need_a, a)
+    gw1 = _buffer(w1.shape, w1.dtype, dev) if w1_on else zeros_if(need_w1, w1)
+    gw2 = _buffer(w2.shape, w2.dtype, dev) if w2_on else zeros_if(need_w2, w2)
+    gb1, gb2 = zeros_if(need_b1, b1), zeros_if(need_b2, b2)
 
     valid = y != ignore_index
     coef = g.to(f32) * valid.to(f32)
@@ -309,18 +323,14 @@ def _backward(g, x, w1, b1, a, w2, b2, t, y, stats, n_valid, ce_w, kd_w, lg_w, k
     dz2_buf = _buffer((rows, slab), dt, dev) if dz2_on else None
     d, da = x.shape[1], a_.shape[1]
 
-    x_pairs = need_x and (dz1_on or (dz2_on and shared))
-    a_pairs = need_a and dz2_on
     # dX/dA accumulate over slabs: in place for fp32, else in an fp32 buffer when several slabs
-    gx_acc = (gx if (dt == f32 or n_slabs == 1) else torch.empty(n, d, dtype=f32, device=dev)) \
+    gx_acc = (gx if (dt == f32 or n_slabs == 1) else _buffer((n, d), f32, dev)) \
         if x_pairs else None
-    ga_acc = (ga if (dt == f32 or n_slabs == 1) else torch.empty(n, da, dtype=f32, device=dev)) \
+    ga_acc = (ga if (dt == f32 or n_slabs == 1) else _buffer((n, da), f32, dev)) \
         if a_pairs else None
-    w1_on = need_w1 and dz1_on
-    w2_on = need_w2 and dz2_on
     slab_acc_needed = dt != f32 and n_chunks > 1
-    gw1_acc = torch.empty(slab, d, dtype=f32, device=dev) if (w1_on and slab_acc_needed) else None
-    gw2_acc = torch.empty(slab, da, dtype=f32, device=dev) if (w2_on and slab_acc_needed) else None
+    gw1_acc = _buffer((slab, d), f32, dev) if (w1_on and slab_acc_needed) else None
+    gw2_acc = _buffer((slab, da), f32, dev) if (w2_on and slab_acc_needed) else None
     gb1_acc = torch.zeros(c, dtype=f32, device=dev) if (need_b1 and dz1_on) else None
     gb2_acc = torch.zeros(c, dtype=f32, device=dev) if (need_b2 and dz2_on) else None
     dummy = stats
@@ -347,7 +357,8 @@ def _backward(g, x, w1, b1, a, w2, b2, t, y, stats, n_valid, ce_w, kd_w, lg_w, k
                     w2.stride(0), w2.stride(1), t.stride(0), t.stride(1), slab, slab,
                     float(ce_w), float(kd_w) * kd_t, 1.0 / kd_t, float(lg_w), 1.0 / tau,
                     HAS_B1=b1 is not None, HAS_B2=b2 is not None, NEED_DZ1=dz1_on, CE_ON=bool(ce_w),
-                    KD_ON=bool(kd_w), NEED_DZ2=dz2_on, KL_NORM=kl_norm, DOT_PRECISION=prec)
+                    KD_ON=bool(kd_w), NEED_DZ2=dz2_on, KL_NORM=kl_norm, DOT_PRECISION=prec,
+                    DOT_UPCAST=_dot_upcast(dt, dev))
             if x_pairs:
                 pairs = ([(dz1, w1[s0:s0 + sc])] if dz1_on else []) + \
                     ([(dz2, w2[s0:s0 + sc])] if (dz2_on and shared) else [])
