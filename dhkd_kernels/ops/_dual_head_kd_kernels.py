@@ -1,6 +1,6 @@
 """Triton kernels of the dual-head KD loss (launched from :mod:`dhkd_kernels.ops.dual_head_kd`).
 
-Three kernels:
+Four kernels:
 
 ``fwd_partials_kernel``  grid (row blocks, class splits). Each program takes BLOCK_N rows and one
     contiguous split of the classes, computes z1 = X W1^T + b1 and z2 = A W2^T + b2 tile by tile with
@@ -11,16 +11,20 @@ Three kernels:
         3 z1[y]    4 first index of m1 (as float; exact below 2**24)
         5 mt       6 st = sum exp(t/T - mt)       7 K = sum exp(t/T - mt) ((t/T - mt) - (z1/T - ms))
         8 sum_c l(z2, t)  with l the unscaled per-element logit loss (log cosh or Bernoulli KL)
-    so that KD/T^2 = K/st - log st + log s1T and CE = m1 + log s1 - z1[y]. Splits are merged on the host.
+    so that KD/T^2 = K/st - log st + log s1T and CE = m1 + log s1 - z1[y].
     Traffic per program: BLOCK_N (D + Da) activations, split x (D + Da) weights, BLOCK_N x split
     teacher; FLOPs 2 BLOCK_N split (D + Da) on tensor cores plus ~30 per logit in the epilogue.
+
+``finalize_kernel``  one program: merges the splits of every row with the same online-softmax
+    algebra, writes lse(z1), lse(z1/T), lse(t/T) per row (the only state kept for the backward) and
+    reduces the valid rows in a fixed order into loss, terms, correct and n_valid.
 
 ``dz_kernel``  grid (row blocks, class blocks) of one (row chunk, class slab): recomputes the z1, z2
     tile with ``tl.dot`` and writes, in fp32 arithmetic then rounded to the buffer dtype,
         dz1 = coef (ce_w (softmax(z1) - onehot(y)) + kd_w T (softmax(z1/T) - softmax(t/T)))
         dz2 = coef lg_w (tau/2) tanh((z2 - t)/(2 tau))      [BinaryKL-Norm]
         dz2 = coef lg_w tau (sig(z2/tau) - sig(t/tau))       [BinaryKL]
-    with coef = grad_loss * valid / (|V| for "mean"), from the saved row log-sum-exps.
+    with coef = grad_loss * valid / (max(|V|, 1) for "mean"), from the saved row log-sum-exps.
 
 ``mm_kernel``  out (+)= A B (+ A2 B2): a plain tiled GEMM with fp32 accumulation and arbitrary
     strides, used for dX = dZ W and dW = dZ^T X. With ACC it reads and adds the previous value of
@@ -184,17 +188,18 @@ def fwd_partials_kernel(
 @triton.jit
 def dz_kernel(
     # pointers: inputs as in fwd_partials_kernel; stats (3, N) fp32 = lse(z1), lse(z1/T), lse(t/T);
-    # coef (N,) fp32; outputs dz1/dz2 (rows, cols) of one chunk, in the matmul dtype
-    x_ptr, w1_ptr, b1_ptr, a_ptr, w2_ptr, b2_ptr, t_ptr, y_ptr, stats_ptr, coef_ptr, dz1_ptr, dz2_ptr,
+    # g () = d(out)/d(loss); nvalid () int64; outputs dz1/dz2 (rows, cols) of one chunk, matmul dtype
+    x_ptr, w1_ptr, b1_ptr, a_ptr, w2_ptr, b2_ptr, t_ptr, y_ptr, stats_ptr, g_ptr, nvalid_ptr,
+    dz1_ptr, dz2_ptr,
     # sizes: chunk = rows [row0, row0 + n_rows) x classes [col0, col0 + n_cols)
     N, D, DA, row0, col0, n_rows, n_cols,
     # strides, in elements
     stride_xn, stride_xd, stride_w1c, stride_w1d, stride_an, stride_ad, stride_w2c, stride_w2d,
     stride_tn, stride_tc, stride_dz1, stride_dz2,
     # scalars
-    ce_w, kd_w_t, inv_kd_t, lg_w, inv_tau,
+    ce_w, kd_w_t, inv_kd_t, lg_w, inv_tau, ignore_index,
     # meta-parameters
-    HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, NEED_DZ1: tl.constexpr, CE_ON: tl.constexpr,
+    MEAN: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, NEED_DZ1: tl.constexpr, CE_ON: tl.constexpr,
     KD_ON: tl.constexpr, NEED_DZ2: tl.constexpr, KL_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -205,7 +210,11 @@ def dz_kernel(
     rows64 = row0 + lrows.to(tl.int64)
     cols64 = col0 + lcols.to(tl.int64)
     tile_mask = rmask[:, None] & cmask[None, :]
-    coef = tl.load(coef_ptr + rows64, mask=rmask, other=0.0)
+    y = tl.load(y_ptr + rows64, mask=rmask, other=ignore_index).to(tl.int64)
+    coef = tl.load(g_ptr).to(tl.float32)
+    if MEAN:
+        coef = coef / tl.maximum(tl.load(nvalid_ptr), 1).to(tl.float32)
+    coef = tl.where(rmask & (y != ignore_index), coef, 0.0)
     lrows64 = lrows.to(tl.int64)
     if KD_ON or NEED_DZ2:
         t = tl.load(t_ptr + rows64[:, None] * stride_tn + cols64[None, :] * stride_tc,
@@ -219,7 +228,6 @@ def dz_kernel(
         g = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
         if CE_ON:
             lse1 = tl.load(stats_ptr + rows64, mask=rmask, other=0.0)
-            y = tl.load(y_ptr + rows64, mask=rmask, other=-1).to(tl.int64)
             onehot = tl.where(cols64[None, :] == y[:, None], 1.0, 0.0)
             g += ce_w * (tl.exp(z1 - lse1[:, None]) - onehot)
         if KD_ON:
@@ -296,3 +304,111 @@ def mm_kernel(
     if ACC:
         acc += tl.load(optrs, mask=omask, other=0.0).to(tl.float32)
     tl.store(optrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def finalize_kernel(
+    # pointers: part (S, NSTAT, N) fp32 from fwd_partials_kernel; y (N,); outputs: stats (3, N) fp32,
+    # loss () fp32, terms (3,) fp32, correct () int64, n_valid () int64
+    part_ptr, y_ptr, stats_ptr, loss_ptr, terms_ptr, correct_ptr, nvalid_ptr,
+    # sizes; split_stride = NSTAT * N
+    N, S, split_stride,
+    # scalars
+    kd_t, inv_kd_t, tau, ce_w, kd_w, lg_w, ignore_index,
+    # meta-parameters
+    NEED_Z1: tl.constexpr, NEED_KD: tl.constexpr, NEED_LOGIT: tl.constexpr, MEAN: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One program: merges the class splits of every row (online-softmax algebra), writes the three
+    row log-sum-exps for the backward and reduces the valid rows in a fixed order (deterministic)."""
+    ce_acc = tl.zeros((BLOCK_N,), tl.float32)
+    kd_acc = tl.zeros((BLOCK_N,), tl.float32)
+    lg_acc = tl.zeros((BLOCK_N,), tl.float32)
+    ok_acc = tl.zeros((BLOCK_N,), tl.int64)
+    nv_acc = tl.zeros((BLOCK_N,), tl.int64)
+    for r0 in range(0, N, BLOCK_N):
+        rows = r0 + tl.arange(0, BLOCK_N)
+        rmask = rows < N
+        rows64 = rows.to(tl.int64)
+        y = tl.load(y_ptr + rows64, mask=rmask, other=ignore_index).to(tl.int64)
+        valid = rmask & (y != ignore_index)
+        mx = tl.full((BLOCK_N,), -1.0e30, tl.float32)
+        mtx = tl.full((BLOCK_N,), -1.0e30, tl.float32)
+        p = part_ptr + rows64
+        for s in range(0, S):
+            mx = tl.maximum(mx, tl.load(p, mask=rmask, other=0.0))
+            mtx = tl.maximum(mtx, tl.load(p + 4 * N + N, mask=rmask, other=0.0))
+            p += split_stride
+        s1 = tl.zeros((BLOCK_N,), tl.float32)
+        s1t = tl.zeros((BLOCK_N,), tl.float32)
+        zy = tl.zeros((BLOCK_N,), tl.float32)
+        first = tl.full((BLOCK_N,), -1.0, tl.float32)
+        st = tl.zeros((BLOCK_N,), tl.float32)
+        kacc = tl.zeros((BLOCK_N,), tl.float32)
+        lsum = tl.zeros((BLOCK_N,), tl.float32)
+        p = part_ptr + rows64
+        for s in range(0, S):
+            # stat k of this split lives at p + k N; pointers advance by N (no k * N in int32)
+            m1 = tl.load(p, mask=rmask, other=0.0)
+            p1 = p + N
+            p2 = p1 + N
+            p3 = p2 + N
+            p4 = p3 + N
+            p5 = p4 + N
+            p6 = p5 + N
+            p7 = p6 + N
+            p8 = p7 + N
+            if NEED_Z1:
+                # masked rows read 1 so that their (unused) logs stay finite
+                s1 += tl.load(p1, mask=rmask, other=1.0) * tl.exp(m1 - mx)
+                zy += tl.load(p3, mask=rmask, other=0.0)
+                idx = tl.load(p4, mask=rmask, other=0.0)
+                # splits are in class order: the first split holding the max has the first index
+                first = tl.where((m1 == mx) & (first < 0), idx, first)
+            if NEED_KD:
+                s1t += tl.load(p2, mask=rmask, other=1.0) * tl.exp((m1 - mx) * inv_kd_t)
+                mt = tl.load(p5, mask=rmask, other=0.0)
+                st_s = tl.load(p6, mask=rmask, other=1.0)
+                alpha = tl.exp(mt - mtx)
+                kacc += alpha * (tl.load(p7, mask=rmask, other=0.0)
+                                 + st_s * ((mx - m1) * inv_kd_t - (mtx - mt)))
+                st += alpha * st_s
+            if NEED_LOGIT:
+                lsum += tl.load(p8, mask=rmask, other=0.0)
+            p += split_stride
+        sp = stats_ptr + rows64
+        nv_acc += valid.to(tl.int64)
+        if NEED_Z1:
+            lse1 = mx + tl.log(s1)
+            tl.store(sp, lse1, mask=rmask)
+            ce_acc += tl.where(valid, lse1 - zy, 0.0)
+            ok_acc += (valid & (first.to(tl.int64) == y)).to(tl.int64)
+        else:
+            tl.store(sp, tl.zeros((BLOCK_N,), tl.float32), mask=rmask)
+        sp += N
+        if NEED_KD:
+            log_s1t = tl.log(s1t)
+            log_st = tl.log(st)
+            tl.store(sp, mx * inv_kd_t + log_s1t, mask=rmask)
+            tl.store(sp + N, mtx + log_st, mask=rmask)
+            kd_acc += tl.where(valid, kd_t * kd_t * (kacc / st - log_st + log_s1t), 0.0)
+        else:
+            tl.store(sp, tl.zeros((BLOCK_N,), tl.float32), mask=rmask)
+            tl.store(sp + N, tl.zeros((BLOCK_N,), tl.float32), mask=rmask)
+        if NEED_LOGIT:
+            lg_acc += tl.where(valid, tau * tau * lsum, 0.0)
+    n_valid = tl.sum(nv_acc, 0)
+    ce = tl.sum(ce_acc, 0)
+    kd = tl.sum(kd_acc, 0)
+    lg = tl.sum(lg_acc, 0)
+    if MEAN:
+        denom = tl.maximum(n_valid, 1).to(tl.float32)
+        ce = ce / denom
+        kd = kd / denom
+        lg = lg / denom
+    tl.store(terms_ptr, ce)
+    tl.store(terms_ptr + 1, kd)
+    tl.store(terms_ptr + 2, lg)
+    tl.store(loss_ptr, ce_w * ce + kd_w * kd + lg_w * lg)
+    tl.store(correct_ptr, tl.sum(ok_acc, 0))
+    tl.store(nvalid_ptr, n_valid)

@@ -7,9 +7,10 @@ its classes in BLOCK_C tiles, builds the z1 and z2 tiles with ``tl.dot`` over D 
 folds them into per-row online statistics: running max / sum for softmax(z1), softmax(z1/T) and
 softmax(t/T), the KD cross term, z1[y], the first arg-max of z1 and the summed logit loss. Only
 9 floats per (split, row) are written; the (N, C) logits of either head never reach memory. Class
-splits exist so that small batches still fill the GPU (flash-decoding style); the host merges the
-splits with the same online-softmax algebra (a handful of (S, N) torch ops) and saves three per-row
-log-sum-exps, lse(z1), lse(z1/T), lse(t/T), for the backward: 12 bytes per row.
+splits exist so that small batches still fill the GPU (flash-decoding style); a one-program
+``finalize_kernel`` merges the splits with the same online-softmax algebra, reduces the valid rows in
+a fixed order into loss/terms/correct/n_valid, and saves three per-row log-sum-exps, lse(z1),
+lse(z1/T), lse(t/T), for the backward: 12 bytes per row. The forward is two launches.
 
 Backward, per (class slab, row chunk): ``dz_kernel`` recomputes the z1/z2 tile with ``tl.dot`` and
 writes dz1, dz2 (fp32 arithmetic, the one-hot subtracted in fp32, then rounded to the matmul dtype),
@@ -191,60 +192,43 @@ def _forward(x, w1, b1, a, w2, b2, t, y, ce_w, kd_w, lg_w, kd_t, tau, kl_norm, i
     need_kd = bool(kd_w) or components
     need_logit = bool(lg_w) or components
     need_z1 = need_ce or need_kd
-    valid = y != ignore_index
-    n_valid = valid.sum()
-    stats = torch.zeros(3, n, dtype=f32, device=dev)
-    terms = torch.zeros(3, dtype=f32, device=dev)
-    correct = torch.zeros((), dtype=torch.int64, device=dev)
-    if n > 0 and (need_z1 or need_logit):
-        shared = a is None
-        a_ = x if shared else a
-        d, da = x.shape[1], a_.shape[1]
-        meta, opts = _fwd_config(n, c, x.element_size(), dev)
-        granule = _SPLIT_GRANULE if (_AUTOTUNE and not _interpreted(dev)) else meta["BLOCK_C"]
-        row_blocks = triton.cdiv(n, meta["BLOCK_N"])
-        n_tiles = triton.cdiv(c, granule)
-        splits = max(1, min(n_tiles, triton.cdiv(2 * _sm_count(dev), row_blocks)))
-        per_split = triton.cdiv(n_tiles, splits) * granule
-        splits = triton.cdiv(c, per_split)
-        part = _buffer((splits, K.NSTAT, n), f32, dev)
-        dummy = stats
-        _launch("fwd", K.fwd_partials_kernel,
-                lambda m: (triton.cdiv(n, m["BLOCK_N"]), splits), meta, opts,
-                x, w1, dummy if b1 is None else b1, a_, w2, dummy if b2 is None else b2, t, y, part,
-                n, c, d, da, per_split,
-                x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), a_.stride(0), a_.stride(1),
-                w2.stride(0), w2.stride(1), t.stride(0), t.stride(1),
-                1.0 / kd_t, 1.0 / tau,
-                HAS_B1=b1 is not None, HAS_B2=b2 is not None, NEED_Z1=need_z1, NEED_KD=need_kd,
-                NEED_LOGIT=need_logit, KL_NORM=kl_norm, DOT_PRECISION=_dot_precision(x.dtype, tf32),
-                DOT_UPCAST=_dot_upcast(x.dtype, dev))
-        rows = torch.zeros(3, n, dtype=f32, device=dev)
-        if need_z1:
-            m1 = part[:, 0]
-            mx = m1.amax(0)
-            lse1 = mx + torch.log((part[:, 1] * torch.exp(m1 - mx)).sum(0))
-            rows[0] = lse1 - part[:, 3].sum(0)
-            stats[0] = lse1
-            first = torch.where(m1 == mx, part[:, 4], torch.full_like(m1, float("inf"))).amin(0)
-            correct = ((first.long() == y.long()) & valid).sum()
-            if need_kd:
-                inv_t = 1.0 / kd_t
-                s1t = (part[:, 2] * torch.exp((m1 - mx) * inv_t)).sum(0)
-                mt = part[:, 5]
-                mt_max = mt.amax(0)
-                alpha = torch.exp(mt - mt_max)
-                st = part[:, 6]
-                kacc = (alpha * (part[:, 7] + st * ((mx - m1) * inv_t - (mt_max - mt)))).sum(0)
-                st_all = (alpha * st).sum(0)
-                rows[1] = kd_t * kd_t * (kacc / st_all - torch.log(st_all) + torch.log(s1t))
-                stats[1] = mx * inv_t + torch.log(s1t)
-                stats[2] = mt_max + torch.log(st_all)
-        if need_logit:
-            rows[2] = tau * tau * part[:, 8].sum(0)
-        sums = torch.where(valid.unsqueeze(0), rows, torch.zeros_like(rows)).sum(1)
-        terms = sums / n_valid.clamp(min=1).to(f32) if mean else sums
-    loss = ce_w * terms[0] + kd_w * terms[1] + lg_w * terms[2]
+    if n == 0 or not (need_z1 or need_logit):
+        n_valid = (y != ignore_index).sum()
+        terms = torch.zeros(3, dtype=f32, device=dev)
+        loss = terms.sum()
+        return loss, terms, torch.zeros((), dtype=torch.int64, device=dev), n_valid, \
+            torch.zeros(3, n, dtype=f32, device=dev)
+    shared = a is None
+    a_ = x if shared else a
+    d, da = x.shape[1], a_.shape[1]
+    meta, opts = _fwd_config(n, c, x.element_size(), dev)
+    granule = _SPLIT_GRANULE if (_AUTOTUNE and not _interpreted(dev)) else meta["BLOCK_C"]
+    row_blocks = triton.cdiv(n, meta["BLOCK_N"])
+    n_tiles = triton.cdiv(c, granule)
+    splits = max(1, min(n_tiles, triton.cdiv(2 * _sm_count(dev), row_blocks)))
+    per_split = triton.cdiv(n_tiles, splits) * granule
+    splits = triton.cdiv(c, per_split)
+    part = _buffer((splits, K.NSTAT, n), f32, dev)
+    stats = _buffer((3, n), f32, dev)
+    _launch("fwd", K.fwd_partials_kernel,
+            lambda m: (triton.cdiv(n, m["BLOCK_N"]), splits), meta, opts,
+            x, w1, stats if b1 is None else b1, a_, w2, stats if b2 is None else b2, t, y, part,
+            n, c, d, da, per_split,
+            x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), a_.stride(0), a_.stride(1),
+            w2.stride(0), w2.stride(1), t.stride(0), t.stride(1),
+            1.0 / kd_t, 1.0 / tau,
+            HAS_B1=b1 is not None, HAS_B2=b2 is not None, NEED_Z1=need_z1, NEED_KD=need_kd,
+            NEED_LOGIT=need_logit, KL_NORM=kl_norm, DOT_PRECISION=_dot_precision(x.dtype, tf32),
+            DOT_UPCAST=_dot_upcast(x.dtype, dev))
+    loss = _buffer((), f32, dev)
+    terms = _buffer((3,), f32, dev)
+    correct = torch.empty((), dtype=torch.int64, device=dev)
+    n_valid = torch.empty((), dtype=torch.int64, device=dev)
+    K.finalize_kernel[(1,)](
+        part, y, stats, loss, terms, correct, n_valid, n, splits, K.NSTAT * n,
+        kd_t, 1.0 / kd_t, tau, float(ce_w), float(kd_w), float(lg_w), ignore_index,
+        NEED_Z1=need_z1, NEED_KD=need_kd, NEED_LOGIT=need_logit, MEAN=mean,
+        BLOCK_N=16 if _interpreted(dev) else 1024, **({} if _interpreted(dev) else dict(num_warps=4)))
     return loss, terms, correct, n_valid, stats
 
 
@@ -310,10 +294,6 @@ def _backward(g, x, w1, b1, a, w2, b2, t, y, stats, n_valid, ce_w, kd_w, lg_w, k
     gw2 = _buffer(w2.shape, w2.dtype, dev) if w2_on else zeros_if(need_w2, w2)
     gb1, gb2 = zeros_if(need_b1, b1), zeros_if(need_b2, b2)
 
-    valid = y != ignore_index
-    coef = g.to(f32) * valid.to(f32)
-    if mean:
-        coef = coef / n_valid.clamp(min=1).to(f32)
     prec = _dot_precision(x.dtype, tf32)
     dt = x.dtype
     elem = x.element_size()
@@ -351,12 +331,12 @@ def _backward(g, x, w1, b1, a, w2, b2, t, y, stats, n_valid, ce_w, kd_w, lg_w, k
             _launch("dz", K.dz_kernel,
                     lambda m: (triton.cdiv(rc, m["BLOCK_N"]), triton.cdiv(sc, m["BLOCK_C"])), meta, opts,
                     x, w1, dummy if b1 is None else b1, a_, w2, dummy if b2 is None else b2, t, y, stats,
-                    coef, dummy if dz1 is None else dz1, dummy if dz2 is None else dz2,
+                    g, n_valid, dummy if dz1 is None else dz1, dummy if dz2 is None else dz2,
                     n, d, da, r0, s0, rc, sc,
                     x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), a_.stride(0), a_.stride(1),
                     w2.stride(0), w2.stride(1), t.stride(0), t.stride(1), slab, slab,
-                    float(ce_w), float(kd_w) * kd_t, 1.0 / kd_t, float(lg_w), 1.0 / tau,
-                    HAS_B1=b1 is not None, HAS_B2=b2 is not None, NEED_DZ1=dz1_on, CE_ON=bool(ce_w),
+                    float(ce_w), float(kd_w) * kd_t, 1.0 / kd_t, float(lg_w), 1.0 / tau, ignore_index,
+                    MEAN=mean, HAS_B1=b1 is not None, HAS_B2=b2 is not None, NEED_DZ1=dz1_on, CE_ON=bool(ce_w),
                     KD_ON=bool(kd_w), NEED_DZ2=dz2_on, KL_NORM=kl_norm, DOT_PRECISION=prec,
                     DOT_UPCAST=_dot_upcast(dt, dev))
             if x_pairs:
