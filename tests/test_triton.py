@@ -317,3 +317,19 @@ def test_gpu_bitwise_determinism_large():
     assert torch.equal(l1, l2)
     for k in g1:
         assert torch.equal(g1[k], g2[k]), k
+
+
+def test_gpu_check_script_smoke():
+    """benchmarks/gpu_check.py stays runnable: --help, and its checks in the interpreter (CPU)."""
+    import importlib.util
+    import pathlib
+    if torch.cuda.is_available():
+        pytest.skip("the GPU run is the script itself")
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(SystemExit) as exc:
+        mod.parse_args(["--help"])
+    assert exc.value.code == 0
+    assert mod.main(["--smoke-cpu"]) == 0

@@ -30,9 +30,10 @@ Four kernels:
     strides, used for dX = dZ W and dW = dZ^T X. With ACC it reads and adds the previous value of
     ``out`` (read-modify-write by the owning program only: deterministic, no atomics).
 
-``DOT_UPCAST`` (set only under TRITON_INTERPRET for bfloat16, whose ``tl.dot`` the interpreter of
-triton 3.8 computes wrongly) converts the tiles to fp32 before the dot; bf16 products are exact in
-fp32, so this matches the GPU's bf16 x bf16 -> fp32 ``tl.dot`` up to summation order.
+``INTERP_BF16`` is set only under TRITON_INTERPRET with bfloat16 operands, where the interpreter of
+triton 3.8 gets two things wrong: bf16 ``tl.dot`` (garbage) and the fp32 -> bf16 cast (truncates).
+It converts the dot tiles to fp32 (bf16 products are exact in fp32, so this matches the GPU's
+bf16 x bf16 -> fp32 ``tl.dot`` up to summation order) and rounds to nearest before bf16 stores.
 
 All row/column indices that multiply a stride are int64, so N*C and C*D may exceed 2**31.
 """
@@ -53,9 +54,18 @@ def _sigmoid(v):
 
 
 @triton.jit
+def _rtne_bf16(v):
+    """fp32 -> fp32 holding the round-to-nearest-even bf16 value (used only under the interpreter,
+    whose fp32 -> bf16 cast truncates; on GPUs ``.to(tl.bfloat16)`` already rounds to nearest)."""
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _project(acc, x_ptr, w_ptr, rows64, rmask, cols64, cmask, K,
              stride_xn, stride_xk, stride_wc, stride_wk,
-             DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, BLOCK_K: tl.constexpr):
+             DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc (BLOCK_N, BLOCK_C) += X[rows, :] W[cols, :]^T, K in BLOCK_K steps."""
     offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
@@ -65,7 +75,7 @@ def _project(acc, x_ptr, w_ptr, rows64, rmask, cols64, cmask, K,
                      mask=rmask[:, None] & kmask[None, :], other=0.0)
         wt = tl.load(w_ptr + cols64[None, :] * stride_wc + kk[:, None] * stride_wk,
                      mask=cmask[None, :] & kmask[:, None], other=0.0)
-        if DOT_UPCAST:
+        if INTERP_BF16:
             xt = xt.to(tl.float32)
             wt = wt.to(tl.float32)
         acc = tl.dot(xt, wt, acc, input_precision=DOT_PRECISION)
@@ -87,7 +97,7 @@ def fwd_partials_kernel(
     # meta-parameters
     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, NEED_Z1: tl.constexpr, NEED_KD: tl.constexpr,
     NEED_LOGIT: tl.constexpr, KL_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    INTERP_BF16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -121,7 +131,7 @@ def fwd_partials_kernel(
         if NEED_Z1:
             z1 = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
             z1 = _project(z1, x_ptr, w1_ptr, rows64, rmask, cols64, cmask, D,
-                          stride_xn, stride_xd, stride_w1c, stride_w1d, DOT_PRECISION, DOT_UPCAST, BLOCK_D)
+                          stride_xn, stride_xd, stride_w1c, stride_w1d, DOT_PRECISION, INTERP_BF16, BLOCK_D)
             if HAS_B1:
                 z1 += tl.load(b1_ptr + cols64, mask=cmask, other=0.0).to(tl.float32)[None, :]
             z1m = tl.where(cmask[None, :], z1, neg_inf)
@@ -150,7 +160,7 @@ def fwd_partials_kernel(
         if NEED_LOGIT:
             z2 = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
             z2 = _project(z2, a_ptr, w2_ptr, rows64, rmask, cols64, cmask, DA,
-                          stride_an, stride_ad, stride_w2c, stride_w2d, DOT_PRECISION, DOT_UPCAST, BLOCK_D)
+                          stride_an, stride_ad, stride_w2c, stride_w2d, DOT_PRECISION, INTERP_BF16, BLOCK_D)
             if HAS_B2:
                 z2 += tl.load(b2_ptr + cols64, mask=cmask, other=0.0).to(tl.float32)[None, :]
             if KL_NORM:
@@ -201,7 +211,7 @@ def dz_kernel(
     # meta-parameters
     MEAN: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, NEED_DZ1: tl.constexpr, CE_ON: tl.constexpr,
     KD_ON: tl.constexpr, NEED_DZ2: tl.constexpr, KL_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    INTERP_BF16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     lrows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     lcols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -222,7 +232,7 @@ def dz_kernel(
     if NEED_DZ1:
         z1 = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
         z1 = _project(z1, x_ptr, w1_ptr, rows64, rmask, cols64, cmask, D,
-                      stride_xn, stride_xd, stride_w1c, stride_w1d, DOT_PRECISION, DOT_UPCAST, BLOCK_D)
+                      stride_xn, stride_xd, stride_w1c, stride_w1d, DOT_PRECISION, INTERP_BF16, BLOCK_D)
         if HAS_B1:
             z1 += tl.load(b1_ptr + cols64, mask=cmask, other=0.0).to(tl.float32)[None, :]
         g = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
@@ -235,12 +245,14 @@ def dz_kernel(
             lse_t = tl.load(stats_ptr + N + N + rows64, mask=rmask, other=0.0)
             g += kd_w_t * (tl.exp(z1 * inv_kd_t - lse_s[:, None]) - tl.exp(t * inv_kd_t - lse_t[:, None]))
         g = g * coef[:, None]
+        if INTERP_BF16:
+            g = _rtne_bf16(g)
         tl.store(dz1_ptr + lrows64[:, None] * stride_dz1 + lcols[None, :],
                  g.to(dz1_ptr.dtype.element_ty), mask=tile_mask)
     if NEED_DZ2:
         z2 = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
         z2 = _project(z2, a_ptr, w2_ptr, rows64, rmask, cols64, cmask, DA,
-                      stride_an, stride_ad, stride_w2c, stride_w2d, DOT_PRECISION, DOT_UPCAST, BLOCK_D)
+                      stride_an, stride_ad, stride_w2c, stride_w2d, DOT_PRECISION, INTERP_BF16, BLOCK_D)
         if HAS_B2:
             z2 += tl.load(b2_ptr + cols64, mask=cmask, other=0.0).to(tl.float32)[None, :]
         if KL_NORM:
@@ -251,6 +263,8 @@ def dz_kernel(
         else:
             g2 = (_sigmoid(z2 * inv_tau) - _sigmoid(t * inv_tau)) * (lg_w / inv_tau)
         g2 = g2 * coef[:, None]
+        if INTERP_BF16:
+            g2 = _rtne_bf16(g2)
         tl.store(dz2_ptr + lrows64[:, None] * stride_dz2 + lcols[None, :],
                  g2.to(dz2_ptr.dtype.element_ty), mask=tile_mask)
 
@@ -265,7 +279,7 @@ def mm_kernel(
     stride_om, stride_op, stride_am, stride_ak, stride_bk, stride_bp,
     stride_a2m, stride_a2k, stride_b2k, stride_b2p,
     # meta-parameters
-    ACC: tl.constexpr, HAS_SECOND: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    ACC: tl.constexpr, HAS_SECOND: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -283,7 +297,7 @@ def mm_kernel(
                      mask=mmask[:, None] & kmask[None, :], other=0.0)
         bt = tl.load(b_ptr + kk[:, None] * stride_bk + rp64[None, :] * stride_bp,
                      mask=kmask[:, None] & pmask[None, :], other=0.0)
-        if DOT_UPCAST:
+        if INTERP_BF16:
             at = at.to(tl.float32)
             bt = bt.to(tl.float32)
         acc = tl.dot(at, bt, acc, input_precision=DOT_PRECISION)
@@ -295,7 +309,7 @@ def mm_kernel(
                          mask=mmask[:, None] & kmask[None, :], other=0.0)
             bt = tl.load(b2_ptr + kk[:, None] * stride_b2k + rp64[None, :] * stride_b2p,
                          mask=kmask[:, None] & pmask[None, :], other=0.0)
-            if DOT_UPCAST:
+            if INTERP_BF16:
                 at = at.to(tl.float32)
                 bt = bt.to(tl.float32)
             acc = tl.dot(at, bt, acc, input_precision=DOT_PRECISION)
@@ -303,6 +317,9 @@ def mm_kernel(
     omask = mmask[:, None] & pmask[None, :]
     if ACC:
         acc += tl.load(optrs, mask=omask, other=0.0).to(tl.float32)
+    if INTERP_BF16:
+        if out_ptr.dtype.element_ty == tl.bfloat16:
+            acc = _rtne_bf16(acc)
     tl.store(optrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 

@@ -174,11 +174,12 @@ def _launch(name: str, kernel, grid_of, meta, opts, *args, **const):
 # ----------------------------------------------------------------------------- host functions
 
 def _dot_precision(dtype: torch.dtype, tf32: bool) -> str:
-    return "tf32" if (dtype == torch.float32 and tf32) else "ieee"
+    """"ieee" only for fp32 with TF32 off; 16-bit operands keep Triton's default ("tf32", unused)."""
+    return "ieee" if (dtype == torch.float32 and not tf32) else "tf32"
 
 
-def _dot_upcast(dtype: torch.dtype, device: torch.device) -> bool:
-    """The triton interpreter gets bf16 ``tl.dot`` wrong: upcast tiles there (only there)."""
+def _interp_bf16(dtype: torch.dtype, device: torch.device) -> bool:
+    """The triton interpreter gets bf16 ``tl.dot`` and fp32->bf16 rounding wrong: fix both there only."""
     return dtype == torch.bfloat16 and _interpreted(device)
 
 
@@ -219,7 +220,7 @@ def _forward(x, w1, b1, a, w2, b2, t, y, ce_w, kd_w, lg_w, kd_t, tau, kl_norm, i
             1.0 / kd_t, 1.0 / tau,
             HAS_B1=b1 is not None, HAS_B2=b2 is not None, NEED_Z1=need_z1, NEED_KD=need_kd,
             NEED_LOGIT=need_logit, KL_NORM=kl_norm, DOT_PRECISION=_dot_precision(x.dtype, tf32),
-            DOT_UPCAST=_dot_upcast(x.dtype, dev))
+            INTERP_BF16=_interp_bf16(x.dtype, dev))
     loss = _buffer((), f32, dev)
     terms = _buffer((3,), f32, dev)
     correct = torch.empty((), dtype=torch.int64, device=dev)
@@ -259,7 +260,7 @@ def _mm(out, a, b, a2, b2, acc: bool, precision: str):
             out.stride(0), out.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             a2_.stride(0), a2_.stride(1), b2_.stride(0), b2_.stride(1),
             ACC=acc, HAS_SECOND=has2, DOT_PRECISION=precision,
-            DOT_UPCAST=_dot_upcast(a.dtype, out.device))
+            INTERP_BF16=_interp_bf16(a.dtype, out.device))
 
 
 def _backward(g, x, w1, b1, a, w2, b2, t, y, stats, n_valid, ce_w, kd_w, lg_w, kd_t, tau, kl_norm,
@@ -338,7 +339,7 @@ def _backward(g, x, w1, b1, a, w2, b2, t, y, stats, n_valid, ce_w, kd_w, lg_w, k
                     float(ce_w), float(kd_w) * kd_t, 1.0 / kd_t, float(lg_w), 1.0 / tau, ignore_index,
                     MEAN=mean, HAS_B1=b1 is not None, HAS_B2=b2 is not None, NEED_DZ1=dz1_on, CE_ON=bool(ce_w),
                     KD_ON=bool(kd_w), NEED_DZ2=dz2_on, KL_NORM=kl_norm, DOT_PRECISION=prec,
-                    DOT_UPCAST=_dot_upcast(dt, dev))
+                    INTERP_BF16=_interp_bf16(dt, dev))
             if x_pairs:
                 pairs = ([(dz1, w1[s0:s0 + sc])] if dz1_on else []) + \
                     ([(dz2, w2[s0:s0 + sc])] if (dz2_on and shared) else [])
