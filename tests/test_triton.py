@@ -236,7 +236,8 @@ def test_custom_op_registration_opcheck(device):
     args = (x, w1, b1, a, w2, b2, inputs["teacher_logits"], inputs["labels"],
             1.0, 0.5, 1.0, 4.0, 2.0, True, -100, True, True, False)
     torch.library.opcheck(torch.ops.dhkd.dual_head_kd_fwd.default, args,
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
 
 
 def test_torch_compile_training_step(device):
@@ -248,10 +249,18 @@ def test_torch_compile_training_step(device):
         loss = fused_dual_head_kd_loss(*args, aux_features=aux_features, backend="triton", **kw)
         return loss
 
+    from torch._dynamo.backends.registry import lookup_backend
+    inner = lookup_backend("inductor" if device.type == "cuda" else "aot_eager")
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return inner(gm, example_inputs)
+
     torch._dynamo.reset()
-    backend = "inductor" if device.type == "cuda" else "aot_eager"
-    compiled = torch.compile(step, backend=backend)
+    compiled = torch.compile(step, backend=recording_backend)
     loss, grads = loss_and_grads(inputs, backend=None, fn=compiled, **opts)
+    assert any("dhkd.dual_head_kd_fwd" in g for g in graphs), "custom op was not captured in a graph"
     assert rel_err(loss, eager_loss) < 1e-6
     for k in grads:
         assert rel_err(grads[k], eager_grads[k]) < 1e-6, k
