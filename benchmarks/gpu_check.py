@@ -9,7 +9,8 @@ Usage (from the repository root, on a machine with a CUDA GPU):
    float64 reference; bf16/fp16 errors <= 1.5 x eager PyTorch's own error in that dtype + a small
    floor; ``correct``/``n_valid`` equal to the torch path; bitwise run-to-run determinism.
 2. Timing: forward+backward median ms (``triton.testing.do_bench``, return_mode="median") and peak
-   extra memory for: fused (backend="triton"), eager reference (backend="reference"),
+   extra memory for: fused (backend="triton"; Triton GEMMs in the backward, and with
+   ``set_backward_matmul("cublas")``), eager reference (backend="reference"),
    torch.compile of the reference, and the GEMM floor (cuBLAS doing only X [W1;W2]^T, dZ [W1;W2] and
    dZ^T X). The aux head reads the features (aux_features=None), as in the issue's table.
    "extra memory" = peak allocated during one step minus what was allocated before it, minus the
@@ -186,8 +187,9 @@ def gemm_floor_fn(inp):
     return step
 
 
-def loss_step_fn(inp, backend=None, fn=None):
+def loss_step_fn(inp, backend=None, fn=None, bwd_matmul="triton"):
     from dhkd_kernels import fused_dual_head_kd_loss
+    from dhkd_kernels.ops import dual_head_kd as dhk
     leaves = [inp[k] for k in LEAVES if inp[k] is not None]
     args = [inp[k] for k in POS]
     f = fn or (lambda *a: fused_dual_head_kd_loss(*a, backend=backend, **OPTS))
@@ -195,7 +197,11 @@ def loss_step_fn(inp, backend=None, fn=None):
     def step():
         for p in leaves:
             p.grad = None
-        f(*args).backward()
+        dhk.set_backward_matmul(bwd_matmul)
+        try:
+            f(*args).backward()
+        finally:
+            dhk.set_backward_matmul("triton")
     return step
 
 
@@ -222,7 +228,9 @@ def bench(names, args, log):
         inp = make_inputs(n, d, c, dtype=dtype, ignore_frac=0.0)
         grad_bytes = sum(inp[k].numel() * inp[k].element_size() for k in LEAVES if inp[k] is not None)
         logits_gib = 2 * n * c * 4 / 2**30
-        methods = [("fused", lambda: loss_step_fn(inp, "triton")), ("gemm floor", lambda: gemm_floor_fn(inp))]
+        methods = [("fused", lambda: loss_step_fn(inp, "triton")),
+                   ("fused, cuBLAS bwd", lambda: loss_step_fn(inp, "triton", bwd_matmul="cublas")),
+                   ("gemm floor", lambda: gemm_floor_fn(inp))]
         if logits_gib <= args.skip_eager_above:
             methods.append(("eager reference", lambda: loss_step_fn(inp, "reference")))
             if not args.skip_compile:
@@ -256,7 +264,7 @@ def markdown(env, checks, rows):
     out += [f"## Correctness: {n_ok}/{len(checks)} checks passed", ""]
     out += [f"- {'ok' if c['ok'] else 'FAIL'} {c['check']}: {c['detail']}" for c in checks]
     if rows:
-        labels = ["fused", "gemm floor", "eager reference", "torch.compile"]
+        labels = ["fused", "fused, cuBLAS bwd", "gemm floor", "eager reference", "torch.compile"]
         out += ["", "## fwd+bwd median ms (extra MiB)", "",
                 "| shape (N, D, C) | dtype | " + " | ".join(labels) + " |",
                 "|---|---|" + "---|" * len(labels)]

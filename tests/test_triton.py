@@ -126,6 +126,17 @@ def test_backward_chunking(device, monkeypatch, dtype, budget):
     assert_matches_reference(shared, backend="triton", kd_weight=0.5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cublas_backward_matmul(device, monkeypatch, dtype):
+    """The opt-in torch.mm variant of dX/dW, also across slabs and row chunks."""
+    monkeypatch.setattr(dhk, "_BWD_MATMUL", "cublas")
+    monkeypatch.setattr(dhk, "DZ_BUDGET_BYTES", 16 * 16 * 8)
+    inputs = make_inputs(40, 6, 45, da=5, device=device, dtype=dtype, ignore_frac=0.2, seed=24)
+    assert_matches_reference(inputs, backend="triton", kd_weight=0.5)
+    with pytest.raises(ValueError, match="kind"):
+        dhk.set_backward_matmul("cutlass")
+
+
 def test_chunk_plan_bounds():
     cpu = torch.device("cpu")
     assert dhk._chunk_plan(10, 20, 8, 10**9, cpu) == (10, 20)

@@ -57,11 +57,13 @@ from torch import Tensor
 
 from . import _dual_head_kd_kernels as K
 
-__all__ = ["dual_head_kd_loss", "set_autotune", "set_debug_poison", "DZ_BUDGET_BYTES"]
+__all__ = ["dual_head_kd_loss", "set_autotune", "set_backward_matmul", "set_debug_poison",
+           "DZ_BUDGET_BYTES"]
 
 DZ_BUDGET_BYTES = int(float(os.environ.get("DHKD_DZ_BUDGET_MB", "256")) * 2**20)
 _AUTOTUNE = os.environ.get("DHKD_AUTOTUNE", "0") == "1"
 _POISON = os.environ.get("DHKD_DEBUG_POISON", "0") == "1"
+_BWD_MATMUL = os.environ.get("DHKD_BWD_MATMUL", "triton")
 _OPERAND_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -69,6 +71,15 @@ def set_autotune(enabled: bool) -> None:
     """Opt in (or out) of ``triton.autotune`` for all three kernels (default: heuristics only)."""
     global _AUTOTUNE
     _AUTOTUNE = bool(enabled)
+
+
+def set_backward_matmul(kind: str) -> None:
+    """Who runs dX = dZ W and dW = dZ^T X: "triton" (default, ``mm_kernel``) or "cublas" (torch.mm;
+    16-bit partial products are rounded once per chunk before the fp32 accumulation)."""
+    global _BWD_MATMUL
+    if kind not in ("triton", "cublas"):
+        raise ValueError(f"kind must be 'triton' or 'cublas', got {kind!r}")
+    _BWD_MATMUL = kind
 
 
 def set_debug_poison(enabled: bool) -> None:
@@ -248,6 +259,13 @@ def _chunk_plan(n: int, c: int, bytes_per_logit: int, budget: int, device) -> Tu
 
 def _mm(out, a, b, a2, b2, acc: bool, precision: str):
     """out (+)= a @ b (+ a2 @ b2), fp32 accumulation, any strides."""
+    if _BWD_MATMUL == "cublas":
+        r = a @ b if a2 is None else torch.addmm(a @ b, a2, b2)
+        if acc:
+            out += r.to(out.dtype)
+        else:
+            out.copy_(r)
+        return
     m, k = a.shape
     p = b.shape[1]
     has2 = a2 is not None
