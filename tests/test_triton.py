@@ -45,6 +45,19 @@ def test_matches_reference_shapes(device, n, d, c, da, bias):
     assert_matches_reference(inputs, backend="triton", kd_weight=0.5)
 
 
+@pytest.mark.parametrize("split_heads", [True, False])
+def test_forward_one_or_two_passes(device, monkeypatch, split_heads):
+    """The forward as one launch for both heads, or one launch per head (fp32 default on GPUs)."""
+    monkeypatch.setattr(dhk, "_SPLIT_HEADS", split_heads)
+    inputs = make_inputs(19, 7, 40, da=5, device=device, ignore_frac=0.2, seed=26)
+    assert_matches_reference(inputs, backend="triton", kd_weight=0.5)
+    _, tri = _call(inputs, backend="triton", return_components=True, kd_weight=0.5)
+    _, ref = _call(inputs, backend="torch", return_components=True, kd_weight=0.5)
+    assert int(tri["correct"]) == int(ref["correct"])
+    for k in ("ce", "kd", "logit"):
+        assert rel_err(tri[k], ref[k]) < 1e-5, k
+
+
 @pytest.mark.parametrize("logit_loss,reduction,kd_weight", [
     ("binary_kl", "sum", 0.7),
     ("binary_kl", "mean", 0.0),

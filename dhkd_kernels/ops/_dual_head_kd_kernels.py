@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 NSTAT = 9
-LN2 = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -125,9 +125,8 @@ def fwd_partials_kernel(
         cmask = cols < c_end
         cols64 = cols.to(tl.int64)
         tile_mask = rmask[:, None] & cmask[None, :]
-        if NEED_KD or NEED_LOGIT:
-            t = tl.load(t_ptr + rows64[:, None] * stride_tn + cols64[None, :] * stride_tc,
-                        mask=tile_mask, other=0.0).to(tl.float32)
+        t_ptrs = t_ptr + rows64[:, None] * stride_tn + cols64[None, :] * stride_tc
+        # the teacher tile is loaded after each GEMM, not held across it (register pressure)
         if NEED_Z1:
             z1 = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
             z1 = _project(z1, x_ptr, w1_ptr, rows64, rmask, cols64, cmask, D,
@@ -142,6 +141,7 @@ def fwd_partials_kernel(
             s1 = s1 * tl.exp(m1 - m_new) + tl.sum(tl.exp(z1m - m_new[:, None]), 1)
             zy += tl.sum(tl.where(cols64[None, :] == y[:, None], z1, 0.0), 1)
             if NEED_KD:
+                t = tl.load(t_ptrs, mask=tile_mask, other=0.0).to(tl.float32)
                 s1t = s1t * tl.exp((m1 - m_new) * inv_kd_t) \
                     + tl.sum(tl.exp((z1m - m_new[:, None]) * inv_kd_t), 1)
                 tt = tl.where(cmask[None, :], t * inv_kd_t, neg_inf)
@@ -163,6 +163,7 @@ def fwd_partials_kernel(
                           stride_an, stride_ad, stride_w2c, stride_w2d, DOT_PRECISION, INTERP_BF16, BLOCK_D)
             if HAS_B2:
                 z2 += tl.load(b2_ptr + cols64, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            t = tl.load(t_ptrs, mask=tile_mask, other=0.0).to(tl.float32)
             if KL_NORM:
                 u = tl.abs((z2 - t) * (0.5 * inv_tau))
                 val = u + tl.log(1.0 + tl.exp(-2.0 * u)) - LN2
@@ -174,25 +175,27 @@ def fwd_partials_kernel(
                 val = sp_z - sp_t + (zs - ts) * _sigmoid(-ts)
             lsum += tl.sum(tl.where(cmask[None, :], val, 0.0), 1)
 
-    # pointer += N steps (never k * N in int32): safe for any N
+    # stat k at p + k N, reached by pointer += N steps (never k * N in int32); only the stats of the
+    # parts this launch computed are written (the two heads may run as separate launches)
     p = part_ptr + pid_s.to(tl.int64) * 9 * N + rows64
-    tl.store(p, m1, mask=rmask)
+    if NEED_Z1:
+        tl.store(p, m1, mask=rmask)
+        tl.store(p + N, s1, mask=rmask)
+    p += N + N
+    if NEED_KD:
+        tl.store(p, s1t, mask=rmask)
     p += N
-    tl.store(p, s1, mask=rmask)
-    p += N
-    tl.store(p, s1t, mask=rmask)
-    p += N
-    tl.store(p, zy, mask=rmask)
-    p += N
-    tl.store(p, amax.to(tl.float32), mask=rmask)
-    p += N
-    tl.store(p, mt, mask=rmask)
-    p += N
-    tl.store(p, st, mask=rmask)
-    p += N
-    tl.store(p, kacc, mask=rmask)
-    p += N
-    tl.store(p, lsum, mask=rmask)
+    if NEED_Z1:
+        tl.store(p, zy, mask=rmask)
+        tl.store(p + N, amax.to(tl.float32), mask=rmask)
+    p += N + N
+    if NEED_KD:
+        tl.store(p, mt, mask=rmask)
+        tl.store(p + N, st, mask=rmask)
+        tl.store(p + N + N, kacc, mask=rmask)
+    p += N + N + N
+    if NEED_LOGIT:
+        tl.store(p, lsum, mask=rmask)
 
 
 @triton.jit
@@ -353,8 +356,10 @@ def finalize_kernel(
         mtx = tl.full((BLOCK_N,), -1.0e30, tl.float32)
         p = part_ptr + rows64
         for s in range(0, S):
-            mx = tl.maximum(mx, tl.load(p, mask=rmask, other=0.0))
-            mtx = tl.maximum(mtx, tl.load(p + 4 * N + N, mask=rmask, other=0.0))
+            if NEED_Z1:
+                mx = tl.maximum(mx, tl.load(p, mask=rmask, other=0.0))
+            if NEED_KD:
+                mtx = tl.maximum(mtx, tl.load(p + N + N + N + N + N, mask=rmask, other=0.0))
             p += split_stride
         s1 = tl.zeros((BLOCK_N,), tl.float32)
         s1t = tl.zeros((BLOCK_N,), tl.float32)
@@ -366,7 +371,8 @@ def finalize_kernel(
         p = part_ptr + rows64
         for s in range(0, S):
             # stat k of this split lives at p + k N; pointers advance by N (no k * N in int32)
-            m1 = tl.load(p, mask=rmask, other=0.0)
+            if NEED_Z1:
+                m1 = tl.load(p, mask=rmask, other=0.0)
             p1 = p + N
             p2 = p1 + N
             p3 = p2 + N
