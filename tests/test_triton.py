@@ -453,7 +453,7 @@ def _aot_compile_all(arch: int = 90) -> list:
     return out
 
 
-def test_kernels_compile_for_sm90():
+def test_kernels_compile_for_sm90(tmp_path):
     """The interpreter accepts things the GPU compiler rejects (e.g. non-constexpr globals): compile
     every kernel for sm_90 ahead of time (no GPU needed) in a subprocess without TRITON_INTERPRET."""
     import json
@@ -469,6 +469,7 @@ def test_kernels_compile_for_sm90():
     root = pathlib.Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # a cached kernel would skip the front end being tested
     code = "import json, tests.test_triton as t; print(json.dumps(t._aot_compile_all()))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
                           timeout=600)
