@@ -404,7 +404,8 @@ def test_gpu_check_script_smoke():
 
 def _aot_compile_all(arch: int = 90) -> list:
     """Compile the kernels for sm_<arch> with triton's bundled ptxas (no GPU, no interpreter) at the
-    default configurations; returns (label, shared bytes). Run in a subprocess by the test below."""
+    default configurations, both logit losses among them; returns (label, shared bytes). Run in a
+    subprocess by the test below."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -435,13 +436,13 @@ def _aot_compile_all(arch: int = 90) -> list:
         heads = [(True, True, True)] if dt == "bf16" else [(True, True, False), (False, False, True)]
         for z1, kd, lg in heads:
             out.append(build(K.fwd_partials_kernel, fwd_ptrs,
-                             dict(HAS_B1=True, HAS_B2=True, NEED_Z1=z1, NEED_KD=kd, NEED_LOGIT=lg, KL_NORM=False,
+                             dict(HAS_B1=True, HAS_B2=True, NEED_Z1=z1, NEED_KD=kd, NEED_LOGIT=lg, KL_NORM=prec != "ieee",
                                   DOT_PRECISION=prec, INTERP_BF16=False, BLOCK_N=64, BLOCK_C=64, BLOCK_D=bd),
                              8, f"fwd {dt} {prec} z1={z1} logit={lg}"))
         dz_ptrs = dict(fwd_ptrs, stats_ptr="*fp32", g_ptr="*fp32", nvalid_ptr="*i64", dz1_ptr=p, dz2_ptr=p)
         out.append(build(K.dz_kernel, dz_ptrs,
                          dict(MEAN=True, HAS_B1=True, HAS_B2=True, NEED_DZ1=True, CE_ON=True, KD_ON=True,
-                              NEED_DZ2=True, KL_NORM=True, DOT_PRECISION=prec, INTERP_BF16=False,
+                              NEED_DZ2=True, KL_NORM=prec == "ieee", DOT_PRECISION=prec, INTERP_BF16=False,
                               BLOCK_N=64, BLOCK_C=64, BLOCK_D=bd), 8, f"dz {dt} {prec}"))
         out.append(build(K.mm_kernel, dict(out_ptr="*fp32", a_ptr=p, b_ptr=p, a2_ptr=p, b2_ptr=p),
                          dict(ACC=True, HAS_SECOND=True, DOT_PRECISION=prec, INTERP_BF16=False,
