@@ -474,7 +474,7 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
         if torch.is_autocast_enabled(device_type):
             return torch.get_autocast_dtype(device_type)
         return None
-    except TypeError:  # older signatures
+    except (TypeError, AttributeError):  # older signatures
         if device_type == "cuda" and torch.is_autocast_enabled():
             return torch.get_autocast_gpu_dtype()
         return None
