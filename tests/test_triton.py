@@ -182,6 +182,28 @@ def test_cublas_backward_matmul(device, monkeypatch, dtype):
         dhk.set_backward_matmul("cutlass")
 
 
+def test_autotune_path(device, monkeypatch):
+    """The opt-in autotuned launches (grids from the tuned meta, restored accumulators, split widths
+    divisible by every BLOCK_C), with a stand-in benchmark that runs each config once and ranks the
+    configs in reverse order, so a config other than the first one wins."""
+    if device.type == "cuda":
+        pytest.skip("covered by gpu_check; a real tuning run is slow")
+    calls = []
+
+    def fake_bench(kernel_call, quantiles):
+        kernel_call()
+        calls.append(1)
+        return [1.0 / len(calls)] * 3
+
+    monkeypatch.setattr(dhk, "_AUTOTUNE", True)
+    monkeypatch.setattr(dhk, "_AUTOTUNE_DO_BENCH", fake_bench)
+    monkeypatch.setattr(dhk, "_TUNED", {})
+    monkeypatch.setattr(dhk, "DZ_BUDGET_BYTES", 5 * 100 * 8)  # 4 class slabs: ACC launches
+    inputs = make_inputs(5, 6, 300, da=4, device=device, seed=27)
+    assert_matches_reference(inputs, backend="triton", kd_weight=0.5)
+    assert len(calls) >= 15 and set(dhk._TUNED) == {"fwd", "dz", "mm"}
+
+
 def test_chunk_plan_bounds():
     cpu = torch.device("cpu")
     assert dhk._chunk_plan(10, 20, 8, 10**9, cpu) == (10, 20)

@@ -48,6 +48,7 @@ torch.compile: the forward and backward are ``torch.library.custom_op``s (``dhkd
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import List, Optional, Tuple
 
@@ -160,35 +161,38 @@ def _mm_config(m: int, p: int, elem: int, device) -> Tuple[dict, dict]:
 # makes a multiple of _SPLIT_GRANULE.
 _SPLIT_GRANULE = 128
 _TUNED = {}
+_AUTOTUNE_DO_BENCH = None  # tests: a stand-in for triton's benchmark (the interpreter has no timer)
 
 
 def _tuned(name: str):
     if name in _TUNED:
         return _TUNED[name]
     cfg = triton.Config
+    extra = {} if _AUTOTUNE_DO_BENCH is None else dict(do_bench=_AUTOTUNE_DO_BENCH)
     if name == "fwd":
         configs = [cfg(dict(BLOCK_N=bn, BLOCK_C=bc, BLOCK_D=bd), num_warps=w, num_stages=s)
                    for bn, bc, bd, w, s in [(64, 64, 64, 8, 3), (64, 64, 32, 8, 4), (128, 64, 64, 8, 3),
                                             (64, 128, 64, 8, 3), (32, 64, 64, 4, 3), (64, 64, 128, 8, 2)]]
-        fn = triton.autotune(configs, key=["N", "C", "D", "DA"])(K.fwd_partials_kernel)
+        fn = triton.autotune(configs, key=["N", "C", "D", "DA"], **extra)(K.fwd_partials_kernel)
     elif name == "dz":
         configs = [cfg(dict(BLOCK_N=bn, BLOCK_C=bc, BLOCK_D=bd), num_warps=w, num_stages=s)
                    for bn, bc, bd, w, s in [(64, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 64, 32, 8, 3),
                                             (64, 64, 32, 4, 4)]]
-        fn = triton.autotune(configs, key=["n_rows", "n_cols", "D", "DA"])(K.dz_kernel)
+        fn = triton.autotune(configs, key=["n_rows", "n_cols", "D", "DA"], **extra)(K.dz_kernel)
     else:
         configs = [cfg(dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_K=bk), num_warps=w, num_stages=s)
                    for bm, bp, bk, w, s in [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 3),
                                             (128, 64, 64, 4, 4), (64, 64, 64, 4, 3)]]
         # ACC launches read ``out``: restore it after every trial
-        fn = triton.autotune(configs, key=["M", "P", "K", "K2"], restore_value=["out_ptr"])(K.mm_kernel)
+        fn = triton.autotune(configs, key=["M", "P", "K", "K2"], restore_value=["out_ptr"],
+                             **extra)(K.mm_kernel)
     _TUNED[name] = fn
     return fn
 
 
 def _launch(name: str, kernel, grid_of, meta, opts, *args, **const):
     """Launch ``kernel`` with heuristic ``meta``, or its autotuned twin (grid from the tuned meta)."""
-    if _AUTOTUNE and not _interpreted(args[0].device):
+    if _AUTOTUNE and (_AUTOTUNE_DO_BENCH is not None or not _interpreted(args[0].device)):
         _tuned(name)[lambda m: grid_of(m)](*args, **const)
     else:
         kernel[grid_of(meta)](*args, **const, **meta, **opts)
@@ -226,7 +230,8 @@ def _forward(x, w1, b1, a, w2, b2, t, y, ce_w, kd_w, lg_w, kd_t, tau, kl_norm, i
     a_ = x if shared else a
     d, da = x.shape[1], a_.shape[1]
     meta, opts = _fwd_config(n, c, x.element_size(), dev)
-    granule = _SPLIT_GRANULE if (_AUTOTUNE and not _interpreted(dev)) else meta["BLOCK_C"]
+    tuned = _AUTOTUNE and (_AUTOTUNE_DO_BENCH is not None or not _interpreted(dev))
+    granule = _SPLIT_GRANULE if tuned else meta["BLOCK_C"]
     row_blocks = triton.cdiv(n, meta["BLOCK_N"])
     n_tiles = triton.cdiv(c, granule)
     splits = max(1, min(n_tiles, triton.cdiv(2 * _sm_count(dev), row_blocks)))
@@ -409,13 +414,18 @@ def _backward(g, x, w1, b1, a, w2, b2, t, y, stats, n_valid, ce_w, kd_w, lg_w, k
 
 # ----------------------------------------------------------------------------- torch.library ops
 
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 @torch.library.custom_op("dhkd::dual_head_kd_fwd", mutates_args=())
 def _fwd_op(x: Tensor, w1: Tensor, b1: Optional[Tensor], a: Optional[Tensor], w2: Tensor,
             b2: Optional[Tensor], t: Tensor, y: Tensor, ce_weight: float, kd_weight: float,
             logit_weight: float, kd_temperature: float, logit_temperature: float, kl_norm: bool,
             ignore_index: int, mean: bool, components: bool, tf32: bool
             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    with torch.autocast(device_type=x.device.type, enabled=False), _on_device(x.device):
         return _forward(x, w1, b1, a, w2, b2, t, y, ce_weight, kd_weight, logit_weight, kd_temperature,
                         logit_temperature, kl_norm, ignore_index, mean, components, tf32)
 
@@ -433,7 +443,7 @@ def _bwd_op(grad: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], a: Option
             b2: Optional[Tensor], t: Tensor, y: Tensor, stats: Tensor, n_valid: Tensor, ce_weight: float,
             kd_weight: float, logit_weight: float, kd_temperature: float, logit_temperature: float,
             kl_norm: bool, ignore_index: int, mean: bool, tf32: bool, needs: List[bool]) -> List[Tensor]:
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    with torch.autocast(device_type=x.device.type, enabled=False), _on_device(x.device):
         return _backward(grad, x, w1, b1, a, w2, b2, t, y, stats, n_valid, ce_weight, kd_weight,
                          logit_weight, kd_temperature, logit_temperature, kl_norm, ignore_index, mean,
                          tf32, needs)
