@@ -2,7 +2,8 @@
 
 Plan (kernels in :mod:`._dual_head_kd_kernels`; z1 = X W1^T + b1, z2 = A W2^T + b2, t teacher):
 
-Forward, one kernel (``fwd_partials_kernel``), grid = (row blocks, class splits). Each program streams
+Forward, ``fwd_partials_kernel``, grid = (row blocks, class splits), one launch (two for fp32
+operands: one per head, to avoid register spills). Each program streams
 its classes in BLOCK_C tiles, builds the z1 and z2 tiles with ``tl.dot`` over D in BLOCK_D steps and
 folds them into per-row online statistics: running max / sum for softmax(z1), softmax(z1/T) and
 softmax(t/T), the KD cross term, z1[y], the first arg-max of z1 and the summed logit loss. Only
@@ -10,24 +11,24 @@ softmax(t/T), the KD cross term, z1[y], the first arg-max of z1 and the summed l
 splits exist so that small batches still fill the GPU (flash-decoding style); a one-program
 ``finalize_kernel`` merges the splits with the same online-softmax algebra, reduces the valid rows in
 a fixed order into loss/terms/correct/n_valid, and saves three per-row log-sum-exps, lse(z1),
-lse(z1/T), lse(t/T), for the backward: 12 bytes per row. The forward is two launches.
+lse(z1/T), lse(t/T), for the backward: 12 bytes per row.
 
 Backward, per (class slab, row chunk): ``dz_kernel`` recomputes the z1/z2 tile with ``tl.dot`` and
 writes dz1, dz2 (fp32 arithmetic, the one-hot subtracted in fp32, then rounded to the matmul dtype),
 then ``mm_kernel`` (a plain Triton GEMM with fp32 accumulation) forms dX = dZ1 W1 (+ dZ2 W2 when the
 aux head reads the features), dA = dZ2 W2, dW = dZ^T X; bias grads are fp32 column sums (torch).
-The gradient of the loss output is folded into a per-row coefficient, so nothing is computed twice
-and nothing besides the row statistics is kept between forward and backward. Trade-off: the
+The gradient of the loss output is folded into a per-row coefficient, and nothing besides the row
+statistics is kept between forward and backward. Trade-off: the
 projections are computed twice (forward and backward), i.e. 4 GEMM-sized products instead of the
 minimal 3, in exchange for O(N) saved state and no logits in memory.
 
-Memory bound (extra, beyond inputs and gradients): 48 B/row of split statistics and 12 B/row
-saved; in the backward the dz buffers of one chunk, at most max(DZ_BUDGET_BYTES, 256 * 1024 * 16)
+Memory bound (extra, beyond inputs and gradients): 36 S B/row of split statistics (S splits) and
+12 B/row saved; in the backward the dz buffers of one chunk, at most max(DZ_BUDGET_BYTES, 256 * 1024 * 16)
 bytes (DZ_BUDGET_BYTES = 256 MiB by default, env ``DHKD_DZ_BUDGET_MB``); an fp32 accumulator for
 dX (and dA) of N x D (N x Da) x 4 bytes only when the classes need several slabs and the inputs are
 16-bit; an fp32 accumulator of slab x D x 4 bytes for dW only when the rows need several chunks and
-the weights are 16-bit. The full class range fits one slab whenever N C (2 bytes per head) fits the
-budget, e.g. every ImageNet shape; at N=8192, C=128256 bf16 the slab is 16384 classes.
+the weights are 16-bit. The full class range fits one slab whenever N C (bytes per element) (heads)
+fits the budget, e.g. every ImageNet shape; at N=8192, C=128256 bf16 the slab is 8192 classes.
 
 Determinism: every output element is owned by one program and accumulated in a fixed order (no
 atomics), so results are bitwise reproducible run to run on the same GPU and configuration.
@@ -42,6 +43,7 @@ and used in fp32; all loss math is fp32. fp32 operands use TF32 in ``tl.dot`` if
 Launch configs: fixed heuristics (``_fwd_config``, ``_dz_config``, ``_mm_config``), no autotuning at
 first call; ``set_autotune(True)`` or env ``DHKD_AUTOTUNE=1`` switches to ``triton.autotune`` over
 a few configs per kernel. Under ``TRITON_INTERPRET=1`` (CPU tensors) all blocks are 16.
+``set_backward_matmul("cublas")`` (env ``DHKD_BWD_MATMUL=cublas``) runs dX/dW with torch.mm.
 
 torch.compile: the forward and backward are ``torch.library.custom_op``s (``dhkd::dual_head_kd_fwd``,
 ``dhkd::dual_head_kd_bwd``) with fake implementations and a registered autograd formula.
