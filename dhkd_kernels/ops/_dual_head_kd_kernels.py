@@ -21,13 +21,15 @@ Four kernels:
 
 ``dz_kernel``  grid (row blocks, class blocks) of one (row chunk, class slab): recomputes the z1, z2
     tile with ``tl.dot`` and writes, in fp32 arithmetic then rounded to the buffer dtype,
-        dz1 = coef (ce_w (softmax(z1) - onehot(y)) + kd_w T (softmax(z1/T) - softmax(t/T)))
-        dz2 = coef lg_w (tau/2) tanh((z2 - t)/(2 tau))      [BinaryKL-Norm]
-        dz2 = coef lg_w tau (sig(z2/tau) - sig(t/tau))       [BinaryKL]
-    with coef = grad_loss * valid / (max(|V|, 1) for "mean"), from the saved row log-sum-exps.
+        dz1 = valid (ce_w (softmax(z1) - onehot(y)) + kd_w T (softmax(z1/T) - softmax(t/T)))
+        dz2 = valid lg_w (tau/2) tanh((z2 - t)/(2 tau))      [BinaryKL-Norm]
+        dz2 = valid lg_w tau (sig(z2/tau) - sig(t/tau))       [BinaryKL]
+    from the saved row log-sum-exps. The scalar grad_loss / max(|V|, 1) (or grad_loss for "sum") is
+    applied in fp32 after the GEMMs instead, so that small probabilities divided by |V| do not
+    underflow in a 16-bit dz (fp16's smallest normal is 6e-5).
 
-``mm_kernel``  out (+)= A B (+ A2 B2): a plain tiled GEMM with fp32 accumulation and arbitrary
-    strides, used for dX = dZ W and dW = dZ^T X. With ACC it reads and adds the previous value of
+``mm_kernel``  out (+)= scale (A B (+ A2 B2)): a plain tiled GEMM with fp32 accumulation and arbitrary
+    strides, scale a device scalar, used for dX = dZ W and dW = dZ^T X. With ACC it reads and adds the previous value of
     ``out`` (read-modify-write by the owning program only: deterministic, no atomics).
 
 ``INTERP_BF16`` is set only under TRITON_INTERPRET with bfloat16 operands, where the interpreter of
@@ -201,9 +203,8 @@ def fwd_partials_kernel(
 @triton.jit
 def dz_kernel(
     # pointers: inputs as in fwd_partials_kernel; stats (3, N) fp32 = lse(z1), lse(z1/T), lse(t/T);
-    # g () = d(out)/d(loss); nvalid () int64; outputs dz1/dz2 (rows, cols) of one chunk, matmul dtype
-    x_ptr, w1_ptr, b1_ptr, a_ptr, w2_ptr, b2_ptr, t_ptr, y_ptr, stats_ptr, g_ptr, nvalid_ptr,
-    dz1_ptr, dz2_ptr,
+    # outputs dz1/dz2 (rows, cols) of one chunk, in the matmul dtype
+    x_ptr, w1_ptr, b1_ptr, a_ptr, w2_ptr, b2_ptr, t_ptr, y_ptr, stats_ptr, dz1_ptr, dz2_ptr,
     # sizes: chunk = rows [row0, row0 + n_rows) x classes [col0, col0 + n_cols)
     N, D, DA, row0, col0, n_rows, n_cols,
     # strides, in elements
@@ -212,7 +213,7 @@ def dz_kernel(
     # scalars
     ce_w, kd_w_t, inv_kd_t, lg_w, inv_tau, ignore_index,
     # meta-parameters
-    MEAN: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, NEED_DZ1: tl.constexpr, CE_ON: tl.constexpr,
+    HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, NEED_DZ1: tl.constexpr, CE_ON: tl.constexpr,
     KD_ON: tl.constexpr, NEED_DZ2: tl.constexpr, KL_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     INTERP_BF16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -224,10 +225,7 @@ def dz_kernel(
     cols64 = col0 + lcols.to(tl.int64)
     tile_mask = rmask[:, None] & cmask[None, :]
     y = tl.load(y_ptr + rows64, mask=rmask, other=ignore_index).to(tl.int64)
-    coef = tl.load(g_ptr).to(tl.float32)
-    if MEAN:
-        coef = coef / tl.maximum(tl.load(nvalid_ptr), 1).to(tl.float32)
-    coef = tl.where(rmask & (y != ignore_index), coef, 0.0)
+    valid = rmask & (y != ignore_index)
     lrows64 = lrows.to(tl.int64)
     if KD_ON or NEED_DZ2:
         t = tl.load(t_ptr + rows64[:, None] * stride_tn + cols64[None, :] * stride_tc,
@@ -247,7 +245,7 @@ def dz_kernel(
             lse_s = tl.load(stats_ptr + N + rows64, mask=rmask, other=0.0)
             lse_t = tl.load(stats_ptr + N + N + rows64, mask=rmask, other=0.0)
             g += kd_w_t * (tl.exp(z1 * inv_kd_t - lse_s[:, None]) - tl.exp(t * inv_kd_t - lse_t[:, None]))
-        g = g * coef[:, None]
+        g = tl.where(valid[:, None], g, 0.0)
         if INTERP_BF16:
             g = _rtne_bf16(g)
         tl.store(dz1_ptr + lrows64[:, None] * stride_dz1 + lcols[None, :],
@@ -265,7 +263,7 @@ def dz_kernel(
             g2 = tl.where(u < 0, -th, th) * (0.5 * lg_w / inv_tau)
         else:
             g2 = (_sigmoid(z2 * inv_tau) - _sigmoid(t * inv_tau)) * (lg_w / inv_tau)
-        g2 = g2 * coef[:, None]
+        g2 = tl.where(valid[:, None], g2, 0.0)
         if INTERP_BF16:
             g2 = _rtne_bf16(g2)
         tl.store(dz2_ptr + lrows64[:, None] * stride_dz2 + lcols[None, :],
@@ -274,8 +272,8 @@ def dz_kernel(
 
 @triton.jit
 def mm_kernel(
-    # pointers: out (M, P) (+)= a (M, K) b (K, P) [+ a2 (M, K2) b2 (K2, P)]
-    out_ptr, a_ptr, b_ptr, a2_ptr, b2_ptr,
+    # pointers: out (M, P) (+)= scale * (a (M, K) b (K, P) [+ a2 (M, K2) b2 (K2, P)]); scale () fp32
+    out_ptr, a_ptr, b_ptr, a2_ptr, b2_ptr, scale_ptr,
     # sizes
     M, P, K, K2,
     # strides, in elements
@@ -316,6 +314,7 @@ def mm_kernel(
                 at = at.to(tl.float32)
                 bt = bt.to(tl.float32)
             acc = tl.dot(at, bt, acc, input_precision=DOT_PRECISION)
+    acc = acc * tl.load(scale_ptr)
     optrs = out_ptr + rm64[:, None] * stride_om + rp64[None, :] * stride_op
     omask = mmask[:, None] & pmask[None, :]
     if ACC:

@@ -14,11 +14,12 @@ a fixed order into loss/terms/correct/n_valid, and saves three per-row log-sum-e
 lse(z1/T), lse(t/T), for the backward: 12 bytes per row.
 
 Backward, per (class slab, row chunk): ``dz_kernel`` recomputes the z1/z2 tile with ``tl.dot`` and
-writes dz1, dz2 (fp32 arithmetic, the one-hot subtracted in fp32, then rounded to the matmul dtype),
+writes dz1, dz2 (fp32 arithmetic, the one-hot subtracted in fp32, then rounded to the matmul dtype;
+unscaled: grad_loss / max(|V|, 1) multiplies the fp32 GEMM results instead, so 16-bit dz cannot
+underflow),
 then ``mm_kernel`` (a plain Triton GEMM with fp32 accumulation) forms dX = dZ1 W1 (+ dZ2 W2 when the
 aux head reads the features), dA = dZ2 W2, dW = dZ^T X; bias grads are fp32 column sums (torch).
-The gradient of the loss output is folded into a per-row coefficient, and nothing besides the row
-statistics is kept between forward and backward. Trade-off: the
+Nothing besides the row statistics is kept between forward and backward. Trade-off: the
 projections are computed twice (forward and backward), i.e. 4 GEMM-sized products instead of the
 minimal 3, in exchange for O(N) saved state and no logits in memory.
 
@@ -281,10 +282,11 @@ def _chunk_plan(n: int, c: int, bytes_per_logit: int, budget: int, device) -> Tu
     return rows, slab
 
 
-def _mm(out, a, b, a2, b2, acc: bool, precision: str):
-    """out (+)= a @ b (+ a2 @ b2), fp32 accumulation, any strides."""
+def _mm(out, a, b, a2, b2, acc: bool, precision: str, scale: Tensor):
+    """out (+)= scale (a @ b (+ a2 @ b2)), fp32 accumulation, any strides; scale a 0-dim fp32 tensor."""
     if _BWD_MATMUL == "cublas":
         r = a @ b if a2 is None else torch.addmm(a @ b, a2, b2)
+        r = r.to(torch.float32) * scale
         if acc:
             out += r.to(out.dtype)
         else:
@@ -298,7 +300,7 @@ def _mm(out, a, b, a2, b2, acc: bool, precision: str):
     meta, opts = _mm_config(m, p, a.element_size(), out.device)
     _launch("mm", K.mm_kernel, lambda mt: (triton.cdiv(m, mt["BLOCK_M"]), triton.cdiv(p, mt["BLOCK_P"])),
             meta, opts,
-            out, a, b, a2_, b2_, m, p, k, k2,
+            out, a, b, a2_, b2_, scale, m, p, k, k2,
             out.stride(0), out.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             a2_.stride(0), a2_.stride(1), b2_.stride(0), b2_.stride(1),
             ACC=acc, HAS_SECOND=has2, DOT_PRECISION=precision,
@@ -337,6 +339,10 @@ def _backward(g, x, w1, b1, a, w2, b2, t, y, stats, n_valid, ce_w, kd_w, lg_w, k
     gw2 = _buffer(w2.shape, w2.dtype, dev) if w2_on else zeros_if(need_w2, w2)
     gb1, gb2 = zeros_if(need_b1, b1), zeros_if(need_b2, b2)
 
+    # grad_loss / max(|V|, 1): applied in fp32 after the GEMMs, dz stays unscaled (see dz_kernel)
+    scale = g.to(f32).reshape(())
+    if mean:
+        scale = scale / n_valid.clamp(min=1).to(f32)
     prec = _dot_precision(x.dtype, tf32)
     dt = x.dtype
     elem = x.element_size()
@@ -374,27 +380,27 @@ def _backward(g, x, w1, b1, a, w2, b2, t, y, stats, n_valid, ce_w, kd_w, lg_w, k
             _launch("dz", K.dz_kernel,
                     lambda m: (triton.cdiv(rc, m["BLOCK_N"]), triton.cdiv(sc, m["BLOCK_C"])), meta, opts,
                     x, w1, dummy if b1 is None else b1, a_, w2, dummy if b2 is None else b2, t, y, stats,
-                    g, n_valid, dummy if dz1 is None else dz1, dummy if dz2 is None else dz2,
+                    dummy if dz1 is None else dz1, dummy if dz2 is None else dz2,
                     n, d, da, r0, s0, rc, sc,
                     x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), a_.stride(0), a_.stride(1),
                     w2.stride(0), w2.stride(1), t.stride(0), t.stride(1), slab, slab,
                     float(ce_w), float(kd_w) * kd_t, 1.0 / kd_t, float(lg_w), 1.0 / tau, ignore_index,
-                    MEAN=mean, HAS_B1=b1 is not None, HAS_B2=b2 is not None, NEED_DZ1=dz1_on, CE_ON=bool(ce_w),
+                    HAS_B1=b1 is not None, HAS_B2=b2 is not None, NEED_DZ1=dz1_on, CE_ON=bool(ce_w),
                     KD_ON=bool(kd_w), NEED_DZ2=dz2_on, KL_NORM=kl_norm, DOT_PRECISION=prec,
                     INTERP_BF16=_interp_bf16(dt, dev))
             if x_pairs:
                 pairs = ([(dz1, w1[s0:s0 + sc])] if dz1_on else []) + \
                     ([(dz2, w2[s0:s0 + sc])] if (dz2_on and shared) else [])
                 (pa, pb), second = pairs[0], (pairs[1] if len(pairs) > 1 else (None, None))
-                _mm(gx_acc[r0:r0 + rc], pa, pb, second[0], second[1], si > 0, prec)
+                _mm(gx_acc[r0:r0 + rc], pa, pb, second[0], second[1], si > 0, prec, scale)
             if a_pairs:
-                _mm(ga_acc[r0:r0 + rc], dz2, w2[s0:s0 + sc], None, None, si > 0, prec)
+                _mm(ga_acc[r0:r0 + rc], dz2, w2[s0:s0 + sc], None, None, si > 0, prec, scale)
             if w1_on:
                 out = gw1_acc[:sc] if gw1_acc is not None else gw1[s0:s0 + sc]
-                _mm(out, dz1.t(), x[r0:r0 + rc], None, None, ri > 0, prec)
+                _mm(out, dz1.t(), x[r0:r0 + rc], None, None, ri > 0, prec, scale)
             if w2_on:
                 out = gw2_acc[:sc] if gw2_acc is not None else gw2[s0:s0 + sc]
-                _mm(out, dz2.t(), a_[r0:r0 + rc], None, None, ri > 0, prec)
+                _mm(out, dz2.t(), a_[r0:r0 + rc], None, None, ri > 0, prec, scale)
             if gb1_acc is not None:
                 gb1_acc[s0:s0 + sc] += dz1.sum(0, dtype=f32)
             if gb2_acc is not None:
@@ -408,9 +414,9 @@ def _backward(g, x, w1, b1, a, w2, b2, t, y, stats, n_valid, ce_w, kd_w, lg_w, k
     if a_pairs and ga_acc is not ga:
         ga.copy_(ga_acc)
     if gb1_acc is not None:
-        gb1.copy_(gb1_acc)
+        gb1.copy_(gb1_acc * scale)
     if gb2_acc is not None:
-        gb2.copy_(gb2_acc)
+        gb2.copy_(gb2_acc * scale)
     return [gx, gw1, gb1, ga, gw2, gb2]
 
 
