@@ -16,7 +16,9 @@ from tests.helpers import (GRAD_NAMES, assert_matches_reference, cast_inputs, lo
 dhk = pytest.importorskip("dhkd_kernels.ops.dual_head_kd")
 
 ARGS = ("features", "head_weight", "head_bias", "aux_weight", "aux_bias", "teacher_logits", "labels")
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def cuda_only(test):
+    """GPU-only test: marked ``gpu`` (pyproject marker) and skipped without CUDA."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
 
 
 @pytest.fixture(autouse=True)
