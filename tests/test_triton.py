@@ -468,7 +468,8 @@ def _aot_compile_all(arch: int = 90) -> list:
         heads = [(True, True, True)] if dt == "bf16" else [(True, True, False), (False, False, True)]
         for z1, kd, lg in heads:
             out.append(build(K.fwd_partials_kernel, fwd_ptrs,
-                             dict(HAS_B1=True, HAS_B2=True, NEED_Z1=z1, NEED_KD=kd, NEED_LOGIT=lg, KL_NORM=prec != "ieee",
+                             dict(HAS_B1=True, HAS_B2=True, NEED_Z1=z1, NEED_KD=kd, NEED_LOGIT=lg,
+                                  KL_NORM=prec != "ieee",
                                   DOT_PRECISION=prec, INTERP_BF16=False, BLOCK_N=64, BLOCK_C=64, BLOCK_D=bd),
                              8, f"fwd {dt} {prec} z1={z1} logit={lg}"))
         dz_ptrs = dict(fwd_ptrs, stats_ptr="*fp32", dz1_ptr=p, dz2_ptr=p)
