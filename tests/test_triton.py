@@ -251,6 +251,27 @@ def test_non_contiguous_int32_labels_and_teacher_dtypes(device):
     assert_matches_reference(inputs, backend="triton", kd_weight=0.5)
 
 
+def test_tf32_setting_is_read_from_either_api():
+    from types import SimpleNamespace
+
+    class NewApiOnly:  # torch 2.14 raises on allow_tf32 once fp32_precision was set
+        def __init__(self, prec):
+            self.fp32_precision = prec
+
+        @property
+        def allow_tf32(self):
+            raise RuntimeError("mix of the legacy and new APIs")
+
+    assert dhk._tf32_enabled(NewApiOnly("tf32")) is True
+    assert dhk._tf32_enabled(NewApiOnly("ieee")) is False
+    assert dhk._tf32_enabled(SimpleNamespace(allow_tf32=True)) is True
+    assert dhk._tf32_enabled(SimpleNamespace(allow_tf32=False, fp32_precision="none")) is False
+    assert isinstance(dhk._tf32_enabled(), bool)
+    assert dhk._dot_precision(torch.float32, True) == "tf32"
+    assert dhk._dot_precision(torch.float32, False) == "ieee"
+    assert dhk._dot_precision(torch.bfloat16, False) == "tf32"  # unused for 16-bit operands
+
+
 def test_float64_raises_and_auto_routes(device):
     inputs = make_inputs(4, 3, 5, device=device, dtype=torch.float64)
     with pytest.raises(TypeError, match="float64"):

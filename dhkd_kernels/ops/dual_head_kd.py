@@ -37,8 +37,9 @@ atomics), so results are bitwise reproducible run to run on the same GPU and con
 Dtypes: matmul operands (features, weights, aux features) must share a dtype of fp32/bf16/fp16; under
 ``torch.autocast`` they are cast to the autocast dtype first (as autocast does for ``F.linear``),
 otherwise mixed operand dtypes are promoted. Biases and teacher logits (any float dtype) are read
-and used in fp32; all loss math is fp32. fp32 operands use TF32 in ``tl.dot`` iff
-``torch.backends.cuda.matmul.allow_tf32`` is set. float64 operands raise a TypeError here
+and used in fp32; all loss math is fp32. fp32 operands use TF32 in ``tl.dot`` iff PyTorch's CUDA
+matmul setting asks for it (``allow_tf32``, or ``fp32_precision == "tf32"`` where reading
+``allow_tf32`` raises after the newer API was used; ``set_float32_matmul_precision("high")`` sets both). float64 operands raise a TypeError here
 (``backend="auto"`` sends float64 to the torch path).
 
 Launch configs: fixed heuristics (``_fwd_config``, ``_dz_config``, ``_mm_config``), no autotuning at
@@ -487,6 +488,16 @@ _fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 # ----------------------------------------------------------------------------- entry point
 
+def _tf32_enabled(matmul=None) -> bool:
+    """PyTorch's TF32 setting for CUDA matmuls: ``allow_tf32`` (traceable by dynamo), or, where
+    reading it raises because the newer ``fp32_precision`` API was used (torch >= 2.9), that one."""
+    matmul = torch.backends.cuda.matmul if matmul is None else matmul
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:
+        return getattr(matmul, "fp32_precision", "ieee") == "tf32"
+
+
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     try:
         if torch.is_autocast_enabled(device_type):
@@ -521,7 +532,7 @@ def dual_head_kd_loss(features, head_weight, head_bias, aux_weight, aux_bias, te
         raise TypeError(f"backend='triton' cannot run matmuls in {cdt}")
     x, w1, w2 = (m.to(cdt) for m in (features, head_weight, aux_weight))
     a = None if aux_features is None else aux_features.to(cdt)
-    tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
+    tf32 = _tf32_enabled()
     loss, terms, correct, n_valid, _stats = _fwd_op(
         x, w1, head_bias, a, w2, aux_bias, teacher_logits, labels, float(ce_weight), float(kd_weight),
         float(logit_weight), float(kd_temperature), float(logit_temperature),
