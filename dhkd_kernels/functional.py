@@ -17,9 +17,10 @@ def _triton_usable(device: torch.device) -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def _resolve_backend(backend: str, device: torch.device, float64: bool = False) -> str:
     if backend == "auto":
-        if device.type == "cuda" and _triton_ops() is not None:
+        # the Triton kernels take fp32/bf16/fp16 operands; float64 goes to the torch path
+        if device.type == "cuda" and not float64 and _triton_ops() is not None:
             return "triton"
         return "torch"
     if backend == "triton":
@@ -88,7 +89,9 @@ def fused_dual_head_kd_loss(
                 kd_temperature=float(kd_temperature), logit_temperature=float(logit_temperature),
                 logit_loss=logit_loss, ignore_index=int(ignore_index), reduction=reduction,
                 return_components=bool(return_components))
-    backend = _resolve_backend(backend, features.device)
+    float64 = any(x is not None and x.dtype == torch.float64
+                  for x in (features, head_weight, head_bias, aux_weight, aux_bias, aux_features))
+    backend = _resolve_backend(backend, features.device, float64)
     if backend == "reference":
         return reference.dual_head_kd_loss(features, head_weight, head_bias, aux_weight, aux_bias,
                                            teacher_logits, labels, aux_features=aux_features, **opts)

@@ -1,0 +1,535 @@
+"""Triton kernels (``backend="triton"``) against the float64 reference.
+
+On CPU the kernels run in the Triton interpreter (conftest sets TRITON_INTERPRET=1), so shapes are
+tiny; the same tests run on CUDA when present, plus the GPU-only ones at the end. Every test runs
+with NaN-poisoned kernel outputs, so a value a kernel fails to write shows up as a non-finite result.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dhkd_kernels import fused_dual_head_kd_loss, reference
+from tests.helpers import (GRAD_NAMES, assert_matches_reference, cast_inputs, loss_and_grads, make_inputs,
+                           reference_in, rel_err)
+
+dhk = pytest.importorskip("dhkd_kernels.ops.dual_head_kd")
+
+ARGS = ("features", "head_weight", "head_bias", "aux_weight", "aux_bias", "teacher_logits", "labels")
+def cuda_only(test):
+    """GPU-only test: marked ``gpu`` (pyproject marker) and skipped without CUDA."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
+
+
+@pytest.fixture(autouse=True)
+def _poison_and_strict_fp32(monkeypatch):
+    monkeypatch.setattr(dhk, "_POISON", True)
+    if torch.cuda.is_available():
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    yield
+
+
+def _call(inputs, **opts):
+    return fused_dual_head_kd_loss(*[inputs[k] for k in ARGS], aux_features=inputs["aux_features"], **opts)
+
+
+# ------------------------------------------------------------------ loss and every gradient
+
+@pytest.mark.parametrize("n,d,c,da,bias", [
+    (1, 3, 1, None, True),
+    (1, 3, 7, None, False),
+    (9, 5, 7, 3, True),
+    (9, 3, 129, None, True),
+    (37, 20, 33, 6, False),
+])
+def test_matches_reference_shapes(device, n, d, c, da, bias):
+    inputs = make_inputs(n, d, c, da=da, bias=bias, device=device, ignore_frac=0.25, seed=n + c)
+    assert_matches_reference(inputs, backend="triton", kd_weight=0.5)
+
+
+@pytest.mark.parametrize("split_heads", [True, False])
+def test_forward_one_or_two_passes(device, monkeypatch, split_heads):
+    """The forward as one launch for both heads, or one launch per head (fp32 default on GPUs)."""
+    monkeypatch.setattr(dhk, "_SPLIT_HEADS", split_heads)
+    inputs = make_inputs(19, 7, 40, da=5, device=device, ignore_frac=0.2, seed=26)
+    assert_matches_reference(inputs, backend="triton", kd_weight=0.5)
+    _, tri = _call(inputs, backend="triton", return_components=True, kd_weight=0.5)
+    _, ref = _call(inputs, backend="torch", return_components=True, kd_weight=0.5)
+    assert int(tri["correct"]) == int(ref["correct"])
+    for k in ("ce", "kd", "logit"):
+        assert rel_err(tri[k], ref[k]) < 1e-5, k
+
+
+@pytest.mark.parametrize("logit_loss,reduction,kd_weight", [
+    ("binary_kl", "sum", 0.7),
+    ("binary_kl", "mean", 0.0),
+    ("binary_kl_norm", "sum", 0.0),
+])
+def test_losses_and_reductions(device, logit_loss, reduction, kd_weight):
+    inputs = make_inputs(11, 6, 21, da=4, device=device, ignore_frac=0.2, seed=3)
+    assert_matches_reference(inputs, backend="triton", logit_loss=logit_loss, reduction=reduction,
+                             kd_weight=kd_weight, ce_weight=0.8, logit_weight=1.3,
+                             kd_temperature=2.5, logit_temperature=1.5)
+
+
+@pytest.mark.parametrize("weights", [dict(ce_weight=0.0, kd_weight=1.0, logit_weight=0.0),
+                                     dict(ce_weight=1.0, kd_weight=0.0, logit_weight=0.0),
+                                     dict(ce_weight=0.0, kd_weight=0.0, logit_weight=1.0)])
+def test_single_terms(device, weights):
+    inputs = make_inputs(7, 4, 19, device=device, seed=5)
+    assert_matches_reference(inputs, backend="triton", **weights)
+
+
+def test_confident_and_large_logits(device):
+    confident = make_inputs(10, 8, 23, device=device, logit_scale=30.0, teacher_scale=30.0, seed=6)
+    assert_matches_reference(confident, backend="triton", kd_weight=0.5)
+    large = make_inputs(6, 4, 17, device=device, logit_scale=1e4, teacher_scale=1e4, seed=7)
+    for logit_loss in ("binary_kl_norm", "binary_kl"):
+        assert_matches_reference(large, backend="triton", kd_weight=0.5, logit_loss=logit_loss)
+
+
+def test_teacher_equals_student(device):
+    inputs = make_inputs(8, 5, 18, device=device, seed=8)
+    with torch.no_grad():
+        z1 = torch.nn.functional.linear(inputs["features"], inputs["head_weight"], inputs["head_bias"])
+    inputs["teacher_logits"] = z1.clone()
+    assert_matches_reference(inputs, backend="triton", kd_weight=1.0, ce_weight=0.0)
+
+
+def test_all_rows_ignored_and_empty_batch(device):
+    for n in (5, 0):
+        inputs = make_inputs(n, 4, 9, device=device, ignore_frac=1.0 if n else 0.0, seed=9)
+        for reduction in ("mean", "sum"):
+            loss, grads = loss_and_grads(inputs, backend="triton", reduction=reduction, kd_weight=0.5)
+            assert loss.dtype == torch.float32 and loss.item() == 0.0
+            for k, g in grads.items():
+                assert torch.equal(g, torch.zeros_like(g)), k
+
+
+def test_grad_output_and_partial_grads(device):
+    inputs = make_inputs(9, 5, 13, da=3, device=device, seed=10)
+    # only some inputs require grad; the others get None
+    for k in ("head_weight", "aux_features", "aux_bias"):
+        inputs[k].requires_grad_(False)
+    loss = _call(inputs, backend="triton", kd_weight=0.5)
+    g_out = torch.tensor(-3.5, device=device)
+    loss.backward(g_out)
+    ref = cast_inputs(inputs, torch.float64)
+    for k in ("head_weight", "aux_features", "aux_bias"):
+        ref[k].requires_grad_(False)
+    ref_loss = _call(ref, backend="reference", kd_weight=0.5)
+    ref_loss.backward(g_out.double())
+    for k in GRAD_NAMES:
+        if inputs.get(k) is None:
+            continue
+        if not inputs[k].requires_grad:
+            assert inputs[k].grad is None
+            continue
+        assert rel_err(inputs[k].grad, ref[k].grad) < 1e-4, k
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_configurations(device, seed):
+    """Random shapes and options, including zero weights."""
+    import random
+    rng = random.Random(seed)
+    n, d, c = rng.randint(1, 40), rng.randint(1, 20), rng.randint(1, 70)
+    da = rng.choice([None, rng.randint(1, 12)])
+    inputs = make_inputs(n, d, c, da=da, bias=rng.random() < 0.5, device=device, seed=100 + seed,
+                         ignore_frac=rng.choice([0.0, 0.3]), logit_scale=rng.choice([1.0, 6.0]))
+    opts = dict(ce_weight=rng.choice([0.0, 1.0, 0.7]), kd_weight=rng.choice([0.0, 0.5, 2.0]),
+                logit_weight=rng.choice([0.0, 1.0, 1.7]), kd_temperature=rng.choice([1.0, 4.0, 0.5]),
+                logit_temperature=rng.choice([1.0, 2.0, 5.0]),
+                logit_loss=rng.choice(["binary_kl_norm", "binary_kl"]),
+                reduction=rng.choice(["mean", "sum"]))
+    if not (opts["ce_weight"] or opts["kd_weight"] or opts["logit_weight"]):
+        opts["logit_weight"] = 1.0
+    assert_matches_reference(inputs, backend="triton", **opts)
+
+
+def test_aux_features_is_features(device):
+    """Passing the features tensor itself as aux_features: both heads' gradients reach it."""
+    base = make_inputs(9, 5, 13, device=device, seed=25)
+    grads = {}
+    for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
+        inp = cast_inputs(base, dtype)
+        loss = fused_dual_head_kd_loss(*[inp[k] for k in ARGS], aux_features=inp["features"],
+                                       backend=backend, kd_weight=0.5)
+        loss.backward()
+        grads[backend] = inp["features"].grad
+    assert rel_err(grads["triton"], grads["reference"]) < 1e-4
+
+
+# ------------------------------------------------------------------ chunking, layouts, dtypes
+
+@pytest.mark.parametrize("dtype,budget", [(torch.float32, 16 * 40 * 8), (torch.float32, 16 * 16 * 8),
+                                          (torch.bfloat16, 16 * 16 * 4)])
+def test_backward_chunking(device, monkeypatch, dtype, budget):
+    """Tiny dz budgets force several class slabs (and row chunks), exercising the accumulators."""
+    monkeypatch.setattr(dhk, "DZ_BUDGET_BYTES", budget)
+    inputs = make_inputs(40, 6, 45, da=5, device=device, dtype=dtype, ignore_frac=0.2, seed=11)
+    assert_matches_reference(inputs, backend="triton", kd_weight=0.5)
+    shared = make_inputs(40, 6, 45, device=device, dtype=dtype, seed=12)
+    assert_matches_reference(shared, backend="triton", kd_weight=0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cublas_backward_matmul(device, monkeypatch, dtype):
+    """The opt-in torch.mm variant of dX/dW, also across slabs and row chunks."""
+    monkeypatch.setattr(dhk, "_BWD_MATMUL", "cublas")
+    monkeypatch.setattr(dhk, "DZ_BUDGET_BYTES", 16 * 16 * 8)
+    inputs = make_inputs(40, 6, 45, da=5, device=device, dtype=dtype, ignore_frac=0.2, seed=24)
+    assert_matches_reference(inputs, backend="triton", kd_weight=0.5)
+    with pytest.raises(ValueError, match="kind"):
+        dhk.set_backward_matmul("cutlass")
+
+
+def test_autotune_path(device, monkeypatch):
+    """The opt-in autotuned launches (grids from the tuned meta, restored accumulators, split widths
+    divisible by every BLOCK_C), with a stand-in benchmark that runs each config once and ranks the
+    configs in reverse order, so a config other than the first one wins."""
+    if device.type == "cuda":
+        pytest.skip("covered by gpu_check; a real tuning run is slow")
+    calls = []
+
+    def fake_bench(kernel_call, quantiles):
+        kernel_call()
+        calls.append(1)
+        return [1.0 / len(calls)] * 3
+
+    monkeypatch.setattr(dhk, "_AUTOTUNE", True)
+    monkeypatch.setattr(dhk, "_AUTOTUNE_DO_BENCH", fake_bench)
+    monkeypatch.setattr(dhk, "_TUNED", {})
+    monkeypatch.setattr(dhk, "DZ_BUDGET_BYTES", 5 * 100 * 8)  # 4 class slabs: ACC launches
+    inputs = make_inputs(5, 6, 300, da=4, device=device, seed=27)
+    assert_matches_reference(inputs, backend="triton", kd_weight=0.5)
+    assert len(calls) >= 15 and set(dhk._TUNED) == {"fwd", "dz", "mm"}
+
+
+def test_chunk_plan_bounds():
+    cpu = torch.device("cpu")
+    assert dhk._chunk_plan(10, 20, 8, 10**9, cpu) == (10, 20)
+    rows, slab = dhk._chunk_plan(40, 45, 8, 16 * 40 * 8, cpu)
+    assert (rows, slab) == (40, 16)
+    rows, slab = dhk._chunk_plan(1000, 45, 8, 16 * 16 * 8, cpu)
+    assert rows * slab * 8 <= max(16 * 16 * 8, 16 * 16 * 8) and rows < 1000
+    gpu = torch.device("cuda")
+    rows, slab = dhk._chunk_plan(8192, 128256, 4, 256 * 2**20, gpu)
+    assert rows == 8192 and slab % 128 == 0 and rows * slab * 4 <= 256 * 2**20
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_vs_eager(device, dtype):
+    inputs = make_inputs(12, 16, 40, da=8, device=device, dtype=dtype, ignore_frac=0.2, seed=13)
+    assert_matches_reference(inputs, backend="triton", kd_weight=0.5)
+
+
+def test_fp16_small_probabilities(device):
+    """Mean over many rows times small softmax entries: dz would underflow in fp16 if it carried the
+    1/|V| factor (it does not: the scale is applied to the fp32 GEMM results)."""
+    inputs = make_inputs(256, 8, 40, device=device, dtype=torch.float16, logit_scale=8.0, seed=28)
+    errors = assert_matches_reference(inputs, backend="triton", kd_weight=0.5)
+    assert errors["head_weight"] < 1e-3
+
+
+def test_non_contiguous_int32_labels_and_teacher_dtypes(device):
+    base = make_inputs(10, 6, 21, da=5, device=device, seed=14)
+    inputs = {}
+    for k, v in base.items():
+        if v is None or k == "labels":
+            inputs[k] = v
+        elif v.dim() == 2:
+            # same values, transposed storage (column-major)
+            inputs[k] = v.detach().t().contiguous().t().requires_grad_(k != "teacher_logits")
+        else:
+            inputs[k] = v.detach()[None, :].expand(2, -1)[1].requires_grad_(True)
+    assert not inputs["features"].is_contiguous()
+    inputs["labels"] = base["labels"].to(torch.int32)
+    inputs["teacher_logits"] = base["teacher_logits"].to(torch.bfloat16)
+    assert_matches_reference(inputs, backend="triton", kd_weight=0.5)
+    inputs["teacher_logits"] = base["teacher_logits"].double()
+    assert_matches_reference(inputs, backend="triton", kd_weight=0.5)
+
+
+def test_tf32_setting_is_read_from_either_api():
+    from types import SimpleNamespace
+
+    class NewApiOnly:  # torch 2.14 raises on allow_tf32 once fp32_precision was set
+        def __init__(self, prec):
+            self.fp32_precision = prec
+
+        @property
+        def allow_tf32(self):
+            raise RuntimeError("mix of the legacy and new APIs")
+
+    assert dhk._tf32_enabled(NewApiOnly("tf32")) is True
+    assert dhk._tf32_enabled(NewApiOnly("ieee")) is False
+    assert dhk._tf32_enabled(SimpleNamespace(allow_tf32=True)) is True
+    assert dhk._tf32_enabled(SimpleNamespace(allow_tf32=False, fp32_precision="none")) is False
+    assert isinstance(dhk._tf32_enabled(), bool)
+    assert dhk._dot_precision(torch.float32, True) == "tf32"
+    assert dhk._dot_precision(torch.float32, False) == "ieee"
+    assert dhk._dot_precision(torch.bfloat16, False) == "tf32"  # unused for 16-bit operands
+
+
+def test_float64_raises_and_auto_routes(device):
+    inputs = make_inputs(4, 3, 5, device=device, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        _call(inputs, backend="triton")
+    loss = _call(inputs, backend="auto")  # torch path for float64, on any device
+    assert loss.dtype == torch.float64
+
+
+def test_autocast_bf16(device):
+    inputs = make_inputs(12, 16, 40, da=8, device=device, seed=15)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        loss, grads = loss_and_grads(inputs, backend="triton", kd_weight=0.5)
+    assert loss.dtype == torch.float32
+    assert all(g.dtype == torch.float32 for g in grads.values())
+    ref_loss, ref_grads = reference_in(inputs, torch.float64, kd_weight=0.5)
+    # operands rounded to bf16, fp32 math: bounded by eager bf16's own error
+    eager_loss, eager_grads = reference_in(inputs, torch.bfloat16, kd_weight=0.5)
+    assert rel_err(loss, ref_loss) <= 1.5 * rel_err(eager_loss, ref_loss) + 2e-3
+    for k in grads:
+        assert rel_err(grads[k], ref_grads[k]) <= 1.5 * rel_err(eager_grads[k], ref_grads[k]) + 2e-3, k
+
+
+# ------------------------------------------------------------------ components and arg-max
+
+def test_components_match_torch_path(device):
+    inputs = make_inputs(23, 8, 37, da=5, device=device, ignore_frac=0.3, logit_scale=5.0, seed=16)
+    for opts in (dict(kd_weight=0.5), dict(kd_weight=0.0, logit_weight=0.0, logit_loss="binary_kl",
+                                           reduction="sum")):
+        _, tri = _call(inputs, backend="triton", return_components=True, **opts)
+        _, ref = _call(inputs, backend="torch", return_components=True, **opts)
+        for k in ("ce", "kd", "logit"):
+            assert rel_err(tri[k], ref[k]) < 1e-5, k
+            assert not tri[k].requires_grad
+        for k in ("correct", "n_valid"):
+            assert tri[k].dtype == torch.int64 and tri[k].dim() == 0
+            assert int(tri[k]) == int(ref[k]), k
+        assert int(tri["correct"]) > 0
+
+
+def test_argmax_ties_take_first_index(device):
+    """Duplicate class rows give exact ties in z1, across class tiles and splits."""
+    n, d, c = 6, 4, 129
+    inputs = make_inputs(n, d, c, device=device, bias=False, logit_scale=20.0, seed=17)
+    w = inputs["head_weight"].detach().clone()
+    with torch.no_grad():
+        k = int((inputs["features"][:1] @ w.t()).argmax())
+        assert k < 100
+        w[100] = w[k]
+        w[120] = w[k]
+        z1 = inputs["features"] @ w.t()
+    inputs["head_weight"] = w.requires_grad_(True)
+    first = z1.argmax(-1)
+    assert first[0] == k and z1[0, 100] == z1[0, k] == z1[0, 120]
+    labels = first.clone()
+    labels[0] = 100  # tied with the first maximum k < 100: not counted
+    inputs["labels"] = labels
+    _, comps = _call(inputs, backend="triton", return_components=True)
+    assert int(comps["correct"]) == n - 1
+    labels[0] = k
+    _, comps = _call(inputs, backend="triton", return_components=True)
+    assert int(comps["correct"]) == n
+
+
+# ------------------------------------------------------------------ torch.compile and registration
+
+def test_custom_op_registration_opcheck(device):
+    inputs = make_inputs(5, 4, 9, da=3, device=device, seed=18)
+    x, w1, b1, w2, b2 = (inputs[k].detach().requires_grad_(True) for k in
+                         ("features", "head_weight", "head_bias", "aux_weight", "aux_bias"))
+    a = inputs["aux_features"].detach().requires_grad_(True)
+    args = (x, w1, b1, a, w2, b2, inputs["teacher_logits"], inputs["labels"],
+            1.0, 0.5, 1.0, 4.0, 2.0, True, -100, True, True, False)
+    torch.library.opcheck(torch.ops.dhkd.dual_head_kd_fwd.default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
+
+
+def test_torch_compile_training_step(device):
+    inputs = make_inputs(9, 6, 21, da=4, device=device, ignore_frac=0.2, seed=19)
+    opts = dict(kd_weight=0.5, ce_weight=0.9)
+    eager_loss, eager_grads = loss_and_grads(inputs, backend="triton", **opts)
+
+    def step(*args, aux_features, **kw):
+        loss = fused_dual_head_kd_loss(*args, aux_features=aux_features, backend="triton", **kw)
+        return loss
+
+    from torch._dynamo.backends.registry import lookup_backend
+    inner = lookup_backend("inductor" if device.type == "cuda" else "aot_eager")
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return inner(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend=recording_backend)
+    loss, grads = loss_and_grads(inputs, backend=None, fn=compiled, **opts)
+    assert any("dhkd.dual_head_kd_fwd" in g for g in graphs), "custom op was not captured in a graph"
+    assert rel_err(loss, eager_loss) < 1e-6
+    for k in grads:
+        assert rel_err(grads[k], eager_grads[k]) < 1e-6, k
+
+
+def test_deterministic_run_to_run(device):
+    inputs = make_inputs(20, 8, 35, da=5, device=device, seed=20)
+    l1, g1 = loss_and_grads(inputs, backend="triton", kd_weight=0.5)
+    l2, g2 = loss_and_grads(inputs, backend="triton", kd_weight=0.5)
+    assert torch.equal(l1, l2)
+    for k in g1:
+        assert torch.equal(g1[k], g2[k]), k
+
+
+# ------------------------------------------------------------------ GPU only
+
+@cuda_only
+@pytest.mark.parametrize("c", [128, 256])
+def test_gpu_fp32_strict(c):
+    inputs = make_inputs(300, 96, c, da=64, device="cuda", ignore_frac=0.1, seed=21)
+    for logit_loss in ("binary_kl_norm", "binary_kl"):
+        assert_matches_reference(inputs, backend="triton", kd_weight=0.5, logit_loss=logit_loss)
+
+
+@cuda_only
+@pytest.mark.parametrize("c,dtype", [(21841, torch.bfloat16), (128256, torch.bfloat16),
+                                     (21841, torch.float32)])
+def test_gpu_large_vocab(c, dtype):
+    inputs = make_inputs(256, 128, c, device="cuda", dtype=dtype, ignore_frac=0.1, seed=22)
+    assert_matches_reference(inputs, backend="triton", kd_weight=0.5)
+
+
+@cuda_only
+def test_gpu_more_than_2_31_logits():
+    """N*C > 2**31: the sum-reduced loss vs the torch path, and the last rows' dX vs float64."""
+    n, d, c = 2**21 + 37, 16, 1031
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(n, d, device="cuda", generator=g).to(torch.bfloat16).requires_grad_(True)
+    w1 = (torch.randn(c, d, device="cuda", generator=g) / 4).to(torch.bfloat16).requires_grad_(True)
+    w2 = (torch.randn(c, d, device="cuda", generator=g) / 4).to(torch.bfloat16).requires_grad_(True)
+    t = torch.randn(n, c, device="cuda", generator=g, dtype=torch.bfloat16)
+    y = torch.randint(0, c, (n,), device="cuda", generator=g)
+    assert n * c > 2**31
+    opts = dict(kd_weight=0.5, reduction="sum")
+    loss = fused_dual_head_kd_loss(x, w1, None, w2, None, t, y, backend="triton", **opts)
+    loss.backward()
+    with torch.no_grad():
+        ref_loss = fused_dual_head_kd_loss(x, w1, None, w2, None, t, y, backend="torch", **opts)
+    assert rel_err(loss, ref_loss) < 1e-3
+    tail = slice(n - 64, n)
+    xs = x.detach()[tail].double().requires_grad_(True)
+    ref_tail = reference.dual_head_kd_loss(xs, w1.detach().double(), None, w2.detach().double(), None,
+                                           t[tail].double(), y[tail], **opts)
+    ref_tail.backward()
+    assert rel_err(x.grad[tail], xs.grad) < 2e-2
+
+
+@cuda_only
+def test_gpu_bitwise_determinism_large():
+    inputs = make_inputs(2048, 256, 5000, device="cuda", dtype=torch.bfloat16, seed=23)
+    l1, g1 = loss_and_grads(inputs, backend="triton", kd_weight=0.5)
+    l2, g2 = loss_and_grads(inputs, backend="triton", kd_weight=0.5)
+    assert torch.equal(l1, l2)
+    for k in g1:
+        assert torch.equal(g1[k], g2[k]), k
+
+
+def test_gpu_check_script_smoke():
+    """benchmarks/gpu_check.py stays runnable: --help, and its checks in the interpreter (CPU)."""
+    import importlib.util
+    import pathlib
+    if torch.cuda.is_available():
+        pytest.skip("the GPU run is the script itself")
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(SystemExit) as exc:
+        mod.parse_args(["--help"])
+    assert exc.value.code == 0
+    assert mod.main(["--smoke-cpu"]) == 0
+
+
+# ------------------------------------------------------------------ GPU compilation without a GPU
+
+def _aot_compile_all(arch: int = 90) -> list:
+    """Compile the kernels for sm_<arch> with triton's bundled ptxas (no GPU, no interpreter) at the
+    default configurations, both logit losses among them; returns (label, shared bytes). Run in a
+    subprocess by the test below."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dhkd_kernels.ops import _dual_head_kd_kernels as K
+
+    ones = {"stride_xd", "stride_w1d", "stride_ad", "stride_w2d", "stride_tc", "stride_op", "stride_bp",
+            "stride_b2p"}
+    floats = {"inv_kd_t", "inv_tau", "ce_w", "kd_w_t", "lg_w", "kd_t", "tau", "kd_w"}
+
+    def build(fn, ptrs, consts, warps, label):
+        consts = dict(consts, **{k: 1 for k in fn.arg_names if k in ones})
+        sig = {}
+        for name in fn.arg_names:
+            sig[name] = ("constexpr" if name in consts else ptrs.get(name) or
+                         ("fp32" if name in floats else "i32"))
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+                 if sig[name].startswith("*")}
+        src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=3))
+        return label, int(k.metadata.shared)
+
+    out = []
+    for dt, prec, bd in (("bf16", "tf32", 64), ("fp32", "ieee", 32), ("fp32", "tf32", 32)):
+        p = "*" + dt
+        fwd_ptrs = dict(x_ptr=p, w1_ptr=p, a_ptr=p, w2_ptr=p, b1_ptr="*fp32", b2_ptr="*fp32", t_ptr="*bf16",
+                        y_ptr="*i64", part_ptr="*fp32")
+        heads = [(True, True, True)] if dt == "bf16" else [(True, True, False), (False, False, True)]
+        for z1, kd, lg in heads:
+            out.append(build(K.fwd_partials_kernel, fwd_ptrs,
+                             dict(HAS_B1=True, HAS_B2=True, NEED_Z1=z1, NEED_KD=kd, NEED_LOGIT=lg,
+                                  KL_NORM=prec != "ieee",
+                                  DOT_PRECISION=prec, INTERP_BF16=False, BLOCK_N=64, BLOCK_C=64, BLOCK_D=bd),
+                             8, f"fwd {dt} {prec} z1={z1} logit={lg}"))
+        dz_ptrs = dict(fwd_ptrs, stats_ptr="*fp32", dz1_ptr=p, dz2_ptr=p)
+        out.append(build(K.dz_kernel, dz_ptrs,
+                         dict(HAS_B1=True, HAS_B2=True, NEED_DZ1=True, CE_ON=True, KD_ON=True,
+                              NEED_DZ2=True, KL_NORM=prec == "ieee", DOT_PRECISION=prec, INTERP_BF16=False,
+                              BLOCK_N=64, BLOCK_C=64, BLOCK_D=bd), 8, f"dz {dt} {prec}"))
+        out.append(build(K.mm_kernel, dict(out_ptr="*fp32", a_ptr=p, b_ptr=p, a2_ptr=p, b2_ptr=p, scale_ptr="*fp32"),
+                         dict(ACC=True, HAS_SECOND=True, DOT_PRECISION=prec, INTERP_BF16=False,
+                              BLOCK_M=128, BLOCK_P=128, BLOCK_K=bd), 8, f"mm {dt} {prec}"))
+    out.append(build(K.finalize_kernel,
+                     dict(part_ptr="*fp32", y_ptr="*i64", stats_ptr="*fp32", loss_ptr="*fp32", terms_ptr="*fp32",
+                          correct_ptr="*i64", nvalid_ptr="*i64"),
+                     dict(NEED_Z1=True, NEED_KD=True, NEED_LOGIT=True, MEAN=True, BLOCK_N=1024), 4, "finalize"))
+    return out
+
+
+def test_kernels_compile_for_sm90(tmp_path):
+    """The interpreter accepts things the GPU compiler rejects (e.g. non-constexpr globals): compile
+    every kernel for sm_90 ahead of time (no GPU needed) in a subprocess without TRITON_INTERPRET."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError:
+        pytest.skip("this triton has no ahead-of-time compile API")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # a cached kernel would skip the front end being tested
+    code = "import json, tests.test_triton as t; print(json.dumps(t._aot_compile_all()))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    compiled = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(compiled) == 12
+    for label, shared in compiled:
+        assert shared <= 232448, f"{label}: {shared} bytes of shared memory exceed an H100's 227 KiB"
