@@ -53,19 +53,26 @@ CASES = [(m, {}) for m in METHODS] + [
     ("dhkd", {"logit_loss": "binary_kl"}), ("dhkd", {"backend": "reference"})]
 
 
+def run_against_oracle(d, x, y, *, seed):
+    """Backward through ``d.forward_train`` and through ``oracle`` on a deep copy, with the same RNG
+    (dropout); returns (losses, oracle loss, the copy holding the oracle's gradients)."""
+    ref = copy.deepcopy(d)
+    torch.manual_seed(seed)
+    _, out = d.forward_train(x, y)
+    out["loss"].backward()
+    torch.manual_seed(seed)
+    expected = oracle(ref, x, y)
+    expected.backward()
+    return out, expected, ref
+
+
 @pytest.mark.parametrize("method, loss", CASES)
 @pytest.mark.parametrize("aux_head", ["linear", "mlp"])
 def test_loss_and_grads_equal_reference(method, loss, aux_head):
     d, _ = make(method, aux_head=aux_head, **loss)
     x, y = batch()
     d.train()
-    ref_model = copy.deepcopy(d)
-    torch.manual_seed(5)
-    _, out = d.forward_train(x, y)
-    out["loss"].backward()
-    torch.manual_seed(5)
-    expected = oracle(ref_model, x, y)
-    expected.backward()
+    out, expected, ref_model = run_against_oracle(d, x, y, seed=5)
     torch.testing.assert_close(out["loss"], expected, rtol=1e-10, atol=1e-10)
     for (name, p), q in zip(d.student.named_parameters(), ref_model.student.parameters()):
         if q.grad is None:
@@ -187,13 +194,7 @@ def test_triton_backend_matches_reference(method):
     d = d.float()
     x, y = batch(16)
     x = x.float()
-    ref = copy.deepcopy(d)
-    torch.manual_seed(2)
-    _, out = d.forward_train(x, y)
-    out["loss"].backward()
-    torch.manual_seed(2)
-    expected = oracle(ref, x, y)
-    expected.backward()
+    out, expected, ref = run_against_oracle(d, x, y, seed=2)
     torch.testing.assert_close(out["loss"], expected, rtol=1e-4, atol=1e-4)
     for p, q in zip(d.student.parameters(), ref.student.parameters()):
         if q.grad is not None:

@@ -42,7 +42,7 @@ matmul setting asks for it (``allow_tf32``, or ``fp32_precision == "tf32"`` wher
 ``allow_tf32`` raises after the newer API was used; ``set_float32_matmul_precision("high")`` sets both). float64 operands raise a TypeError here
 (``backend="auto"`` sends float64 to the torch path).
 
-Launch configs: fixed heuristics (``_fwd_config``, ``_dz_config``, ``_mm_config``), no autotuning at
+Launch configs: fixed heuristics (``_tile_config``, ``_mm_config``), no autotuning at
 first call; ``set_autotune(True)`` or env ``DHKD_AUTOTUNE=1`` switches to ``triton.autotune`` over
 a few configs per kernel. Under ``TRITON_INTERPRET=1`` (CPU tensors) all blocks are 16.
 ``set_backward_matmul("cublas")`` (env ``DHKD_BWD_MATMUL=cublas``) runs dX/dW with torch.mm.
@@ -125,20 +125,12 @@ def _pow2_at_least(v: int, lo: int, hi: int) -> int:
 # (no GPU needed): 64 x 64 tiles with 8 warps use 170-221 registers and do not spill in bf16, while
 # 64 x 128 tiles spill heavily once the KD epilogue is on. fp32 with both heads in one pass spills,
 # hence two passes (one per head) for fp32, see _split_heads.
-def _fwd_config(n: int, c: int, elem: int, device) -> Tuple[dict, dict]:
-    """Block sizes (meta) and launch options for ``fwd_partials_kernel``."""
+def _tile_config(n: int, c: int, elem: int, device) -> Tuple[dict, dict]:
+    """Block sizes (meta) and launch options of the two epilogue kernels, ``fwd_partials_kernel`` and
+    ``dz_kernel``, for an (n rows, c classes) problem with ``elem``-byte operands."""
     if _interpreted(device):
         return dict(BLOCK_N=16, BLOCK_C=16, BLOCK_D=16), {}
     meta = dict(BLOCK_N=_pow2_at_least(n, 16, 64), BLOCK_C=_pow2_at_least(c, 16, 64),
-                BLOCK_D=64 if elem <= 2 else 32)
-    warps = 8 if meta["BLOCK_N"] * meta["BLOCK_C"] >= 4096 else 4
-    return meta, dict(num_warps=warps, num_stages=3)
-
-
-def _dz_config(rows: int, cols: int, elem: int, device) -> Tuple[dict, dict]:
-    if _interpreted(device):
-        return dict(BLOCK_N=16, BLOCK_C=16, BLOCK_D=16), {}
-    meta = dict(BLOCK_N=_pow2_at_least(rows, 16, 64), BLOCK_C=_pow2_at_least(cols, 16, 64),
                 BLOCK_D=64 if elem <= 2 else 32)
     warps = 8 if meta["BLOCK_N"] * meta["BLOCK_C"] >= 4096 else 4
     return meta, dict(num_warps=warps, num_stages=3)
@@ -233,7 +225,7 @@ def _forward(x, w1, b1, a, w2, b2, t, y, ce_w, kd_w, lg_w, kd_t, tau, kl_norm, i
     shared = a is None
     a_ = x if shared else a
     d, da = x.shape[1], a_.shape[1]
-    meta, opts = _fwd_config(n, c, x.element_size(), dev)
+    meta, opts = _tile_config(n, c, x.element_size(), dev)
     tuned = _AUTOTUNE and (_AUTOTUNE_DO_BENCH is not None or not _interpreted(dev))
     granule = _SPLIT_GRANULE if tuned else meta["BLOCK_C"]
     row_blocks = triton.cdiv(n, meta["BLOCK_N"])
@@ -376,7 +368,7 @@ def _backward(g, x, w1, b1, a, w2, b2, t, y, stats, n_valid, ce_w, kd_w, lg_w, k
             dz2 = dz2_buf[:rc, :sc] if dz2_on else None
             key = (rc, sc)
             if key not in meta_opts:
-                meta_opts[key] = _dz_config(rc, sc, elem, dev)
+                meta_opts[key] = _tile_config(rc, sc, elem, dev)
             meta, opts = meta_opts[key]
             _launch("dz", K.dz_kernel,
                     lambda m: (triton.cdiv(rc, m["BLOCK_N"]), triton.cdiv(sc, m["BLOCK_C"])), meta, opts,
