@@ -82,6 +82,23 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
+def leave_process(code: int = 0) -> None:
+    """End a finished torchrun worker now: flush stdout/stderr, then ``os._exit(code)``.
+
+    After DDP has run, gloo's threads outlive ``destroy_process_group`` (DDP keeps its process group
+    referenced), and the interpreter's C++ teardown then sometimes aborts ("terminate called without
+    an active exception", exit status -6), which torchrun reports as a failed worker (and restarts
+    under ``--max-restarts``). Everything the run writes is closed before this is called.
+    """
+    import sys
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
+
+
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum ``values`` over ranks in place (identity in a single process); returns it."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -91,7 +108,10 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
 
 
 class ShardSampler(Sampler[int]):

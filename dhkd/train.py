@@ -243,7 +243,7 @@ class Trainer:
         self.device = resolve_device(tr.device)
         distributed = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
         if distributed and self.device.type == "cuda":
-            local = torch.device("cuda", torch.cuda.current_device())  # LOCAL_RANK (init_distributed)
+            local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
             if self.device.index is not None and self.device != local:
                 raise ConfigError(f"train.device={tr.device!r}, but this rank's GPU is {local} (LOCAL_RANK); "
                                   f"use train.device=auto or cuda under torchrun")
@@ -588,6 +588,8 @@ class Trainer:
             atomic_save({"model": self.student.export_student().state_dict(), "config": to_dict(self.cfg)},
                         self.out / "student.pt")
         self.metrics.close()
+        if self.world_size > 1:
+            barrier()  # every rank returns after rank 0's last writes
         return last
 
 

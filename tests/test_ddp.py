@@ -37,7 +37,7 @@ import json, sys
 from pathlib import Path
 import torch
 from dhkd.config import load_config
-from dhkd.distributed import destroy_distributed, init_distributed
+from dhkd.distributed import destroy_distributed, init_distributed, leave_process
 from dhkd.train import Trainer
 
 out, runs = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
@@ -47,6 +47,7 @@ for name, overrides in runs.items():
     t.fit()
     torch.save(t.student.state_dict(), out / name / f"rank{info.rank}.pt")
 destroy_distributed()
+leave_process()  # see its docstring: no C++ teardown after DDP
 """
 
 
