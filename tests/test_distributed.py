@@ -183,7 +183,22 @@ def test_cli_resume_auto(tmp_path, dhkd_cache, capsys):  # noqa: F811
     assert cfg.data.batch_size == 64
 
 
-def test_trainer_rejects_bad_resume_value(tmp_path):
+def test_trainer_rejects_bad_resume_value(tmp_path):  # raises before any data is built
     from dhkd.train import Trainer
     with pytest.raises(ValueError, match="resume"):
         Trainer(load_config(CONFIGS / "mnist1d/ce.yaml", FAST), tmp_path, resume="yes")
+
+
+def test_sync_bn_on_cpu_is_a_clear_error(tmp_path, dhkd_cache):  # noqa: F811
+    """SyncBatchNorm has no CPU kernels: a distributed CPU run with train.sync_bn=true stops at once."""
+    from dhkd.config import ConfigError
+    from dhkd.train import Trainer
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(ConfigError, match="sync_bn"):
+            Trainer(load_config(CONFIGS / "mnist1d/ce.yaml", FAST + ["train.sync_bn=true"]), tmp_path,
+                    rank=0, world_size=2, log=lambda m: None)
+    finally:
+        dist.destroy_process_group()
+    Trainer(load_config(CONFIGS / "mnist1d/ce.yaml", FAST + ["train.sync_bn=true", "train.epochs=1"]),
+            tmp_path / "one", log=lambda m: None)  # one process: nothing to synchronize, accepted
