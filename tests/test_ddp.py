@@ -1,8 +1,9 @@
 """DDP under torchrun on CPU (gloo): 2 ranks against one process, exact distributed evaluation, and a
 worker killed mid-epoch under ``torchrun --max-restarts 1``.
 
-Two torchrun launches in all (process start-up dominates): one runs several small trainings in the
-same 2 processes (``WORKER``), the other is the CLI with a fault injected into rank 1.
+Three torchrun launches in all (process start-up dominates): one runs several small trainings in the
+same 2 processes (``WORKER``), the others run the CLI with a fault injected into rank 1, and with
+rank 1 killed by SIGKILL from the test.
 """
 from __future__ import annotations
 
@@ -190,3 +191,60 @@ def test_killed_worker_restarts_from_last_checkpoint(ddp):
         assert torch.equal(v, straight[k]), k
     assert set(torch.load(out / "student.pt", weights_only=True)["model"]) == \
         {k for k in straight if not k.startswith("aux_")}
+
+
+def _workers_of(agent_pid: int) -> dict:
+    """{RANK: pid} of the worker processes a torchrun agent started (Linux /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == agent_pid:
+            for item in env:
+                if item.startswith(b"RANK="):
+                    found[int(item[5:])] = int(entry.name)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through /proc")
+def test_sigkill_of_a_worker_mid_epoch_restarts_the_job(ddp):
+    """SIGKILL from outside (no hook): as soon as epoch 1's eval row is in metrics.jsonl, rank 1 is
+    killed in the middle of the long epoch 2; torchrun restarts both ranks, which resume from epoch 1
+    and finish; the final checkpoint loads and every epoch is recorded once."""
+    import signal
+    import time
+    out = ddp["tmp"] / "sigkill"
+    out.mkdir()
+    overrides = ddp["runs"]["synthetic"] + ["train.epochs=2", "train.max_steps_per_epoch=null", "data.batch_size=8",
+                                            "data.synthetic_train_samples=16000", "train.log_every=500"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts", "1",
+           "-m", "dhkd", "train", "--config", str(CONFIG), "--out", str(out), "--resume", "auto", *overrides]
+    with open(out / "log.txt", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            killed, deadline = None, time.monotonic() + 180
+            metrics = out / "metrics.jsonl"
+            while killed is None and time.monotonic() < deadline and proc.poll() is None:
+                if metrics.is_file() and '"kind": "eval"' in metrics.read_text():
+                    workers = _workers_of(proc.pid)
+                    if 1 in workers:
+                        os.kill(workers[1], signal.SIGKILL)
+                        killed = workers[1]
+                time.sleep(0.01)
+            assert killed is not None, "the run ended before epoch 2"
+            assert proc.wait(timeout=180) == 0, (out / "log.txt").read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = (out / "log.txt").read_text()
+    assert "resumed from" in text and "epoch 1, step" in text
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * (16000 // 2 // 8)
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if r["kind"] == "eval"] == [1, 2]
