@@ -90,6 +90,10 @@ def ranks(ddp, name):
     return [torch.load(ddp["tmp"] / name / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
+def read_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def assert_close_states(a: dict, b: dict, **tol):
     assert a.keys() == b.keys()
     for k in a:
@@ -153,7 +157,7 @@ def test_gradient_alignment_averages_per_rank_gradients(ddp, tmp_path):
                 t.optimizer.zero_grad(set_to_none=True)
             ts[1].student.load_state_dict(ts[0].student.state_dict())
     assert_close_states(ts[0].student.state_dict(), r0, rtol=1e-5, atol=1e-6)
-    rows = [json.loads(l) for l in (ddp["tmp"] / "ga" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_rows(ddp["tmp"] / "ga")
     assert any("grad_cos" in r for r in rows if r["kind"] == "train")
 
 
@@ -161,7 +165,7 @@ def test_gradient_alignment_averages_per_rank_gradients(ddp, tmp_path):
 def test_distributed_eval_equals_single_process_exactly(ddp, name, n_val):
     """The eval row of the 2-rank run (shards of 101/101 or 102/101 samples, last batches short) has the
     same correct-counts as evaluating its last.pt in one process."""
-    rows = [json.loads(l) for l in (ddp["tmp"] / name / "metrics.jsonl").read_text().splitlines()]
+    rows = read_rows(ddp["tmp"] / name)
     last = [r for r in rows if r["kind"] == "eval"][-1]
     single = evaluate_checkpoint(cfg_of(ddp, name), ddp["tmp"] / name / "last.pt")
     assert last["val/n"] == single["val/n"] == n_val
@@ -183,7 +187,7 @@ def test_killed_worker_restarts_from_last_checkpoint(ddp):
     assert "resumed from" in log and "epoch 1, step 3" in log
     ckpt = load_checkpoint(out / "last.pt")
     assert (ckpt["epoch"], ckpt["step"]) == (2, 6)
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_rows(out)
     assert [r["epoch"] for r in rows if r["kind"] == "eval"] == [1, 2]
     assert not list(out.glob(".*.tmp"))
     straight = torch.load(ddp["tmp"] / "plain" / "rank0.pt", weights_only=True)
@@ -246,5 +250,5 @@ def test_sigkill_of_a_worker_mid_epoch_restarts_the_job(ddp):
     assert "resumed from" in text and "epoch 1, step" in text
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * (16000 // 2 // 8)
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_rows(out)
     assert [r["epoch"] for r in rows if r["kind"] == "eval"] == [1, 2]

@@ -1,4 +1,5 @@
-"""Distributed helpers on CPU with gloo: unpadded evaluation shards, exact all-reduced counts, the\ncollectives and wrapper the DDP trainer uses, restart-store isolation, fault hook, --resume auto."""
+"""Distributed helpers on CPU with gloo: unpadded evaluation shards, exact all-reduced counts, the
+collectives and wrapper the DDP trainer uses, restart-store isolation, fault hook, --resume auto."""
 import datetime
 import json
 import os
