@@ -26,6 +26,7 @@ QUIET = {"log": lambda msg: None}
 # Runs in one launch: name -> overrides on top of base(). Global batch 64 everywhere (2 ranks).
 RUNS = {
     "plain": ["train.epochs=2"],                                      # DDP's own all-reduce
+    "accum": ["train.global_batch=64", "data.batch_size=16"],        # 2 micro-batches: no_sync, then sync
     "ga": ["loss.ga=true", "data.batch_size=16", "train.accum_steps=2"],  # two backward passes
     "kd": ["method=kd", "loss.kd_weight=1.0"],                         # single head: aux head unwrapped
     "head_off": ["loss.logit_weight_off_epoch=1", "train.epochs=2"],   # aux head idle in epoch 2
@@ -105,7 +106,7 @@ def test_teacher_trained_once_on_rank_0(ddp):
     assert (ddp["tmp"] / "teacher.pt").is_file()
 
 
-@pytest.mark.parametrize("name", ["plain", "kd", "head_off", "synthetic"])
+@pytest.mark.parametrize("name", ["plain", "accum", "kd", "head_off", "synthetic"])
 def test_two_ranks_equal_one_process_with_the_global_batch(ddp, name, tmp_path):
     """Both ranks end with identical weights, equal (float tolerance) to one process whose batch is the
     global batch (2 x 32): with the rank-strided sampler, step s of one process sees exactly the union
@@ -114,7 +115,8 @@ def test_two_ranks_equal_one_process_with_the_global_batch(ddp, name, tmp_path):
     r0, r1 = ranks(ddp, name)
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
-    single = Trainer(cfg_of(ddp, name, "data.batch_size=64"), tmp_path / "single", **QUIET)
+    single = Trainer(cfg_of(ddp, name, "data.batch_size=64", "train.global_batch=null"), tmp_path / "single",
+                     **QUIET)
     dist_run = load_checkpoint(ddp["tmp"] / name / "last.pt")
     assert single.global_batch == 64  # the 2-rank run's lr was scaled by the same global batch:
     assert dist_run["optimizer"]["param_groups"][0]["initial_lr"] == single.lr
