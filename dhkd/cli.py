@@ -1,6 +1,7 @@
 """Command line.
 
-    dhkd train --config FILE --out DIR [--resume] [section.key=value ...]
+    dhkd train --config FILE --out DIR [--resume [auto]] [section.key=value ...]
+    torchrun --nproc_per_node=K -m dhkd train ...     (DDP; docs/distributed.md)
     dhkd eval  --checkpoint FILE --config FILE [section.key=value ...]
     dhkd demo  [--out DIR] [--epochs N]
 
@@ -18,13 +19,22 @@ from pathlib import Path
 
 def _train(args) -> int:
     from .config import load_config
+    from .distributed import destroy_distributed, init_distributed, leave_process
     from .train import Trainer
+    args.resume = {None: False, "last": True, "auto": "auto"}[args.resume]
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out)
-    if args.resume and not (out / "last.pt").is_file():
+    if args.resume is True and not (out / "last.pt").is_file():
         raise FileNotFoundError(f"--resume: no checkpoint {out / 'last.pt'}")
-    final = Trainer(cfg, out, resume=args.resume).fit()
-    print(json.dumps({k: v for k, v in final.items() if k.startswith(("val/", "train/", "epoch"))}))
+    info = init_distributed("cpu" if cfg.train.device == "cpu" else None)  # a world of 1 outside torchrun
+    try:
+        final = Trainer(cfg, out, resume=args.resume, rank=info.rank, world_size=info.world_size).fit()
+    finally:
+        destroy_distributed()
+    if info.is_main:
+        print(json.dumps({k: v for k, v in final.items() if k.startswith(("val/", "train/", "epoch"))}))
+    if info.enabled:
+        leave_process()
     return 0
 
 
@@ -100,6 +110,21 @@ def _demo(args) -> int:
     return 0
 
 
+def _resume_value(argv: list) -> list:
+    """``--resume auto`` -> ``--resume=auto``, a bare ``--resume`` -> ``--resume=last``, so that the
+    token after a bare ``--resume`` stays an override."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--resume":
+            auto = i + 1 < len(argv) and argv[i + 1] == "auto"
+            out.append("--resume=auto" if auto else "--resume=last")
+            i += 2 if auto else 1
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="dhkd", description="Dual-Head Knowledge Distillation trainer")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,7 +132,9 @@ def main(argv=None) -> int:
     p = sub.add_parser("train", help="train from a YAML config")
     p.add_argument("--config", required=True, help="YAML config file")
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--resume", choices=("last", "auto"), default=None,
+                   help="'--resume': continue from OUT/last.pt; '--resume auto': continue from it if it "
+                        "exists, else start fresh (for torchrun --max-restarts)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     p.set_defaults(func=_train)
 
@@ -124,7 +151,11 @@ def main(argv=None) -> int:
     p.add_argument("--verbose", action="store_true", help="print per-epoch progress")
     p.set_defaults(func=_demo)
 
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(_resume_value(sys.argv[1:] if argv is None else list(argv)))
+    if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
+        args.overrides += extra  # overrides on both sides of an option: a=1 --out D b=2
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from .config import ConfigError
     from .train import CheckpointError
     try:

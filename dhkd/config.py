@@ -103,6 +103,7 @@ class TrainConfig:
     accum_steps: int = 1
     global_batch: int | None = None    # if set: accum_steps = global_batch / (batch_size x processes)
     max_steps_per_epoch: int | None = None  # cap optimizer steps per epoch (tests, throughput)
+    sync_bn: bool = False              # SyncBatchNorm across processes (CUDA, torchrun only)
     seed: int = 0
     deterministic: bool = False
     device: str = "auto"               # auto | cpu | cuda | cuda:N

@@ -1,6 +1,7 @@
-"""The trainer: one process today, shaped for DistributedDataParallel (``rank``/``world_size`` hooks).
+"""The trainer: one process, or one rank of a torchrun / DistributedDataParallel job.
 
     Trainer(cfg, "runs/x").fit()        # == dhkd train --config ... --out runs/x
+    Trainer(cfg, out, rank=r, world_size=w)   # inside an initialized process group (docs/distributed.md)
 
 Per optimizer step: ``accum_steps`` micro-batches of ``data.batch_size`` (global batch = batch_size x
 world_size x accum_steps; the lr is ``optim.lr * global_batch / optim.base_batch``), then SGD/LARS and
@@ -26,6 +27,7 @@ import torch
 from .config import Config, ConfigError, config_from_dict, dump_config, expand_path, load_config, to_dict
 from .data import build_data
 from .distill import build_distiller
+from .distributed import all_reduce_mean_, barrier, broadcast_tensors, maybe_inject_fault, wrap_ddp
 from .optim import build_optimizer, build_scheduler, scaled_lr
 
 CHECKPOINT_FORMAT = 1
@@ -194,9 +196,10 @@ def train_teacher(config, checkpoint: Path, *, device: str | None = None, log=pr
     return final
 
 
-def build_teacher_for(cfg: Config, device: torch.device, log=print):
+def build_teacher_for(cfg: Config, device: torch.device, log=print, *, rank: int = 0, world_size: int = 1):
     """The frozen teacher of ``cfg`` on ``device`` (None for method ``ce``), training it first when
-    ``teacher.checkpoint`` is missing and ``teacher.train_config`` says how."""
+    ``teacher.checkpoint`` is missing and ``teacher.train_config`` says how. In a job of several
+    processes rank 0 alone trains it (one process) while the others wait at a barrier."""
     from .models import build_teacher
     t = cfg.teacher
     if cfg.method == "ce" or t.name is None:
@@ -209,7 +212,10 @@ def build_teacher_for(cfg: Config, device: torch.device, log=print):
         if t.train_config is None:
             raise FileNotFoundError(f"teacher checkpoint not found: {ckpt} (teacher.checkpoint); set "
                                     f"teacher.train_config to train one, or point teacher.checkpoint at a file")
-        train_teacher(expand_path(t.train_config), Path(ckpt), device=str(device), log=log)
+        if rank == 0:
+            train_teacher(expand_path(t.train_config), Path(ckpt), device=str(device), log=log)
+    if ckpt is not None and world_size > 1:
+        barrier()
     return build_teacher(t.name, num_classes=cfg.num_classes, weights=t.weights, checkpoint=ckpt).to(device)
 
 
@@ -218,12 +224,16 @@ def build_teacher_for(cfg: Config, device: torch.device, log=print):
 class Trainer:
     """Builds everything from a ``Config`` and runs ``fit()``; see the module docstring.
 
-    rank/world_size: the process's place in a data-parallel job (1 process: 0/1). Only rank 0 logs and
-    writes files; ``all_reduce`` sums evaluation counts across processes when torch.distributed is up.
+    rank/world_size: the process's place in a data-parallel job (1 process: 0/1). With world_size > 1
+    and an initialized process group the trainable student parts are wrapped in DDP (``self.ddp``), the
+    teacher stays local; only rank 0 logs and writes files; ``all_reduce`` sums evaluation counts.
+    resume: False, True (OUT/last.pt must exist) or "auto" (resume when OUT/last.pt exists).
     """
 
-    def __init__(self, cfg: Config, out_dir, *, resume: bool = False, rank: int = 0, world_size: int = 1,
+    def __init__(self, cfg: Config, out_dir, *, resume: bool | str = False, rank: int = 0, world_size: int = 1,
                  log=print):
+        if resume not in (False, True, "auto"):
+            raise ValueError(f"resume must be False, True or 'auto', got {resume!r}")
         self.cfg = cfg
         self.out = Path(out_dir)
         self.rank, self.world_size = rank, world_size
@@ -231,19 +241,34 @@ class Trainer:
         self._print = log
         tr = cfg.train
         self.device = resolve_device(tr.device)
+        distributed = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed and self.device.type == "cuda":
+            local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+            if self.device.index is not None and self.device != local:
+                raise ConfigError(f"train.device={tr.device!r}, but this rank's GPU is {local} (LOCAL_RANK); "
+                                  f"use train.device=auto or cuda under torchrun")
+            self.device = local
+        if tr.sync_bn and distributed and self.device.type != "cuda":
+            raise ConfigError("train.sync_bn=true needs CUDA: torch's SyncBatchNorm has no CPU implementation")
         self.amp = tr.amp == "bf16" or (tr.amp == "auto" and self.device.type == "cuda")
         set_deterministic(tr.deterministic, self.device)
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            for stale in self.out.glob(".*.pt.*.tmp"):  # left by a process killed while saving
+                stale.unlink(missing_ok=True)
+        if resume == "auto":
+            resume = self._last_checkpoint_exists()
 
         from .models import build_student
-        self.teacher = build_teacher_for(cfg, self.device, log=self.log)
+        self.teacher = build_teacher_for(cfg, self.device, log=self.log, rank=rank, world_size=world_size)
         seed_everything(tr.seed)
         self.data = build_data(cfg, rank=rank, world_size=world_size, device=self.device)
         self.channels_last = tr.channels_last and self.data.kind == "image"
         self.student = build_student(cfg.student.name, num_classes=cfg.num_classes,
                                      aux_head=cfg.student.aux_head, aux_hidden=cfg.student.aux_hidden,
                                      aux_dropout=cfg.student.aux_dropout).to(self.device)
+        if tr.sync_bn and distributed:
+            self.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
         if self.channels_last:
             self.student.to(memory_format=torch.channels_last)
             if self.teacher is not None:
@@ -280,6 +305,36 @@ class Trainer:
         elif self.is_main:
             (self.out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
             self.metrics.truncate_after(-1)  # a fresh run starts a fresh metrics.jsonl
+        self.ddp = None
+        if distributed:
+            self.ddp = wrap_ddp(self.distiller, self.device, find_unused_parameters=self._may_skip_aux_head())
+            barrier()  # every rank has read the checkpoint before rank 0 writes the next one
+
+    def _last_checkpoint_exists(self) -> bool:
+        """``resume="auto"``: whether OUT/last.pt exists, the same answer on every rank."""
+        seen = torch.tensor([float((self.out / "last.pt").is_file())], dtype=torch.float64, device=self.device)
+        self.all_reduce(seen)
+        if seen.item() not in (0.0, float(self.world_size)):
+            raise CheckpointError(f"{self.out / 'last.pt'} is visible to {int(seen.item())} of {self.world_size} "
+                                  f"processes: --out must be on a file system every node shares")
+        return seen.item() > 0
+
+    def _may_skip_aux_head(self) -> bool:
+        """Whether a wrapped module can go without a gradient in some step (DDP's find_unused_parameters)."""
+        if not self.distiller.uses_aux_head:
+            return False  # the aux head is not wrapped (TrainedParts)
+        c = self.cfg.loss
+        return c.logit_weight == 0 or c.logit_weight_off_epoch is not None or (c.ce_weight == 0 and c.kd_weight == 0)
+
+    def _ddp_hooks(self) -> bool:
+        """DDP's own gradient all-reduce (overlapped with backward) serves one forward + one backward per
+        micro-batch; gradient alignment (and the grad probe) run several backward passes, so their
+        micro-batches run locally and ``sync_gradients`` averages the accumulated gradients once."""
+        return self.ddp is not None and not (self.distiller.cfg.ga or self.distiller.grad_probe)
+
+    def sync_gradients(self) -> None:
+        """Average the accumulated gradients over ranks by hand (the micro-batches ran under no_sync)."""
+        all_reduce_mean_([p.grad for p in self.student.parameters() if p.grad is not None])
 
     # -------------------------------------------------- hooks
     def log(self, msg: str) -> None:
@@ -292,8 +347,20 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def micro_batch_context(self, last: bool):
-        """Context of one micro-batch's backward; a DDP trainer returns ``no_sync()`` unless ``last``."""
-        return nullcontext()
+        """Context of one micro-batch's forward + backward: DDP's ``no_sync()`` except for the last
+        micro-batch of a step whose gradients DDP all-reduces itself."""
+        if self.ddp is None or (last and self._ddp_hooks()):
+            return nullcontext()
+        return self.ddp.no_sync()
+
+    def micro_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> dict:
+        """Forward + backward of one micro-batch (loss scaled by 1/accum); detached losses."""
+        if not self._ddp_hooks():
+            return self.distiller.train_step(x, y, epoch, scale=1.0 / self.accum)
+        _, out = self.ddp(x, y, epoch)
+        (out["loss"] * (1.0 / self.accum)).backward()
+        out["loss"] = out["loss"].detach()
+        return out
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over processes (identity for one process)."""
@@ -354,6 +421,8 @@ class Trainer:
     def evaluate(self, model=None) -> dict:
         """Top-1/top-5 of the student's main and auxiliary heads (or of ``model``'s logits) on val."""
         student = self.student
+        if getattr(self, "ddp", None) is not None:  # rank 0's BatchNorm statistics on every rank
+            broadcast_tensors(list(student.buffers()))
         was_training = student.training
         student.eval()
         counts = torch.zeros(6, dtype=torch.float64, device=self.device)  # m1 m5 a1 a5 n ce_sum
@@ -393,15 +462,18 @@ class Trainer:
     def train_step(self, batches, epoch: int) -> dict:
         """One optimizer step over ``accum_steps`` (images, labels) micro-batches; detached stats."""
         stats = {}
+        maybe_inject_fault(self.step + 1, self.rank)
         for i, (x, y) in enumerate(batches):
             with self.micro_batch_context(last=i == len(batches) - 1):
-                out = self.distiller.train_step(x, y, epoch, scale=1.0 / self.accum)
+                out = self.micro_step(x, y, epoch)
             for k, v in out.items():
                 v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
                 if k in ("correct", "n_valid"):
                     stats[k] = stats.get(k, 0) + v
                 else:
                     stats[k] = stats.get(k, 0) + v / self.accum
+        if self.ddp is not None and not self._ddp_hooks():
+            self.sync_gradients()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -420,6 +492,8 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> dict:
         self.student.train()
+        if self.world_size > 1:  # per-rank dropout masks, a function of (seed, epoch, rank) for resume
+            torch.manual_seed((self.cfg.train.seed * 1_000_003 + epoch) * 10_007 + self.rank)
         loader = self.data.train
         loader.set_epoch(epoch)
         it = iter(loader)
@@ -451,6 +525,11 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
             if win_steps == log_every or i == self.steps_per_epoch - 1:
+                if self.world_size > 1:  # the window's means over all ranks
+                    keys = sorted(win)
+                    vals = self.all_reduce(torch.stack([torch.as_tensor(win[k], dtype=torch.float64,
+                                                                         device=self.device) for k in keys]))
+                    win = dict(zip(keys, vals / self.world_size))
                 means = {k: float(v) / win_steps for k, v in win.items()}  # synchronizes the device
                 loss = means.pop("loss")
                 dt = time.perf_counter() - win_t0
@@ -499,6 +578,8 @@ class Trainer:
                 self.best_acc1 = val["val/acc1_main"]
             self.save(row, is_best)
             self.metrics.write(row)
+            if self.world_size > 1:
+                barrier()  # no rank starts the next epoch before last.pt is in place
             aux = f", aux {val['val/acc1_aux']:.2f}%" if self.distiller.uses_aux_head else ""
             self.log(f"[dhkd] epoch {self.epoch}/{tr.epochs}: train loss {row['train/loss']:.4f}, "
                      f"val top-1 main {val['val/acc1_main']:.2f}%{aux} ({row['epoch_time_s']:.1f}s)")
@@ -507,6 +588,8 @@ class Trainer:
             atomic_save({"model": self.student.export_student().state_dict(), "config": to_dict(self.cfg)},
                         self.out / "student.pt")
         self.metrics.close()
+        if self.world_size > 1:
+            barrier()  # every rank returns after rank 0's last writes
         return last
 
 
