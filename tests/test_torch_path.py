@@ -187,3 +187,9 @@ def test_binary_kl_exact_past_softplus_cutoff():
     inputs["teacher_logits"] = torch.tensor([-21.0, 23.0, -40.0, 0.5, 25.0, -22.0],
                                             dtype=torch.float64).repeat(3, 1) * 2.0
     assert_matches_reference(inputs, backend="torch", logit_loss="binary_kl", ce_weight=0.0)
+
+
+def test_confident_row_gradients_no_worse_than_eager():
+    """A property-test example: p_y -> 1 in float32 (z - lse used to lose p_y - 1's digits)."""
+    inputs = make_inputs(1, 1, 36, logit_scale=10.0, teacher_scale=0.0, seed=469)
+    assert_matches_reference(inputs, backend="torch", ce_weight=1.0, kd_weight=0.0, logit_weight=0.0)

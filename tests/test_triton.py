@@ -96,6 +96,18 @@ def test_teacher_equals_student(device):
     assert_matches_reference(inputs, backend="triton", kd_weight=1.0, ce_weight=0.0)
 
 
+def test_confident_rows_keep_small_ce_and_gradients(device):
+    """p_y -> 1 in float32: CE ~ 1e-5 and p_y - 1 keep their digits (eager float32 loses ~1% here)."""
+    inputs = make_inputs(1, 1, 36, device=device, logit_scale=10.0, teacher_scale=0.0, seed=469)
+    opts = dict(ce_weight=1.0, kd_weight=0.0, logit_weight=0.0)
+    loss, grads = loss_and_grads(inputs, backend="triton", **opts)
+    ref, ref_grads = reference_in(inputs, torch.float64, **opts)
+    assert ref.item() < 1e-3  # the case is confident
+    assert rel_err(loss, ref) < 1e-5
+    for k in ("features", "head_weight", "head_bias"):
+        assert rel_err(grads[k], ref_grads[k]) < 1e-5, k
+
+
 @pytest.mark.parametrize("gap", [1e-3, 0.3, 3.0])
 def test_small_gaps_keep_relative_accuracy(device, gap):
     """BinaryKL-Norm of a student close to its teacher: tiny losses stay accurate in float32."""

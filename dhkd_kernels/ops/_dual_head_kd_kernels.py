@@ -11,12 +11,16 @@ Four kernels:
         3 z1[y]    4 first index of m1 (as float; exact below 2**24)
         5 mt       6 st = sum exp(t/T - mt)       7 K = sum exp(t/T - mt) ((t/T - mt) - (z1/T - ms))
         8 sum_c l(z2, t)  with l the unscaled per-element logit loss (log cosh or Bernoulli KL)
-    so that KD/T^2 = K/st - log st + log s1T and CE = m1 + log s1 - z1[y].
+        9 s1n = sum_{c != y} exp(z1 - m1)
+    so that KD/T^2 = K/st - log st + log s1T, CE = (m1 - z1[y]) + log s1 and 1 - p_y = s1n / s1
+    (no cancellation for confident rows, where p_y - 1 computed as exp(.) - 1 would lose its digits).
     Traffic per program: BLOCK_N (D + Da) activations, split x (D + Da) weights, BLOCK_N x split
     teacher; FLOPs 2 BLOCK_N split (D + Da) on tensor cores plus ~30 per logit in the epilogue.
 
 ``finalize_kernel``  one program: merges the splits of every row with the same online-softmax
-    algebra, writes lse(z1), lse(z1/T), lse(t/T) per row (the only state kept for the backward) and
+    algebra, writes six floats per row, the only state kept for the backward: m1, log s1,
+    q = 1 - p_y, log s1T, mt, log st (maxima and log-sums kept apart, so the backward forms
+    (z1 - m1) - log s1 rather than z1 - lse, whose rounding is at the scale of the largest logit), and
     reduces the valid rows in a fixed order into loss, terms, correct and n_valid.
 
 ``dz_kernel``  grid (row blocks, class blocks) of one (row chunk, class slab): recomputes the z1, z2
@@ -24,7 +28,7 @@ Four kernels:
         dz1 = valid (ce_w (softmax(z1) - onehot(y)) + kd_w T (softmax(z1/T) - softmax(t/T)))
         dz2 = valid lg_w (tau/2) tanh((z2 - t)/(2 tau))      [BinaryKL-Norm]
         dz2 = valid lg_w tau (sig(z2/tau) - sig(t/tau))       [BinaryKL]
-    from the saved row log-sum-exps. The scalar grad_loss / max(|V|, 1) (or grad_loss for "sum") is
+    from the saved row statistics; the target column of the CE term is -q. The scalar grad_loss / max(|V|, 1) (or grad_loss for "sum") is
     applied in fp32 after the GEMMs instead, so that small probabilities divided by |V| do not
     underflow in a 16-bit dz (fp16's smallest normal is 6e-5).
 
@@ -44,7 +48,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-NSTAT = 9
+NSTAT = 10
 LN2 = tl.constexpr(0.6931471805599453)
 
 
@@ -132,6 +136,7 @@ def fwd_partials_kernel(
     # finite "minus infinity" for the running maxima: exp(start - max) = 0 and no inf - inf = NaN
     m1 = tl.full((BLOCK_N,), -1.0e30, tl.float32)
     s1 = tl.zeros((BLOCK_N,), tl.float32)
+    s1n = tl.zeros((BLOCK_N,), tl.float32)
     s1t = tl.zeros((BLOCK_N,), tl.float32)
     zy = tl.zeros((BLOCK_N,), tl.float32)
     amax = tl.zeros((BLOCK_N,), tl.int32)
@@ -158,7 +163,9 @@ def fwd_partials_kernel(
             m_new = tl.maximum(m1, tmax)
             tidx = tl.min(tl.where(z1m == tmax[:, None], cols[None, :], 2147483647), 1)
             amax = tl.where(tmax > m1, tidx, amax)
-            s1 = s1 * tl.exp(m1 - m_new) + tl.sum(tl.exp(z1m - m_new[:, None]), 1)
+            e1 = tl.exp(z1m - m_new[:, None])
+            s1 = s1 * tl.exp(m1 - m_new) + tl.sum(e1, 1)
+            s1n = s1n * tl.exp(m1 - m_new) + tl.sum(tl.where(cols64[None, :] == y[:, None], 0.0, e1), 1)
             zy += tl.sum(tl.where(cols64[None, :] == y[:, None], z1, 0.0), 1)
             if NEED_KD:
                 t = tl.load(t_ptrs, mask=tile_mask, other=0.0).to(tl.float32)
@@ -196,7 +203,7 @@ def fwd_partials_kernel(
 
     # stat k at p + k N, reached by pointer += N steps (never k * N in int32); only the stats of the
     # parts this launch computed are written (the two heads may run as separate launches)
-    p = part_ptr + pid_s.to(tl.int64) * 9 * N + rows64
+    p = part_ptr + pid_s.to(tl.int64) * 10 * N + rows64
     if NEED_Z1:
         tl.store(p, m1, mask=rmask)
         tl.store(p + N, s1, mask=rmask)
@@ -215,11 +222,14 @@ def fwd_partials_kernel(
     p += N + N + N
     if NEED_LOGIT:
         tl.store(p, lsum, mask=rmask)
+    p += N
+    if NEED_Z1:
+        tl.store(p, s1n, mask=rmask)
 
 
 @triton.jit
 def dz_kernel(
-    # pointers: inputs as in fwd_partials_kernel; stats (3, N) fp32 = lse(z1), lse(z1/T), lse(t/T);
+    # pointers: inputs as in fwd_partials_kernel; stats (6, N) fp32 from finalize_kernel;
     # outputs dz1/dz2 (rows, cols) of one chunk, in the matmul dtype
     x_ptr, w1_ptr, b1_ptr, a_ptr, w2_ptr, b2_ptr, t_ptr, y_ptr, stats_ptr, dz1_ptr, dz2_ptr,
     # sizes: chunk = rows [row0, row0 + n_rows) x classes [col0, col0 + n_cols)
@@ -254,14 +264,20 @@ def dz_kernel(
         if HAS_B1:
             z1 += tl.load(b1_ptr + cols64, mask=cmask, other=0.0).to(tl.float32)[None, :]
         g = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
+        sp = stats_ptr + rows64
+        m1 = tl.load(sp, mask=rmask, other=0.0)
         if CE_ON:
-            lse1 = tl.load(stats_ptr + rows64, mask=rmask, other=0.0)
-            onehot = tl.where(cols64[None, :] == y[:, None], 1.0, 0.0)
-            g += ce_w * (tl.exp(z1 - lse1[:, None]) - onehot)
+            log_s1 = tl.load(sp + N, mask=rmask, other=0.0)
+            q = tl.load(sp + N + N, mask=rmask, other=0.0)
+            p1 = tl.exp((z1 - m1[:, None]) - log_s1[:, None])
+            g += ce_w * tl.where(cols64[None, :] == y[:, None], -q[:, None], p1)
         if KD_ON:
-            lse_s = tl.load(stats_ptr + N + rows64, mask=rmask, other=0.0)
-            lse_t = tl.load(stats_ptr + N + N + rows64, mask=rmask, other=0.0)
-            g += kd_w_t * (tl.exp(z1 * inv_kd_t - lse_s[:, None]) - tl.exp(t * inv_kd_t - lse_t[:, None]))
+            sp += N + N + N
+            log_s1t = tl.load(sp, mask=rmask, other=0.0)
+            mt = tl.load(sp + N, mask=rmask, other=0.0)
+            log_st = tl.load(sp + N + N, mask=rmask, other=0.0)
+            g += kd_w_t * (tl.exp((z1 - m1[:, None]) * inv_kd_t - log_s1t[:, None])
+                           - tl.exp((t * inv_kd_t - mt[:, None]) - log_st[:, None]))
         g = tl.where(valid[:, None], g, 0.0)
         if INTERP_BF16:
             g = _rtne_bf16(g)
@@ -343,7 +359,7 @@ def mm_kernel(
 
 @triton.jit
 def finalize_kernel(
-    # pointers: part (S, NSTAT, N) fp32 from fwd_partials_kernel; y (N,); outputs: stats (3, N) fp32,
+    # pointers: part (S, NSTAT, N) fp32 from fwd_partials_kernel; y (N,); outputs: stats (6, N) fp32,
     # loss () fp32, terms (3,) fp32, correct () int64, n_valid () int64
     part_ptr, y_ptr, stats_ptr, loss_ptr, terms_ptr, correct_ptr, nvalid_ptr,
     # sizes; split_stride = NSTAT * N
@@ -377,6 +393,7 @@ def finalize_kernel(
                 mtx = tl.maximum(mtx, tl.load(p + N + N + N + N + N, mask=rmask, other=0.0))
             p += split_stride
         s1 = tl.zeros((BLOCK_N,), tl.float32)
+        s1n = tl.zeros((BLOCK_N,), tl.float32)
         s1t = tl.zeros((BLOCK_N,), tl.float32)
         zy = tl.zeros((BLOCK_N,), tl.float32)
         first = tl.full((BLOCK_N,), -1.0, tl.float32)
@@ -396,9 +413,11 @@ def finalize_kernel(
             p6 = p5 + N
             p7 = p6 + N
             p8 = p7 + N
+            p9 = p8 + N
             if NEED_Z1:
                 # masked rows read 1 so that their (unused) logs stay finite
                 s1 += tl.load(p1, mask=rmask, other=1.0) * tl.exp(m1 - mx)
+                s1n += tl.load(p9, mask=rmask, other=0.0) * tl.exp(m1 - mx)
                 zy += tl.load(p3, mask=rmask, other=0.0)
                 idx = tl.load(p4, mask=rmask, other=0.0)
                 # splits are in class order: the first split holding the max has the first index
@@ -416,23 +435,33 @@ def finalize_kernel(
             p += split_stride
         sp = stats_ptr + rows64
         nv_acc += valid.to(tl.int64)
+        zero = tl.zeros((BLOCK_N,), tl.float32)
         if NEED_Z1:
-            lse1 = mx + tl.log(s1)
-            tl.store(sp, lse1, mask=rmask)
-            ce_acc += tl.where(valid, lse1 - zy, 0.0)
+            # confident row (target is the max, s1 = 1 + s1n with s1n small): log1p by its series,
+            # since log(1 + x) rounds x to the fp32 spacing of 1
+            x1 = s1n
+            log_s1 = tl.where((zy == mx) & (x1 < 1e-3), x1 * (1.0 - x1 * (0.5 - x1 * (1.0 / 3.0))), tl.log(s1))
+            tl.store(sp, mx, mask=rmask)
+            tl.store(sp + N, log_s1, mask=rmask)
+            tl.store(sp + N + N, s1n / s1, mask=rmask)
+            ce_acc += tl.where(valid, (mx - zy) + log_s1, 0.0)
             ok_acc += (valid & (first.to(tl.int64) == y)).to(tl.int64)
         else:
-            tl.store(sp, tl.zeros((BLOCK_N,), tl.float32), mask=rmask)
-        sp += N
+            tl.store(sp, zero, mask=rmask)
+            tl.store(sp + N, zero, mask=rmask)
+            tl.store(sp + N + N, zero, mask=rmask)
+        sp += N + N + N
         if NEED_KD:
             log_s1t = tl.log(s1t)
             log_st = tl.log(st)
-            tl.store(sp, mx * inv_kd_t + log_s1t, mask=rmask)
-            tl.store(sp + N, mtx + log_st, mask=rmask)
+            tl.store(sp, log_s1t, mask=rmask)
+            tl.store(sp + N, mtx, mask=rmask)
+            tl.store(sp + N + N, log_st, mask=rmask)
             kd_acc += tl.where(valid, kd_t * kd_t * (kacc / st - log_st + log_s1t), 0.0)
         else:
-            tl.store(sp, tl.zeros((BLOCK_N,), tl.float32), mask=rmask)
-            tl.store(sp + N, tl.zeros((BLOCK_N,), tl.float32), mask=rmask)
+            tl.store(sp, zero, mask=rmask)
+            tl.store(sp + N, zero, mask=rmask)
+            tl.store(sp + N + N, zero, mask=rmask)
         if NEED_LOGIT:
             lg_acc += tl.where(valid, tau * tau * lsum, 0.0)
     n_valid = tl.sum(nv_acc, 0)

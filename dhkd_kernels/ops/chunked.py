@@ -38,10 +38,12 @@ def row_losses_and_grads(z1, z2, t, y, *, kd_temperature, logit_temperature, log
     """
     ce = kd = logit = dz1 = dz2 = None
     if need_ce:
-        lse = torch.logsumexp(z1, dim=-1)
-        ce = lse - z1.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        # log_softmax shifts by the row max before the log-sum-exp, so p_y - 1 keeps its small
+        # value for confident rows (z - lse would round lse at the scale of the max logit)
+        log_p = F.log_softmax(z1, dim=-1)
+        ce = -log_p.gather(-1, y.unsqueeze(-1)).squeeze(-1)
         if need_grad and ce_weight:
-            dz1 = torch.exp(z1 - lse.unsqueeze(-1))
+            dz1 = log_p.exp_()
             dz1.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(ce, -1.0).unsqueeze(-1))
             dz1.mul_(ce_weight)
     if need_kd:

@@ -10,8 +10,8 @@ softmax(t/T), the KD cross term, z1[y], the first arg-max of z1 and the summed l
 9 floats per (split, row) are written; the (N, C) logits of either head never reach memory. Class
 splits exist so that small batches still fill the GPU (flash-decoding style); a one-program
 ``finalize_kernel`` merges the splits with the same online-softmax algebra, reduces the valid rows in
-a fixed order into loss/terms/correct/n_valid, and saves three per-row log-sum-exps, lse(z1),
-lse(z1/T), lse(t/T), for the backward: 12 bytes per row.
+a fixed order into loss/terms/correct/n_valid, and saves six floats per row for the backward (the
+three softmaxes' maxima and log-sums kept apart, and 1 - p_y): 24 bytes per row.
 
 Backward, per (class slab, row chunk): ``dz_kernel`` recomputes the z1/z2 tile with ``tl.dot`` and
 writes dz1, dz2 (fp32 arithmetic, the one-hot subtracted in fp32, then rounded to the matmul dtype;
@@ -23,8 +23,8 @@ Nothing besides the row statistics is kept between forward and backward. Trade-o
 projections are computed twice (forward and backward), i.e. 4 GEMM-sized products instead of the
 minimal 3, in exchange for O(N) saved state and no logits in memory.
 
-Memory bound (extra, beyond inputs and gradients): 36 S B/row of split statistics (S splits) and
-12 B/row saved; in the backward the dz buffers of one chunk, at most max(DZ_BUDGET_BYTES, 256 * 1024 * 16)
+Memory bound (extra, beyond inputs and gradients): 40 S B/row of split statistics (S splits) and
+24 B/row saved; in the backward the dz buffers of one chunk, at most max(DZ_BUDGET_BYTES, 256 * 1024 * 16)
 bytes (DZ_BUDGET_BYTES = 256 MiB by default, env ``DHKD_DZ_BUDGET_MB``); an fp32 accumulator for
 dX (and dA) of N x D (N x Da) x 4 bytes only when the classes need several slabs and the inputs are
 16-bit; an fp32 accumulator of slab x D x 4 bytes for dW only when the rows need several chunks and
@@ -208,7 +208,8 @@ def _interp_bf16(dtype: torch.dtype, device: torch.device) -> bool:
 
 def _forward(x, w1, b1, a, w2, b2, t, y, ce_w, kd_w, lg_w, kd_t, tau, kl_norm, ignore_index, mean,
              components, tf32):
-    """Returns loss (), terms (3,), correct (), n_valid (), stats (3, N) = lse(z1), lse(z1/T), lse(t/T)."""
+    """Returns loss (), terms (3,), correct (), n_valid (), stats (6, N) = max z1, log sum exp(z1 - max),
+    1 - p_y, log sum exp((z1 - max)/T), max t/T, log sum exp(t/T - max)."""
     n, c = t.shape
     dev = x.device
     f32 = torch.float32
@@ -234,7 +235,7 @@ def _forward(x, w1, b1, a, w2, b2, t, y, ce_w, kd_w, lg_w, kd_t, tau, kl_norm, i
     per_split = triton.cdiv(n_tiles, splits) * granule
     splits = triton.cdiv(c, per_split)
     part = _buffer((splits, K.NSTAT, n), f32, dev)
-    stats = _buffer((3, n), f32, dev)
+    stats = _buffer((6, n), f32, dev)
     if need_z1 and need_logit and _split_heads(x.dtype):
         passes = [(True, need_kd, False), (False, False, True)]
     else:
@@ -436,7 +437,7 @@ def _fwd_fake(x, w1, b1, a, w2, b2, t, y, *scalars):
     f32 = torch.float32
     return (x.new_empty((), dtype=f32), x.new_empty((3,), dtype=f32),
             x.new_empty((), dtype=torch.int64), x.new_empty((), dtype=torch.int64),
-            x.new_empty((3, t.shape[0]), dtype=f32))
+            x.new_empty((6, t.shape[0]), dtype=f32))
 
 
 @torch.library.custom_op("dhkd::dual_head_kd_bwd", mutates_args=())
