@@ -3,6 +3,7 @@
     dhkd train --config FILE --out DIR [--resume] [section.key=value ...]
     dhkd eval  --checkpoint FILE --config FILE [section.key=value ...]
     dhkd demo  [--out DIR] [--epochs N]
+    dhkd experiment mnist1d [--quick] [--out DIR] [--seeds N] [--jobs J]
 
 (also ``python -m dhkd ...``). The config and the overrides are checked before anything runs; errors
 print one line and exit with status 2.
@@ -100,6 +101,27 @@ def _demo(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {value}")
+    return value
+
+
+def _experiment(args) -> int:
+    """The MNIST-1D head-collapse experiment (``dhkd.experiments.mnist1d``); prints its tables."""
+    from .experiments.mnist1d import run_experiment
+    out = Path(args.out or ("runs/mnist1d_quick" if args.quick else "runs/mnist1d_experiment"))
+    argv = ["dhkd experiment mnist1d"] + (["--quick"] if args.quick else []) + ["--out", str(out)] + \
+        ([f"--seeds {args.seeds}"] if args.seeds is not None else []) + [f"--jobs {args.jobs}"]
+    run_experiment(out, quick=args.quick, seeds=args.seeds, jobs=args.jobs, command=" ".join(argv))
+    print((out / "results.md").read_text(encoding="utf-8"))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="dhkd", description="Dual-Head Knowledge Distillation trainer")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +145,14 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=3, help="student seeds per method (default 3)")
     p.add_argument("--verbose", action="store_true", help="print per-epoch progress")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("experiment", help="the MNIST-1D head-collapse experiment (tables, plots, results.md)")
+    p.add_argument("name", choices=["mnist1d"], help="which experiment")
+    p.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, 5000 signals (CI smoke run)")
+    p.add_argument("--out", default=None, help="run directory (default runs/mnist1d_experiment)")
+    p.add_argument("--seeds", type=_positive_int, default=None, help="student seeds per method (default 5; --quick 1)")
+    p.add_argument("--jobs", type=_positive_int, default=1, help="runs trained in parallel processes (default 1)")
+    p.set_defaults(func=_experiment)
 
     args = parser.parse_args(argv)
     from .config import ConfigError
