@@ -5,9 +5,10 @@
 
 The plan (sample count, epochs, seeds, students, methods and their config overrides) is
 ``DEFAULT_PLAN`` below (or a YAML file of the same shape, ``load_plan(path)``); every run is a method
-config of ``configs/mnist1d/`` plus overrides. One 1-D CNN teacher is trained with ``teacher.yaml`` and cached as ``OUT/teacher.pt``; each
-student run (``OUT/runs/<student>/<method>/seed<k>/``) logs head diagnostics (``train.diagnostics``)
-and is skipped when a finished run with the same config is already there. Written to ``OUT``:
+config of ``configs/mnist1d/`` plus overrides. One 1-D CNN teacher is trained with ``teacher.yaml``
+and cached as ``OUT/teacher.pt``; each student run (``OUT/runs/<student>/<method>/seed<k>/``) logs
+head diagnostics (``train.diagnostics``) and is skipped when a finished run with the same config is
+already there. Written to ``OUT``:
 ``results.md`` (tables of mean ± std over seeds of the final test accuracy of the main and auxiliary
 heads, final-epoch diagnostics, the verdict on the paper's ordering), ``results.json`` (per-seed
 values) and PNGs ``accuracy_<student>.png``, ``diagnostics_<student>.png``.
@@ -243,8 +244,9 @@ def verdict(acc: dict) -> tuple[bool, bool, list]:
     """The paper's ordering on one student's accuracy table (``accuracy_values``).
 
     Returns (collapse_holds, dhkd_holds, lines): collapse_holds is mean(ce_binary_kl) < mean(ce) and
-    < mean(binary_kl); dhkd_holds is mean(dhkd (linear aux)) >= the best single-head mean. ``lines``
-    spell out each difference in points, with its standard error sqrt(s1^2/n1 + s2^2/n2) when n > 1.
+    < mean(binary_kl) (False when one is missing); dhkd_holds is mean(dhkd (linear aux)) >= the best
+    single-head mean (False when missing). ``lines`` spell out each difference in points, with its
+    standard error sqrt(s1^2/n1 + s2^2/n2) when n > 1.
     """
     stats = {m: summarize(c[MAIN_COL]) for m, c in acc.items()}
 
@@ -257,15 +259,17 @@ def verdict(acc: dict) -> tuple[bool, bool, list]:
         return f"{d:+.2f}" + ("" if math.isnan(se) else f" ± {se:.2f}")
 
     lines = []
-    d_ce, se_ce = diff("ce_binary_kl", "ce")
-    d_bkl, se_bkl = diff("ce_binary_kl", "binary_kl")
-    collapse = d_ce < 0 and d_bkl < 0
-    lines.append(f"CE+BinaryKL minus CE: {fmt(d_ce, se_ce)} points; minus BinaryKL: {fmt(d_bkl, se_bkl)} points "
-                 f"-> CE+BinaryKL below both: **{'yes' if collapse else 'no'}**")
+    collapse = False
+    if all(m in stats for m in ("ce", "binary_kl", "ce_binary_kl")):
+        d_ce, se_ce = diff("ce_binary_kl", "ce")
+        d_bkl, se_bkl = diff("ce_binary_kl", "binary_kl")
+        collapse = d_ce < 0 and d_bkl < 0
+        lines.append(f"CE+BinaryKL minus CE: {fmt(d_ce, se_ce)} points; minus BinaryKL: {fmt(d_bkl, se_bkl)} "
+                     f"points -> CE+BinaryKL below both: **{'yes' if collapse else 'no'}**")
     base = [m for m in BASELINES if m in stats]
-    best = max(base, key=lambda m: stats[m][0])
     dhkd_ok = None
-    for m in stats:
+    for m in stats if base else ():
+        best = max(base, key=lambda b: stats[b][0])
         if m.startswith("dhkd"):
             d, se = diff(m, best)
             ok = d >= 0
@@ -362,7 +366,7 @@ def run_experiment(out, *, quick: bool = False, seeds: int | None = None, jobs: 
     """Teacher, every student run, then the report (see the module docstring); returns the summary."""
     import torch
 
-    from ..config import to_dict
+    from ..config import ConfigError, to_dict
     from ..train import train_teacher
     if seeds is not None:
         _positive_int("seeds", seeds)
@@ -374,7 +378,7 @@ def run_experiment(out, *, quick: bool = False, seeds: int | None = None, jobs: 
     ckpt = out / "teacher.pt"
     tcfg = teacher_config(plan)
     if ckpt.is_file() and torch.load(ckpt, map_location="cpu", weights_only=True).get("config") != to_dict(tcfg):
-        raise ValueError(f"{ckpt} was trained with another config (other --quick/sample count?); use another --out")
+        raise ConfigError(f"{ckpt} was trained with another config (other --quick/sample count?); use another --out")
     log(f"dhkd experiment mnist1d: {plan.samples} signals, {plan.epochs} epochs, {plan.seeds} seed(s), "
         f"{len(plan.students)} students x {len(plan.methods)} methods -> {out}")
     if not ckpt.is_file():
