@@ -4,6 +4,8 @@
     torchrun --nproc_per_node=K -m dhkd train ...     (DDP; docs/distributed.md)
     dhkd eval  --checkpoint FILE --config FILE [section.key=value ...]
     dhkd demo  [--out DIR] [--epochs N]
+    dhkd experiment mnist1d [--quick] [--out DIR] [--seeds N] [--jobs J]
+    dhkd bench --report BENCH.json [...] [--out DIR]   (from a checkout: uses benchmarks/report.py)
 
 (also ``python -m dhkd ...``). The config and the overrides are checked before anything runs; errors
 print one line and exit with status 2.
@@ -125,6 +127,37 @@ def _resume_value(argv: list) -> list:
     return out
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {value}")
+    return value
+
+
+def _experiment(args) -> int:
+    """The MNIST-1D head-collapse experiment (``dhkd.experiments.mnist1d``); prints its tables."""
+    from .experiments.mnist1d import run_experiment
+    out = Path(args.out or ("runs/mnist1d_quick" if args.quick else "runs/mnist1d_experiment"))
+    argv = ["dhkd experiment mnist1d"] + (["--quick"] if args.quick else []) + ["--out", str(out)] + \
+        ([f"--seeds {args.seeds}"] if args.seeds is not None else []) + [f"--jobs {args.jobs}"]
+    run_experiment(out, quick=args.quick, seeds=args.seeds, jobs=args.jobs, command=" ".join(argv))
+    print((out / "results.md").read_text(encoding="utf-8"))
+    return 0
+
+
+def _bench(args) -> int:
+    """``dhkd bench --report BENCH.json ...``: the Markdown table and charts of ``benchmarks/report.py``."""
+    try:
+        from benchmarks.report import main as report_main
+    except ImportError as err:
+        raise SystemExit(f"dhkd bench: the benchmarks/ folder of a dhkd checkout must be importable "
+                         f"(run from the repository root): {err}") from None
+    return report_main([*args.report, "--out", args.out])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="dhkd", description="Dual-Head Knowledge Distillation trainer")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -150,6 +183,20 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=3, help="student seeds per method (default 3)")
     p.add_argument("--verbose", action="store_true", help="print per-epoch progress")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("experiment", help="the MNIST-1D head-collapse experiment (tables, plots, results.md)")
+    p.add_argument("name", choices=["mnist1d"], help="which experiment")
+    p.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, 5000 signals (CI smoke run)")
+    p.add_argument("--out", default=None, help="run directory (default runs/mnist1d_experiment)")
+    p.add_argument("--seeds", type=_positive_int, default=None, help="student seeds per method (default 5; --quick 1)")
+    p.add_argument("--jobs", type=_positive_int, default=1, help="runs trained in parallel processes (default 1)")
+    p.set_defaults(func=_experiment)
+
+    p = sub.add_parser("bench", help="benchmark report from pytest-benchmark JSON (run from a checkout)")
+    p.add_argument("--report", nargs="+", required=True, metavar="BENCH.json",
+                   help="pytest-benchmark JSON file(s) written with --benchmark-json")
+    p.add_argument("--out", default="bench-report", help="folder for benchmarks.md and the PNG charts")
+    p.set_defaults(func=_bench)
 
     args, extra = parser.parse_known_args(_resume_value(sys.argv[1:] if argv is None else list(argv)))
     if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):

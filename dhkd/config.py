@@ -114,6 +114,9 @@ class TrainConfig:
     progress: bool = True              # tqdm bar
     tensorboard: bool = True           # when tensorboard is installed
     eval_teacher: bool = True          # log the teacher's val accuracy once at the start
+    diagnostics: bool = False          # per-epoch head diagnostics (diag/main/*, diag/aux/*) and the
+                                       # backbone gradient cosine diag/grad_cos (one extra backward)
+    diagnostics_samples: int = 1000    # validation samples the NC1 of the diagnostics uses
 
 
 @dataclass
@@ -372,6 +375,7 @@ def validate_config(cfg: Config) -> None:
     if tr.max_steps_per_epoch is not None:
         _positive("train.max_steps_per_epoch", tr.max_steps_per_epoch)
     _positive("train.log_every", tr.log_every)
+    _positive("train.diagnostics_samples", tr.diagnostics_samples)
     _choice("train.amp", tr.amp, ("auto", "bf16", "off"))
     if not (tr.device in ("auto", "cpu", "cuda") or tr.device.startswith("cuda:")):
         raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {tr.device!r}")

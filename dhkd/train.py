@@ -274,6 +274,7 @@ class Trainer:
             if self.teacher is not None:
                 self.teacher.to(memory_format=torch.channels_last)
         self.distiller = build_distiller(self.student, self.teacher, cfg, autocast=self.autocast)
+        self.distiller.grad_probe = tr.diagnostics
         if tr.compile:
             self.distiller.features = torch.compile(self.distiller.features)
             if self.distiller.teacher_forward is not None:
@@ -458,6 +459,35 @@ class Trainer:
             del row["val/acc1_aux"], row["val/acc5_aux"]
         return row
 
+    @torch.no_grad()
+    def head_diagnostics(self) -> dict:
+        """``dhkd.diagnostics.head_report`` of the main head (``diag/main/<key>``) and, for method dhkd,
+        of the auxiliary head (``diag/aux/<key>``), with NC1 on the first ``train.diagnostics_samples``
+        validation samples of this process (eval mode; each head's NC1 on its own input features)."""
+        from .diagnostics import head_report
+        student = self.student
+        was_training = student.training
+        student.eval()
+        feats, aux_feats, labels, n = [], [], [], 0
+        for x, y in self.data.val:
+            x = self.data.prepare(x, self.device, self.channels_last)
+            with self.autocast():
+                f, a = student.forward_features(x)
+            feats.append(f.float())
+            aux_feats.append(f.float() if a is None else a.float())
+            labels.append(y.to(self.device))
+            n += y.shape[0]
+            if n >= self.cfg.train.diagnostics_samples:
+                break
+        student.train(was_training)
+        k = self.cfg.train.diagnostics_samples
+        f, a, y = torch.cat(feats)[:k], torch.cat(aux_feats)[:k], torch.cat(labels)[:k]
+        c = self.cfg.num_classes
+        row = {f"diag/main/{key}": v for key, v in head_report(student.head.weight, f, y, c).items()}
+        if self.distiller.uses_aux_head:
+            row.update({f"diag/aux/{key}": v for key, v in head_report(student.aux_head.weight, a, y, c).items()})
+        return row
+
     # -------------------------------------------------- training
     def train_step(self, batches, epoch: int) -> dict:
         """One optimizer step over ``accum_steps`` (images, labels) micro-batches; detached stats."""
@@ -501,6 +531,7 @@ class Trainer:
         log_every = self.cfg.train.log_every
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss_sum steps correct
         n_seen = 0
+        grad_cos = []
         win_t0, win_images, win_data, win_steps = time.perf_counter(), 0, 0.0, 0
         win = {}
         for i in range(self.steps_per_epoch):
@@ -518,6 +549,8 @@ class Trainer:
             totals[1] += 1
             totals[2] += stats.get("correct", 0)
             n_seen += sum(b[1].shape[0] for b in batches)
+            if "grad_cos" in stats:
+                grad_cos.append(stats["grad_cos"])
             for k in ("loss", "ce", "kd", "logit", "smooth", "grad_cos", "ga_conflict"):
                 if k in stats:
                     win[k] = win.get(k, 0) + stats[k]
@@ -548,8 +581,11 @@ class Trainer:
         if bar is not None:
             bar.close()
         self.all_reduce(totals)
-        return {"train/loss": totals[0].item() / max(totals[1].item(), 1),
-                "train/acc1_main": 100 * totals[2].item() / max(n_seen * self.world_size, 1)}
+        out = {"train/loss": totals[0].item() / max(totals[1].item(), 1),
+               "train/acc1_main": 100 * totals[2].item() / max(n_seen * self.world_size, 1)}
+        if grad_cos and self.cfg.train.diagnostics and any(self.distiller.loss_weights(epoch)[:2]):
+            out["diag/grad_cos"] = torch.stack(grad_cos).mean().item()
+        return out
 
     def fit(self) -> dict:
         """Train from ``self.epoch`` to ``train.epochs`` (or ``train.stop_after_epoch``); the last eval row."""
@@ -569,6 +605,8 @@ class Trainer:
             t0 = time.perf_counter()
             train_stats = self.train_epoch(epoch)
             val = self.evaluate()
+            if tr.diagnostics:
+                val.update(self.head_diagnostics())
             self.epoch = epoch + 1
             row = {"kind": "eval", "epoch": self.epoch, "step": self.step,
                    "lr": self.optimizer.param_groups[0]["lr"], **train_stats, **val,

@@ -198,3 +198,11 @@ def test_report_merges_several_runs(bench_json, tmp_path):
     md = (tmp_path / "m" / "benchmarks.md").read_text()
     assert "| llm-128k | 8192x4096x128256 | compiled | 94.800 |" in md
     assert "| imagenet-r18 | 1024x512x1000 | fused (triton) | 1.000 |" in md
+
+
+def test_dhkd_bench_report_cli(bench_json, tmp_path):
+    from dhkd.cli import main
+    out = tmp_path / "cli-report"
+    assert main(["bench", "--report", str(bench_json), "--out", str(out)]) == 0
+    table = (out / "benchmarks.md").read_text()
+    assert "imagenet-r18" in table and "llm-32k" in table
