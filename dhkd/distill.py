@@ -120,7 +120,8 @@ class Distiller(nn.Module):
             return mlp(f)
 
     def _fused(self, f, a, t, labels, ce, kd, logit, *, components=True, smoothing_only=False):
-        """One ``fused_dual_head_kd_loss`` call (outside autocast) with this method's heads."""
+        """One ``fused_dual_head_kd_loss`` call with this method's heads: under the trainer's autocast
+        (bf16 matmul operands on GPU, as ``F.linear`` would get), except for the reference backend."""
         s = self.student
         w1, b1 = s.head.weight, s.head.bias
         if self.uses_aux_head and not smoothing_only:
@@ -128,10 +129,13 @@ class Distiller(nn.Module):
         else:
             w2, b2, af = w1, b1, None
         c = self.cfg
-        if c.backend == "reference":  # plain autograd wants one dtype
+        if c.backend == "reference":  # plain autograd in the weights' dtype, outside autocast (A/B)
             f = f.to(w1.dtype)
             af = None if af is None else af.to(w2.dtype)
-        with torch.autocast(f.device.type, enabled=False):
+            context = torch.autocast(f.device.type, enabled=False)
+        else:  # the fused loss casts its matmul operands to the autocast dtype, loss math in fp32
+            context = self.autocast()
+        with context:
             return fused_dual_head_kd_loss(
                 f, w1, b1, w2, b2, t, labels, aux_features=af, ce_weight=ce, kd_weight=kd,
                 logit_weight=logit, kd_temperature=1.0 if smoothing_only else c.kd_temperature,
