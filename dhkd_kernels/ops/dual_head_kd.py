@@ -222,7 +222,7 @@ def _forward(x, w1, b1, a, w2, b2, t, y, ce_w, kd_w, lg_w, kd_t, tau, kl_norm, i
         terms = torch.zeros(3, dtype=f32, device=dev)
         loss = terms.sum()
         return loss, terms, torch.zeros((), dtype=torch.int64, device=dev), n_valid, \
-            torch.zeros(3, n, dtype=f32, device=dev)
+            torch.zeros(6, n, dtype=f32, device=dev)
     shared = a is None
     a_ = x if shared else a
     d, da = x.shape[1], a_.shape[1]
