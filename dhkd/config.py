@@ -22,6 +22,9 @@ DATASETS = ("mnist1d", "cifar100", "imagenet", "synthetic")
 NUM_CLASSES = {"mnist1d": 10, "cifar100": 100, "imagenet": 1000}
 
 
+ON_OFF_KEYS = ("train.amp",)  # string fields with an "off" choice: an unquoted YAML off is False
+
+
 class ConfigError(ValueError):
     """A bad configuration file, key or value."""
 
@@ -189,6 +192,8 @@ def _coerce(value, tp, key: str):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, bool) and key in ON_OFF_KEYS:  # YAML 1.1 reads off/no/on/yes as booleans
+            return "on" if value else "off"
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a string, got {value!r}")
         return value

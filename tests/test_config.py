@@ -81,6 +81,16 @@ def test_overrides_are_typed():
     assert parse_override("a.b=null") == ("a.b", None)
 
 
+def test_amp_off_unquoted(tmp_path):
+    """YAML 1.1 reads an unquoted ``off`` as False: ``train.amp=off`` and ``amp: off`` still mean "off"."""
+    assert load_config(CONFIGS / "mnist1d/dhkd.yaml", ["train.amp=off"]).train.amp == "off"
+    f = tmp_path / "c.yaml"
+    f.write_text((CONFIGS / "mnist1d/dhkd.yaml").read_text() + "  amp: off\n")
+    assert load_config(f).train.amp == "off"
+    with pytest.raises(ConfigError, match="train.amp must be one of"):
+        load_config(CONFIGS / "mnist1d/dhkd.yaml", ["train.amp=on"])
+
+
 @pytest.mark.parametrize("override, match", [
     ("train.epoch=2", "unknown config key 'train.epoch'"),
     ("nosection.x=1", "unknown config key 'nosection'"),
