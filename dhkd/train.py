@@ -16,7 +16,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -379,14 +378,14 @@ class Trainer:
                 "config": to_dict(self.cfg), "metrics": row or {}}
 
     def save(self, row: dict, is_best: bool) -> None:
+        """``best.pt`` (on a new best) before ``last.pt``: a crash between the two never leaves a
+        ``last.pt`` whose ``best_acc1`` names an epoch that ``best.pt`` does not hold."""
         if not self.is_main:
             return
-        last = self.out / "last.pt"
-        atomic_save(self.state_dict(row), last)
+        state = self.state_dict(row)
         if is_best:
-            tmp = self.out / f".best.pt.{os.getpid()}.tmp"
-            shutil.copyfile(last, tmp)
-            os.replace(tmp, self.out / "best.pt")
+            atomic_save(state, self.out / "best.pt")
+        atomic_save(state, self.out / "last.pt")
 
     def resume(self, path: Path) -> None:
         ckpt = load_checkpoint(path)
@@ -415,6 +414,9 @@ class Trainer:
         self.best_acc1 = float(ckpt.get("best_acc1", -1.0))
         set_rng_state(ckpt["rng"])
         self.metrics.truncate_after(epoch)
+        row = ckpt.get("metrics") or {}
+        if self.is_main and epoch and row.get("epoch") == epoch and epoch not in done:
+            self.metrics.write(row)  # the process died between last.pt and its metrics.jsonl row
         self.log(f"[dhkd] resumed from {path}: epoch {epoch}, step {self.step}")
 
     # -------------------------------------------------- evaluation

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -132,6 +133,51 @@ def test_resume_drops_rows_of_an_interrupted_epoch(tmp_path, dhkd_cache):  # noq
     Trainer(cfg("train.log_every=5"), out, resume=True, **QUIET).fit()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["step"] != 99 for r in rows) and [r["epoch"] for r in rows if r["kind"] == "eval"] == [1, 2]
+
+
+def test_crash_between_checkpoint_files_keeps_best_consistent(tmp_path, dhkd_cache, monkeypatch):  # noqa: F811
+    """A crash in the middle of an epoch's checkpoint writes never leaves a last.pt whose best accuracy
+    is not the one best.pt holds; resuming then finishes with best.pt at the best epoch."""
+    import dhkd.train as train_mod
+    out = tmp_path / "run"
+    Trainer(cfg("train.stop_after_epoch=1"), out, **QUIET).fit()
+    trainer = Trainer(cfg(), out, resume=True, **QUIET)
+    trainer.best_acc1 = -1.0  # epoch 2 is a new best
+    real_replace, calls = os.replace, []
+
+    def crash_on_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("killed")
+        real_replace(src, dst)
+    monkeypatch.setattr(train_mod.os, "replace", crash_on_second)
+    with pytest.raises(OSError, match="killed"):
+        trainer.fit()
+    monkeypatch.setattr(train_mod.os, "replace", real_replace)
+    last, best = load_checkpoint(out / "last.pt"), load_checkpoint(out / "best.pt")
+    assert best["metrics"]["val/acc1_main"] == pytest.approx(last["best_acc1"]) or best["epoch"] > last["epoch"]
+    Trainer(cfg(), out, resume=True, **QUIET).fit()
+    last, best = load_checkpoint(out / "last.pt"), load_checkpoint(out / "best.pt")
+    assert best["metrics"]["val/acc1_main"] == pytest.approx(last["best_acc1"])
+
+
+def test_resume_restores_the_row_of_a_crash_after_the_checkpoint(tmp_path, dhkd_cache, monkeypatch):  # noqa: F811
+    """A process that dies after writing last.pt but before its metrics.jsonl row loses no epoch row."""
+    from dhkd.train import MetricsLog
+    out = tmp_path / "run"
+    real_write = MetricsLog.write
+
+    def die_on_eval(self, row):
+        if row.get("kind") == "eval":
+            raise KeyboardInterrupt
+        real_write(self, row)
+    monkeypatch.setattr(MetricsLog, "write", die_on_eval)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg("train.stop_after_epoch=1"), out, **QUIET).fit()
+    monkeypatch.setattr(MetricsLog, "write", real_write)
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1 and eval_rows(out) == []
+    Trainer(cfg(), out, resume=True, **QUIET).fit()
+    assert [r["epoch"] for r in eval_rows(out)] == [1, 2]
 
 
 @pytest.mark.parametrize("path, expected", [
