@@ -96,6 +96,8 @@ class ScheduleConfig:
     milestones: list[int] = field(default_factory=list)  # epochs (step schedule)
     gamma: float = 0.1
     warmup_epochs: float = 0.0         # linear per-iteration warmup from ~0
+    warmup_from_base_lr: bool = False  # warmup from optim.lr (the lr at base_batch) to the scaled lr,
+                                       # as in Goyal et al. 2017, instead of from ~0
     min_lr_factor: float = 0.0         # cosine floor, as a fraction of the peak lr
 
 

@@ -295,7 +295,7 @@ class Trainer:
                               f"per epoch")
         self.lr = scaled_lr(cfg, self.global_batch)
         self.optimizer = build_optimizer(self.student, cfg, self.global_batch)
-        self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch, self.global_batch)
         self.epoch = 0          # completed epochs
         self.step = 0           # optimizer steps
         self.best_acc1 = -1.0

@@ -201,6 +201,12 @@ def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path):
 
 def test_lr_scaling_warmup_and_schedules():
     c = load_config(CONFIGS / "imagenet/r34_r18_dhkd_large_batch.yaml")
+    # Goyal et al.: the warmup starts at the unscaled lr 0.1 (1/32 of 3.2) and reaches 3.2 after 5 epochs
+    f = LRFactor(c, steps_per_epoch=10, global_batch=8192)
+    assert f(0) == pytest.approx(1 / 32) and f(25) == pytest.approx(1 / 32 + 31 / 32 / 2)
+    assert f(49) == pytest.approx(1 / 32 + 31 / 32 * 49 / 50) and f(50) == 1.0
+    assert f(299) == 1.0 and f(300) == pytest.approx(0.1) and f(600) == pytest.approx(0.01)
+    c.sched.warmup_from_base_lr = False
     f = LRFactor(c, steps_per_epoch=10)
     assert f(0) == pytest.approx(1 / 50) and f(49) == pytest.approx(1.0)
     assert f(299) == 1.0 and f(300) == pytest.approx(0.1) and f(600) == pytest.approx(0.01)
@@ -215,6 +221,14 @@ def test_lr_scaling_warmup_and_schedules():
     assert [g["weight_decay"] for g in opt.param_groups] == [1e-4, 0.0]
     assert [len(g["params"]) for g in opt.param_groups] == [1, 3]
     assert opt.param_groups[0]["lr"] == pytest.approx(0.2)
+
+
+def test_trainer_warmup_from_base_lr(tmp_path, dhkd_cache):  # noqa: F811
+    """The first step runs at optim.lr (the lr at base_batch), the first post-warmup step at the scaled lr."""
+    t = Trainer(cfg("optim.lr=0.1", "optim.base_batch=32", "sched.name=constant", "sched.warmup_epochs=1",
+                    "sched.warmup_from_base_lr=true", "train.max_steps_per_epoch=4"), tmp_path, **QUIET)
+    assert t.lr == pytest.approx(0.4) and t.optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+    assert [t.scheduler.lr_lambdas[0](s) for s in range(5)] == pytest.approx([0.25, 0.4375, 0.625, 0.8125, 1.0])
 
 
 def test_lars_step_matches_definition():
