@@ -296,6 +296,7 @@ class Trainer:
         self.lr = scaled_lr(cfg, self.global_batch)
         self.optimizer = build_optimizer(self.student, cfg, self.global_batch)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch, self.global_batch)
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.epoch = 0          # completed epochs
         self.step = 0           # optimizer steps
         self.best_acc1 = -1.0
@@ -506,6 +507,7 @@ class Trainer:
                     stats[k] = stats.get(k, 0) + v / self.accum
         if self.ddp is not None and not self._ddp_hooks():
             self.sync_gradients()
+        self.last_lr = self.optimizer.param_groups[0]["lr"]  # the lr this step uses (logged)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -569,7 +571,7 @@ class Trainer:
                 loss = means.pop("loss")
                 dt = time.perf_counter() - win_t0
                 row = {"kind": "train", "epoch": epoch + 1, "step": self.step,
-                       "lr": self.optimizer.param_groups[0]["lr"], "loss": loss,
+                       "lr": self.last_lr, "loss": loss,
                        "img_per_s": win_images / dt, "data_time_s": win_data / win_steps, **means}
                 row["logit_weight"] = self.distiller.loss_weights(epoch)[2]
                 if not math.isfinite(loss):
@@ -611,7 +613,7 @@ class Trainer:
                 val.update(self.head_diagnostics())
             self.epoch = epoch + 1
             row = {"kind": "eval", "epoch": self.epoch, "step": self.step,
-                   "lr": self.optimizer.param_groups[0]["lr"], **train_stats, **val,
+                   "lr": self.last_lr, **train_stats, **val,
                    "epoch_time_s": time.perf_counter() - t0}
             is_best = val["val/acc1_main"] > self.best_acc1
             if is_best:

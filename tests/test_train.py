@@ -231,6 +231,17 @@ def test_trainer_warmup_from_base_lr(tmp_path, dhkd_cache):  # noqa: F811
     assert [t.scheduler.lr_lambdas[0](s) for s in range(5)] == pytest.approx([0.25, 0.4375, 0.625, 0.8125, 1.0])
 
 
+def test_logged_lr_is_the_lr_the_epoch_trained_with(tmp_path, dhkd_cache):  # noqa: F811
+    """With a milestone at epoch 1, epoch 1's rows show the peak lr and epoch 2's the decayed one (the lr
+    the logged steps used, not the next step's)."""
+    t = Trainer(cfg("sched.name=step", "sched.milestones=[1]", "train.max_steps_per_epoch=3",
+                    "train.log_every=3"), tmp_path, **QUIET)
+    t.fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["epoch"]) for r in rows] == [("train", 1), ("eval", 1), ("train", 2), ("eval", 2)]
+    assert [r["lr"] for r in rows] == pytest.approx([t.lr, t.lr, t.lr * 0.1, t.lr * 0.1])
+
+
 def test_lars_step_matches_definition():
     p = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
     p.grad = torch.tensor([0.6, 0.8])
