@@ -64,24 +64,33 @@ def set_deterministic(flag: bool, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device | None = None) -> dict:
+    """CPU, python and numpy RNG states, plus the CUDA generator of ``device`` alone when it is a GPU
+    (``get_rng_state_all`` would create a CUDA context on every GPU of the node, from every rank)."""
     np_state = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                        "has_gauss": int(np_state[3]), "gauss": float(np_state[4])}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Restore ``rng_state``'s states; the CUDA one into ``device``'s generator (a list from an older
+    checkpoint: its entry for the device's index)."""
     torch.set_rng_state(state["torch"])
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and device is not None and device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if isinstance(cuda, (list, tuple)):
+            cuda = cuda[index] if index < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -375,7 +384,7 @@ class Trainer:
         sched["lr_lambdas"] = [None] * len(sched["lr_lambdas"])
         return {"format_version": CHECKPOINT_FORMAT, "epoch": self.epoch, "step": self.step,
                 "model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": sched, "rng": rng_state(), "best_acc1": self.best_acc1,
+                "scheduler": sched, "rng": rng_state(self.device), "best_acc1": self.best_acc1,
                 "config": to_dict(self.cfg), "metrics": row or {}}
 
     def save(self, row: dict, is_best: bool) -> None:
@@ -413,7 +422,7 @@ class Trainer:
             raise CheckpointError(f"{path} does not match this model/optimizer: {exc}") from exc
         self.epoch, self.step = epoch, int(ckpt["step"])
         self.best_acc1 = float(ckpt.get("best_acc1", -1.0))
-        set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"], self.device)
         self.metrics.truncate_after(epoch)
         row = ckpt.get("metrics") or {}
         if self.is_main and epoch and row.get("epoch") == epoch and epoch not in done:

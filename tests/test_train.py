@@ -242,6 +242,28 @@ def test_logged_lr_is_the_lr_the_epoch_trained_with(tmp_path, dhkd_cache):  # no
     assert [r["lr"] for r in rows] == pytest.approx([t.lr, t.lr, t.lr * 0.1, t.lr * 0.1])
 
 
+def test_rng_state_touches_only_the_training_gpu(monkeypatch):
+    """Checkpoint RNG states hold the CUDA generator of the trainer's device only: the *_all variants
+    create a CUDA context on every GPU of the node (from every rank on resume). CUDA calls are faked."""
+    from dhkd.train import rng_state, set_rng_state
+    calls = []
+
+    def forbidden(*a, **k):
+        raise AssertionError("get/set_rng_state_all touches every GPU")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", forbidden)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", forbidden)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda d: calls.append(("get", d)) or torch.tensor([7]))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda t, d: calls.append(("set", int(t[0]), d)))
+    assert "cuda" not in rng_state(torch.device("cpu"))
+    gpu = torch.device("cuda", 3)
+    state = rng_state(gpu)
+    set_rng_state(state, gpu)
+    set_rng_state({**state, "cuda": [torch.tensor([i]) for i in range(4)]}, gpu)  # an older checkpoint's list
+    set_rng_state(state, torch.device("cpu"))
+    assert calls == [("get", gpu), ("set", 7, gpu), ("set", 3, gpu)]
+
+
 def test_lars_step_matches_definition():
     p = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
     p.grad = torch.tensor([0.6, 0.8])
