@@ -421,6 +421,15 @@ class Trainer:
         except (RuntimeError, KeyError, ValueError) as exc:
             raise CheckpointError(f"{path} does not match this model/optimizer: {exc}") from exc
         self.epoch, self.step = epoch, int(ckpt["step"])
+        saved_lr = self.scheduler.base_lrs[0]
+        if not math.isclose(saved_lr, self.lr, rel_tol=1e-9):
+            # another global batch (world size) or optim.lr: the peak lr follows this config's scaling rule
+            self.scheduler.base_lrs = [self.lr] * len(self.optimizer.param_groups)
+            for group in self.optimizer.param_groups:
+                group["initial_lr"] = self.lr
+                group["lr"] = self.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+            self.log(f"[dhkd] resume: peak lr {self.lr:g} at global batch {self.global_batch} "
+                     f"(the checkpoint's run used {saved_lr:g})")
         self.best_acc1 = float(ckpt.get("best_acc1", -1.0))
         set_rng_state(ckpt["rng"], self.device)
         self.metrics.truncate_after(epoch)

@@ -264,6 +264,20 @@ def test_rng_state_touches_only_the_training_gpu(monkeypatch):
     assert calls == [("get", gpu), ("set", 7, gpu), ("set", 3, gpu)]
 
 
+def test_resume_with_another_global_batch_rescales_the_lr(tmp_path, dhkd_cache):  # noqa: F811
+    """A resumed run whose global batch (e.g. world size) or optim.lr differs trains at this config's
+    scaled lr, the one the startup line prints, not the checkpoint's."""
+    Trainer(cfg("sched.name=constant", "train.stop_after_epoch=1", "train.max_steps_per_epoch=2"),
+            tmp_path, **QUIET).fit()
+    t = Trainer(cfg("sched.name=constant", "train.max_steps_per_epoch=2", "train.accum_steps=2"), tmp_path,
+                resume=True, **QUIET)
+    assert t.global_batch == 256 and t.lr == pytest.approx(0.2)
+    assert [g["lr"] for g in t.optimizer.param_groups] == pytest.approx([0.2] * len(t.optimizer.param_groups))
+    t.fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows if r["kind"] == "eval"] == pytest.approx([0.1, 0.2])
+
+
 def test_lars_step_matches_definition():
     p = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
     p.grad = torch.tensor([0.6, 0.8])
