@@ -376,6 +376,10 @@ def validate_config(cfg: Config) -> None:
     _positive("train.accum_steps", tr.accum_steps)
     if tr.global_batch is not None:
         _positive("train.global_batch", tr.global_batch)
+        if tr.accum_steps != 1:
+            raise ConfigError(f"set train.global_batch or train.accum_steps, not both: with global_batch="
+                              f"{tr.global_batch} the accumulation steps follow from it (accum_steps="
+                              f"{tr.accum_steps} would be ignored)")
         if tr.global_batch % d.batch_size:
             raise ConfigError(f"train.global_batch={tr.global_batch} is not a multiple of "
                               f"data.batch_size={d.batch_size}")

@@ -116,6 +116,8 @@ def test_cross_field_errors():
         load_config(CONFIGS / "mnist1d/kd.yaml", ["teacher.name=null"])
     with pytest.raises(ConfigError, match="data.root"):
         load_config(CONFIGS / "cifar100/resnet32x4_resnet8x4_dhkd.yaml", ["data.root=null"])
+    with pytest.raises(ConfigError, match="train.global_batch or train.accum_steps, not both"):
+        load_config(CONFIGS / "imagenet/r34_r18_dhkd_large_batch.yaml", ["train.accum_steps=4"])
 
 
 def test_bad_config_file(tmp_path):
