@@ -22,6 +22,9 @@ DATASETS = ("mnist1d", "cifar100", "imagenet", "synthetic")
 NUM_CLASSES = {"mnist1d": 10, "cifar100": 100, "imagenet": 1000}
 
 
+ON_OFF_KEYS = ("train.amp",)  # string fields with an "off" choice: an unquoted YAML off is False
+
+
 class ConfigError(ValueError):
     """A bad configuration file, key or value."""
 
@@ -93,6 +96,8 @@ class ScheduleConfig:
     milestones: list[int] = field(default_factory=list)  # epochs (step schedule)
     gamma: float = 0.1
     warmup_epochs: float = 0.0         # linear per-iteration warmup from ~0
+    warmup_from_base_lr: bool = False  # warmup from optim.lr (the lr at base_batch) to the scaled lr,
+                                       # as in Goyal et al. 2017, instead of from ~0
     min_lr_factor: float = 0.0         # cosine floor, as a fraction of the peak lr
 
 
@@ -189,6 +194,8 @@ def _coerce(value, tp, key: str):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, bool) and key in ON_OFF_KEYS:  # YAML 1.1 reads off/no/on/yes as booleans
+            return "on" if value else "off"
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a string, got {value!r}")
         return value
@@ -369,6 +376,10 @@ def validate_config(cfg: Config) -> None:
     _positive("train.accum_steps", tr.accum_steps)
     if tr.global_batch is not None:
         _positive("train.global_batch", tr.global_batch)
+        if tr.accum_steps != 1:
+            raise ConfigError(f"set train.global_batch or train.accum_steps, not both: with global_batch="
+                              f"{tr.global_batch} the accumulation steps follow from it (accum_steps="
+                              f"{tr.accum_steps} would be ignored)")
         if tr.global_batch % d.batch_size:
             raise ConfigError(f"train.global_batch={tr.global_batch} is not a multiple of "
                               f"data.batch_size={d.batch_size}")

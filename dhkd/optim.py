@@ -88,21 +88,30 @@ def build_optimizer(model: nn.Module, cfg: Config, global_batch: int) -> torch.o
 class LRFactor:
     """Multiplier of the peak lr at optimizer step ``s`` (0-based), with S steps per epoch and E epochs.
 
-    warmup (W = warmup_epochs * S steps): (s + 1) / W for s < W; then
+    warmup (W = warmup_epochs * S steps), for s < W: (s + 1) / W; or, with ``sched.warmup_from_base_lr``
+    (Goyal et al. 2017: from the unscaled lr to the scaled one), f0 + (1 - f0) s / W with
+    f0 = min(1, base_batch / global_batch); then
     step: gamma ** #(milestones <= s // S); cosine: m + (1 - m)(1 + cos(pi (s - W) / (E S - W))) / 2;
     constant: 1.
     """
 
-    def __init__(self, cfg: Config, steps_per_epoch: int):
+    def __init__(self, cfg: Config, steps_per_epoch: int, global_batch: int | None = None):
         s = cfg.sched
         self.name, self.milestones, self.gamma = s.name, list(s.milestones), s.gamma
         self.min_factor = s.min_lr_factor
         self.steps_per_epoch = steps_per_epoch
         self.warmup = int(round(s.warmup_epochs * steps_per_epoch))
         self.total = cfg.train.epochs * steps_per_epoch
+        self.start = None
+        if s.warmup_from_base_lr:
+            if global_batch is None:
+                raise ValueError("sched.warmup_from_base_lr needs the global batch")
+            self.start = min(1.0, cfg.optim.base_batch / global_batch)
 
     def __call__(self, step: int) -> float:
         if step < self.warmup:
+            if self.start is not None:
+                return self.start + (1 - self.start) * step / self.warmup
             return (step + 1) / self.warmup
         if self.name == "step":
             epoch = step // self.steps_per_epoch
@@ -114,6 +123,7 @@ class LRFactor:
         return 1.0
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int):
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int,
+                    global_batch: int | None = None):
     """A per-iteration ``LambdaLR`` (call ``.step()`` after every optimizer step)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, LRFactor(cfg, steps_per_epoch))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LRFactor(cfg, steps_per_epoch, global_batch))

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -65,24 +64,33 @@ def set_deterministic(flag: bool, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device | None = None) -> dict:
+    """CPU, python and numpy RNG states, plus the CUDA generator of ``device`` alone when it is a GPU
+    (``get_rng_state_all`` would create a CUDA context on every GPU of the node, from every rank)."""
     np_state = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                        "has_gauss": int(np_state[3]), "gauss": float(np_state[4])}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Restore ``rng_state``'s states; the CUDA one into ``device``'s generator (a list from an older
+    checkpoint: its entry for the device's index)."""
     torch.set_rng_state(state["torch"])
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and device is not None and device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if isinstance(cuda, (list, tuple)):
+            cuda = cuda[index] if index < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -296,7 +304,8 @@ class Trainer:
                               f"per epoch")
         self.lr = scaled_lr(cfg, self.global_batch)
         self.optimizer = build_optimizer(self.student, cfg, self.global_batch)
-        self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch, self.global_batch)
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.epoch = 0          # completed epochs
         self.step = 0           # optimizer steps
         self.best_acc1 = -1.0
@@ -375,18 +384,18 @@ class Trainer:
         sched["lr_lambdas"] = [None] * len(sched["lr_lambdas"])
         return {"format_version": CHECKPOINT_FORMAT, "epoch": self.epoch, "step": self.step,
                 "model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": sched, "rng": rng_state(), "best_acc1": self.best_acc1,
+                "scheduler": sched, "rng": rng_state(self.device), "best_acc1": self.best_acc1,
                 "config": to_dict(self.cfg), "metrics": row or {}}
 
     def save(self, row: dict, is_best: bool) -> None:
+        """``best.pt`` (on a new best) before ``last.pt``: a crash between the two never leaves a
+        ``last.pt`` whose ``best_acc1`` names an epoch that ``best.pt`` does not hold."""
         if not self.is_main:
             return
-        last = self.out / "last.pt"
-        atomic_save(self.state_dict(row), last)
+        state = self.state_dict(row)
         if is_best:
-            tmp = self.out / f".best.pt.{os.getpid()}.tmp"
-            shutil.copyfile(last, tmp)
-            os.replace(tmp, self.out / "best.pt")
+            atomic_save(state, self.out / "best.pt")
+        atomic_save(state, self.out / "last.pt")
 
     def resume(self, path: Path) -> None:
         ckpt = load_checkpoint(path)
@@ -412,9 +421,21 @@ class Trainer:
         except (RuntimeError, KeyError, ValueError) as exc:
             raise CheckpointError(f"{path} does not match this model/optimizer: {exc}") from exc
         self.epoch, self.step = epoch, int(ckpt["step"])
+        saved_lr = self.scheduler.base_lrs[0]
+        if not math.isclose(saved_lr, self.lr, rel_tol=1e-9):
+            # another global batch (world size) or optim.lr: the peak lr follows this config's scaling rule
+            self.scheduler.base_lrs = [self.lr] * len(self.optimizer.param_groups)
+            for group in self.optimizer.param_groups:
+                group["initial_lr"] = self.lr
+                group["lr"] = self.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+            self.log(f"[dhkd] resume: peak lr {self.lr:g} at global batch {self.global_batch} "
+                     f"(the checkpoint's run used {saved_lr:g})")
         self.best_acc1 = float(ckpt.get("best_acc1", -1.0))
-        set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"], self.device)
         self.metrics.truncate_after(epoch)
+        row = ckpt.get("metrics") or {}
+        if self.is_main and epoch and row.get("epoch") == epoch and epoch not in done:
+            self.metrics.write(row)  # the process died between last.pt and its metrics.jsonl row
         self.log(f"[dhkd] resumed from {path}: epoch {epoch}, step {self.step}")
 
     # -------------------------------------------------- evaluation
@@ -504,6 +525,7 @@ class Trainer:
                     stats[k] = stats.get(k, 0) + v / self.accum
         if self.ddp is not None and not self._ddp_hooks():
             self.sync_gradients()
+        self.last_lr = self.optimizer.param_groups[0]["lr"]  # the lr this step uses (logged)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -567,7 +589,7 @@ class Trainer:
                 loss = means.pop("loss")
                 dt = time.perf_counter() - win_t0
                 row = {"kind": "train", "epoch": epoch + 1, "step": self.step,
-                       "lr": self.optimizer.param_groups[0]["lr"], "loss": loss,
+                       "lr": self.last_lr, "loss": loss,
                        "img_per_s": win_images / dt, "data_time_s": win_data / win_steps, **means}
                 row["logit_weight"] = self.distiller.loss_weights(epoch)[2]
                 if not math.isfinite(loss):
@@ -609,7 +631,7 @@ class Trainer:
                 val.update(self.head_diagnostics())
             self.epoch = epoch + 1
             row = {"kind": "eval", "epoch": self.epoch, "step": self.step,
-                   "lr": self.optimizer.param_groups[0]["lr"], **train_stats, **val,
+                   "lr": self.last_lr, **train_stats, **val,
                    "epoch_time_s": time.perf_counter() - t0}
             is_best = val["val/acc1_main"] > self.best_acc1
             if is_best:

@@ -81,6 +81,16 @@ def test_overrides_are_typed():
     assert parse_override("a.b=null") == ("a.b", None)
 
 
+def test_amp_off_unquoted(tmp_path):
+    """YAML 1.1 reads an unquoted ``off`` as False: ``train.amp=off`` and ``amp: off`` still mean "off"."""
+    assert load_config(CONFIGS / "mnist1d/dhkd.yaml", ["train.amp=off"]).train.amp == "off"
+    f = tmp_path / "c.yaml"
+    f.write_text((CONFIGS / "mnist1d/dhkd.yaml").read_text() + "  amp: off\n")
+    assert load_config(f).train.amp == "off"
+    with pytest.raises(ConfigError, match="train.amp must be one of"):
+        load_config(CONFIGS / "mnist1d/dhkd.yaml", ["train.amp=on"])
+
+
 @pytest.mark.parametrize("override, match", [
     ("train.epoch=2", "unknown config key 'train.epoch'"),
     ("nosection.x=1", "unknown config key 'nosection'"),
@@ -106,6 +116,8 @@ def test_cross_field_errors():
         load_config(CONFIGS / "mnist1d/kd.yaml", ["teacher.name=null"])
     with pytest.raises(ConfigError, match="data.root"):
         load_config(CONFIGS / "cifar100/resnet32x4_resnet8x4_dhkd.yaml", ["data.root=null"])
+    with pytest.raises(ConfigError, match="train.global_batch or train.accum_steps, not both"):
+        load_config(CONFIGS / "imagenet/r34_r18_dhkd_large_batch.yaml", ["train.accum_steps=4"])
 
 
 def test_bad_config_file(tmp_path):

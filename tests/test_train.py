@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -134,6 +135,51 @@ def test_resume_drops_rows_of_an_interrupted_epoch(tmp_path, dhkd_cache):  # noq
     assert all(r["step"] != 99 for r in rows) and [r["epoch"] for r in rows if r["kind"] == "eval"] == [1, 2]
 
 
+def test_crash_between_checkpoint_files_keeps_best_consistent(tmp_path, dhkd_cache, monkeypatch):  # noqa: F811
+    """A crash in the middle of an epoch's checkpoint writes never leaves a last.pt whose best accuracy
+    is not the one best.pt holds; resuming then finishes with best.pt at the best epoch."""
+    import dhkd.train as train_mod
+    out = tmp_path / "run"
+    Trainer(cfg("train.stop_after_epoch=1"), out, **QUIET).fit()
+    trainer = Trainer(cfg(), out, resume=True, **QUIET)
+    trainer.best_acc1 = -1.0  # epoch 2 is a new best
+    real_replace, calls = os.replace, []
+
+    def crash_on_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("killed")
+        real_replace(src, dst)
+    monkeypatch.setattr(train_mod.os, "replace", crash_on_second)
+    with pytest.raises(OSError, match="killed"):
+        trainer.fit()
+    monkeypatch.setattr(train_mod.os, "replace", real_replace)
+    last, best = load_checkpoint(out / "last.pt"), load_checkpoint(out / "best.pt")
+    assert best["metrics"]["val/acc1_main"] == pytest.approx(last["best_acc1"]) or best["epoch"] > last["epoch"]
+    Trainer(cfg(), out, resume=True, **QUIET).fit()
+    last, best = load_checkpoint(out / "last.pt"), load_checkpoint(out / "best.pt")
+    assert best["metrics"]["val/acc1_main"] == pytest.approx(last["best_acc1"])
+
+
+def test_resume_restores_the_row_of_a_crash_after_the_checkpoint(tmp_path, dhkd_cache, monkeypatch):  # noqa: F811
+    """A process that dies after writing last.pt but before its metrics.jsonl row loses no epoch row."""
+    from dhkd.train import MetricsLog
+    out = tmp_path / "run"
+    real_write = MetricsLog.write
+
+    def die_on_eval(self, row):
+        if row.get("kind") == "eval":
+            raise KeyboardInterrupt
+        real_write(self, row)
+    monkeypatch.setattr(MetricsLog, "write", die_on_eval)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg("train.stop_after_epoch=1"), out, **QUIET).fit()
+    monkeypatch.setattr(MetricsLog, "write", real_write)
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1 and eval_rows(out) == []
+    Trainer(cfg(), out, resume=True, **QUIET).fit()
+    assert [r["epoch"] for r in eval_rows(out)] == [1, 2]
+
+
 @pytest.mark.parametrize("path, expected", [
     ("cifar100/resnet32x4_resnet8x4_dhkd.yaml", "cifar-100-python"),
     ("imagenet/r34_r18_dhkd.yaml", "train"),
@@ -155,6 +201,12 @@ def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path):
 
 def test_lr_scaling_warmup_and_schedules():
     c = load_config(CONFIGS / "imagenet/r34_r18_dhkd_large_batch.yaml")
+    # Goyal et al.: the warmup starts at the unscaled lr 0.1 (1/32 of 3.2) and reaches 3.2 after 5 epochs
+    f = LRFactor(c, steps_per_epoch=10, global_batch=8192)
+    assert f(0) == pytest.approx(1 / 32) and f(25) == pytest.approx(1 / 32 + 31 / 32 / 2)
+    assert f(49) == pytest.approx(1 / 32 + 31 / 32 * 49 / 50) and f(50) == 1.0
+    assert f(299) == 1.0 and f(300) == pytest.approx(0.1) and f(600) == pytest.approx(0.01)
+    c.sched.warmup_from_base_lr = False
     f = LRFactor(c, steps_per_epoch=10)
     assert f(0) == pytest.approx(1 / 50) and f(49) == pytest.approx(1.0)
     assert f(299) == 1.0 and f(300) == pytest.approx(0.1) and f(600) == pytest.approx(0.01)
@@ -169,6 +221,61 @@ def test_lr_scaling_warmup_and_schedules():
     assert [g["weight_decay"] for g in opt.param_groups] == [1e-4, 0.0]
     assert [len(g["params"]) for g in opt.param_groups] == [1, 3]
     assert opt.param_groups[0]["lr"] == pytest.approx(0.2)
+
+
+def test_trainer_warmup_from_base_lr(tmp_path, dhkd_cache):  # noqa: F811
+    """The first step runs at optim.lr (the lr at base_batch), the first post-warmup step at the scaled lr."""
+    t = Trainer(cfg("optim.lr=0.1", "optim.base_batch=32", "sched.name=constant", "sched.warmup_epochs=1",
+                    "sched.warmup_from_base_lr=true", "train.max_steps_per_epoch=4"), tmp_path, **QUIET)
+    assert t.lr == pytest.approx(0.4) and t.optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+    assert [t.scheduler.lr_lambdas[0](s) for s in range(5)] == pytest.approx([0.25, 0.4375, 0.625, 0.8125, 1.0])
+
+
+def test_logged_lr_is_the_lr_the_epoch_trained_with(tmp_path, dhkd_cache):  # noqa: F811
+    """With a milestone at epoch 1, epoch 1's rows show the peak lr and epoch 2's the decayed one (the lr
+    the logged steps used, not the next step's)."""
+    t = Trainer(cfg("sched.name=step", "sched.milestones=[1]", "train.max_steps_per_epoch=3",
+                    "train.log_every=3"), tmp_path, **QUIET)
+    t.fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["epoch"]) for r in rows] == [("train", 1), ("eval", 1), ("train", 2), ("eval", 2)]
+    assert [r["lr"] for r in rows] == pytest.approx([t.lr, t.lr, t.lr * 0.1, t.lr * 0.1])
+
+
+def test_rng_state_touches_only_the_training_gpu(monkeypatch):
+    """Checkpoint RNG states hold the CUDA generator of the trainer's device only: the *_all variants
+    create a CUDA context on every GPU of the node (from every rank on resume). CUDA calls are faked."""
+    from dhkd.train import rng_state, set_rng_state
+    calls = []
+
+    def forbidden(*a, **k):
+        raise AssertionError("get/set_rng_state_all touches every GPU")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", forbidden)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", forbidden)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda d: calls.append(("get", d)) or torch.tensor([7]))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda t, d: calls.append(("set", int(t[0]), d)))
+    assert "cuda" not in rng_state(torch.device("cpu"))
+    gpu = torch.device("cuda", 3)
+    state = rng_state(gpu)
+    set_rng_state(state, gpu)
+    set_rng_state({**state, "cuda": [torch.tensor([i]) for i in range(4)]}, gpu)  # an older checkpoint's list
+    set_rng_state(state, torch.device("cpu"))
+    assert calls == [("get", gpu), ("set", 7, gpu), ("set", 3, gpu)]
+
+
+def test_resume_with_another_global_batch_rescales_the_lr(tmp_path, dhkd_cache):  # noqa: F811
+    """A resumed run whose global batch (e.g. world size) or optim.lr differs trains at this config's
+    scaled lr, the one the startup line prints, not the checkpoint's."""
+    Trainer(cfg("sched.name=constant", "train.stop_after_epoch=1", "train.max_steps_per_epoch=2"),
+            tmp_path, **QUIET).fit()
+    t = Trainer(cfg("sched.name=constant", "train.max_steps_per_epoch=2", "train.accum_steps=2"), tmp_path,
+                resume=True, **QUIET)
+    assert t.global_batch == 256 and t.lr == pytest.approx(0.2)
+    assert [g["lr"] for g in t.optimizer.param_groups] == pytest.approx([0.2] * len(t.optimizer.param_groups))
+    t.fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows if r["kind"] == "eval"] == pytest.approx([0.1, 0.2])
 
 
 def test_lars_step_matches_definition():
