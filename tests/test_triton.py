@@ -377,6 +377,27 @@ def test_custom_op_registration_opcheck(device):
                                           "test_aot_dispatch_dynamic"))
 
 
+def test_custom_ops_fake_strides_match_real_for_transposed_inputs(device):
+    """The fake implementations must give the real outputs' strides (compiled graphs rely on them);
+    column-major features/weights once made the fake backward return their transposed strides."""
+    inputs = make_inputs(5, 4, 9, da=3, device=device, seed=18)
+
+    def col_major(v):
+        return v.detach().t().contiguous().t().requires_grad_(True)
+
+    x, w1, a, w2 = (col_major(inputs[k]) for k in ("features", "head_weight", "aux_features", "aux_weight"))
+    b1, b2 = (inputs[k].detach().requires_grad_(True) for k in ("head_bias", "aux_bias"))
+    assert x.stride() == (1, 5)
+    t, y = inputs["teacher_logits"], inputs["labels"]
+    scalars = (1.0, 0.5, 1.0, 4.0, 2.0, True, -100, True)
+    fwd_args = (x, w1, b1, a, w2, b2, t, y) + scalars + (True, False)
+    out = torch.ops.dhkd.dual_head_kd_fwd(*fwd_args)
+    bwd_args = (torch.tensor(1.0, device=device), x, w1, b1, a, w2, b2, t, y, out[4], out[3]) + scalars \
+        + (False, [True] * 6)
+    torch.library.opcheck(torch.ops.dhkd.dual_head_kd_fwd.default, fwd_args, test_utils=("test_faketensor",))
+    torch.library.opcheck(torch.ops.dhkd.dual_head_kd_bwd.default, bwd_args, test_utils=("test_faketensor",))
+
+
 def test_torch_compile_training_step(device):
     inputs = make_inputs(9, 6, 21, da=4, device=device, ignore_frac=0.2, seed=19)
     opts = dict(kd_weight=0.5, ce_weight=0.9)
@@ -410,6 +431,54 @@ def test_deterministic_run_to_run(device):
     assert torch.equal(l1, l2)
     for k in g1:
         assert torch.equal(g1[k], g2[k]), k
+
+
+_TRANSPOSED_OFFSETS = """
+import torch
+from dhkd_kernels import fused_dual_head_kd_loss, reference
+n, d, c, S = 2, 3, 5, 2**30
+try:
+    buf = torch.empty(2 * S + n, dtype=torch.float16)  # 4 GiB of address space, a few pages touched
+except RuntimeError:
+    print("SKIP"); raise SystemExit(0)
+x = buf.as_strided((n, d), (1, S))  # column k at k * 2**30: element offsets reach 2**31
+g = torch.Generator().manual_seed(0)
+with torch.no_grad():
+    x.copy_(torch.randn(n, d, generator=g).half())
+x.requires_grad_(True)
+w1, w2 = (torch.randn(c, d, generator=g).half().requires_grad_(True) for _ in range(2))
+t, y = torch.randn(n, c, generator=g), torch.tensor([1, 3])
+loss = fused_dual_head_kd_loss(x, w1, None, w2, None, t, y, backend="triton", kd_weight=0.5)
+loss.backward()
+r = [v.detach().double().requires_grad_(True) for v in (x, w1, w2)]
+ref = reference.dual_head_kd_loss(r[0], r[1], None, r[2], None, t.double(), y, kd_weight=0.5)
+ref.backward()
+errs = [float((loss - ref).abs() / ref.abs())] + \
+    [float((v.grad.double() - rv.grad).norm() / rv.grad.norm()) for v, rv in zip((x, w1, w2), r)]
+print("ERRS", max(errs))
+"""
+
+
+def test_transposed_operand_offsets_past_2_31():
+    """A column-major operand whose column stride times D passes 2**31 elements: the forward's
+    K-offsets must be int64 (in int32 they wrapped negative; the interpreter then segfaulted).
+    Runs in a subprocess so that a regression cannot take the test session down with it."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+    if torch.cuda.is_available():
+        pytest.skip("needs 4 GiB of device memory on a GPU; the CPU interpreter run covers the offsets")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", _TRANSPOSED_OFFSETS], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"rc={proc.returncode}: {proc.stderr[-2000:]}"
+    if "SKIP" in proc.stdout:
+        pytest.skip("no 4 GiB of address space for the strided view")
+    err = float(proc.stdout.split("ERRS")[-1])
+    assert err < 5e-3, proc.stdout  # fp16 operands, fp32 math
 
 
 # ------------------------------------------------------------------ GPU only

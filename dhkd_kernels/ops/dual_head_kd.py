@@ -314,8 +314,11 @@ def _backward(g, x, w1, b1, a, w2, b2, t, y, stats, n_valid, ce_w, kd_w, lg_w, k
         need_a = False
     dz1_on = bool(ce_w) or bool(kd_w)
     dz2_on = bool(lg_w)
-    def zeros_if(flag, ref):  # a fresh empty tensor per slot: custom-op outputs may not alias
-        return torch.zeros_like(ref) if (flag and ref is not None) else torch.empty(0, dtype=f32, device=dev)
+    def zeros_if(flag, ref):
+        # a fresh tensor per slot (custom-op outputs may not alias), contiguous like _bwd_fake's
+        if flag and ref is not None:
+            return torch.zeros(ref.shape, dtype=ref.dtype, device=dev)
+        return torch.empty(0, dtype=f32, device=dev)
 
     dz1_on = dz1_on and (need_x or need_w1 or need_b1)
     dz2_on = dz2_on and ((need_x and shared) or need_a or need_w2 or need_b2)
@@ -455,7 +458,8 @@ def _bwd_op(grad: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], a: Option
 def _bwd_fake(grad, x, w1, b1, a, w2, b2, t, y, stats, n_valid, *scalars_and_needs):
     needs = scalars_and_needs[-1]
     refs = (x, w1, b1, a, w2, b2)
-    return [torch.empty_like(r) if (need and r is not None) else x.new_empty((0,), dtype=torch.float32)
+    # contiguous like the real outputs (empty_like would keep a transposed input's strides)
+    return [r.new_empty(r.shape) if (need and r is not None) else x.new_empty((0,), dtype=torch.float32)
             for r, need in zip(refs, needs)]
 
 
