@@ -534,20 +534,79 @@ def test_gpu_bitwise_determinism_large():
         assert torch.equal(g1[k], g2[k]), k
 
 
-def test_gpu_check_script_smoke():
-    """benchmarks/gpu_check.py stays runnable: --help, and its checks in the interpreter (CPU)."""
+def _gpu_check_module():
     import importlib.util
     import pathlib
-    if torch.cuda.is_available():
-        pytest.skip("the GPU run is the script itself")
     path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
     spec = importlib.util.spec_from_file_location("gpu_check", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_check_script_smoke(tmp_path):
+    """benchmarks/gpu_check.py stays runnable: --help, its checks in the interpreter (CPU) with the
+    results files written, and a mistyped --shapes refused before any work."""
+    import json
+    if torch.cuda.is_available():
+        pytest.skip("the GPU run is the script itself")
+    mod = _gpu_check_module()
     with pytest.raises(SystemExit) as exc:
         mod.parse_args(["--help"])
     assert exc.value.code == 0
-    assert mod.main(["--smoke-cpu"]) == 0
+    assert mod.main(["--smoke-cpu", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["checks"] and all(c["ok"] for c in report["checks"])
+    assert "checks passed" in (tmp_path / "gpu_check.md").read_text()
+    with pytest.raises(SystemExit, match="unknown"):
+        mod.main(["--smoke-cpu", "--shapes", "rn18,rn5O"])
+
+
+def test_gpu_check_peak_extra_memory_and_table():
+    """The extra-memory figure of a timed step is what the step allocates beyond inputs and its own
+    gradients: with the previous step's gradients still alive at the baseline, it came out short
+    by the gradients' bytes (and clamped to 0 at small shapes). Also: skipped/failed cells."""
+    mod = _gpu_check_module()
+    grads_b, transient_b = 700, 300
+
+    class Mem:
+        live, high = 1000, 1000  # inputs
+
+        @classmethod
+        def alloc(cls, b):
+            cls.live += b
+            cls.high = max(cls.high, cls.live)
+
+        sync = staticmethod(lambda: None)
+        allocated = classmethod(lambda cls: cls.live)
+        peak = classmethod(lambda cls: cls.high)
+
+        @classmethod
+        def reset_peak(cls):
+            cls.high = cls.live
+
+    state = {"grads": False}
+
+    def clear():
+        if state["grads"]:
+            Mem.alloc(-grads_b)
+            state["grads"] = False
+
+    def step():
+        clear()
+        Mem.alloc(transient_b)
+        Mem.alloc(grads_b)
+        Mem.alloc(-transient_b)
+        state["grads"] = True
+
+    step()  # warm-up: gradients alive, as after any timed step
+    assert mod.peak_extra_bytes(step, clear, grads_b, mem=Mem) == transient_b
+    env = dict(date="d", gpu="g", torch="t", triton="tr", cuda="c")
+    rows = [dict(shape="rn18", N=1, D=2, C=3, dtype="bfloat16", fused=dict(ms=0.5, extra_mib=12.0),
+                 **{"gemm floor": dict(ms=None, extra_mib=None, error="skipped: time budget")}),
+            dict(shape="llm", N=4, D=5, C=6, dtype="bfloat16", skipped="time budget")]
+    md = mod.markdown(env, [dict(check="x", ok=True, detail="")], rows)
+    assert "0.500 (12)" in md and "skipped: time budget" in md.splitlines()[-1]
 
 
 # ------------------------------------------------------------------ GPU compilation without a GPU
