@@ -210,6 +210,23 @@ def test_cublas_backward_matmul(device, monkeypatch, dtype):
         dhk.set_backward_matmul("cutlass")
 
 
+def test_fp16_backward_matmul_does_not_overflow_before_the_mean(device, monkeypatch):
+    """fp16 with set_backward_matmul("cublas"): dW2 summed over 40 rows before the 1/|V| of the
+    mean passes fp16's 65504 although the gradient itself (max ~7800) does not. cuBLAS rounded that
+    unscaled sum to fp16 (inf); fp16 now keeps the Triton GEMM, which scales in fp32 first."""
+    monkeypatch.setattr(dhk, "_BWD_MATMUL", "cublas")
+    inputs = make_inputs(40, 6, 9, device=device, dtype=torch.float16, seed=3)
+    with torch.no_grad():
+        inputs["features"].copy_(inputs["features"].abs() * 20)
+    opts = dict(ce_weight=0.0, kd_weight=0.0, logit_weight=100.0, logit_temperature=4.0)
+    _, grads = loss_and_grads(inputs, backend="triton", **opts)
+    _, ref = reference_in(inputs, torch.float64, **opts)
+    assert ref["aux_weight"].abs().max() < 65504 / 2
+    for k in grads:
+        assert torch.isfinite(grads[k]).all(), k
+    assert_matches_reference(inputs, backend="triton", **opts)
+
+
 def test_autotune_path(device, monkeypatch):
     """The opt-in autotuned launches (grids from the tuned meta, restored accumulators, split widths
     divisible by every BLOCK_C), with a stand-in benchmark that runs each config once and ranks the

@@ -80,7 +80,8 @@ def set_autotune(enabled: bool) -> None:
 
 def set_backward_matmul(kind: str) -> None:
     """Who runs dX = dZ W and dW = dZ^T X: "triton" (default, ``mm_kernel``) or "cublas" (torch.mm;
-    16-bit partial products are rounded once per chunk before the fp32 accumulation)."""
+    bf16 partial products are rounded once per chunk before the fp32 accumulation; fp16 operands
+    keep the Triton GEMM, whose fp32 result is scaled before rounding)."""
     global _BWD_MATMUL
     if kind not in ("triton", "cublas"):
         raise ValueError(f"kind must be 'triton' or 'cublas', got {kind!r}")
@@ -277,8 +278,11 @@ def _chunk_plan(n: int, c: int, bytes_per_logit: int, budget: int, device) -> Tu
 
 
 def _mm(out, a, b, a2, b2, acc: bool, precision: str, scale: Tensor):
-    """out (+)= scale (a @ b (+ a2 @ b2)), fp32 accumulation, any strides; scale a 0-dim fp32 tensor."""
-    if _BWD_MATMUL == "cublas":
+    """out (+)= scale (a @ b (+ a2 @ b2)), fp32 accumulation, any strides; scale a 0-dim fp32 tensor.
+
+    fp16 always takes the Triton GEMM: cuBLAS would round the unscaled sum (before the 1/|V| of
+    ``scale``) to fp16, which overflows past 65504 where the true gradient is finite."""
+    if _BWD_MATMUL == "cublas" and a.dtype != torch.float16:
         r = a @ b if a2 is None else torch.addmm(a @ b, a2, b2)
         r = r.to(torch.float32) * scale
         if acc:
