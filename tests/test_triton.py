@@ -294,6 +294,34 @@ def test_non_contiguous_int32_labels_and_teacher_dtypes(device):
     assert_matches_reference(inputs, backend="triton", kd_weight=0.5)
 
 
+def test_strided_and_expanded_labels_and_biases(device):
+    """Labels as a column of an (N, 2) tensor, biases with stride 2 and a bias expanded from one
+    value (stride 0): the kernels read labels/biases with unit stride, so these views used to give
+    a wrong loss (21.3 instead of 10.8 here) without any error."""
+    base = make_inputs(10, 5, 7, device=device, seed=4, ignore_frac=0.2)
+    y = base["labels"]
+    views = {"strided": lambda b: torch.stack([b, b * 0 + 5], 1)[:, 0],
+             "expanded": lambda b: b[:1].expand(b.shape[0])}
+    for name, view in views.items():
+        results = {}
+        for backend in ("triton", "torch"):
+            inp = {k: (None if v is None else v.detach()) for k, v in base.items()}
+            inp["labels"] = torch.stack([y, (y + 3) % 7], 1)[:, 0]
+            for k in ("head_bias", "aux_bias"):
+                inp[k] = view(inp[k]).requires_grad_(True)
+            for k in ("features", "head_weight", "aux_weight"):
+                inp[k].requires_grad_(True)
+            assert not inp["labels"].is_contiguous() and inp["head_bias"].stride() != (1,)
+            loss = _call(inp, backend=backend, kd_weight=0.5)
+            loss.backward()
+            results[backend] = (loss, {k: inp[k].grad for k in ("features", "head_weight", "head_bias",
+                                                                 "aux_weight", "aux_bias")})
+        (l_tri, g_tri), (l_ref, g_ref) = results["triton"], results["torch"]
+        assert rel_err(l_tri, l_ref) < 1e-5, name
+        for k in g_ref:
+            assert rel_err(g_tri[k], g_ref[k]) < 1e-4, (name, k)
+
+
 def test_tf32_setting_is_read_from_either_api():
     from types import SimpleNamespace
 

@@ -533,6 +533,11 @@ def dual_head_kd_loss(features, head_weight, head_bias, aux_weight, aux_bias, te
         raise TypeError(f"backend='triton' cannot run matmuls in {cdt}")
     x, w1, w2 = (m.to(cdt) for m in (features, head_weight, aux_weight))
     a = None if aux_features is None else aux_features.to(cdt)
+    # the kernels index labels and biases with unit stride (a strided or expanded view would be read
+    # wrongly): copies of N + 2C elements; gradients reach the original views through autograd
+    labels = labels.contiguous()
+    head_bias = None if head_bias is None else head_bias.contiguous()
+    aux_bias = None if aux_bias is None else aux_bias.contiguous()
     tf32 = _tf32_enabled()
     loss, terms, correct, n_valid, _stats = _fwd_op(
         x, w1, head_bias, a, w2, aux_bias, teacher_logits, labels, float(ce_weight), float(kd_weight),
