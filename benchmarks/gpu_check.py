@@ -10,7 +10,8 @@ Usage (from the repository root, on a machine with a CUDA GPU):
    floor; ``correct``/``n_valid`` equal to the torch path; bitwise run-to-run determinism.
 2. Timing: forward+backward median ms (``triton.testing.do_bench``, return_mode="median") and peak
    extra memory for: fused (backend="triton"; Triton GEMMs in the backward, and with
-   ``set_backward_matmul("cublas")``), eager reference (backend="reference"),
+   ``set_backward_matmul("cublas")``, and for bf16 with the forward forced to one launch per
+   head), eager reference (backend="reference"),
    torch.compile of the reference, and the GEMM floor (cuBLAS doing only X [W1;W2]^T, dZ [W1;W2] and
    dZ^T X). The aux head reads the features (aux_features=None), as in the issue's table.
    "extra memory" = peak allocated during one step, measured from a state with the previous step's
@@ -220,8 +221,9 @@ def gemm_floor_fn(inp):
     return step, _noop
 
 
-def loss_step_fn(inp, backend=None, fn=None, bwd_matmul="triton"):
-    """(step, clear): one forward+backward of the loss; ``clear`` frees the leaves' gradients."""
+def loss_step_fn(inp, backend=None, fn=None, bwd_matmul="triton", split_heads=None):
+    """(step, clear): one forward+backward of the loss; ``clear`` frees the leaves' gradients.
+    ``split_heads`` forces the forward to one launch per head (None: the library's default)."""
     from dhkd_kernels import fused_dual_head_kd_loss
     from dhkd_kernels.ops import dual_head_kd as dhk
     leaves = [inp[k] for k in LEAVES if inp[k] is not None]
@@ -235,10 +237,12 @@ def loss_step_fn(inp, backend=None, fn=None, bwd_matmul="triton"):
     def step():
         clear()
         dhk.set_backward_matmul(bwd_matmul)
+        saved, dhk._SPLIT_HEADS = dhk._SPLIT_HEADS, split_heads
         try:
             f(*args).backward()
         finally:
             dhk.set_backward_matmul("triton")
+            dhk._SPLIT_HEADS = saved
     return step, clear
 
 
@@ -335,6 +339,10 @@ def bench(names, args, log, record=None, on_row=None, t_start=None):
         methods = [("fused", lambda: loss_step_fn(inp, "triton")),
                    ("fused, cuBLAS bwd", lambda: loss_step_fn(inp, "triton", bwd_matmul="cublas")),
                    ("gemm floor", lambda: gemm_floor_fn(inp))]
+        if dtype != torch.float32:
+            # one forward launch per head (the fp32 default): compiled for sm_90, the bf16 forward
+            # with both heads in one launch spills ~750 bytes/thread, one head per launch 0-64
+            methods.insert(2, ("fused, 2-pass fwd", lambda: loss_step_fn(inp, "triton", split_heads=True)))
         if logits_gib <= args.skip_eager_above:
             methods.append(("eager reference", lambda: loss_step_fn(inp, "reference")))
             if not args.skip_compile:
@@ -377,7 +385,8 @@ def markdown(env, checks, rows):
     out += [f"## Correctness: {n_ok}/{len(checks)} checks passed", ""]
     out += [f"- {'ok' if c['ok'] else 'FAIL'} {c['check']}: {c['detail']}" for c in checks]
     if rows:
-        labels = ["fused", "fused, cuBLAS bwd", "gemm floor", "eager reference", "torch.compile"]
+        labels = ["fused", "fused, cuBLAS bwd", "fused, 2-pass fwd", "gemm floor", "eager reference",
+                  "torch.compile"]
         out += ["", "## fwd+bwd median ms (extra MiB)", "",
                 "| shape (N, D, C) | dtype | " + " | ".join(labels) + " |",
                 "|---|---|" + "---|" * len(labels)]
