@@ -365,6 +365,29 @@ def test_autocast_bf16(device):
         assert rel_err(grads[k], ref_grads[k]) <= 1.5 * rel_err(eager_grads[k], ref_grads[k]) + 2e-3, k
 
 
+def test_autocast_bf16_features_fp32_weights(device):
+    """The trainer's call: bf16 features, fp32 weights and biases, bf16 teacher, under bf16 autocast.
+    Every gradient comes back in its input's dtype and matches the torch path under the same autocast."""
+    base = make_inputs(12, 16, 40, da=8, device=device, seed=29)
+    results = {}
+    for backend in ("triton", "torch"):
+        inp = cast_inputs(base)
+        for k in ("features", "aux_features"):
+            inp[k] = inp[k].detach().to(torch.bfloat16).requires_grad_(True)
+        inp["teacher_logits"] = inp["teacher_logits"].to(torch.bfloat16)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            loss = _call(inp, backend=backend, kd_weight=0.5)
+        loss.backward()
+        assert loss.dtype == torch.float32
+        results[backend] = (loss, {k: inp[k].grad for k in GRAD_NAMES})
+        for k in GRAD_NAMES:
+            assert inp[k].grad.dtype == inp[k].dtype, k
+    (l_tri, g_tri), (l_ref, g_ref) = results["triton"], results["torch"]
+    assert rel_err(l_tri, l_ref) < 1e-3
+    for k in GRAD_NAMES:
+        assert rel_err(g_tri[k], g_ref[k]) < 2e-2, k
+
+
 # ------------------------------------------------------------------ components and arg-max
 
 def test_components_match_torch_path(device):
