@@ -210,6 +210,23 @@ def test_cublas_backward_matmul(device, monkeypatch, dtype):
         dhk.set_backward_matmul("cutlass")
 
 
+def test_fp16_backward_matmul_does_not_overflow_before_the_mean(device, monkeypatch):
+    """fp16 with set_backward_matmul("cublas"): dW2 summed over 40 rows before the 1/|V| of the
+    mean passes fp16's 65504 although the gradient itself (max ~7800) does not. cuBLAS rounded that
+    unscaled sum to fp16 (inf); fp16 now keeps the Triton GEMM, which scales in fp32 first."""
+    monkeypatch.setattr(dhk, "_BWD_MATMUL", "cublas")
+    inputs = make_inputs(40, 6, 9, device=device, dtype=torch.float16, seed=3)
+    with torch.no_grad():
+        inputs["features"].copy_(inputs["features"].abs() * 20)
+    opts = dict(ce_weight=0.0, kd_weight=0.0, logit_weight=100.0, logit_temperature=4.0)
+    _, grads = loss_and_grads(inputs, backend="triton", **opts)
+    _, ref = reference_in(inputs, torch.float64, **opts)
+    assert ref["aux_weight"].abs().max() < 65504 / 2
+    for k in grads:
+        assert torch.isfinite(grads[k]).all(), k
+    assert_matches_reference(inputs, backend="triton", **opts)
+
+
 def test_autotune_path(device, monkeypatch):
     """The opt-in autotuned launches (grids from the tuned meta, restored accumulators, split widths
     divisible by every BLOCK_C), with a stand-in benchmark that runs each config once and ranks the
@@ -277,6 +294,34 @@ def test_non_contiguous_int32_labels_and_teacher_dtypes(device):
     assert_matches_reference(inputs, backend="triton", kd_weight=0.5)
 
 
+def test_strided_and_expanded_labels_and_biases(device):
+    """Labels as a column of an (N, 2) tensor, biases with stride 2 and a bias expanded from one
+    value (stride 0): the kernels read labels/biases with unit stride, so these views used to give
+    a wrong loss (21.3 instead of 10.8 here) without any error."""
+    base = make_inputs(10, 5, 7, device=device, seed=4, ignore_frac=0.2)
+    y = base["labels"]
+    views = {"strided": lambda b: torch.stack([b, b * 0 + 5], 1)[:, 0],
+             "expanded": lambda b: b[:1].expand(b.shape[0])}
+    for name, view in views.items():
+        results = {}
+        for backend in ("triton", "torch"):
+            inp = {k: (None if v is None else v.detach()) for k, v in base.items()}
+            inp["labels"] = torch.stack([y, (y + 3) % 7], 1)[:, 0]
+            for k in ("head_bias", "aux_bias"):
+                inp[k] = view(inp[k]).requires_grad_(True)
+            for k in ("features", "head_weight", "aux_weight"):
+                inp[k].requires_grad_(True)
+            assert not inp["labels"].is_contiguous() and inp["head_bias"].stride() != (1,)
+            loss = _call(inp, backend=backend, kd_weight=0.5)
+            loss.backward()
+            results[backend] = (loss, {k: inp[k].grad for k in ("features", "head_weight", "head_bias",
+                                                                 "aux_weight", "aux_bias")})
+        (l_tri, g_tri), (l_ref, g_ref) = results["triton"], results["torch"]
+        assert rel_err(l_tri, l_ref) < 1e-5, name
+        for k in g_ref:
+            assert rel_err(g_tri[k], g_ref[k]) < 1e-4, (name, k)
+
+
 def test_tf32_setting_is_read_from_either_api():
     from types import SimpleNamespace
 
@@ -318,6 +363,29 @@ def test_autocast_bf16(device):
     assert rel_err(loss, ref_loss) <= 1.5 * rel_err(eager_loss, ref_loss) + 2e-3
     for k in grads:
         assert rel_err(grads[k], ref_grads[k]) <= 1.5 * rel_err(eager_grads[k], ref_grads[k]) + 2e-3, k
+
+
+def test_autocast_bf16_features_fp32_weights(device):
+    """The trainer's call: bf16 features, fp32 weights and biases, bf16 teacher, under bf16 autocast.
+    Every gradient comes back in its input's dtype and matches the torch path under the same autocast."""
+    base = make_inputs(12, 16, 40, da=8, device=device, seed=29)
+    results = {}
+    for backend in ("triton", "torch"):
+        inp = cast_inputs(base)
+        for k in ("features", "aux_features"):
+            inp[k] = inp[k].detach().to(torch.bfloat16).requires_grad_(True)
+        inp["teacher_logits"] = inp["teacher_logits"].to(torch.bfloat16)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            loss = _call(inp, backend=backend, kd_weight=0.5)
+        loss.backward()
+        assert loss.dtype == torch.float32
+        results[backend] = (loss, {k: inp[k].grad for k in GRAD_NAMES})
+        for k in GRAD_NAMES:
+            assert inp[k].grad.dtype == inp[k].dtype, k
+    (l_tri, g_tri), (l_ref, g_ref) = results["triton"], results["torch"]
+    assert rel_err(l_tri, l_ref) < 1e-3
+    for k in GRAD_NAMES:
+        assert rel_err(g_tri[k], g_ref[k]) < 2e-2, k
 
 
 # ------------------------------------------------------------------ components and arg-max
@@ -377,6 +445,27 @@ def test_custom_op_registration_opcheck(device):
                                           "test_aot_dispatch_dynamic"))
 
 
+def test_custom_ops_fake_strides_match_real_for_transposed_inputs(device):
+    """The fake implementations must give the real outputs' strides (compiled graphs rely on them);
+    column-major features/weights once made the fake backward return their transposed strides."""
+    inputs = make_inputs(5, 4, 9, da=3, device=device, seed=18)
+
+    def col_major(v):
+        return v.detach().t().contiguous().t().requires_grad_(True)
+
+    x, w1, a, w2 = (col_major(inputs[k]) for k in ("features", "head_weight", "aux_features", "aux_weight"))
+    b1, b2 = (inputs[k].detach().requires_grad_(True) for k in ("head_bias", "aux_bias"))
+    assert x.stride() == (1, 5)
+    t, y = inputs["teacher_logits"], inputs["labels"]
+    scalars = (1.0, 0.5, 1.0, 4.0, 2.0, True, -100, True)
+    fwd_args = (x, w1, b1, a, w2, b2, t, y) + scalars + (True, False)
+    out = torch.ops.dhkd.dual_head_kd_fwd(*fwd_args)
+    bwd_args = (torch.tensor(1.0, device=device), x, w1, b1, a, w2, b2, t, y, out[4], out[3]) + scalars \
+        + (False, [True] * 6)
+    torch.library.opcheck(torch.ops.dhkd.dual_head_kd_fwd.default, fwd_args, test_utils=("test_faketensor",))
+    torch.library.opcheck(torch.ops.dhkd.dual_head_kd_bwd.default, bwd_args, test_utils=("test_faketensor",))
+
+
 def test_torch_compile_training_step(device):
     inputs = make_inputs(9, 6, 21, da=4, device=device, ignore_frac=0.2, seed=19)
     opts = dict(kd_weight=0.5, ce_weight=0.9)
@@ -410,6 +499,54 @@ def test_deterministic_run_to_run(device):
     assert torch.equal(l1, l2)
     for k in g1:
         assert torch.equal(g1[k], g2[k]), k
+
+
+_TRANSPOSED_OFFSETS = """
+import torch
+from dhkd_kernels import fused_dual_head_kd_loss, reference
+n, d, c, S = 2, 3, 5, 2**30
+try:
+    buf = torch.empty(2 * S + n, dtype=torch.float16)  # 4 GiB of address space, a few pages touched
+except RuntimeError:
+    print("SKIP"); raise SystemExit(0)
+x = buf.as_strided((n, d), (1, S))  # column k at k * 2**30: element offsets reach 2**31
+g = torch.Generator().manual_seed(0)
+with torch.no_grad():
+    x.copy_(torch.randn(n, d, generator=g).half())
+x.requires_grad_(True)
+w1, w2 = (torch.randn(c, d, generator=g).half().requires_grad_(True) for _ in range(2))
+t, y = torch.randn(n, c, generator=g), torch.tensor([1, 3])
+loss = fused_dual_head_kd_loss(x, w1, None, w2, None, t, y, backend="triton", kd_weight=0.5)
+loss.backward()
+r = [v.detach().double().requires_grad_(True) for v in (x, w1, w2)]
+ref = reference.dual_head_kd_loss(r[0], r[1], None, r[2], None, t.double(), y, kd_weight=0.5)
+ref.backward()
+errs = [float((loss - ref).abs() / ref.abs())] + \
+    [float((v.grad.double() - rv.grad).norm() / rv.grad.norm()) for v, rv in zip((x, w1, w2), r)]
+print("ERRS", max(errs))
+"""
+
+
+def test_transposed_operand_offsets_past_2_31():
+    """A column-major operand whose column stride times D passes 2**31 elements: the forward's
+    K-offsets must be int64 (in int32 they wrapped negative; the interpreter then segfaulted).
+    Runs in a subprocess so that a regression cannot take the test session down with it."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+    if torch.cuda.is_available():
+        pytest.skip("needs 4 GiB of device memory on a GPU; the CPU interpreter run covers the offsets")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", _TRANSPOSED_OFFSETS], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"rc={proc.returncode}: {proc.stderr[-2000:]}"
+    if "SKIP" in proc.stdout:
+        pytest.skip("no 4 GiB of address space for the strided view")
+    err = float(proc.stdout.split("ERRS")[-1])
+    assert err < 5e-3, proc.stdout  # fp16 operands, fp32 math
 
 
 # ------------------------------------------------------------------ GPU only
@@ -465,20 +602,79 @@ def test_gpu_bitwise_determinism_large():
         assert torch.equal(g1[k], g2[k]), k
 
 
-def test_gpu_check_script_smoke():
-    """benchmarks/gpu_check.py stays runnable: --help, and its checks in the interpreter (CPU)."""
+def _gpu_check_module():
     import importlib.util
     import pathlib
-    if torch.cuda.is_available():
-        pytest.skip("the GPU run is the script itself")
     path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
     spec = importlib.util.spec_from_file_location("gpu_check", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_check_script_smoke(tmp_path):
+    """benchmarks/gpu_check.py stays runnable: --help, its checks in the interpreter (CPU) with the
+    results files written, and a mistyped --shapes refused before any work."""
+    import json
+    if torch.cuda.is_available():
+        pytest.skip("the GPU run is the script itself")
+    mod = _gpu_check_module()
     with pytest.raises(SystemExit) as exc:
         mod.parse_args(["--help"])
     assert exc.value.code == 0
-    assert mod.main(["--smoke-cpu"]) == 0
+    assert mod.main(["--smoke-cpu", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["checks"] and all(c["ok"] for c in report["checks"])
+    assert "checks passed" in (tmp_path / "gpu_check.md").read_text()
+    with pytest.raises(SystemExit, match="unknown"):
+        mod.main(["--smoke-cpu", "--shapes", "rn18,rn5O"])
+
+
+def test_gpu_check_peak_extra_memory_and_table():
+    """The extra-memory figure of a timed step is what the step allocates beyond inputs and its own
+    gradients: with the previous step's gradients still alive at the baseline, it came out short
+    by the gradients' bytes (and clamped to 0 at small shapes). Also: skipped/failed cells."""
+    mod = _gpu_check_module()
+    grads_b, transient_b = 700, 300
+
+    class Mem:
+        live, high = 1000, 1000  # inputs
+
+        @classmethod
+        def alloc(cls, b):
+            cls.live += b
+            cls.high = max(cls.high, cls.live)
+
+        sync = staticmethod(lambda: None)
+        allocated = classmethod(lambda cls: cls.live)
+        peak = classmethod(lambda cls: cls.high)
+
+        @classmethod
+        def reset_peak(cls):
+            cls.high = cls.live
+
+    state = {"grads": False}
+
+    def clear():
+        if state["grads"]:
+            Mem.alloc(-grads_b)
+            state["grads"] = False
+
+    def step():
+        clear()
+        Mem.alloc(transient_b)
+        Mem.alloc(grads_b)
+        Mem.alloc(-transient_b)
+        state["grads"] = True
+
+    step()  # warm-up: gradients alive, as after any timed step
+    assert mod.peak_extra_bytes(step, clear, grads_b, mem=Mem) == transient_b
+    env = dict(date="d", gpu="g", torch="t", triton="tr", cuda="c")
+    rows = [dict(shape="rn18", N=1, D=2, C=3, dtype="bfloat16", fused=dict(ms=0.5, extra_mib=12.0),
+                 **{"gemm floor": dict(ms=None, extra_mib=None, error="skipped: time budget")}),
+            dict(shape="llm", N=4, D=5, C=6, dtype="bfloat16", skipped="time budget")]
+    md = mod.markdown(env, [dict(check="x", ok=True, detail="")], rows)
+    assert "0.500 (12)" in md and "skipped: time budget" in md.splitlines()[-1]
 
 
 # ------------------------------------------------------------------ GPU compilation without a GPU

@@ -95,9 +95,11 @@ def _project(acc, x_ptr, w_ptr, rows64, rmask, cols64, cmask, K,
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         kmask = kk < K
-        xt = tl.load(x_ptr + rows64[:, None] * stride_xn + kk[None, :] * stride_xk,
+        # int64: a transposed operand has stride_xk = N (stride_wk = C), and K N may exceed 2**31
+        kk64 = kk.to(tl.int64)
+        xt = tl.load(x_ptr + rows64[:, None] * stride_xn + kk64[None, :] * stride_xk,
                      mask=rmask[:, None] & kmask[None, :], other=0.0)
-        wt = tl.load(w_ptr + cols64[None, :] * stride_wc + kk[:, None] * stride_wk,
+        wt = tl.load(w_ptr + cols64[None, :] * stride_wc + kk64[:, None] * stride_wk,
                      mask=cmask[None, :] & kmask[:, None], other=0.0)
         if INTERP_BF16:
             xt = xt.to(tl.float32)

@@ -80,7 +80,8 @@ def set_autotune(enabled: bool) -> None:
 
 def set_backward_matmul(kind: str) -> None:
     """Who runs dX = dZ W and dW = dZ^T X: "triton" (default, ``mm_kernel``) or "cublas" (torch.mm;
-    16-bit partial products are rounded once per chunk before the fp32 accumulation)."""
+    bf16 partial products are rounded once per chunk before the fp32 accumulation; fp16 operands
+    keep the Triton GEMM, whose fp32 result is scaled before rounding)."""
     global _BWD_MATMUL
     if kind not in ("triton", "cublas"):
         raise ValueError(f"kind must be 'triton' or 'cublas', got {kind!r}")
@@ -277,8 +278,11 @@ def _chunk_plan(n: int, c: int, bytes_per_logit: int, budget: int, device) -> Tu
 
 
 def _mm(out, a, b, a2, b2, acc: bool, precision: str, scale: Tensor):
-    """out (+)= scale (a @ b (+ a2 @ b2)), fp32 accumulation, any strides; scale a 0-dim fp32 tensor."""
-    if _BWD_MATMUL == "cublas":
+    """out (+)= scale (a @ b (+ a2 @ b2)), fp32 accumulation, any strides; scale a 0-dim fp32 tensor.
+
+    fp16 always takes the Triton GEMM: cuBLAS would round the unscaled sum (before the 1/|V| of
+    ``scale``) to fp16, which overflows past 65504 where the true gradient is finite."""
+    if _BWD_MATMUL == "cublas" and a.dtype != torch.float16:
         r = a @ b if a2 is None else torch.addmm(a @ b, a2, b2)
         r = r.to(torch.float32) * scale
         if acc:
@@ -314,8 +318,11 @@ def _backward(g, x, w1, b1, a, w2, b2, t, y, stats, n_valid, ce_w, kd_w, lg_w, k
         need_a = False
     dz1_on = bool(ce_w) or bool(kd_w)
     dz2_on = bool(lg_w)
-    def zeros_if(flag, ref):  # a fresh empty tensor per slot: custom-op outputs may not alias
-        return torch.zeros_like(ref) if (flag and ref is not None) else torch.empty(0, dtype=f32, device=dev)
+    def zeros_if(flag, ref):
+        # a fresh tensor per slot (custom-op outputs may not alias), contiguous like _bwd_fake's
+        if flag and ref is not None:
+            return torch.zeros(ref.shape, dtype=ref.dtype, device=dev)
+        return torch.empty(0, dtype=f32, device=dev)
 
     dz1_on = dz1_on and (need_x or need_w1 or need_b1)
     dz2_on = dz2_on and ((need_x and shared) or need_a or need_w2 or need_b2)
@@ -455,7 +462,8 @@ def _bwd_op(grad: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], a: Option
 def _bwd_fake(grad, x, w1, b1, a, w2, b2, t, y, stats, n_valid, *scalars_and_needs):
     needs = scalars_and_needs[-1]
     refs = (x, w1, b1, a, w2, b2)
-    return [torch.empty_like(r) if (need and r is not None) else x.new_empty((0,), dtype=torch.float32)
+    # contiguous like the real outputs (empty_like would keep a transposed input's strides)
+    return [r.new_empty(r.shape) if (need and r is not None) else x.new_empty((0,), dtype=torch.float32)
             for r, need in zip(refs, needs)]
 
 
@@ -525,6 +533,11 @@ def dual_head_kd_loss(features, head_weight, head_bias, aux_weight, aux_bias, te
         raise TypeError(f"backend='triton' cannot run matmuls in {cdt}")
     x, w1, w2 = (m.to(cdt) for m in (features, head_weight, aux_weight))
     a = None if aux_features is None else aux_features.to(cdt)
+    # the kernels index labels and biases with unit stride (a strided or expanded view would be read
+    # wrongly): copies of N + 2C elements; gradients reach the original views through autograd
+    labels = labels.contiguous()
+    head_bias = None if head_bias is None else head_bias.contiguous()
+    aux_bias = None if aux_bias is None else aux_bias.contiguous()
     tf32 = _tf32_enabled()
     loss, terms, correct, n_valid, _stats = _fwd_op(
         x, w1, head_bias, a, w2, aux_bias, teacher_logits, labels, float(ce_weight), float(kd_weight),
