@@ -19,6 +19,7 @@ import random
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from urllib.error import URLError
 
 import numpy as np
 import torch
@@ -224,7 +225,14 @@ def build_teacher_for(cfg: Config, device: torch.device, log=print, *, rank: int
             train_teacher(expand_path(t.train_config), Path(ckpt), device=str(device), log=log)
     if ckpt is not None and world_size > 1:
         barrier()
-    return build_teacher(t.name, num_classes=cfg.num_classes, weights=t.weights, checkpoint=ckpt).to(device)
+    try:
+        teacher = build_teacher(t.name, num_classes=cfg.num_classes, weights=t.weights, checkpoint=ckpt)
+    except URLError as exc:  # torchvision fetches named weights on first use
+        raise FileNotFoundError(
+            f"teacher.weights={t.weights}: torchvision could not download them ({exc.reason}); fetch them "
+            f"once on a machine with network access (they are cached under ~/.cache/torch) or set "
+            f"teacher.checkpoint to a local file") from None
+    return teacher.to(device)
 
 
 # ---------------------------------------------------------------- trainer

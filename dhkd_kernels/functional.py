@@ -92,6 +92,7 @@ def fused_dual_head_kd_loss(
     float64 = any(x is not None and x.dtype == torch.float64
                   for x in (features, head_weight, head_bias, aux_weight, aux_bias, aux_features))
     backend = _resolve_backend(backend, features.device, float64)
+    teacher_logits = teacher_logits.detach()  # a constant target on every backend
     if backend == "reference":
         return reference.dual_head_kd_loss(features, head_weight, head_bias, aux_weight, aux_bias,
                                            teacher_logits, labels, aux_features=aux_features, **opts)

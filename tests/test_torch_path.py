@@ -193,3 +193,15 @@ def test_confident_row_gradients_no_worse_than_eager():
     """A property-test example: p_y -> 1 in float32 (z - lse used to lose p_y - 1's digits)."""
     inputs = make_inputs(1, 1, 36, logit_scale=10.0, teacher_scale=0.0, seed=469)
     assert_matches_reference(inputs, backend="torch", ce_weight=1.0, kd_weight=0.0, logit_weight=0.0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_teacher_logits_get_no_gradient(backend):
+    """The teacher is a constant target on every backend, even when its tensor requires grad."""
+    inputs = make_inputs(4, 3, 5, seed=15)
+    inputs["teacher_logits"].requires_grad_(True)
+    args = [inputs[k] for k in ("features", "head_weight", "head_bias", "aux_weight", "aux_bias",
+                                "teacher_logits", "labels")]
+    fused_dual_head_kd_loss(*args, kd_weight=1.0, backend=backend).backward()
+    assert inputs["teacher_logits"].grad is None
+    assert inputs["features"].grad is not None

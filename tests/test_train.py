@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -343,7 +344,32 @@ def test_demo_runs(tmp_path, capsys, dhkd_cache):  # noqa: F811
     for line in ("teacher: 1-D CNN", "student MLP, CE only", "student MLP, KD", "student MLP, DHKD (main head)",
                  "DHKD auxiliary head"):
         assert line in out
-    assert (tmp_path / "demo" / "teacher.pt").is_file() and (tmp_path / "demo" / "dhkd_seed0" / "last.pt").is_file()
+    assert (tmp_path / "demo" / "teacher_2ep.pt").is_file() and (tmp_path / "demo" / "dhkd_seed0" / "last.pt").is_file()
+
+
+def test_demo_rejects_nonpositive_epochs_before_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "0"])
+    assert exc.value.code == 2
+    assert "training" not in capsys.readouterr().out
+    assert not (tmp_path / "demo").exists()
+
+
+def test_teacher_weights_download_failure_is_a_clear_error(monkeypatch):
+    from urllib.error import URLError
+
+    import dhkd.models as models
+    from dhkd.config import load_config
+    from dhkd.train import build_teacher_for
+
+    def offline(*args, **kwargs):
+        raise URLError("Name or service not known")
+
+    monkeypatch.setattr(models, "build_teacher", offline)
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/imagenet/r34_r18_dhkd.yaml")
+    assert cfg.teacher.weights == "IMAGENET1K_V1" and cfg.teacher.checkpoint is None
+    with pytest.raises(FileNotFoundError, match="teacher.weights=IMAGENET1K_V1.*teacher.checkpoint"):
+        build_teacher_for(cfg, torch.device("cpu"))
 
 
 def _image_folder(root, classes=2, per_class=4, size=40):
