@@ -14,7 +14,6 @@ NVIDIA DALI is not implemented here; the torchvision/DataLoader path is the only
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -22,6 +21,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from .atomic import atomic_path
 from .config import Config, cache_dir
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -185,10 +185,8 @@ def mnist1d_arrays(num_samples: int = 5000, seed: int = 42, cache: Path | None =
     raw = make_dataset(args)
     arrays = {"x": raw["x"].astype(np.float32), "y": raw["y"].astype(np.int64),
               "x_test": raw["x_test"].astype(np.float32), "y_test": raw["y_test"].astype(np.int64)}
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.{time.time_ns()}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: savez adds no suffix
+        np.savez(f, **arrays)
     return arrays
 
 

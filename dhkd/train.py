@@ -24,6 +24,7 @@ from urllib.error import URLError
 import numpy as np
 import torch
 
+from .atomic import atomic_path, atomic_write_text
 from .config import Config, ConfigError, config_from_dict, dump_config, expand_path, load_config, to_dict
 from .data import build_data
 from .distill import build_distiller
@@ -96,14 +97,8 @@ def set_rng_state(state: dict, device: torch.device | None = None) -> None:
 
 def atomic_save(obj, path: Path) -> None:
     """``torch.save`` to a temporary file in the same directory, then ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def load_checkpoint(path) -> dict:
@@ -163,9 +158,7 @@ class MetricsLog:
         if not self.enabled or not self.path.is_file():
             return
         keep = [r for r in self.rows() if r.get("epoch", 0) <= epoch]
-        tmp = self.path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def write(self, row: dict) -> None:
         if not self.enabled:

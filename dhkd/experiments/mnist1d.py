@@ -29,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from ..atomic import atomic_path, atomic_write_text
 from .plots import DEFAULT_DIAG_KEYS, final_value, load_metrics, markdown_table, plot_accuracy, plot_diagnostics, \
     summarize
 
@@ -290,13 +291,8 @@ def compact_png(path) -> None:
     path = Path(path)
     with Image.open(path) as im:
         small = im.convert("RGB").quantize(colors=256)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    try:
+    with atomic_path(path) as tmp:
         small.save(tmp, format="PNG", optimize=True)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _machine() -> str:
@@ -350,15 +346,11 @@ def write_report(out, plan: Plan, results: dict, *, teacher_acc, wall_s: float, 
         summary["students"][student] = {"accuracy": acc, "diagnostics": diag, "collapse_holds": collapse,
                                         "dhkd_holds": dhkd_ok, "verdict": lines}
     text = "\n".join(md)
-    _atomic_write(out / "results.md", text)
-    _atomic_write(out / "results.json", json.dumps(summary, indent=1))
+    atomic_write_text(out / "results.md", text)
+    atomic_write_text(out / "results.json", json.dumps(summary, indent=1))
     return summary
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def run_experiment(out, *, quick: bool = False, seeds: int | None = None, jobs: int = 1, plan_path=None,

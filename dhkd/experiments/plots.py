@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from typing import Mapping, Sequence
+
+from ..atomic import atomic_path
 
 __all__ = [
     "DEFAULT_DIAG_KEYS",
@@ -165,18 +166,8 @@ def _new_figure(nplots: int, width: float = 6.0, height: float = 4.0):
 
 def _save(fig, path) -> str:
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=directory)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return path
 
 
