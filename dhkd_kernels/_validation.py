@@ -6,7 +6,7 @@ import numbers
 
 import torch
 
-from .reference import LOGIT_LOSSES, REDUCTIONS
+from .reference import LOGIT_LOSSES, REDUCTIONS, valid_rows
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -91,11 +91,18 @@ def validate(features, head_weight, head_bias, aux_weight, aux_bias, teacher_log
     _choice("backend", backend, BACKENDS)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -2**63 <= int(ignore_index) < 2**63:
+        raise ValueError(f"ignore_index must fit in int64 (no label dtype holds {ignore_index})")
 
-    if n > 0:
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= c))
-        if bool(bad.any()):
-            first = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"labels must lie in [0, C) = [0, {c}) or equal ignore_index={ignore_index}; "
-                f"labels[{first}] = {int(labels[first])}")
+
+def check_label_values(labels: torch.Tensor, n_classes: int, ignore_index: int) -> None:
+    """ValueError naming the first label outside [0, C) that is not ignore_index. Reads the labels on
+    the host: called for CPU tensors (free) and, opt-in, for CUDA ones (a synchronisation)."""
+    if labels.numel() == 0:
+        return
+    bad = valid_rows(labels, int(ignore_index)) & ((labels < 0) | (labels >= n_classes))
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"labels must lie in [0, C) = [0, {n_classes}) or equal ignore_index={ignore_index}; "
+            f"labels[{first}] = {int(labels[first])}")

@@ -7,14 +7,37 @@ import torch
 from torch import nn
 
 from . import reference
-from ._validation import validate
+from ._validation import check_label_values, validate
 from .ops.chunked import chunked_dual_head_kd_loss
+
+_CHECK_LABELS = os.environ.get("DHKD_CHECK_LABELS", "0") == "1"
+
+
+def set_label_check(enabled: bool) -> None:
+    """Check label values on the host for CUDA tensors too (a synchronisation per call; for debugging).
+
+    CPU labels are always checked (a ValueError naming the first bad label). On CUDA nothing
+    synchronises by default: a valid row (label != ignore_index) whose label is outside [0, C) makes
+    the loss and every gradient NaN on the triton and torch backends."""
+    global _CHECK_LABELS
+    _CHECK_LABELS = bool(enabled)
 
 
 def _triton_usable(device: torch.device) -> bool:
-    if device.type == "cuda":
+    if device.type in ("cuda", "meta"):
         return True
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _functorch_active(tensors) -> bool:
+    """True inside a torch.func transform (grad, vmap, jacrev, ...)."""
+    try:
+        from torch._C._functorch import is_functorch_wrapped_tensor, peek_interpreter_stack
+    except ImportError:
+        return False
+    if peek_interpreter_stack() is not None:
+        return True
+    return any(t is not None and is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 def _resolve_backend(backend: str, device: torch.device, float64: bool = False) -> str:
@@ -75,6 +98,11 @@ def fused_dual_head_kd_loss(
     Backends: "auto" (Triton kernels for CUDA tensors, else "torch"), "triton", "torch" (chunked
     PyTorch with an analytic backward), "reference" (plain PyTorch autograd, in the inputs' dtype).
     The loss is float32 (float64 for float64 inputs); gradients come back in each input's dtype.
+    Only "reference" has second derivatives and supports torch.func transforms; the others raise a
+    RuntimeError saying so. Rows not in V never influence a result (garbage there is fine); a teacher
+    logit of -inf is a masked class (probability 0 in KD, no logit-level loss). Labels outside
+    [0, C) raise a ValueError for CPU tensors; on CUDA they make the loss NaN (see
+    :func:`set_label_check`).
 
     Returns the loss, or with ``return_components=True`` ``(loss, dict)`` whose ``ce``, ``kd``, ``logit``
     are the unweighted terms reduced like the loss (detached), ``correct`` the number of valid rows whose
@@ -92,6 +120,15 @@ def fused_dual_head_kd_loss(
     float64 = any(x is not None and x.dtype == torch.float64
                   for x in (features, head_weight, head_bias, aux_weight, aux_bias, aux_features))
     backend = _resolve_backend(backend, features.device, float64)
+    if labels.device.type == "cpu" or (_CHECK_LABELS and labels.device.type == "cuda"):
+        check_label_values(labels, head_weight.shape[0], ignore_index)
+    if backend != "reference" and _functorch_active((features, head_weight, aux_weight, aux_features,
+                                                     head_bias, aux_bias)):
+        raise RuntimeError(
+            f"fused_dual_head_kd_loss(backend={backend!r}) does not support torch.func transforms "
+            "(grad, vmap, jacrev, ...): its gradients are computed by fused kernels, not by autograd "
+            "formulas functorch can transform. Use backend='reference' inside torch.func, or "
+            "torch.autograd.grad / loss.backward() outside it.")
     teacher_logits = teacher_logits.detach()  # a constant target on every backend
     if backend == "reference":
         return reference.dual_head_kd_loss(features, head_weight, head_bias, aux_weight, aux_bias,

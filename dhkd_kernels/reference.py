@@ -16,7 +16,14 @@ Notation (one row i of the batch, classes c = 1..C):
                s = sig(t/tau)
     BinaryKL-Norm = tau^2 sum_{i in V} sum_c log cosh((z2 - t) / (2 tau))
 
-    total = ce_weight CE + kd_weight KD + logit_weight L_logit,   divided by |V| for reduction="mean".
+    total = ce_weight CE + kd_weight KD + logit_weight L_logit,   divided by |V| for reduction="mean";
+    a term whose weight is 0 is not part of the total (a NaN in it cannot reach the loss).
+
+Rows not in V do not influence anything: their features and teacher logits are replaced by zeros
+before any arithmetic, so garbage (NaN included) in padding rows never reaches a result. A teacher
+logit of -inf marks a class masked out for that row: its teacher probability is 0 in KD, with
+0 log 0 = 0 as in ``F.kl_div``, and it contributes nothing (value and gradient 0) to BinaryKL and
+BinaryKL-Norm. Other non-finite teacher logits (+inf, NaN) in valid rows give a NaN loss.
 
 BinaryKL-Norm: the official DHKD code writes it as 0.5 log(0.5/d) + 0.5 log(0.5/(1-d)) with
 d = sig((z2 - t)/tau) clamped to [1e-8, 1 - 1e-8]. The clamp zeroes the gradient once |z2 - t| passes
@@ -34,6 +41,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "LOGIT_LOSSES",
+    "valid_rows",
     "REDUCTIONS",
     "binary_kl",
     "binary_kl_norm",
@@ -45,6 +53,19 @@ __all__ = [
 
 LOGIT_LOSSES = ("binary_kl_norm", "binary_kl")
 REDUCTIONS = ("mean", "sum")
+
+
+def _operand_dtype(mats, device_type: str) -> torch.dtype:
+    """The autocast dtype under autocast (as for ``F.linear``), else the operands' promoted dtype."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError, RuntimeError):
+        pass
+    cdt = mats[0].dtype
+    for m in mats[1:]:
+        cdt = torch.promote_types(cdt, m.dtype)
+    return cdt
 
 
 def log_cosh(x: torch.Tensor) -> torch.Tensor:
@@ -60,29 +81,51 @@ def log_cosh(x: torch.Tensor) -> torch.Tensor:
     return torch.where(a < 1.0, small, large)
 
 
+def valid_rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """(N,) bool: labels != ignore_index compared as values (an ignore_index outside the labels' dtype
+    range matches no label, rather than wrapping around to one)."""
+    info = torch.iinfo(labels.dtype)
+    if not info.min <= ignore_index <= info.max:
+        return torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
+    return labels != ignore_index
+
+
 def cross_entropy(z1: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-row CE, (N, C) x (N,) -> (N,). Labels must be valid class indices."""
     return -F.log_softmax(z1, dim=-1).gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
 
 
 def softmax_kd(z1: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Per-row T^2 KL(softmax(t/T) || softmax(z1/T)), (N, C) -> (N,)."""
+    """Per-row T^2 KL(softmax(t/T) || softmax(z1/T)), (N, C) -> (N,); 0 log 0 = 0 for masked classes."""
     log_ps = F.log_softmax(z1 / temperature, dim=-1)
     log_pt = F.log_softmax(t / temperature, dim=-1)
-    return temperature**2 * (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+    pt = log_pt.exp()
+    # t = -inf: pt = 0 and log pt = -inf; the product is 0 (its limit), not NaN (a NaN t stays NaN)
+    per_class = torch.where(torch.isneginf(t), torch.zeros_like(pt), pt * (log_pt - log_ps))
+    return temperature**2 * per_class.sum(-1)
+
+
+def _masked_classes(z2: torch.Tensor, t: torch.Tensor):
+    """Teacher -inf = a masked class: (z2, t) with those entries zeroed, and the keep mask."""
+    keep = t != float("-inf")
+    zero = torch.zeros((), dtype=z2.dtype, device=z2.device)
+    return torch.where(keep, z2, zero), torch.where(keep, t, zero), keep
 
 
 def binary_kl(z2: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
     """Per-row tau^2 sum_c KL(Bernoulli(sig(t/tau)) || Bernoulli(sig(z2/tau))), (N, C) -> (N,)."""
+    z2, t, keep = _masked_classes(z2, t)
     zs, ts = z2 / temperature, t / temperature
     pos = torch.sigmoid(ts) * (F.logsigmoid(ts) - F.logsigmoid(zs))
     neg = torch.sigmoid(-ts) * (F.logsigmoid(-ts) - F.logsigmoid(-zs))
-    return temperature**2 * (pos + neg).sum(-1)
+    return temperature**2 * torch.where(keep, pos + neg, torch.zeros_like(pos)).sum(-1)
 
 
 def binary_kl_norm(z2: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
     """Per-row tau^2 sum_c log cosh((z2 - t) / (2 tau)), (N, C) -> (N,)."""
-    return temperature**2 * log_cosh((z2 - t) / (2.0 * temperature)).sum(-1)
+    z2, t, keep = _masked_classes(z2, t)
+    val = log_cosh((z2 - t) / (2.0 * temperature))
+    return temperature**2 * torch.where(keep, val, torch.zeros_like(val)).sum(-1)
 
 
 def dual_head_kd_loss(
@@ -105,18 +148,29 @@ def dual_head_kd_loss(
     reduction: str = "mean",
     return_components: bool = False,
 ):
-    """The dual-head KD loss through autograd, in the dtype of ``features``.
+    """The dual-head KD loss through autograd, in the matmul operands' dtype.
 
     Same arguments and result as :func:`dhkd_kernels.fused_dual_head_kd_loss` (no validation here).
-    Components: ``ce``, ``kd``, ``logit`` (unweighted, reduced like the total, detached),
+    The operands (features, weights, aux features) are used in one dtype: the autocast dtype under
+    ``torch.autocast``, otherwise their promoted dtype (the rule of every backend); biases and teacher
+    logits are cast to it. Components: ``ce``, ``kd``, ``logit`` (unweighted, reduced like the total,
+    detached; computed even when their weight is 0, so they may be NaN without affecting the loss),
     ``correct`` (rows of V whose first arg-max of z1 is the label) and ``n_valid`` (|V|).
     """
-    if aux_features is None:
-        aux_features = features
+    mats = [features, head_weight, aux_weight] + ([aux_features] if aux_features is not None else [])
+    cdt = _operand_dtype(mats, features.device.type)
+    features, head_weight, aux_weight = (m.to(cdt) for m in (features, head_weight, aux_weight))
+    head_bias = None if head_bias is None else head_bias.to(cdt)
+    aux_bias = None if aux_bias is None else aux_bias.to(cdt)
+    valid = valid_rows(labels, ignore_index)
+    vcol = valid.unsqueeze(-1)
+    zero = torch.zeros((), dtype=cdt, device=features.device)
+    # rows outside V are zeroed before any arithmetic: their garbage cannot reach a result
+    features = torch.where(vcol, features, zero)
+    aux_features = features if aux_features is None else torch.where(vcol, aux_features.to(cdt), zero)
     z1 = F.linear(features, head_weight, head_bias)
     z2 = F.linear(aux_features, aux_weight, aux_bias)
-    t = teacher_logits.to(z1.dtype)
-    valid = labels != ignore_index
+    t = torch.where(vcol, teacher_logits.to(z1.dtype), zero)
     y = torch.where(valid, labels, torch.zeros_like(labels)).long()
 
     ce = cross_entropy(z1, y)
@@ -133,7 +187,14 @@ def dual_head_kd_loss(
         return total
 
     terms = {"ce": reduce(ce), "kd": reduce(kd), "logit": reduce(logit)}
-    loss = ce_weight * terms["ce"] + kd_weight * terms["kd"] + logit_weight * terms["logit"]
+    weights = {"ce": ce_weight, "kd": kd_weight, "logit": logit_weight}
+    # every input stays in the graph with a zero gradient when its term has weight 0 (like
+    # ``0 * term`` would, but a NaN in that term, e.g. from the teacher, cannot leak through)
+    never = torch.zeros((), dtype=torch.bool, device=z1.device)
+    loss = torch.where(never, z1.sum() + z2.sum(), torch.zeros((), dtype=z1.dtype, device=z1.device))
+    for k, w in weights.items():
+        if w:
+            loss = loss + w * terms[k]
     if not return_components:
         return loss
     components = {k: v.detach() for k, v in terms.items()}

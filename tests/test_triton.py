@@ -3,6 +3,9 @@
 On CPU the kernels run in the Triton interpreter (conftest sets TRITON_INTERPRET=1), so shapes are
 tiny; the same tests run on CUDA when present, plus the GPU-only ones at the end. Every test runs
 with NaN-poisoned kernel outputs, so a value a kernel fails to write shows up as a non-finite result.
+The ``plan`` fixture runs a test under each plan of the backend: resident with the Triton GEMMs,
+resident with cuBLAS (CPU BLAS here), and chunked (a memory budget so small that the auxiliary head
+runs in several class slabs and the main head in several row chunks).
 """
 from __future__ import annotations
 
@@ -16,6 +19,10 @@ from tests.helpers import (GRAD_NAMES, assert_matches_reference, cast_inputs, lo
 dhk = pytest.importorskip("dhkd_kernels.ops.dual_head_kd")
 
 ARGS = ("features", "head_weight", "head_bias", "aux_weight", "aux_bias", "teacher_logits", "labels")
+PLANS = ("triton", "cublas", "chunked")
+CHUNKED_BUDGET = 2048  # bytes: the smallest chunks (4 rows, 16-class slabs in the interpreter)
+
+
 def cuda_only(test):
     """GPU-only test: marked ``gpu`` (pyproject marker) and skipped without CUDA."""
     return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
@@ -27,6 +34,30 @@ def _poison_and_strict_fp32(monkeypatch):
     if torch.cuda.is_available():
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     yield
+
+
+def use_plan(monkeypatch, plan: str) -> None:
+    if plan == "chunked":
+        monkeypatch.setattr(dhk, "MEMORY_BUDGET_BYTES", CHUNKED_BUDGET)
+        monkeypatch.setattr(dhk, "_ENGINE", "cublas")
+    else:
+        monkeypatch.setattr(dhk, "_ENGINE", plan)
+
+
+@pytest.fixture(params=PLANS)
+def plan(request, monkeypatch):
+    use_plan(monkeypatch, request.param)
+    return request.param
+
+
+def current_plan(inputs, **opts):
+    """The Plan the backend picks for ``inputs`` (all grads on) under the current settings."""
+    o = dhk._opts_from(opts.get("ce_weight", 1.0), opts.get("kd_weight", 0.0), opts.get("logit_weight", 1.0),
+                       4.0, 2.0, True, -100, True, False, False)
+    x = inputs["features"]
+    n, c = inputs["teacher_logits"].shape
+    wk = dhk._work(x, inputs["head_weight"], inputs["aux_features"], n, c, o, [True] * 6)
+    return dhk.make_plan(wk, x.device)
 
 
 def _call(inputs, **opts):
@@ -42,22 +73,9 @@ def _call(inputs, **opts):
     (9, 3, 129, None, True),
     (37, 20, 33, 6, False),
 ])
-def test_matches_reference_shapes(device, n, d, c, da, bias):
+def test_matches_reference_shapes(device, plan, n, d, c, da, bias):
     inputs = make_inputs(n, d, c, da=da, bias=bias, device=device, ignore_frac=0.25, seed=n + c)
     assert_matches_reference(inputs, backend="triton", kd_weight=0.5)
-
-
-@pytest.mark.parametrize("split_heads", [True, False])
-def test_forward_one_or_two_passes(device, monkeypatch, split_heads):
-    """The forward as one launch for both heads, or one launch per head (fp32 default on GPUs)."""
-    monkeypatch.setattr(dhk, "_SPLIT_HEADS", split_heads)
-    inputs = make_inputs(19, 7, 40, da=5, device=device, ignore_frac=0.2, seed=26)
-    assert_matches_reference(inputs, backend="triton", kd_weight=0.5)
-    _, tri = _call(inputs, backend="triton", return_components=True, kd_weight=0.5)
-    _, ref = _call(inputs, backend="torch", return_components=True, kd_weight=0.5)
-    assert int(tri["correct"]) == int(ref["correct"])
-    for k in ("ce", "kd", "logit"):
-        assert rel_err(tri[k], ref[k]) < 1e-5, k
 
 
 @pytest.mark.parametrize("logit_loss,reduction,kd_weight", [
@@ -65,7 +83,7 @@ def test_forward_one_or_two_passes(device, monkeypatch, split_heads):
     ("binary_kl", "mean", 0.0),
     ("binary_kl_norm", "sum", 0.0),
 ])
-def test_losses_and_reductions(device, logit_loss, reduction, kd_weight):
+def test_losses_and_reductions(device, plan, logit_loss, reduction, kd_weight):
     inputs = make_inputs(11, 6, 21, da=4, device=device, ignore_frac=0.2, seed=3)
     assert_matches_reference(inputs, backend="triton", logit_loss=logit_loss, reduction=reduction,
                              kd_weight=kd_weight, ce_weight=0.8, logit_weight=1.3,
@@ -75,12 +93,12 @@ def test_losses_and_reductions(device, logit_loss, reduction, kd_weight):
 @pytest.mark.parametrize("weights", [dict(ce_weight=0.0, kd_weight=1.0, logit_weight=0.0),
                                      dict(ce_weight=1.0, kd_weight=0.0, logit_weight=0.0),
                                      dict(ce_weight=0.0, kd_weight=0.0, logit_weight=1.0)])
-def test_single_terms(device, weights):
+def test_single_terms(device, plan, weights):
     inputs = make_inputs(7, 4, 19, device=device, seed=5)
     assert_matches_reference(inputs, backend="triton", **weights)
 
 
-def test_confident_and_large_logits(device):
+def test_confident_and_large_logits(device, plan):
     confident = make_inputs(10, 8, 23, device=device, logit_scale=30.0, teacher_scale=30.0, seed=6)
     assert_matches_reference(confident, backend="triton", kd_weight=0.5)
     large = make_inputs(6, 4, 17, device=device, logit_scale=1e4, teacher_scale=1e4, seed=7)
@@ -122,7 +140,7 @@ def test_small_gaps_keep_relative_accuracy(device, gap):
     assert rel_err(loss, ref) < 2e-5  # relative, with no absolute floor: the loss is ~1e-6 at gap 1e-3
 
 
-def test_all_rows_ignored_and_empty_batch(device):
+def test_all_rows_ignored_and_empty_batch(device, plan):
     for n in (5, 0):
         inputs = make_inputs(n, 4, 9, device=device, ignore_frac=1.0 if n else 0.0, seed=9)
         for reduction in ("mean", "sum"):
@@ -132,7 +150,7 @@ def test_all_rows_ignored_and_empty_batch(device):
                 assert torch.equal(g, torch.zeros_like(g)), k
 
 
-def test_grad_output_and_partial_grads(device):
+def test_grad_output_and_partial_grads(device, plan):
     inputs = make_inputs(9, 5, 13, da=3, device=device, seed=10)
     # only some inputs require grad; the others get None
     for k in ("head_weight", "aux_features", "aux_bias"):
@@ -173,7 +191,7 @@ def test_random_configurations(device, seed):
     assert_matches_reference(inputs, backend="triton", **opts)
 
 
-def test_aux_features_is_features(device):
+def test_aux_features_is_features(device, plan):
     """Passing the features tensor itself as aux_features: both heads' gradients reach it."""
     base = make_inputs(9, 5, 13, device=device, seed=25)
     grads = {}
@@ -188,33 +206,36 @@ def test_aux_features_is_features(device):
 
 # ------------------------------------------------------------------ chunking, layouts, dtypes
 
-@pytest.mark.parametrize("dtype,budget", [(torch.float32, 16 * 40 * 8), (torch.float32, 16 * 16 * 8),
-                                          (torch.bfloat16, 16 * 16 * 4)])
-def test_backward_chunking(device, monkeypatch, dtype, budget):
-    """Tiny dz budgets force several class slabs (and row chunks), exercising the accumulators."""
-    monkeypatch.setattr(dhk, "DZ_BUDGET_BYTES", budget)
-    inputs = make_inputs(40, 6, 45, da=5, device=device, dtype=dtype, ignore_frac=0.2, seed=11)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("da", [None, 5])
+def test_chunked_plan_several_slabs_and_chunks(device, monkeypatch, dtype, da):
+    """A budget that forces several class slabs (auxiliary head) and row chunks (main head): the
+    accumulators of dX, dW1 and the biases across chunks, the logit loss across slabs."""
+    use_plan(monkeypatch, "chunked")
+    inputs = make_inputs(40, 6, 45, da=da, device=device, dtype=dtype, ignore_frac=0.2, seed=11)
+    p = current_plan(inputs, kd_weight=0.5)
+    assert not p.resident and p.rows < 40 and p.slab < 45, p
+    for logit_loss, reduction in (("binary_kl_norm", "mean"), ("binary_kl", "sum")):
+        assert_matches_reference(inputs, backend="triton", kd_weight=0.5, logit_loss=logit_loss,
+                                 reduction=reduction)
+
+
+def test_chunked_plan_only_some_parts(device, monkeypatch):
+    """Chunked with one head switched off or only the weights asking for gradients."""
+    use_plan(monkeypatch, "chunked")
+    inputs = make_inputs(21, 5, 37, da=3, device=device, ignore_frac=0.3, seed=30)
+    assert_matches_reference(inputs, backend="triton", ce_weight=0.0, kd_weight=0.0)
+    assert_matches_reference(inputs, backend="triton", logit_weight=0.0, kd_weight=1.0)
+    for k in ("features", "aux_features", "head_bias"):
+        inputs[k].requires_grad_(False)
     assert_matches_reference(inputs, backend="triton", kd_weight=0.5)
-    shared = make_inputs(40, 6, 45, device=device, dtype=dtype, seed=12)
-    assert_matches_reference(shared, backend="triton", kd_weight=0.5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cublas_backward_matmul(device, monkeypatch, dtype):
-    """The opt-in torch.mm variant of dX/dW, also across slabs and row chunks."""
-    monkeypatch.setattr(dhk, "_BWD_MATMUL", "cublas")
-    monkeypatch.setattr(dhk, "DZ_BUDGET_BYTES", 16 * 16 * 8)
-    inputs = make_inputs(40, 6, 45, da=5, device=device, dtype=dtype, ignore_frac=0.2, seed=24)
-    assert_matches_reference(inputs, backend="triton", kd_weight=0.5)
-    with pytest.raises(ValueError, match="kind"):
-        dhk.set_backward_matmul("cutlass")
-
-
-def test_fp16_backward_matmul_does_not_overflow_before_the_mean(device, monkeypatch):
-    """fp16 with set_backward_matmul("cublas"): dW2 summed over 40 rows before the 1/|V| of the
-    mean passes fp16's 65504 although the gradient itself (max ~7800) does not. cuBLAS rounded that
-    unscaled sum to fp16 (inf); fp16 now keeps the Triton GEMM, which scales in fp32 first."""
-    monkeypatch.setattr(dhk, "_BWD_MATMUL", "cublas")
+@pytest.mark.parametrize("plan_name", ["cublas", "chunked", "triton"])
+def test_fp16_gradients_do_not_overflow_before_the_mean(device, monkeypatch, plan_name):
+    """fp16: dW2 summed over 40 rows before the 1/|V| of the mean passes fp16's 65504 although the
+    gradient itself (max ~7800) does not; every plan applies the scale before rounding to fp16."""
+    use_plan(monkeypatch, plan_name)
     inputs = make_inputs(40, 6, 9, device=device, dtype=torch.float16, seed=3)
     with torch.no_grad():
         inputs["features"].copy_(inputs["features"].abs() * 20)
@@ -227,42 +248,42 @@ def test_fp16_backward_matmul_does_not_overflow_before_the_mean(device, monkeypa
     assert_matches_reference(inputs, backend="triton", **opts)
 
 
-def test_autotune_path(device, monkeypatch):
-    """The opt-in autotuned launches (grids from the tuned meta, restored accumulators, split widths
-    divisible by every BLOCK_C), with a stand-in benchmark that runs each config once and ranks the
-    configs in reverse order, so a config other than the first one wins."""
-    if device.type == "cuda":
-        pytest.skip("covered by gpu_check; a real tuning run is slow")
-    calls = []
+def test_plan_rule_and_memory_bound():
+    """The documented dispatch rule and memory bound (planning only; meta tensors)."""
+    meta = torch.device("meta")
 
-    def fake_bench(kernel_call, quantiles):
-        kernel_call()
-        calls.append(1)
-        return [1.0 / len(calls)] * 3
+    def plan_for(n, d, c, dtype=torch.bfloat16, tf32=False, budget=None, **kw):
+        o = dhk._opts_from(1.0, 1.0, 1.0, 4.0, 2.0, True, -100, True, False, tf32)
+        x = torch.empty(n, d, dtype=dtype, device=meta)
+        w = torch.empty(c, d, dtype=dtype, device=meta)
+        wk = dhk._work(x, w, None, n, c, o, kw.get("needs", [True] * 6))
+        saved = dhk.MEMORY_BUDGET_BYTES
+        try:
+            if budget:
+                dhk.MEMORY_BUDGET_BYTES = budget
+            return dhk.make_plan(wk, meta)
+        finally:
+            dhk.MEMORY_BUDGET_BYTES = saved
 
-    monkeypatch.setattr(dhk, "_AUTOTUNE", True)
-    monkeypatch.setattr(dhk, "_AUTOTUNE_DO_BENCH", fake_bench)
-    monkeypatch.setattr(dhk, "_TUNED", {})
-    monkeypatch.setattr(dhk, "DZ_BUDGET_BYTES", 5 * 100 * 8)  # 4 class slabs: ACC launches
-    inputs = make_inputs(5, 6, 300, da=4, device=device, seed=27)
-    assert_matches_reference(inputs, backend="triton", kd_weight=0.5)
-    assert len(calls) >= 15 and set(dhk._TUNED) == {"fwd", "dz", "mm"}
-
-
-def test_chunk_plan_bounds():
-    cpu = torch.device("cpu")
-    assert dhk._chunk_plan(10, 20, 8, 10**9, cpu) == (10, 20)
-    rows, slab = dhk._chunk_plan(40, 45, 8, 16 * 40 * 8, cpu)
-    assert (rows, slab) == (40, 16)
-    rows, slab = dhk._chunk_plan(1000, 45, 8, 16 * 16 * 8, cpu)
-    assert rows * slab * 8 <= max(16 * 16 * 8, 16 * 16 * 8) and rows < 1000
-    gpu = torch.device("cuda")
-    rows, slab = dhk._chunk_plan(8192, 128256, 4, 256 * 2**20, gpu)
-    assert rows == 8192 and slab % 128 == 0 and rows * slab * 4 <= 256 * 2**20
+    assert plan_for(1024, 512, 1000).describe() == "resident/triton"
+    assert plan_for(1024, 512, 1000, dtype=torch.float32).engine == "cublas"  # IEEE fp32: no tensor cores
+    assert plan_for(1024, 512, 1000, dtype=torch.float32, tf32=True).engine == "triton"
+    assert plan_for(4096, 2048, 1000).describe() == "resident/cublas"  # 100 GFLOP > TRITON_MAX_FLOPS
+    big = plan_for(8192, 4096, 128256)
+    assert not big.resident and big.extra_bytes <= 512 * 2**20 and big.rows % 64 == 0 and big.slab % 128 == 0
+    small = plan_for(8192, 4096, 128256, budget=320 * 2**20)
+    assert small.extra_bytes <= 320 * 2**20 and small.rows < big.rows and small.slab < big.slab
+    # below the fixed part (fp32 dX accumulator, masked features): the smallest chunks, and the plan says so
+    tiny = plan_for(8192, 4096, 128256, budget=64 * 2**20)
+    assert (tiny.rows, tiny.slab) == (64, 128) and tiny.extra_bytes > 64 * 2**20
+    with pytest.raises(ValueError, match="nbytes"):
+        dhk.set_memory_budget(0)
+    with pytest.raises(ValueError, match="kind"):
+        dhk.set_engine("cutlass")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_vs_eager(device, dtype):
+def test_half_precision_vs_eager(device, plan, dtype):
     inputs = make_inputs(12, 16, 40, da=8, device=device, dtype=dtype, ignore_frac=0.2, seed=13)
     assert_matches_reference(inputs, backend="triton", kd_weight=0.5)
 
@@ -275,7 +296,7 @@ def test_fp16_small_probabilities(device):
     assert errors["head_weight"] < 1e-3
 
 
-def test_non_contiguous_int32_labels_and_teacher_dtypes(device):
+def test_non_contiguous_int32_labels_and_teacher_dtypes(device, plan):
     base = make_inputs(10, 6, 21, da=5, device=device, seed=14)
     inputs = {}
     for k, v in base.items():
@@ -431,23 +452,27 @@ def test_argmax_ties_take_first_index(device):
 
 # ------------------------------------------------------------------ torch.compile and registration
 
-def test_custom_op_registration_opcheck(device):
+@pytest.mark.parametrize("plan_name", PLANS)
+def test_custom_op_registration_opcheck(device, monkeypatch, plan_name):
+    use_plan(monkeypatch, plan_name)
     inputs = make_inputs(5, 4, 9, da=3, device=device, seed=18)
     x, w1, b1, w2, b2 = (inputs[k].detach().requires_grad_(True) for k in
                          ("features", "head_weight", "head_bias", "aux_weight", "aux_bias"))
     a = inputs["aux_features"].detach().requires_grad_(True)
     args = (x, w1, b1, a, w2, b2, inputs["teacher_logits"], inputs["labels"],
-            1.0, 0.5, 1.0, 4.0, 2.0, True, -100, True, True, False)
-    nothing_to_do = args[:8] + (0.0, 0.0, 0.0) + args[11:16] + (False, False)  # the early-return path
+            1.0, 0.5, 1.0, 4.0, 2.0, True, -100, True, True, False, [True] * 6)
+    nothing_to_do = args[:8] + (0.0, 0.0, 0.0) + args[11:16] + (False, False, [True] * 6)
     for case in (args, nothing_to_do):
         torch.library.opcheck(torch.ops.dhkd.dual_head_kd_fwd.default, case,
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
                                           "test_aot_dispatch_dynamic"))
 
 
-def test_custom_ops_fake_strides_match_real_for_transposed_inputs(device):
-    """The fake implementations must give the real outputs' strides (compiled graphs rely on them);
-    column-major features/weights once made the fake backward return their transposed strides."""
+@pytest.mark.parametrize("plan_name", PLANS)
+def test_custom_ops_fake_match_real_for_transposed_inputs(device, monkeypatch, plan_name):
+    """The fake implementations give the real outputs' shapes, dtypes and strides (compiled graphs
+    rely on them), also for column-major features/weights."""
+    use_plan(monkeypatch, plan_name)
     inputs = make_inputs(5, 4, 9, da=3, device=device, seed=18)
 
     def col_major(v):
@@ -458,12 +483,13 @@ def test_custom_ops_fake_strides_match_real_for_transposed_inputs(device):
     assert x.stride() == (1, 5)
     t, y = inputs["teacher_logits"], inputs["labels"]
     scalars = (1.0, 0.5, 1.0, 4.0, 2.0, True, -100, True)
-    fwd_args = (x, w1, b1, a, w2, b2, t, y) + scalars + (True, False)
-    out = torch.ops.dhkd.dual_head_kd_fwd(*fwd_args)
-    bwd_args = (torch.tensor(1.0, device=device), x, w1, b1, a, w2, b2, t, y, out[4], out[3]) + scalars \
-        + (False, [True] * 6)
+    fwd_args = (x, w1, b1, a, w2, b2, t, y) + scalars + (True, False, [True] * 6)
     torch.library.opcheck(torch.ops.dhkd.dual_head_kd_fwd.default, fwd_args, test_utils=("test_faketensor",))
-    torch.library.opcheck(torch.ops.dhkd.dual_head_kd_bwd.default, bwd_args, test_utils=("test_faketensor",))
+    out = torch.ops.dhkd.dual_head_kd_fwd(*fwd_args)
+    if plan_name != "chunked":
+        bwd_args = (torch.tensor(1.0, device=device), x, w1, b1, a, w2, b2, y, out[3], list(out[4:10]), 9) \
+            + scalars + (False, [True] * 6)
+        torch.library.opcheck(torch.ops.dhkd.dual_head_kd_bwd.default, bwd_args, test_utils=("test_faketensor",))
 
 
 def test_torch_compile_training_step(device):
@@ -492,7 +518,7 @@ def test_torch_compile_training_step(device):
         assert rel_err(grads[k], eager_grads[k]) < 1e-6, k
 
 
-def test_deterministic_run_to_run(device):
+def test_deterministic_run_to_run(device, plan):
     inputs = make_inputs(20, 8, 35, da=5, device=device, seed=20)
     l1, g1 = loss_and_grads(inputs, backend="triton", kd_weight=0.5)
     l2, g2 = loss_and_grads(inputs, backend="triton", kd_weight=0.5)
@@ -602,158 +628,86 @@ def test_gpu_bitwise_determinism_large():
         assert torch.equal(g1[k], g2[k]), k
 
 
-def _gpu_check_module():
-    import importlib.util
-    import pathlib
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
-    spec = importlib.util.spec_from_file_location("gpu_check", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+@cuda_only
+def test_gpu_cuda_graph_capture():
+    """The op captures in a CUDA graph (no host sync, no data-dependent host logic): replaying the
+    graph on new input values gives the eager result, for each plan."""
+    for plan_name, budget in (("triton", None), ("cublas", None), ("chunked", 256 * 1024)):
+        saved = dhk._ENGINE, dhk.MEMORY_BUDGET_BYTES
+        try:
+            dhk._ENGINE = "cublas" if plan_name == "chunked" else plan_name
+            if budget:
+                dhk.MEMORY_BUDGET_BYTES = budget
+            inputs = make_inputs(64, 32, 300, device="cuda", dtype=torch.bfloat16, ignore_frac=0.1, seed=31)
+            static = cast_inputs(inputs)
+            args = [static[k] for k in ARGS]
 
+            def step():
+                for k in GRAD_NAMES:
+                    if static.get(k) is not None:
+                        static[k].grad = None
+                loss = fused_dual_head_kd_loss(*args, backend="triton", kd_weight=0.5)
+                loss.backward()
+                return loss
 
-def test_gpu_check_script_smoke(tmp_path):
-    """benchmarks/gpu_check.py stays runnable: --help, its checks in the interpreter (CPU) with the
-    results files written, and a mistyped --shapes refused before any work."""
-    import json
-    if torch.cuda.is_available():
-        pytest.skip("the GPU run is the script itself")
-    mod = _gpu_check_module()
-    with pytest.raises(SystemExit) as exc:
-        mod.parse_args(["--help"])
-    assert exc.value.code == 0
-    assert mod.main(["--smoke-cpu", "--out", str(tmp_path)]) == 0
-    report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert report["checks"] and all(c["ok"] for c in report["checks"])
-    assert "checks passed" in (tmp_path / "gpu_check.md").read_text()
-    with pytest.raises(SystemExit, match="unknown"):
-        mod.main(["--smoke-cpu", "--shapes", "rn18,rn5O"])
-
-
-def test_gpu_check_peak_extra_memory_and_table():
-    """The extra-memory figure of a timed step is what the step allocates beyond inputs and its own
-    gradients: with the previous step's gradients still alive at the baseline, it came out short
-    by the gradients' bytes (and clamped to 0 at small shapes). Also: skipped/failed cells."""
-    mod = _gpu_check_module()
-    grads_b, transient_b = 700, 300
-
-    class Mem:
-        live, high = 1000, 1000  # inputs
-
-        @classmethod
-        def alloc(cls, b):
-            cls.live += b
-            cls.high = max(cls.high, cls.live)
-
-        sync = staticmethod(lambda: None)
-        allocated = classmethod(lambda cls: cls.live)
-        peak = classmethod(lambda cls: cls.high)
-
-        @classmethod
-        def reset_peak(cls):
-            cls.high = cls.live
-
-    state = {"grads": False}
-
-    def clear():
-        if state["grads"]:
-            Mem.alloc(-grads_b)
-            state["grads"] = False
-
-    def step():
-        clear()
-        Mem.alloc(transient_b)
-        Mem.alloc(grads_b)
-        Mem.alloc(-transient_b)
-        state["grads"] = True
-
-    step()  # warm-up: gradients alive, as after any timed step
-    assert mod.peak_extra_bytes(step, clear, grads_b, mem=Mem) == transient_b
-    env = dict(date="d", gpu="g", torch="t", triton="tr", cuda="c")
-    rows = [dict(shape="rn18", N=1, D=2, C=3, dtype="bfloat16", fused=dict(ms=0.5, extra_mib=12.0),
-                 **{"gemm floor": dict(ms=None, extra_mib=None, error="skipped: time budget")}),
-            dict(shape="llm", N=4, D=5, C=6, dtype="bfloat16", skipped="time budget")]
-    md = mod.markdown(env, [dict(check="x", ok=True, detail="")], rows)
-    assert "0.500 (12)" in md and "skipped: time budget" in md.splitlines()[-1]
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):
+                    step()
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            for k in GRAD_NAMES:
+                if static.get(k) is not None:
+                    static[k].grad = None
+            with torch.cuda.graph(graph):
+                loss = fused_dual_head_kd_loss(*args, backend="triton", kd_weight=0.5)
+                loss.backward()
+            fresh = make_inputs(64, 32, 300, device="cuda", dtype=torch.bfloat16, ignore_frac=0.1, seed=32)
+            with torch.no_grad():
+                for k in ARGS:
+                    if static.get(k) is not None and static[k].is_floating_point():
+                        static[k].copy_(fresh[k])
+                static["labels"].copy_(fresh["labels"])
+            graph.replay()
+            ref_loss, ref_grads = loss_and_grads(fresh, backend="triton", grad_scale=1.0, kd_weight=0.5)
+            assert torch.equal(loss.detach(), ref_loss), plan_name
+            for k in ("features", "head_weight", "aux_weight"):
+                assert torch.equal(static[k].grad, ref_grads[k]), (plan_name, k)
+        finally:
+            dhk._ENGINE, dhk.MEMORY_BUDGET_BYTES = saved
 
 
 # ------------------------------------------------------------------ GPU compilation without a GPU
 
-def _aot_compile_all(arch: int = 90) -> list:
-    """Compile the kernels for sm_<arch> with triton's bundled ptxas (no GPU, no interpreter) at the
-    default configurations, both logit losses among them; returns (label, shared bytes). Run in a
-    subprocess by the test below."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from dhkd_kernels.ops import _dual_head_kd_kernels as K
-
-    ones = {"stride_xd", "stride_w1d", "stride_ad", "stride_w2d", "stride_tc", "stride_op", "stride_bp",
-            "stride_b2p"}
-    floats = {"inv_kd_t", "inv_tau", "ce_w", "kd_w_t", "lg_w", "kd_t", "tau", "kd_w"}
-
-    def build(fn, ptrs, consts, warps, label):
-        consts = dict(consts, **{k: 1 for k in fn.arg_names if k in ones})
-        sig = {}
-        for name in fn.arg_names:
-            sig[name] = ("constexpr" if name in consts else ptrs.get(name) or
-                         ("fp32" if name in floats else "i32"))
-        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-                 if sig[name].startswith("*")}
-        src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
-        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=3))
-        return label, int(k.metadata.shared)
-
-    out = []
-    for dt, prec, bd in (("bf16", "tf32", 64), ("fp32", "ieee", 32), ("fp32", "tf32", 32)):
-        p = "*" + dt
-        fwd_ptrs = dict(x_ptr=p, w1_ptr=p, a_ptr=p, w2_ptr=p, b1_ptr="*fp32", b2_ptr="*fp32", t_ptr="*bf16",
-                        y_ptr="*i64", part_ptr="*fp32")
-        heads = [(True, True, True)] if dt == "bf16" else [(True, True, False), (False, False, True)]
-        for z1, kd, lg in heads:
-            out.append(build(K.fwd_partials_kernel, fwd_ptrs,
-                             dict(HAS_B1=True, HAS_B2=True, NEED_Z1=z1, NEED_KD=kd, NEED_LOGIT=lg,
-                                  KL_NORM=prec != "ieee",
-                                  DOT_PRECISION=prec, INTERP_BF16=False, BLOCK_N=64, BLOCK_C=64, BLOCK_D=bd),
-                             8, f"fwd {dt} {prec} z1={z1} logit={lg}"))
-        dz_ptrs = dict(fwd_ptrs, stats_ptr="*fp32", dz1_ptr=p, dz2_ptr=p)
-        out.append(build(K.dz_kernel, dz_ptrs,
-                         dict(HAS_B1=True, HAS_B2=True, NEED_DZ1=True, CE_ON=True, KD_ON=True,
-                              NEED_DZ2=True, KL_NORM=prec == "ieee", DOT_PRECISION=prec, INTERP_BF16=False,
-                              BLOCK_N=64, BLOCK_C=64, BLOCK_D=bd), 8, f"dz {dt} {prec}"))
-        out.append(build(K.mm_kernel, dict(out_ptr="*fp32", a_ptr=p, b_ptr=p, a2_ptr=p, b2_ptr=p, scale_ptr="*fp32"),
-                         dict(ACC=True, HAS_SECOND=True, DOT_PRECISION=prec, INTERP_BF16=False,
-                              BLOCK_M=128, BLOCK_P=128, BLOCK_K=bd), 8, f"mm {dt} {prec}"))
-    out.append(build(K.finalize_kernel,
-                     dict(part_ptr="*fp32", y_ptr="*i64", stats_ptr="*fp32", loss_ptr="*fp32", terms_ptr="*fp32",
-                          correct_ptr="*i64", nvalid_ptr="*i64"),
-                     dict(NEED_Z1=True, NEED_KD=True, NEED_LOGIT=True, MEAN=True, BLOCK_N=1024), 4, "finalize"))
-    return out
-
-
-def test_kernels_compile_for_sm90(tmp_path):
-    """The interpreter accepts things the GPU compiler rejects (e.g. non-constexpr globals): compile
-    every kernel for sm_90 ahead of time (no GPU needed) in a subprocess without TRITON_INTERPRET."""
+def test_compile_report_sm90_no_spills_and_wgmma(tmp_path):
+    """Every kernel the loss launches at every GPU benchmark shape (bf16, fp32, fp32 with TF32),
+    compiled for sm_90 with its run-time specialization (dhkd_kernels.compile_report, in a subprocess
+    without the interpreter and with an empty Triton cache, so the GPU front end really runs): no
+    spills, shared memory within an H100's 227 KiB, and the Triton GEMMs on wgmma."""
     import json
     import os
     import pathlib
     import subprocess
     import sys
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError:
-        pytest.skip("this triton has no ahead-of-time compile API")
     root = pathlib.Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
-    env["TRITON_CACHE_DIR"] = str(tmp_path)  # a cached kernel would skip the front end being tested
-    code = "import json, tests.test_triton as t; print(json.dumps(t._aot_compile_all()))"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=600)
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "dhkd_kernels", "compile-report", "--json", str(out)], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=1200)
+    assert out.exists(), proc.stderr[-3000:]
+    records = json.loads(out.read_text())
+    kernels = {r["kernel"] for r in records}
+    assert {"logits_kernel", "dx_kernel", "dw_kernel", "epilogue_kernel", "finalize_kernel", "colsum_kernel",
+            "scale_kernel", "count_kernel"} <= kernels
+    for r in records:
+        assert r["stack"] == 0 and r["local"] == 0, f"{r['kernel']} spills: {r}"
+        assert r["shared"] <= 232448, r
+        if r["kernel"] in ("logits_kernel", "dx_kernel", "dw_kernel"):
+            assert r["wgmma"], f"{r['kernel']} does not use wgmma: {r}"
     assert proc.returncode == 0, proc.stderr[-3000:]
-    compiled = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(compiled) == 12
-    for label, shared in compiled:
-        assert shared <= 232448, f"{label}: {shared} bytes of shared memory exceed an H100's 227 KiB"
+    doc = (root / "docs" / "kernels.md").read_text()
+    table = proc.stdout.strip().split("\n\n", 1)[1].strip()
+    assert table in doc, "docs/kernels.md's compile table is stale: python -m dhkd_kernels compile-report"

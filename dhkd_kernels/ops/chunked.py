@@ -1,14 +1,22 @@
-"""The ``backend="torch"`` path: a chunked PyTorch implementation with an analytic backward.
+"""The ``backend="torch"`` path: chunked PyTorch with an analytic backward (the CPU and float64 path).
 
 Rows are processed in chunks of ``max(1, chunk_elements // C)`` rows. For each chunk the forward
-computes both heads' logits, the per-row losses and, when any input needs a gradient, the logit
-gradients dz1, dz2 and their products with the weights and features, so ``backward`` only scales
-stored gradients by ``grad_output`` (the same plan as Liger-Kernel's fused linear losses).
+computes both heads' logits (one product per head, in the matmul operands' dtype, as eager PyTorch
+does), the per-row losses in fp32 (fp64 for float64 operands) and, when any input needs a gradient,
+dz1, dz2 and their products dX = dZ W and dW = dZ^T X: the matmul work is the GEMM floor, nothing is
+recomputed, and ``backward`` only multiplies the stored gradients by ``grad_output`` (into new
+tensors, so a call can be back-propagated more than once).
 
-Memory bound: about ten fp32 (fp64 for float64 inputs) buffers of one chunk, i.e. at most
-~10 * 4 * max(chunk_elements, C) bytes (40 MiB at the default 2**20) on top of the inputs, plus fp32
-copies of half-precision weights and fp32 gradient accumulators of the inputs' sizes. The full (N, C)
-logits are never held.
+Rows outside V (label == ignore_index) are zeroed before any arithmetic, so garbage there (NaN
+included) reaches no result. A teacher logit of -inf is a masked class (see ``reference``). Nothing
+reads a device value on the host: |V| and the mean's 1/|V| stay tensors, so on CUDA the path does not
+synchronise; a valid row whose label is outside [0, C) there gets a NaN loss and NaN gradients (CPU
+labels are checked before the call).
+
+Memory bound, beyond inputs and gradients: about eight buffers of one chunk in the epilogue dtype
+(fp32: 8 x 4 x max(chunk_elements, C) bytes, ~32 MiB at the default 2**20 elements; docs/kernels.md
+has the measured peak), fp32 copies of one chunk's 16-bit logits, and fp32 accumulators of the
+weight gradients when there are several chunks and 16-bit weights.
 
 Gradients of the per-element losses (s = softmax, sig = sigmoid):
     dCE/dz1       = s(z1) - onehot(y)
@@ -21,144 +29,199 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..reference import binary_kl, binary_kl_norm
+from ..reference import binary_kl, valid_rows
 
 DEFAULT_CHUNK_ELEMENTS = 2**20
 
+SECOND_BACKWARD = ("fused_dual_head_kd_loss (backend='{}') computes its gradients in the forward and scales "
+                   "them in place in the backward, so one call can be back-propagated once: a second "
+                   "backward through it (retain_graph=True) is not supported. Call the loss again, or use "
+                   "backend='torch' or 'reference'.")
 
-def row_losses_and_grads(z1, z2, t, y, *, kd_temperature, logit_temperature, logit_loss,
-                         need_ce, need_kd, need_logit, need_grad, ce_weight, kd_weight, logit_weight):
-    """Per-row CE, KD and logit losses of one chunk and the weighted logit gradients.
+_DOUBLE_BACKWARD = ("fused_dual_head_kd_loss (backend='torch') has no second derivative: its backward ran with "
+                    "create_graph=True (double backward, e.g. a gradient penalty). Use backend='reference' "
+                    "(plain PyTorch autograd) for higher-order gradients.")
 
-    The logit losses are the reference's own per-row formulas (so this path's float32 rounding is
-    eager float32's); the gradients are the closed forms in the module docstring.
 
-    z1, z2, t: (n, C) in the compute dtype; y: (n,) int64 valid class indices.
-    Returns (ce, kd, logit) each (n,) or None, and (dz1, dz2) = d(weighted row loss)/dz (or None).
-    """
-    ce = kd = logit = dz1 = dz2 = None
-    if need_ce:
-        # log_softmax shifts by the row max before the log-sum-exp, so p_y - 1 keeps its small
-        # value for confident rows (z - lse would round lse at the scale of the max logit)
-        log_p = F.log_softmax(z1, dim=-1)
-        ce = -log_p.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-        if need_grad and ce_weight:
-            dz1 = log_p.exp_()
-            dz1.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(ce, -1.0).unsqueeze(-1))
-            dz1.mul_(ce_weight)
-    if need_kd:
-        T = kd_temperature
-        zs, ts = z1 / T, t / T
-        log_ps = F.log_softmax(zs, dim=-1)
-        log_pt = F.log_softmax(ts, dim=-1)
-        pt = log_pt.exp()
-        kd = T * T * (pt * (log_pt - log_ps)).sum(-1)
-        if need_grad and kd_weight:
-            g = (log_ps.exp() - pt).mul_(kd_weight * T)
-            dz1 = g if dz1 is None else dz1.add_(g)
-    if need_logit:
-        tau = logit_temperature
-        if logit_loss == "binary_kl_norm":
-            logit = binary_kl_norm(z2, t, tau)
-            if need_grad and logit_weight:
-                dz2 = torch.tanh((z2 - t) / (2.0 * tau)).mul_(logit_weight * tau / 2.0)
-        else:
-            logit = binary_kl(z2, t, tau)
-            if need_grad and logit_weight:
-                dz2 = (torch.sigmoid(z2 / tau) - torch.sigmoid(t / tau)).mul_(logit_weight * tau)
-    return (ce, kd, logit), (dz1, dz2)
+def main_head(z, t, y, o, *, kd_stats, grad_ce, grad_kd):
+    """CE and KD per row of one chunk and the weighted dz1 (or None). ``z`` (n, C) is consumed."""
+    ce_w, kd_w, T = o["ce_weight"], o["kd_weight"], o["kd_temperature"]
+    lp = F.log_softmax(z, dim=-1)
+    lp_y = lp.gather(-1, y.unsqueeze(-1))
+    ce = -lp_y.squeeze(-1)
+    kd = dz = None
+    if grad_ce:
+        # target column: p_y - 1 = expm1(log p_y), exact for confident rows (p_y - 1 in fp32 is not)
+        dz = lp.exp_().mul_(ce_w)
+        dz.scatter_(-1, y.unsqueeze(-1), torch.expm1(lp_y).mul_(ce_w))
+    del lp
+    if kd_stats:
+        log_ps = F.log_softmax(z.mul_(1.0 / T), dim=-1)
+        pt = F.softmax(t / T, dim=-1)
+        # kl_div's xlogy(pt, pt) - pt log_ps is 0 for a masked class (pt = 0), NaN for a NaN teacher
+        kd = (T * T) * F.kl_div(log_ps, pt, reduction="none").sum(-1)
+        if grad_kd:
+            g = log_ps.exp_().sub_(pt).mul_(kd_w * T)
+            dz = g if dz is None else dz.add_(g)
+    return ce, kd, dz
+
+
+_LN2 = 0.6931471805599453
+
+
+def _log_cosh(a):
+    """log cosh(a) for a >= 0: log1p(2 sinh(a/2)^2) (exact to rounding, small a included) up to 20,
+    a - log 2 beyond (where e^(-2a) is below fp32's and fp64's resolution of the result)."""
+    small = torch.sinh(a.clamp(max=20.0).mul_(0.5)).square_().mul_(2.0).log1p_()
+    return torch.where(a > 20.0, a - _LN2, small)
+
+
+def aux_head(z2, t, o, *, grad):
+    """The logit-level loss per row of one chunk and the weighted dz2 (or None). ``z2`` is consumed.
+
+    A masked class (t = -inf) is given the gap 0, whose loss and gradient are both 0."""
+    tau, lg_w = o["logit_temperature"], o["logit_weight"]
+    keep = t != float("-inf")
+    dz = None
+    if o["logit_loss"] == "binary_kl_norm":
+        u = z2.sub_(t).mul_(0.5 / tau).masked_fill_(~keep, 0.0)
+        logit = (tau * tau) * _log_cosh(u.abs()).sum(-1)
+        if grad:
+            dz = u.tanh_().mul_(lg_w * tau / 2.0)
+    else:
+        t0 = torch.where(keep, t, 0.0)
+        z2.masked_fill_(~keep, 0.0)
+        logit = binary_kl(z2, t0, tau)
+        if grad:
+            dz = torch.sigmoid(z2.mul_(1.0 / tau)).sub_(torch.sigmoid(t0.mul_(1.0 / tau))).mul_(lg_w * tau)
+    return logit, dz
+
+
+def _logits(x, w, b, edt):
+    """x w^T + b in the epilogue dtype: the product in the operands' dtype, the bias added in edt."""
+    if b is not None and x.dtype == edt:
+        return torch.addmm(b, x, w.t())
+    z = F.linear(x, w).to(edt)
+    return z if b is None else z.add_(b)
 
 
 class ChunkedDualHeadKD(torch.autograd.Function):
-    """Autograd Function of the torch path; see the module docstring for the plan and memory bound."""
+    """Autograd Function of the torch path; see the module docstring for the plan and memory bound.
+    The matmul operands arrive in one dtype (cast by :func:`chunked_dual_head_kd_loss`)."""
 
     @staticmethod
     def forward(ctx, features, head_weight, head_bias, aux_features, aux_weight, aux_bias,
                 teacher_logits, labels, opts):
         shared = aux_features is None
-        aux_x = features if shared else aux_features
-        inputs = (features, head_weight, head_bias, aux_x, aux_weight, aux_bias)
-        cdt = torch.float64 if any(x is not None and x.dtype == torch.float64 for x in inputs) \
-            else torch.float32
+        mdt = features.dtype
+        edt = torch.float64 if mdt == torch.float64 else torch.float32
         need_grad = any(ctx.needs_input_grad[:6])
         n, c = teacher_logits.shape
+        dev = features.device
         ce_w, kd_w, lg_w = opts["ce_weight"], opts["kd_weight"], opts["logit_weight"]
         comps = opts["return_components"]
-        need = dict(need_ce=bool(ce_w) or comps, need_kd=bool(kd_w) or comps,
-                    need_logit=bool(lg_w) or comps)
+        main = bool(ce_w) or bool(kd_w) or comps
+        kd_stats = bool(kd_w) or comps
+        aux = bool(lg_w) or comps
+        g_main = need_grad and (bool(ce_w) or bool(kd_w))
+        g_aux = need_grad and bool(lg_w)
 
-        valid_all = labels != opts["ignore_index"]
+        valid_all = valid_rows(labels, opts["ignore_index"])
         n_valid = valid_all.sum()
-        scale = 1.0
-        if opts["reduction"] == "mean":
-            scale = 1.0 / max(int(n_valid), 1)
-
-        dev = features.device
-        w1 = head_weight.to(cdt)
-        w2 = aux_weight.to(cdt)
-        b1 = None if head_bias is None else head_bias.to(cdt)
-        b2 = None if aux_bias is None else aux_bias.to(cdt)
-        sums = torch.zeros(3, dtype=cdt, device=dev)
+        # a valid row with a label outside [0, C): NaN loss and NaN gradients (never a host sync)
+        bad_all = valid_all & ((labels < 0) | (labels >= c))
+        row_factor = torch.where(bad_all, float("nan"), valid_all.to(edt))
+        scale = (1.0 / n_valid.clamp(min=1).to(edt)) if opts["reduction"] == "mean" \
+            else torch.ones((), dtype=edt, device=dev)
+        vcol = valid_all.unsqueeze(-1)
+        zero = torch.zeros((), dtype=mdt, device=dev)
+        b1 = None if head_bias is None else head_bias.to(edt)
+        b2 = None if aux_bias is None else aux_bias.to(edt)
+        sums = torch.zeros(3, dtype=edt, device=dev)
         correct = torch.zeros((), dtype=torch.int64, device=dev)
-        if need_grad:
-            gx = torch.empty(features.shape, dtype=cdt, device=dev)
-            ga = None if shared else torch.empty(aux_x.shape, dtype=cdt, device=dev)
-            gw1 = torch.zeros_like(w1)
-            gw2 = torch.zeros_like(w2)
-            gb1 = torch.zeros(c, dtype=cdt, device=dev)
-            gb2 = torch.zeros(c, dtype=cdt, device=dev)
-
+        aux_x = features if shared else aux_features
         rows = max(1, opts["chunk_elements"] // max(c, 1))
+        if need_grad:
+            gx = torch.empty(features.shape, dtype=mdt, device=dev)
+            ga = None if shared else torch.empty(aux_x.shape, dtype=mdt, device=dev)
+            # weight gradients accumulate over row chunks in fp32 (fp64) when there are several
+            wdt = mdt if n <= rows else edt
+            gw1 = torch.zeros(head_weight.shape, dtype=wdt, device=dev)
+            gw2 = torch.zeros(aux_weight.shape, dtype=wdt, device=dev)
+            gb1 = torch.zeros(c, dtype=edt, device=dev)
+            gb2 = torch.zeros(c, dtype=edt, device=dev)
+
         for s in range(0, n, rows):
             e = min(n, s + rows)
-            x = features[s:e].to(cdt)
-            a = x if shared else aux_x[s:e].to(cdt)
-            z1 = F.linear(x, w1, b1)
-            z2 = F.linear(a, w2, b2)
-            t = teacher_logits[s:e].to(cdt)
-            valid = valid_all[s:e]
-            y = torch.where(valid, labels[s:e], torch.zeros_like(labels[s:e])).long()
-            losses, (dz1, dz2) = row_losses_and_grads(
-                z1, z2, t, y, kd_temperature=opts["kd_temperature"],
-                logit_temperature=opts["logit_temperature"], logit_loss=opts["logit_loss"],
-                need_grad=need_grad, ce_weight=ce_w, kd_weight=kd_w, logit_weight=lg_w, **need)
-            vmask = valid.to(cdt)
-            for k, term in enumerate(losses):
-                if term is not None:
-                    sums[k] += (term * vmask).sum()
-            if comps:
-                correct += ((z1.argmax(-1) == y) & valid).sum()
+            v = vcol[s:e]
+            x = torch.where(v, features[s:e], zero)  # rows outside V never reach a result
+            a = x if shared else torch.where(v, aux_x[s:e], zero)
+            t = torch.where(v, teacher_logits[s:e].to(edt), torch.zeros((), dtype=edt, device=dev))
+            y = torch.where(valid_all[s:e] & ~bad_all[s:e], labels[s:e], torch.zeros_like(labels[s:e])).long()
+            rf = row_factor[s:e]
+            dz1 = dz2 = None
+            if main:
+                z1 = _logits(x, head_weight, b1, edt)
+                if comps:
+                    correct += ((z1.argmax(-1) == y) & valid_all[s:e] & ~bad_all[s:e]).sum()
+                ce, kd, dz1 = main_head(z1, t, y, opts, kd_stats=kd_stats, grad_ce=g_main and bool(ce_w),
+                                        grad_kd=g_main and bool(kd_w))
+                del z1
+                sums[0] += (ce * rf).sum()
+                if kd is not None:
+                    sums[1] += (kd * rf).sum()
+            if aux:
+                z2 = _logits(a, aux_weight, b2, edt)
+                logit, dz2 = aux_head(z2, t, opts, grad=g_aux)
+                del z2
+                sums[2] += (logit * rf).sum()
             if not need_grad:
                 continue
-            row_scale = (vmask * scale).unsqueeze(-1)
-            dz1 = torch.zeros_like(z1) if dz1 is None else dz1.mul_(row_scale)
-            dz2 = torch.zeros_like(z2) if dz2 is None else dz2.mul_(row_scale)
-            gx[s:e] = dz1 @ w1
-            if shared:
-                gx[s:e] += dz2 @ w2
-            else:
-                ga[s:e] = dz2 @ w2
-            gw1.addmm_(dz1.t(), x)
-            gw2.addmm_(dz2.t(), a)
-            gb1 += dz1.sum(0)
-            gb2 += dz2.sum(0)
+            row_scale = (rf * scale).unsqueeze(-1)
+            gx_rows = None
+            for dz, w, head_gw, head_gb, feats, to_x in ((dz1, head_weight, gw1, gb1, x, True),
+                                                          (dz2, aux_weight, gw2, gb2, a, shared)):
+                if dz is None:
+                    continue
+                dz.mul_(row_scale)
+                head_gb += dz.sum(0)
+                dzm = dz.to(mdt)
+                if n <= rows:
+                    torch.mm(dzm.t(), feats, out=head_gw)
+                elif head_gw.dtype == mdt:
+                    head_gw.addmm_(dzm.t(), feats)
+                else:  # 16-bit operands, fp32 accumulator: one C x D product in the operand dtype
+                    head_gw.add_(dzm.t() @ feats)
+                prod = (dzm @ w).to(edt)
+                if to_x:
+                    gx_rows = prod if gx_rows is None else gx_rows.add_(prod)
+                else:
+                    ga[s:e] = prod
+            gx[s:e] = 0 if gx_rows is None else gx_rows
+            if not shared and dz2 is None:
+                ga[s:e] = 0
 
         terms = sums * scale
-        loss = ce_w * terms[0] + kd_w * terms[1] + lg_w * terms[2]
+        loss = torch.zeros((), dtype=edt, device=dev)
+        for k, w in enumerate((ce_w, kd_w, lg_w)):
+            if w:  # a term outside the loss cannot reach it, NaN or not
+                loss = loss + w * terms[k]
         if need_grad:
             ctx.save_for_backward(
-                gx.to(features.dtype), None if shared else ga.to(aux_x.dtype),
-                gw1.to(head_weight.dtype), None if head_bias is None else gb1.to(head_bias.dtype),
+                gx, ga, gw1.to(head_weight.dtype), None if head_bias is None else gb1.to(head_bias.dtype),
                 gw2.to(aux_weight.dtype), None if aux_bias is None else gb2.to(aux_bias.dtype))
         ctx.mark_non_differentiable(terms, correct, n_valid)
         return loss, terms, correct, n_valid
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
+        if torch.is_grad_enabled():
+            raise RuntimeError(_DOUBLE_BACKWARD)
         gx, ga, gw1, gb1, gw2, gb2 = ctx.saved_tensors
         needs = ctx.needs_input_grad
 
         def scaled(g, k):
+            # a scaled copy: the call can be back-propagated again (retain_graph=True, gradcheck)
             return g * grad_loss.to(g.dtype) if (g is not None and needs[k]) else None
 
         return (scaled(gx, 0), scaled(gw1, 1), scaled(gb1, 2), scaled(ga, 3), scaled(gw2, 4),
@@ -167,8 +230,16 @@ class ChunkedDualHeadKD(torch.autograd.Function):
 
 def chunked_dual_head_kd_loss(features, head_weight, head_bias, aux_weight, aux_bias, teacher_logits,
                               labels, *, aux_features, chunk_elements=None, **opts):
-    """Run the torch path; returns (loss, terms[3], correct, n_valid). Inputs must be validated."""
+    """Run the torch path; returns (loss, terms[3], correct, n_valid). Inputs must be validated.
+
+    The matmul operands are cast to one dtype first (autocast's, else their promoted dtype; the
+    gradients flow back through the casts to each input's dtype)."""
+    from ..reference import _operand_dtype
     opts["chunk_elements"] = chunk_elements or DEFAULT_CHUNK_ELEMENTS
+    mats = [features, head_weight, aux_weight] + ([aux_features] if aux_features is not None else [])
+    mdt = _operand_dtype(mats, features.device.type)
+    features, head_weight, aux_weight = (m.to(mdt) for m in (features, head_weight, aux_weight))
+    aux_features = None if aux_features is None else aux_features.to(mdt)
     with torch.autocast(device_type=features.device.type, enabled=False):
         return ChunkedDualHeadKD.apply(features, head_weight, head_bias, aux_features, aux_weight,
                                        aux_bias, teacher_logits, labels, opts)

@@ -1,58 +1,56 @@
-"""The ``backend="triton"`` path: Triton kernels for the dual-head KD loss, forward and backward.
+"""The ``backend="triton"`` path: the dual-head KD loss at the cost of its matmuls.
 
-Plan (kernels in :mod:`._dual_head_kd_kernels`; z1 = X W1^T + b1, z2 = A W2^T + b2, t teacher):
+Notation: z1 = X W1^T + b1 (main head), z2 = A W2^T + b2 (auxiliary head; A = X when ``aux_features``
+is None), t the teacher logits, V the valid rows. Kernels: :mod:`._gemm_kernels` (Triton GEMMs) and
+:mod:`._epilogue_kernels` (memory-bound loss epilogue, reductions, scaled copies).
 
-Forward, ``fwd_partials_kernel``, grid = (row blocks, class splits), one launch (two for fp32
-operands: one per head, to avoid register spills). Each program streams
-its classes in BLOCK_C tiles, builds the z1 and z2 tiles with ``tl.dot`` over D in BLOCK_D steps and
-folds them into per-row online statistics: running max / sum for softmax(z1), softmax(z1/T) and
-softmax(t/T), the KD cross term, z1[y], the first arg-max of z1 and the summed logit loss. Only
-9 floats per (split, row) are written; the (N, C) logits of either head never reach memory. Class
-splits exist so that small batches still fill the GPU (flash-decoding style); a one-program
-``finalize_kernel`` merges the splits with the same online-softmax algebra, reduces the valid rows in
-a fixed order into loss/terms/correct/n_valid, and saves six floats per row for the backward (the
-three softmaxes' maxima and log-sums kept apart, and 1 - p_y): 24 bytes per row.
+**Work.** Per forward+backward exactly one z = X W^T, one dX = dZ W and one dW = dZ^T X per head
+(12 N C D FLOPs with shared features): the logits of a block are stored once by the GEMM, the loss
+epilogue turns them into dz in place, and the gradient products read that dz. Nothing is recomputed.
+Without any gradient (eval, ``torch.no_grad()``) only the forward products run.
 
-Backward, per (class slab, row chunk): ``dz_kernel`` recomputes the z1/z2 tile with ``tl.dot`` and
-writes dz1, dz2 (fp32 arithmetic, the one-hot subtracted in fp32, then rounded to the matmul dtype;
-unscaled: grad_loss / max(|V|, 1) multiplies the fp32 GEMM results instead, so 16-bit dz cannot
-underflow),
-then ``mm_kernel`` (a plain Triton GEMM with fp32 accumulation) forms dX = dZ1 W1 (+ dZ2 W2 when the
-aux head reads the features), dA = dZ2 W2, dW = dZ^T X; bias grads are fp32 column sums (torch).
-Nothing besides the row statistics is kept between forward and backward. Trade-off: the
-projections are computed twice (forward and backward), i.e. 4 GEMM-sized products instead of the
-minimal 3, in exchange for O(N) saved state and no logits in memory.
+**Plans** (:func:`make_plan`; the rule is fixed, documented and checked by CPU tests):
 
-Memory bound (extra, beyond inputs and gradients): 40 S B/row of split statistics (S splits) and
-24 B/row saved; in the backward the dz buffers of one chunk, at most max(DZ_BUDGET_BYTES, 256 * 1024 * 16)
-bytes (DZ_BUDGET_BYTES = 256 MiB by default, env ``DHKD_DZ_BUDGET_MB``); an fp32 accumulator for
-dX (and dA) of N x D (N x Da) x 4 bytes only when the classes need several slabs and the inputs are
-16-bit; an fp32 accumulator of slab x D x 4 bytes for dW only when the rows need several chunks and
-the weights are 16-bit. The full class range fits one slab whenever N C (bytes per element) (heads)
-fits the budget, e.g. every ImageNet shape; at N=8192, C=128256 bf16 the slab is 8192 classes.
+* *resident* (N C (heads) (bytes per element) plus the backward's buffers fit the memory budget):
+  the forward stores both heads' logits whole, the epilogue writes dz over them, and dz waits for
+  the backward, which applies s = grad_output / max(|V|, 1) on the fly.
+  - engine "triton" (matmul work below ``TRITON_MAX_FLOPS`` = 64 GFLOP per forward+backward, i.e.
+    small problems whose time is mostly launches): ``logits_kernel`` (both heads, one launch, one load
+    of each X tile for both), ``epilogue_kernel``, ``finalize_kernel``, then ``dx_kernel`` and
+    ``dw_kernel`` (bias gradients included): 5 launches per forward+backward.
+  - engine "cublas" (larger problems): the six products on cuBLAS (``torch.mm``; dX summed in an
+    fp32 accumulator), the same epilogue and finalize, bias gradients from column-sum partials.
+* *chunked* (the logits do not fit): always cuBLAS. The forward computes the gradients, the
+  backward multiplies them by grad_output in place. The auxiliary head's gradient needs no row
+  statistic, so it runs in class slabs over all rows: each slab's dW2 rows are final when the slab
+  is done and dX accumulates in fp32. The main head's softmax needs whole rows, so it runs in row
+  chunks over all classes: each chunk's dX rows are final and dW1 accumulates over the chunks (in
+  W1's dtype: one rounding per chunk for 16-bit weights, 7-10 chunks at the LLM shapes).
 
-Determinism: every output element is owned by one program and accumulated in a fixed order (no
-atomics), so results are bitwise reproducible run to run on the same GPU and configuration.
+**Memory bound** (extra device memory beyond inputs and their gradients): ``plan.extra_bytes``,
+at most the budget (``set_memory_budget``, env ``DHKD_MEMORY_BUDGET_MB``, 512 MiB by default) except
+when even the smallest chunk does not fit it (then the smallest chunk is used and extra_bytes says so).
 
-Dtypes: matmul operands (features, weights, aux features) must share a dtype of fp32/bf16/fp16; under
-``torch.autocast`` they are cast to the autocast dtype first (as autocast does for ``F.linear``),
-otherwise mixed operand dtypes are promoted. Biases and teacher logits (any float dtype) are read
-and used in fp32; all loss math is fp32. fp32 operands use TF32 in ``tl.dot`` iff PyTorch's CUDA
-matmul setting asks for it (``allow_tf32``, or ``fp32_precision == "tf32"`` where reading
-``allow_tf32`` raises after the newer API was used; ``set_float32_matmul_precision("high")`` sets both). float64 operands raise a TypeError here
-(``backend="auto"`` sends float64 to the torch path).
+**No host synchronisation:** the plan depends only on shapes, dtypes and flags; every scalar that
+depends on data (|V|, grad_output) stays on the device. The op can be captured in a CUDA graph.
 
-Launch configs: fixed heuristics (``_tile_config``, ``_mm_config``), no autotuning at
-first call; ``set_autotune(True)`` or env ``DHKD_AUTOTUNE=1`` switches to ``triton.autotune`` over
-a few configs per kernel. Under ``TRITON_INTERPRET=1`` (CPU tensors) all blocks are 16.
-``set_backward_matmul("cublas")`` (env ``DHKD_BWD_MATMUL=cublas``) runs dX/dW with torch.mm.
+**Determinism:** every output element is written by one program in a fixed order, no atomics; cuBLAS
+is deterministic for these products on a given GPU and library version.
 
-torch.compile: the forward and backward are ``torch.library.custom_op``s (``dhkd::dual_head_kd_fwd``,
-``dhkd::dual_head_kd_bwd``) with fake implementations and a registered autograd formula.
+Dtypes: matmul operands (features, weights, aux features) in one dtype of fp32/bf16/fp16: the
+autocast dtype under ``torch.autocast``, otherwise the promoted dtype of the operands. Logits are
+stored in the operand dtype (as eager PyTorch does); every loss formula, statistic and dz is fp32
+arithmetic; biases and teacher logits are read in fp32. fp32 operands use TF32 iff PyTorch's CUDA
+matmul setting asks for it.
+
+torch.compile: the forward, the backward and the in-place gradient scaling are ``torch.library``
+custom ops (``dhkd::dual_head_kd_fwd``, ``dhkd::dual_head_kd_bwd``, ``dhkd::scale_``) with fake
+implementations and a registered autograd formula.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from typing import List, Optional, Tuple
 
@@ -60,32 +58,38 @@ import torch
 import triton
 from torch import Tensor
 
-from . import _dual_head_kd_kernels as K
+from .. import cost
+from . import _epilogue_kernels as E
+from . import _gemm_kernels as G
 
-__all__ = ["dual_head_kd_loss", "set_autotune", "set_backward_matmul", "set_debug_poison",
-           "DZ_BUDGET_BYTES"]
+__all__ = ["dual_head_kd_loss", "make_plan", "set_debug_poison", "set_engine", "set_memory_budget",
+           "simulate", "TRITON_MAX_FLOPS"]
 
-DZ_BUDGET_BYTES = int(float(os.environ.get("DHKD_DZ_BUDGET_MB", "256")) * 2**20)
-_AUTOTUNE = os.environ.get("DHKD_AUTOTUNE", "0") == "1"
+MEMORY_BUDGET_BYTES = int(float(os.environ.get("DHKD_MEMORY_BUDGET_MB", "512")) * 2**20)
+TRITON_MAX_FLOPS = 64e9
+PARTIAL_BYTES = 16 * 2**20  # bound on the column-sum partials of one epilogue launch
+_ENGINE = os.environ.get("DHKD_ENGINE", "auto")
 _POISON = os.environ.get("DHKD_DEBUG_POISON", "0") == "1"
-_BWD_MATMUL = os.environ.get("DHKD_BWD_MATMUL", "triton")
 _OPERAND_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_HAS_MM_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")
+F32 = torch.float32
 
 
-def set_autotune(enabled: bool) -> None:
-    """Opt in (or out) of ``triton.autotune`` for all three kernels (default: heuristics only)."""
-    global _AUTOTUNE
-    _AUTOTUNE = bool(enabled)
+def set_engine(kind: str) -> None:
+    """Force the resident plan's engine: "triton", "cublas" or "auto" (the size rule, default).
+    The chunked plan always runs on cuBLAS."""
+    global _ENGINE
+    if kind not in ("auto", "triton", "cublas"):
+        raise ValueError(f"kind must be 'auto', 'triton' or 'cublas', got {kind!r}")
+    _ENGINE = kind
 
 
-def set_backward_matmul(kind: str) -> None:
-    """Who runs dX = dZ W and dW = dZ^T X: "triton" (default, ``mm_kernel``) or "cublas" (torch.mm;
-    bf16 partial products are rounded once per chunk before the fp32 accumulation; fp16 operands
-    keep the Triton GEMM, whose fp32 result is scaled before rounding)."""
-    global _BWD_MATMUL
-    if kind not in ("triton", "cublas"):
-        raise ValueError(f"kind must be 'triton' or 'cublas', got {kind!r}")
-    _BWD_MATMUL = kind
+def set_memory_budget(nbytes: int) -> None:
+    """Bound on the op's extra device memory (bytes); larger problems are chunked to fit it."""
+    global MEMORY_BUDGET_BYTES
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 1:
+        raise ValueError(f"nbytes must be a positive int, got {nbytes!r}")
+    MEMORY_BUDGET_BYTES = nbytes
 
 
 def set_debug_poison(enabled: bool) -> None:
@@ -94,108 +98,40 @@ def set_debug_poison(enabled: bool) -> None:
     _POISON = bool(enabled)
 
 
-def _buffer(shape, dtype, device) -> Tensor:
-    if _POISON:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-# ----------------------------------------------------------------------------- launch configs
+# ----------------------------------------------------------------------------- devices, buffers
 
 def _interpreted(device: torch.device) -> bool:
-    return device.type != "cuda"
+    return device.type == "cpu"
 
 
 _SM_COUNT = {}
 
 
 def _sm_count(device: torch.device) -> int:
-    if _interpreted(device):
-        return 2
+    if device.type != "cuda":
+        return 132 if device.type == "meta" else 2
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _SM_COUNT[idx]
 
 
-def _pow2_at_least(v: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(v, 1))))
+def _buffer(shape, dtype, device) -> Tensor:
+    """Uninitialised output buffer (NaN-filled when poisoning, which costs one fill kernel)."""
+    if _POISON and device.type != "meta":
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
-# Tile choices for the two epilogue-heavy kernels were checked by compiling for sm_90 with ptxas -v
-# (no GPU needed): 64 x 64 tiles with 8 warps use 170-221 registers and do not spill in bf16, while
-# 64 x 128 tiles spill heavily once the KD epilogue is on. fp32 with both heads in one pass spills,
-# hence two passes (one per head) for fp32, see _split_heads.
-def _tile_config(n: int, c: int, elem: int, device) -> Tuple[dict, dict]:
-    """Block sizes (meta) and launch options of the two epilogue kernels, ``fwd_partials_kernel`` and
-    ``dz_kernel``, for an (n rows, c classes) problem with ``elem``-byte operands."""
-    if _interpreted(device):
-        return dict(BLOCK_N=16, BLOCK_C=16, BLOCK_D=16), {}
-    meta = dict(BLOCK_N=_pow2_at_least(n, 16, 64), BLOCK_C=_pow2_at_least(c, 16, 64),
-                BLOCK_D=64 if elem <= 2 else 32)
-    warps = 8 if meta["BLOCK_N"] * meta["BLOCK_C"] >= 4096 else 4
-    return meta, dict(num_warps=warps, num_stages=3)
+def _empty(device) -> Tensor:
+    return torch.empty(0, dtype=F32, device=device)
 
 
-_SPLIT_HEADS = None  # None: automatic (fp32 only); True/False: force (tests)
+def _kind(dtype: torch.dtype, tf32: bool) -> str:
+    if dtype == torch.float32:
+        return "tf32" if tf32 else "fp32"
+    return "bf16" if dtype == torch.bfloat16 else "fp16"
 
-
-def _split_heads(dtype: torch.dtype) -> bool:
-    """Run the forward as one launch per head (the teacher is then read twice)."""
-    return dtype == torch.float32 if _SPLIT_HEADS is None else bool(_SPLIT_HEADS)
-
-
-def _mm_config(m: int, p: int, elem: int, device) -> Tuple[dict, dict]:
-    if _interpreted(device):
-        return dict(BLOCK_M=16, BLOCK_P=16, BLOCK_K=16), {}
-    meta = dict(BLOCK_M=_pow2_at_least(m, 16, 128), BLOCK_P=_pow2_at_least(p, 16, 128),
-                BLOCK_K=64 if elem <= 2 else 32)
-    warps = 8 if meta["BLOCK_M"] * meta["BLOCK_P"] >= 16384 else 4
-    return meta, dict(num_warps=warps, num_stages=3)
-
-
-# Autotuned variants (opt-in). BLOCK_C of the forward must divide the split width, which the host
-# makes a multiple of _SPLIT_GRANULE.
-_SPLIT_GRANULE = 128
-_TUNED = {}
-_AUTOTUNE_DO_BENCH = None  # tests: a stand-in for triton's benchmark (the interpreter has no timer)
-
-
-def _tuned(name: str):
-    if name in _TUNED:
-        return _TUNED[name]
-    cfg = triton.Config
-    extra = {} if _AUTOTUNE_DO_BENCH is None else dict(do_bench=_AUTOTUNE_DO_BENCH)
-    if name == "fwd":
-        configs = [cfg(dict(BLOCK_N=bn, BLOCK_C=bc, BLOCK_D=bd), num_warps=w, num_stages=s)
-                   for bn, bc, bd, w, s in [(64, 64, 64, 8, 3), (64, 64, 32, 8, 4), (128, 64, 64, 8, 3),
-                                            (64, 128, 64, 8, 3), (32, 64, 64, 4, 3), (64, 64, 128, 8, 2)]]
-        fn = triton.autotune(configs, key=["N", "C", "D", "DA"], **extra)(K.fwd_partials_kernel)
-    elif name == "dz":
-        configs = [cfg(dict(BLOCK_N=bn, BLOCK_C=bc, BLOCK_D=bd), num_warps=w, num_stages=s)
-                   for bn, bc, bd, w, s in [(64, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 64, 32, 8, 3),
-                                            (64, 64, 32, 4, 4)]]
-        fn = triton.autotune(configs, key=["n_rows", "n_cols", "D", "DA"], **extra)(K.dz_kernel)
-    else:
-        configs = [cfg(dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_K=bk), num_warps=w, num_stages=s)
-                   for bm, bp, bk, w, s in [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 3),
-                                            (128, 64, 64, 4, 4), (64, 64, 64, 4, 3)]]
-        # ACC launches read ``out``: restore it after every trial
-        fn = triton.autotune(configs, key=["M", "P", "K", "K2"], restore_value=["out_ptr"],
-                             **extra)(K.mm_kernel)
-    _TUNED[name] = fn
-    return fn
-
-
-def _launch(name: str, kernel, grid_of, meta, opts, *args, **const):
-    """Launch ``kernel`` with heuristic ``meta``, or its autotuned twin (grid from the tuned meta)."""
-    if _AUTOTUNE and (_AUTOTUNE_DO_BENCH is not None or not _interpreted(args[0].device)):
-        _tuned(name)[lambda m: grid_of(m)](*args, **const)
-    else:
-        kernel[grid_of(meta)](*args, **const, **meta, **opts)
-
-
-# ----------------------------------------------------------------------------- host functions
 
 def _dot_precision(dtype: torch.dtype, tf32: bool) -> str:
     """"ieee" only for fp32 with TF32 off; 16-bit operands keep Triton's default ("tf32", unused)."""
@@ -203,222 +139,589 @@ def _dot_precision(dtype: torch.dtype, tf32: bool) -> str:
 
 
 def _interp_bf16(dtype: torch.dtype, device: torch.device) -> bool:
-    """The triton interpreter gets bf16 ``tl.dot`` and fp32->bf16 rounding wrong: fix both there only."""
     return dtype == torch.bfloat16 and _interpreted(device)
 
 
-def _forward(x, w1, b1, a, w2, b2, t, y, ce_w, kd_w, lg_w, kd_t, tau, kl_norm, ignore_index, mean,
-             components, tf32):
-    """Returns loss (), terms (3,), correct (), n_valid (), stats (6, N) = max z1, log sum exp(z1 - max),
-    1 - p_y, log sum exp((z1 - max)/T), max t/T, log sum exp(t/T - max)."""
-    n, c = t.shape
-    dev = x.device
-    f32 = torch.float32
-    need_ce = bool(ce_w) or components
-    need_kd = bool(kd_w) or components
-    need_logit = bool(lg_w) or components
-    need_z1 = need_ce or need_kd
-    if n == 0 or not (need_z1 or need_logit):
-        n_valid = (y != ignore_index).sum()
-        terms = torch.zeros(3, dtype=f32, device=dev)
-        loss = terms.sum()
-        return loss, terms, torch.zeros((), dtype=torch.int64, device=dev), n_valid, \
-            torch.zeros(6, n, dtype=f32, device=dev)
-    shared = a is None
-    a_ = x if shared else a
-    d, da = x.shape[1], a_.shape[1]
-    meta, opts = _tile_config(n, c, x.element_size(), dev)
-    tuned = _AUTOTUNE and (_AUTOTUNE_DO_BENCH is not None or not _interpreted(dev))
-    granule = _SPLIT_GRANULE if tuned else meta["BLOCK_C"]
-    row_blocks = triton.cdiv(n, meta["BLOCK_N"])
-    n_tiles = triton.cdiv(c, granule)
-    splits = max(1, min(n_tiles, triton.cdiv(2 * _sm_count(dev), row_blocks)))
-    per_split = triton.cdiv(n_tiles, splits) * granule
-    splits = triton.cdiv(c, per_split)
-    part = _buffer((splits, K.NSTAT, n), f32, dev)
-    stats = _buffer((6, n), f32, dev)
-    if need_z1 and need_logit and _split_heads(x.dtype):
-        passes = [(True, need_kd, False), (False, False, True)]
+def _pow2(v: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(v), 1))))
+
+
+# ----------------------------------------------------------------------------- the plan
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How one call runs (see the module docstring). ``rows``: main-head rows per chunk; ``slab``:
+    auxiliary-head classes per slab (both the whole problem when resident)."""
+
+    engine: str
+    resident: bool
+    rows: int
+    slab: int
+    extra_bytes: int
+
+    def describe(self) -> str:
+        if self.resident:
+            return f"resident/{self.engine}"
+        return f"chunked/cublas (rows {self.rows}, slab {self.slab})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Work:
+    """What a call computes: the terms (stats), the gradients, and the shapes."""
+
+    n: int
+    c: int
+    d: int
+    da: int
+    elem: int
+    shared: bool
+    main: bool          # z1 needed (CE or KD term computed)
+    kd_stats: bool
+    aux: bool           # z2 needed (logit-level term computed)
+    g_main: bool        # dz1 needed (some input gets a gradient through the main head)
+    g_aux: bool
+    need: Tuple[bool, bool, bool, bool, bool, bool]   # x, w1, b1, a, w2, b2
+    f32: bool
+    tensor_cores: bool  # 16-bit operands, or fp32 with TF32
+
+    @property
+    def grad(self) -> bool:
+        return self.g_main or self.g_aux
+
+    def flops(self) -> int:
+        per1 = 2 * self.n * self.c * self.d
+        per2 = 2 * self.n * self.c * self.da
+        f = per1 * self.main + per2 * self.aux
+        need_x, need_w1, _, need_a, need_w2, _ = self.need
+        if self.g_main:
+            f += per1 * (int(need_x) + int(need_w1 or self.need[2]))
+        if self.g_aux:
+            f += per2 * (int(need_x if self.shared else need_a) + int(need_w2 or self.need[5]))
+        return f
+
+
+def _epi_config(r: int, w: int, colsum: bool, device) -> Tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_C, warps) of ``epilogue_kernel`` over a block of r rows x w classes."""
+    if _interpreted(device):
+        return 4, 16, 1
+    br = _pow2(r // (2 * _sm_count(device)), 2, 16)
+    if colsum:
+        while br < 64 and triton.cdiv(r, br) * w * 4 > PARTIAL_BYTES:
+            br *= 2
+    # 2048-element tiles over 8 warps: 8 fp32 values per thread per live tile, which keeps the
+    # heaviest variant (CE + KD + logit gradients and both column sums) free of spills on sm_90
+    bc = min(_pow2(w, 16, 1024), max(64, 2048 // br))
+    return br, bc, max(2, min(8, br * bc // 256))
+
+
+def _resident_bytes(wk: Work, engine: str, device) -> int:
+    n, c, d, da, e = wk.n, wk.c, wk.d, wk.da, wk.elem
+    need_x, need_w1, need_b1, need_a, need_w2, need_b2 = wk.need
+    total = n * c * e * (int(wk.main) + int(wk.aux)) + 5 * n * 4
+    if engine == "cublas" and wk.grad:
+        br = _epi_config(n, c, True, device)[0]
+        parts = triton.cdiv(n, br) * c * 4
+        total += parts * (int(wk.g_main and need_b1) + int(wk.g_aux and need_b2))
+        if (wk.g_main and need_w1) or (wk.shared and wk.g_aux and need_w2):
+            total += n * d * e
+        if not wk.shared and wk.g_aux and need_w2:
+            total += n * da * e
+        if not wk.f32:
+            total += 4 * (n * d * int(need_x) + n * da * int(need_a and not wk.shared))
+    return total
+
+
+def make_plan(wk: Work, device: torch.device) -> Plan:
+    """The plan of one call: resident when its buffers fit the budget (engine by the size rule),
+    otherwise chunked on cuBLAS with the largest chunks the budget allows."""
+    budget = MEMORY_BUDGET_BYTES
+    if _ENGINE != "auto":
+        engine = _ENGINE
     else:
-        passes = [(need_z1, need_kd, need_logit)]
-    for p_z1, p_kd, p_logit in passes:
-        _launch("fwd", K.fwd_partials_kernel,
-                lambda m: (triton.cdiv(n, m["BLOCK_N"]), splits), meta, opts,
-                x, w1, stats if b1 is None else b1, a_, w2, stats if b2 is None else b2, t, y, part,
-                n, c, d, da, per_split,
-                x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), a_.stride(0), a_.stride(1),
-                w2.stride(0), w2.stride(1), t.stride(0), t.stride(1),
-                1.0 / kd_t, 1.0 / tau,
-                HAS_B1=b1 is not None, HAS_B2=b2 is not None, NEED_Z1=p_z1, NEED_KD=p_kd,
-                NEED_LOGIT=p_logit, KL_NORM=kl_norm, DOT_PRECISION=_dot_precision(x.dtype, tf32),
-                INTERP_BF16=_interp_bf16(x.dtype, dev))
-    loss = _buffer((), f32, dev)
-    terms = _buffer((3,), f32, dev)
-    correct = torch.empty((), dtype=torch.int64, device=dev)
-    n_valid = torch.empty((), dtype=torch.int64, device=dev)
-    K.finalize_kernel[(1,)](
-        part, y, stats, loss, terms, correct, n_valid, n, splits, K.NSTAT * n,
-        kd_t, 1.0 / kd_t, tau, float(ce_w), float(kd_w), float(lg_w), ignore_index,
-        NEED_Z1=need_z1, NEED_KD=need_kd, NEED_LOGIT=need_logit, MEAN=mean,
-        BLOCK_N=16 if _interpreted(dev) else 1024, **({} if _interpreted(dev) else dict(num_warps=4)))
-    return loss, terms, correct, n_valid, stats
+        # Triton GEMMs only on tensor cores (16-bit, or fp32 with TF32): IEEE fp32 goes to cuBLAS
+        engine = "triton" if (wk.flops() < TRITON_MAX_FLOPS and wk.tensor_cores) else "cublas"
+    need = _resident_bytes(wk, engine, device)
+    if need <= budget or (wk.n * wk.c) == 0:
+        return Plan(engine, True, wk.n, wk.c, need)
+    n, c, d, da, e = wk.n, wk.c, wk.d, wk.da, wk.elem
+    need_x, need_w1, need_b1, need_a, need_w2, need_b2 = wk.need
+    fixed = 5 * n * 4 + 16
+    if wk.grad:
+        if (wk.g_main and need_w1) or (wk.shared and wk.g_aux and need_w2):
+            fixed += n * d * e
+        if not wk.shared and wk.g_aux and need_w2:
+            fixed += n * da * e
+        if not wk.f32:
+            fixed += 4 * (n * d * int(need_x) + n * da * int(need_a and not wk.shared))
+        fixed += 4 * c * int(wk.g_main and need_b1) + PARTIAL_BYTES * int(need_b1 or need_b2)
+    room = max(budget - fixed, 0)
+    granule_r, granule_c = (4, 16) if _interpreted(device) else (64, 128)
+    rows = min(n, max(granule_r, room // max(c * e, 1) // granule_r * granule_r)) if wk.main else n
+    slab = min(c, max(granule_c, room // max(n * e, 1) // granule_c * granule_c)) if wk.aux else c
+    zbuf = max(rows * c * int(wk.main), n * slab * int(wk.aux)) * e
+    return Plan("cublas", False, rows, slab, fixed + zbuf)
 
 
-def _chunk_plan(n: int, c: int, bytes_per_logit: int, budget: int, device) -> Tuple[int, int]:
-    """(rows per chunk, classes per slab) so that the dz buffers fit ``budget`` bytes."""
-    granule, slab_min, rows_min = (16, 16, 16) if _interpreted(device) else (128, 1024, 256)
-    if n * c * bytes_per_logit <= budget:
-        return n, c
-    slab = (budget // (n * bytes_per_logit)) // granule * granule
-    if slab >= min(c, slab_min):
-        return n, min(c, slab)
-    slab = c if c * bytes_per_logit * rows_min <= budget else min(c, slab_min)
-    rows = min(n, max(rows_min, budget // (slab * bytes_per_logit)))
-    return rows, slab
+# ----------------------------------------------------------------------------- launches
 
-
-def _mm(out, a, b, a2, b2, acc: bool, precision: str, scale: Tensor):
-    """out (+)= scale (a @ b (+ a2 @ b2)), fp32 accumulation, any strides; scale a 0-dim fp32 tensor.
-
-    fp16 always takes the Triton GEMM: cuBLAS would round the unscaled sum (before the 1/|V| of
-    ``scale``) to fp16, which overflows past 65504 where the true gradient is finite."""
-    if _BWD_MATMUL == "cublas" and a.dtype != torch.float16:
-        r = a @ b if a2 is None else torch.addmm(a @ b, a2, b2)
-        r = r.to(torch.float32) * scale
-        if acc:
-            out += r.to(out.dtype)
-        else:
-            out.copy_(r)
+def _launch(kernel, grid, *args, name: str, engine: str = "triton", flops: int = 0, nbytes: int = 0,
+            kind: str = "", **meta):
+    """Launch a Triton kernel and report it. On ``meta`` tensors (cost simulation, compile report)
+    nothing runs: the launch is only recorded, or compiled for the current target when
+    ``_COMPILE_ON_META`` is set (the run-time specialization, see ``dhkd_kernels.compile_report``)."""
+    cost.note(name, engine, grid, flops, nbytes, kind)
+    dev = next(a.device for a in args if isinstance(a, Tensor))
+    if dev.type == "meta":
+        if _COMPILE_ON_META is not None:
+            _COMPILE_ON_META(name, kernel.warmup(*args, grid=grid, **meta))
         return
+    kernel[grid](*args, **meta)
+
+
+_COMPILE_ON_META = None  # set by dhkd_kernels.compile_report
+
+
+def _opts(warps: int, stages: int, device) -> dict:
+    return {} if _interpreted(device) else dict(num_warps=warps, num_stages=stages)
+
+
+def _mm(a: Tensor, b: Tensor, out: Tensor, *, beta: int = 0, kind: str) -> None:
+    """out (+)= a @ b on cuBLAS (CPU BLAS in the tests); fp32 ``out`` with 16-bit operands accumulates
+    in fp32 (``addmm.dtype_out``; on CPU, where that overload is missing, through fp32 copies)."""
     m, k = a.shape
     p = b.shape[1]
-    has2 = a2 is not None
-    k2 = a2.shape[1] if has2 else 0
-    a2_, b2_ = (a2, b2) if has2 else (a, b)
-    meta, opts = _mm_config(m, p, a.element_size(), out.device)
-    _launch("mm", K.mm_kernel, lambda mt: (triton.cdiv(m, mt["BLOCK_M"]), triton.cdiv(p, mt["BLOCK_P"])),
-            meta, opts,
-            out, a, b, a2_, b2_, scale, m, p, k, k2,
-            out.stride(0), out.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-            a2_.stride(0), a2_.stride(1), b2_.stride(0), b2_.stride(1),
-            ACC=acc, HAS_SECOND=has2, DOT_PRECISION=precision,
-            INTERP_BF16=_interp_bf16(a.dtype, out.device))
+    nbytes = (m * k + k * p) * a.element_size() + m * p * out.element_size() * (1 + int(beta != 0))
+    cost.note("cublas:addmm" if beta else "cublas:mm", "cublas", (), 2 * m * k * p, nbytes, kind)
+    if out.dtype == a.dtype:
+        if beta:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+    elif out.device.type != "cpu" and _HAS_MM_DTYPE:
+        torch.ops.aten.addmm.dtype_out(out, a, b, out.dtype, beta=beta, alpha=1, out=out)
+    else:
+        if beta:
+            out.addmm_(a.to(out.dtype), b.to(out.dtype))
+        else:
+            torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)
 
 
-def _backward(g, x, w1, b1, a, w2, b2, t, y, stats, n_valid, ce_w, kd_w, lg_w, kd_t, tau, kl_norm,
-              ignore_index, mean, tf32, needs):
-    """Gradients [dx, dw1, db1, da, dw2, db2] of ``g * loss``; an empty tensor where not needed."""
-    n, c = t.shape
-    dev = x.device
-    f32 = torch.float32
+def _scale(src: Tensor, out: Tensor, y: Tensor, g: Optional[Tensor], n_valid: Tensor, *, mask_rows: bool,
+           mean: bool, ignore_index: int, row_g: bool = False) -> None:
+    """out = s src (rows not in V zeroed with ``mask_rows``), s = g / max(|V|, 1) (mean) on the device."""
+    m, p = src.shape
+    if m == 0 or p == 0:
+        return
+    dev = src.device
+    bm, bp = (16, 16) if _interpreted(dev) else (32, 128)
+    _launch(E.scale_kernel, (triton.cdiv(m, bm), triton.cdiv(p, bp)),
+            src, out, y, g if g is not None else n_valid, n_valid, m, p,
+            src.stride(0), src.stride(1), out.stride(0), out.stride(1), ignore_index,
+            name="scale_kernel", nbytes=m * p * (src.element_size() + out.element_size()),
+            MASK_ROWS=mask_rows, HAS_G=g is not None, ROW_G=row_g, MEAN=mean,
+            INTERP_BF16=_interp_bf16(out.dtype, dev), BLOCK_M=bm, BLOCK_P=bp, **_opts(4, 1, dev))
+
+
+def _epilogue(wk, o, z1, z2, t, y, b1, b2, rows, cs1, cs2, *, r0, R, c0, W, main, aux, g_ce, g_kd, g_aux,
+              acc_logit, colsum1, colsum2, br, bc, warps):
+    dev = t.device
+    dummy = rows
+    passes = int(main) + int(g_ce or g_kd or aux)
+    nbytes = (R * W * wk.elem * (passes * int(main) + int(aux)) + R * W * wk.elem * (int(g_ce or g_kd) + int(g_aux))
+              + R * W * t.element_size() * (int(wk.kd_stats and main) + int(aux or g_kd))
+              + triton.cdiv(R, br) * W * 4 * (int(colsum1) + int(colsum2)) + R * 24)
+    _launch(E.epilogue_kernel, (triton.cdiv(R, br),),
+            z1 if z1 is not None else dummy, z2 if z2 is not None else dummy, t, y,
+            b1 if b1 is not None else dummy, b2 if b2 is not None else dummy, rows,
+            cs1 if cs1 is not None else dummy, cs2 if cs2 is not None else dummy,
+            wk.n, wk.c, R, W, r0, c0,
+            z1.stride(0) if z1 is not None else 0, z2.stride(0) if z2 is not None else 0,
+            t.stride(0), t.stride(1),
+            o.ce_w, o.kd_w * o.kd_t, 1.0 / o.kd_t, o.kd_t * o.kd_t, o.lg_w, 1.0 / o.tau, o.tau * o.tau,
+            o.ignore_index,
+            name="epilogue_kernel", nbytes=nbytes,
+            MAIN=main, KD_STATS=main and wk.kd_stats, AUX=aux, GRAD_CE=g_ce, GRAD_KD=g_kd, GRAD_AUX=g_aux,
+            KL_NORM=o.kl_norm, HAS_B1=b1 is not None and main, HAS_B2=b2 is not None and aux,
+            ACC_LOGIT=acc_logit, COLSUM1=colsum1, COLSUM2=colsum2,
+            INTERP_BF16=_interp_bf16(z1.dtype if z1 is not None else z2.dtype, dev),
+            BLOCK_R=br, BLOCK_C=bc, **_opts(warps, 1, dev))
+
+
+def _finalize(wk, o, rows, y, loss, terms, correct, n_valid, per_row):
+    dev = y.device
+    _launch(E.finalize_kernel, (1,), rows, y, loss, terms, correct, n_valid,
+            per_row if per_row is not None else rows,
+            wk.n, o.ce_w, o.kd_w, o.lg_w, o.ignore_index,
+            name="finalize_kernel", nbytes=wk.n * (16 + y.element_size()),
+            CE_IN=bool(o.ce_w), KD_IN=bool(o.kd_w), LG_IN=bool(o.lg_w), HAVE_MAIN=wk.main, HAVE_AUX=wk.aux,
+            MEAN=o.mean, PER_ROW=per_row is not None, BLOCK=16 if _interpreted(dev) else 1024,
+            **_opts(4, 1, dev))
+
+
+def _colsum(cs1, cs2, out1, out2, P, W, g, n_valid, *, acc, heads, mean):
+    dev = n_valid.device
+    block = 16 if _interpreted(dev) else 512
+    any_cs = cs1 if cs1 is not None else cs2
+    any_out = out1 if out1 is not None else out2
+    _launch(E.colsum_kernel, (triton.cdiv(W, block), 2 if heads == 3 else 1),
+            cs1 if cs1 is not None else any_cs, cs2 if cs2 is not None else any_cs,
+            out1 if out1 is not None else any_out, out2 if out2 is not None else any_out,
+            g if g is not None else n_valid, n_valid, P, W,
+            name="colsum_kernel", nbytes=(P * W * 4 + W * 8) * (2 if heads == 3 else 1),
+            ACC=acc, HEADS=heads, HAS_G=g is not None, MEAN=mean, BLOCK=block, **_opts(4, 1, dev))
+
+
+# ----------------------------------------------------------------------------- options
+
+@dataclasses.dataclass(frozen=True)
+class _Opts:
+    ce_w: float
+    kd_w: float
+    lg_w: float
+    kd_t: float
+    tau: float
+    kl_norm: bool
+    ignore_index: int
+    mean: bool
+    components: bool
+    tf32: bool
+
+
+def _work(x, w1, a, n: int, c: int, o: _Opts, needs) -> Work:
     shared = a is None
-    a_ = x if shared else a
-    need_x, need_w1, need_b1, need_a, need_w2, need_b2 = needs
+    need_x, need_w1, need_b1, need_a, need_w2, need_b2 = (bool(v) for v in needs)
     if shared:
         need_a = False
-    dz1_on = bool(ce_w) or bool(kd_w)
-    dz2_on = bool(lg_w)
-    def zeros_if(flag, ref):
-        # a fresh tensor per slot (custom-op outputs may not alias), contiguous like _bwd_fake's
-        if flag and ref is not None:
-            return torch.zeros(ref.shape, dtype=ref.dtype, device=dev)
-        return torch.empty(0, dtype=f32, device=dev)
+    main = bool(o.ce_w) or bool(o.kd_w) or o.components
+    aux = bool(o.lg_w) or o.components
+    g_main = (bool(o.ce_w) or bool(o.kd_w)) and (need_x or need_w1 or need_b1)
+    g_aux = bool(o.lg_w) and ((need_x and shared) or need_a or need_w2 or need_b2)
+    return Work(n, c, x.shape[1], (x if shared else a).shape[1], x.element_size(), shared, main,
+                bool(o.kd_w) or o.components, aux, g_main, g_aux,
+                (need_x, need_w1 and g_main, need_b1 and g_main, need_a, need_w2 and g_aux, need_b2 and g_aux),
+                x.dtype == F32, x.dtype != F32 or o.tf32)
 
-    dz1_on = dz1_on and (need_x or need_w1 or need_b1)
-    dz2_on = dz2_on and ((need_x and shared) or need_a or need_w2 or need_b2)
-    if n == 0 or not (dz1_on or dz2_on):
-        return [zeros_if(need_x, x), zeros_if(need_w1, w1), zeros_if(need_b1, b1),
-                zeros_if(need_a, a), zeros_if(need_w2, w2), zeros_if(need_b2, b2)]
-    x_pairs = need_x and (dz1_on or (dz2_on and shared))
-    a_pairs = need_a and dz2_on
-    w1_on = need_w1 and dz1_on
-    w2_on = need_w2 and dz2_on
-    # outputs the kernels write completely start as _buffer (NaN when poisoning), the rest as zeros
-    gx = _buffer(x.shape, x.dtype, dev) if x_pairs else zeros_if(need_x, x)
-    ga = _buffer(a.shape, a.dtype, dev) if a_pairs else zeros_if(need_a, a)
-    gw1 = _buffer(w1.shape, w1.dtype, dev) if w1_on else zeros_if(need_w1, w1)
-    gw2 = _buffer(w2.shape, w2.dtype, dev) if w2_on else zeros_if(need_w2, w2)
-    gb1, gb2 = zeros_if(need_b1, b1), zeros_if(need_b2, b2)
 
-    # grad_loss / max(|V|, 1): applied in fp32 after the GEMMs, dz stays unscaled (see dz_kernel)
-    scale = g.to(f32).reshape(())
-    if mean:
-        scale = scale / n_valid.clamp(min=1).to(f32)
-    prec = _dot_precision(x.dtype, tf32)
-    dt = x.dtype
-    elem = x.element_size()
-    rows, slab = _chunk_plan(n, c, elem * (int(dz1_on) + int(dz2_on)), DZ_BUDGET_BYTES, dev)
-    n_slabs, n_chunks = triton.cdiv(c, slab), triton.cdiv(n, rows)
-    dz1_buf = _buffer((rows, slab), dt, dev) if dz1_on else None
-    dz2_buf = _buffer((rows, slab), dt, dev) if dz2_on else None
-    d, da = x.shape[1], a_.shape[1]
+# ----------------------------------------------------------------------------- forward
 
-    # dX/dA accumulate over slabs: in place for fp32, else in an fp32 buffer when several slabs
-    gx_acc = (gx if (dt == f32 or n_slabs == 1) else _buffer((n, d), f32, dev)) \
-        if x_pairs else None
-    ga_acc = (ga if (dt == f32 or n_slabs == 1) else _buffer((n, da), f32, dev)) \
-        if a_pairs else None
-    slab_acc_needed = dt != f32 and n_chunks > 1
-    gw1_acc = _buffer((slab, d), f32, dev) if (w1_on and slab_acc_needed) else None
-    gw2_acc = _buffer((slab, da), f32, dev) if (w2_on and slab_acc_needed) else None
-    gb1_acc = torch.zeros(c, dtype=f32, device=dev) if (need_b1 and dz1_on) else None
-    gb2_acc = torch.zeros(c, dtype=f32, device=dev) if (need_b2 and dz2_on) else None
-    dummy = stats
-    meta_opts = {}
+def _forward(x, w1, b1, a, w2, b2, t, y, o: _Opts, needs):
+    """Returns loss, terms (3,), correct, n_valid and the six state tensors for the backward:
+    resident: (dz1, dz2, cs1, cs2, -, -); chunked: the unscaled-by-grad_output gradients
+    (gx, gw1, gb1, ga, gw2, gb2). Empty tensors fill unused slots."""
+    dev = x.device
+    wk = _work(x, w1, a, t.shape[0], t.shape[1], o, needs)
+    plan = make_plan(wk, dev)
+    n, c = wk.n, wk.c
+    loss = _buffer((), F32, dev)
+    terms = _buffer((3,), F32, dev)
+    correct = torch.empty((), dtype=torch.int64, device=dev)
+    n_valid = torch.empty((), dtype=torch.int64, device=dev)
+    rows = _buffer((4, n), F32, dev)
+    if plan.resident:
+        state = _forward_resident(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows)
+    else:
+        state = _forward_chunked(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows, n_valid, needs)
+    _finalize(wk, o, rows, y, loss, terms, correct, n_valid, None)
+    if not plan.resident:
+        _finish_chunked(wk, o, y, n_valid, state)
+    state = [v if v is not None else _empty(dev) for v in state[:6]]
+    return (loss, terms, correct, n_valid, *state)
 
-    for si in range(n_slabs):
-        s0 = si * slab
-        sc = min(slab, c - s0)
-        for ri in range(n_chunks):
-            r0 = ri * rows
-            rc = min(rows, n - r0)
-            dz1 = dz1_buf[:rc, :sc] if dz1_on else None
-            dz2 = dz2_buf[:rc, :sc] if dz2_on else None
-            key = (rc, sc)
-            if key not in meta_opts:
-                meta_opts[key] = _tile_config(rc, sc, elem, dev)
-            meta, opts = meta_opts[key]
-            _launch("dz", K.dz_kernel,
-                    lambda m: (triton.cdiv(rc, m["BLOCK_N"]), triton.cdiv(sc, m["BLOCK_C"])), meta, opts,
-                    x, w1, dummy if b1 is None else b1, a_, w2, dummy if b2 is None else b2, t, y, stats,
-                    dummy if dz1 is None else dz1, dummy if dz2 is None else dz2,
-                    n, d, da, r0, s0, rc, sc,
-                    x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), a_.stride(0), a_.stride(1),
-                    w2.stride(0), w2.stride(1), t.stride(0), t.stride(1), slab, slab,
-                    float(ce_w), float(kd_w) * kd_t, 1.0 / kd_t, float(lg_w), 1.0 / tau, ignore_index,
-                    HAS_B1=b1 is not None, HAS_B2=b2 is not None, NEED_DZ1=dz1_on, CE_ON=bool(ce_w),
-                    KD_ON=bool(kd_w), NEED_DZ2=dz2_on, KL_NORM=kl_norm, DOT_PRECISION=prec,
-                    INTERP_BF16=_interp_bf16(dt, dev))
-            if x_pairs:
-                pairs = ([(dz1, w1[s0:s0 + sc])] if dz1_on else []) + \
-                    ([(dz2, w2[s0:s0 + sc])] if (dz2_on and shared) else [])
-                (pa, pb), second = pairs[0], (pairs[1] if len(pairs) > 1 else (None, None))
-                _mm(gx_acc[r0:r0 + rc], pa, pb, second[0], second[1], si > 0, prec, scale)
-            if a_pairs:
-                _mm(ga_acc[r0:r0 + rc], dz2, w2[s0:s0 + sc], None, None, si > 0, prec, scale)
-            if w1_on:
-                out = gw1_acc[:sc] if gw1_acc is not None else gw1[s0:s0 + sc]
-                _mm(out, dz1.t(), x[r0:r0 + rc], None, None, ri > 0, prec, scale)
-            if w2_on:
-                out = gw2_acc[:sc] if gw2_acc is not None else gw2[s0:s0 + sc]
-                _mm(out, dz2.t(), a_[r0:r0 + rc], None, None, ri > 0, prec, scale)
-            if gb1_acc is not None:
-                gb1_acc[s0:s0 + sc] += dz1.sum(0, dtype=f32)
-            if gb2_acc is not None:
-                gb2_acc[s0:s0 + sc] += dz2.sum(0, dtype=f32)
-        if gw1_acc is not None:
-            gw1[s0:s0 + sc] = gw1_acc[:sc]
-        if gw2_acc is not None:
-            gw2[s0:s0 + sc] = gw2_acc[:sc]
-    if x_pairs and gx_acc is not gx:
-        gx.copy_(gx_acc)
-    if a_pairs and ga_acc is not ga:
-        ga.copy_(ga_acc)
-    if gb1_acc is not None:
-        gb1.copy_(gb1_acc * scale)
-    if gb2_acc is not None:
-        gb2.copy_(gb2_acc * scale)
-    return [gx, gw1, gb1, ga, gw2, gb2]
+
+def _forward_resident(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows):
+    dev = x.device
+    n, c, dt = wk.n, wk.c, x.dtype
+    a_ = x if wk.shared else a
+    kind = _kind(dt, o.tf32)
+    if n == 0 or not (wk.main or wk.aux):
+        return [None] * 6
+    z1 = _buffer((n, c), dt, dev) if wk.main else None
+    z2 = _buffer((n, c), dt, dev) if wk.aux else None
+    if plan.engine == "triton":
+        interp = _interpreted(dev)
+        bm, bn, bk = (16, 16, 16) if interp else (64, 128, 64 if wk.elem <= 2 else 32)
+        flops = 2 * n * c * (wk.d * int(wk.main) + wk.da * int(wk.aux))
+        nbytes = (n * wk.d + c * wk.d) * wk.elem * int(wk.main) + (n * wk.da + c * wk.da) * wk.elem * int(wk.aux) \
+            - (n * wk.d * wk.elem if (wk.shared and wk.main and wk.aux) else 0) \
+            + n * c * wk.elem * (int(wk.main) + int(wk.aux))
+        _launch(G.logits_kernel, (triton.cdiv(n, bm) * triton.cdiv(c, bn),),
+                x, w1, a_, w2, z1 if z1 is not None else z2, z2 if z2 is not None else z1,
+                n, c, wk.d, wk.da,
+                x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), a_.stride(0), a_.stride(1),
+                w2.stride(0), w2.stride(1), c, c,
+                name="logits_kernel", engine="triton-gemm", flops=flops, nbytes=nbytes, kind=kind,
+                MAIN=wk.main, AUX=wk.aux, SHARED=wk.shared, DOT_PRECISION=_dot_precision(dt, o.tf32),
+                INTERP_BF16=_interp_bf16(dt, dev), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+                **_opts(4, 4 if wk.elem <= 2 else 3, dev))
+    else:
+        if wk.main:
+            _mm(x, w1.t(), z1, kind=kind)
+        if wk.aux:
+            _mm(a_, w2.t(), z2, kind=kind)
+    need_x, need_w1, need_b1, need_a, need_w2, need_b2 = wk.need
+    colsum1 = plan.engine == "cublas" and need_b1
+    colsum2 = plan.engine == "cublas" and need_b2
+    br, bc, warps = _epi_config(n, c, colsum1 or colsum2, dev)
+    p = triton.cdiv(n, br)
+    cs1 = _buffer((p, c), F32, dev) if colsum1 else None
+    cs2 = _buffer((p, c), F32, dev) if colsum2 else None
+    _epilogue(wk, o, z1, z2, t, y, b1, b2, rows, cs1, cs2, r0=0, R=n, c0=0, W=c, main=wk.main, aux=wk.aux,
+              g_ce=wk.g_main and bool(o.ce_w), g_kd=wk.g_main and bool(o.kd_w), g_aux=wk.g_aux,
+              acc_logit=False, colsum1=colsum1, colsum2=colsum2, br=br, bc=bc, warps=warps)
+    return [z1 if wk.g_main else None, z2 if wk.g_aux else None, cs1, cs2, None, None]
+
+
+def _forward_chunked(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows, n_valid, needs):
+    """Chunked plan: the auxiliary head in class slabs, then the main head in row chunks (see the
+    module docstring); gradients are scaled by 1/|V| here and by grad_output in the backward."""
+    dev = x.device
+    n, c, d, da, dt = wk.n, wk.c, wk.d, wk.da, x.dtype
+    a_ = x if wk.shared else a
+    kind = _kind(dt, o.tf32)
+    need_x, need_w1, need_b1, need_a, need_w2, need_b2 = wk.need
+    gx = gw1 = gb1 = ga = gw2 = gb2 = None
+    xs = as_ = accx = acca = gb1_acc = None
+    if wk.grad:
+        _launch(E.count_kernel, (1,), y, n_valid, n, o.ignore_index, name="count_kernel",
+                nbytes=n * y.element_size(), BLOCK=16 if _interpreted(dev) else 1024, **_opts(4, 1, dev))
+        if (wk.g_main and need_w1) or (wk.shared and wk.g_aux and need_w2):
+            xs = _buffer((n, d), dt, dev)
+            _scale(x, xs, y, None, n_valid, mask_rows=True, mean=o.mean, ignore_index=o.ignore_index)
+        if not wk.shared and wk.g_aux and need_w2:
+            as_ = _buffer((n, da), dt, dev)
+            _scale(a, as_, y, None, n_valid, mask_rows=True, mean=o.mean, ignore_index=o.ignore_index)
+        if need_x and (wk.g_main or (wk.shared and wk.g_aux)):
+            accx = _buffer((n, d), F32, dev) if not wk.f32 else None
+        if need_a and wk.g_aux:
+            acca = _buffer((n, da), F32, dev) if not wk.f32 else None
+        gb1_acc = _buffer((c,), F32, dev) if need_b1 else None
+    # every input that asked for a gradient gets one (zeros where no term reaches it)
+    gx, gw1, gb1, ga, gw2, gb2 = (_buffer(r.shape, r.dtype, dev) if (nd and r is not None) else None
+                                  for r, nd in zip((x, w1, b1, a, w2, b2), needs))
+    if wk.f32:
+        accx = gx if (need_x and (wk.g_main or (wk.shared and wk.g_aux))) else None
+        acca = ga if (need_a and wk.g_aux) else None
+    zbuf = _buffer((max(plan.rows * c * int(wk.main), n * plan.slab * int(wk.aux)),), dt, dev)
+    x_acc_started = False
+    if wk.aux:
+        dxa = accx if wk.shared else acca  # where dz2 W2 goes
+        for s0 in range(0, c, plan.slab):
+            sc = min(plan.slab, c - s0)
+            z2 = zbuf[: n * sc].view(n, sc)
+            _mm(a_, w2[s0:s0 + sc].t(), z2, kind=kind)
+            colsum2 = bool(need_b2)
+            br, bc, warps = _epi_config(n, sc, colsum2, dev)
+            cs2 = _buffer((triton.cdiv(n, br), sc), F32, dev) if colsum2 else None
+            _epilogue(wk, o, None, z2, t, y, None, b2, rows, None, cs2, r0=0, R=n, c0=s0, W=sc, main=False,
+                      aux=True, g_ce=False, g_kd=False, g_aux=wk.g_aux, acc_logit=s0 > 0, colsum1=False,
+                      colsum2=colsum2, br=br, bc=bc, warps=warps)
+            if not wk.g_aux:
+                continue
+            if colsum2:
+                _colsum(None, cs2, None, gb2[s0:s0 + sc], triton.cdiv(n, br), sc, None, n_valid, acc=False,
+                        heads=2, mean=o.mean)
+            if need_w2:
+                _mm(z2.t(), xs if wk.shared else as_, gw2[s0:s0 + sc], kind=kind)
+            if dxa is not None:
+                _mm(z2, w2[s0:s0 + sc], dxa, beta=int(s0 > 0), kind=kind)
+                x_acc_started = wk.shared
+    if wk.main:
+        for r0 in range(0, n, plan.rows):
+            rc = min(plan.rows, n - r0)
+            z1 = zbuf[: rc * c].view(rc, c)
+            _mm(x[r0:r0 + rc], w1.t(), z1, kind=kind)
+            colsum1 = bool(need_b1)
+            br, bc, warps = _epi_config(rc, c, colsum1, dev)
+            cs1 = _buffer((triton.cdiv(rc, br), c), F32, dev) if colsum1 else None
+            _epilogue(wk, o, z1, None, t, y, b1, None, rows, cs1, None, r0=r0, R=rc, c0=0, W=c, main=True,
+                      aux=False, g_ce=wk.g_main and bool(o.ce_w), g_kd=wk.g_main and bool(o.kd_w), g_aux=False,
+                      acc_logit=False, colsum1=colsum1, colsum2=False, br=br, bc=bc, warps=warps)
+            if not wk.g_main:
+                continue
+            if colsum1:
+                _colsum(cs1, None, gb1_acc, None, triton.cdiv(rc, br), c, None, n_valid, acc=r0 > 0, heads=1,
+                        mean=o.mean)
+            if need_w1:
+                _mm(z1.t(), xs[r0:r0 + rc], gw1, beta=int(r0 > 0), kind=kind)
+            if need_x:
+                _mm(z1, w1, accx[r0:r0 + rc], beta=int(x_acc_started), kind=kind)
+    return [gx, gw1, gb1, ga, gw2, gb2, accx, acca, gb1_acc]
+
+
+def _zero(g: Tensor) -> None:
+    g.zero_()
+    cost.note("torch:zero_", "torch", (), 0, g.numel() * g.element_size())
+
+
+def _finish_chunked(wk, o, y, n_valid, state):
+    """dX (dA) from their accumulators times 1/|V| (and cast); the main head's bias from its fp32
+    accumulator; zeros for the gradients no term reaches."""
+    gx, gw1, gb1, ga, gw2, gb2, accx, acca, gb1_acc = state
+    need_x, need_w1, need_b1, need_a, need_w2, need_b2 = wk.need
+    fed = {id(gx): accx, id(ga): acca, id(gw1): need_w1, id(gw2): need_w2, id(gb2): need_b2}
+    for g, acc in ((gx, accx), (ga, acca)):
+        if g is not None and acc is not None:
+            _scale(acc, g, y, None, n_valid, mask_rows=False, mean=o.mean, ignore_index=o.ignore_index)
+    if gb1 is not None:
+        if need_b1:
+            gb1.copy_(gb1_acc)
+            cost.note("torch:copy_", "torch", (), 0, gb1.numel() * 6)
+        else:
+            _zero(gb1)
+    for g in (gx, gw1, ga, gw2, gb2):
+        if g is not None and not (fed[id(g)] is not None and fed[id(g)] is not False):
+            _zero(g)
+
+
+# ----------------------------------------------------------------------------- backward
+
+def _backward(g, x, w1, b1, a, w2, b2, y, n_valid, state, o: _Opts, needs, c: int):
+    """Gradients [dx, dw1, db1, da, dw2, db2] of ``g * loss`` from the resident plan's dz (an empty
+    tensor where no gradient was asked)."""
+    dev = x.device
+    wk = _work(x, w1, a, x.shape[0], c, o, needs)
+    plan = make_plan(wk, dev)
+    shared = wk.shared
+    dz1 = state[0] if wk.g_main else None
+    dz2 = state[1] if wk.g_aux else None
+    cs1 = state[2] if state[2].dim() == 2 else None
+    cs2 = state[3] if state[3].dim() == 2 else None
+    kind = _kind(x.dtype, o.tf32)
+    g = g.reshape(())
+    refs = (x, w1, b1, None if shared else a, w2, b2)
+    grads = [_buffer(r.shape, r.dtype, dev) if (nd and r is not None) else None for r, nd in zip(refs, needs)]
+    filled = set()
+    if wk.n > 0 and (dz1 is not None or dz2 is not None):
+        if plan.engine == "triton":
+            filled = _backward_triton(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, grads, kind)
+        else:
+            filled = _backward_cublas(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, cs1, cs2, *grads, kind)
+    out = []
+    for k, gr in enumerate(grads):
+        if gr is None:
+            out.append(_empty(dev))
+            continue
+        if k not in filled:  # no term reaches this input: its gradient is zero
+            _zero(gr)
+        out.append(gr)
+    return out
+
+
+def _backward_triton(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, grads, kind):
+    """dX/dA in one launch of ``dx_kernel``, dW (and biases) of both heads in one of ``dw_kernel``."""
+    dev = x.device
+    n, c, d, da, dt = wk.n, wk.c, wk.d, wk.da, x.dtype
+    gx, gw1, gb1, ga, gw2, gb2 = grads
+    shared = wk.shared
+    a_ = x if shared else a
+    interp = _interpreted(dev)
+    prec = _dot_precision(dt, o.tf32)
+    ib = _interp_bf16(dt, dev)
+    bk = 16 if interp else (64 if wk.elem <= 2 else 32)
+    filled = set()
+    # problems of dx_kernel: (out, [(dz, w), ...], width)
+    probs = []
+    x_pairs = ([(dz1, w1)] if dz1 is not None else []) + ([(dz2, w2)] if (shared and dz2 is not None) else [])
+    if gx is not None and x_pairs:
+        probs.append((gx, x_pairs, d, 0))
+    if ga is not None and dz2 is not None:
+        probs.append((ga, [(dz2, w2)], da, 3))
+    if probs:
+        (o1, pairs1, p1, _), *rest = probs
+        o2, pairs2, p2 = (rest[0][0], rest[0][1], rest[0][2]) if rest else (o1, pairs1, p1)
+        (dza, wa), (dzb, wb) = pairs1[0], (pairs1[1] if len(pairs1) > 1 else pairs2[0])
+        two = bool(rest)
+        bm = 16 if interp else (64 if triton.cdiv(n, 128) * triton.cdiv(max(p1, p2), 128) < _sm_count(dev) else 128)
+        bp = 16 if interp else 128
+        flops = sum(2 * n * c * w * len(pr) for _, pr, w, _ in probs)
+        nbytes = sum((n * c + c * w) * wk.elem * len(pr) + n * w * wk.elem for _, pr, w, _ in probs)
+        _launch(G.dx_kernel, (triton.cdiv(n, bm) * triton.cdiv(max(p1, p2), bp), 2 if two else 1),
+                dza, dzb, wa, wb, o1, o2, g, n_valid, n, c, p1, p2,
+                dza.stride(0), dzb.stride(0), wa.stride(0), wa.stride(1), wb.stride(0), wb.stride(1),
+                o1.stride(0), o1.stride(1), o2.stride(0), o2.stride(1),
+                name="dx_kernel", engine="triton-gemm", flops=flops, nbytes=nbytes, kind=kind,
+                SUM2=len(pairs1) > 1, TWO=two, HAS_G=True, ROW_G=False, MEAN=o.mean, DOT_PRECISION=prec,
+                INTERP_BF16=ib, BLOCK_M=bm, BLOCK_P=bp, BLOCK_K=bk, GROUP_M=8,
+                **_opts(4 if bm == 64 else 8, 3, dev))
+        filled |= {k for _, _, _, k in probs}
+    # heads of dw_kernel: (dz, features, weight grad, bias grad, width)
+    heads = []
+    if dz1 is not None and (gw1 is not None or gb1 is not None):
+        heads.append((1, dz1, x, gw1 if gw1 is not None else _buffer(w1.shape, dt, dev), gb1, d))
+    if dz2 is not None and (gw2 is not None or gb2 is not None):
+        heads.append((2, dz2, a_, gw2 if gw2 is not None else _buffer(w2.shape, dt, dev), gb2, da))
+    if heads:
+        h_a, h_b = heads[0], heads[-1]
+        which = 3 if len(heads) == 2 else h_a[0]
+        bm, bp = (16, 16) if interp else (128, 128)
+        pmax = max(h[5] for h in heads)
+        flops = sum(2 * n * c * h[5] for h in heads)
+        nbytes = sum((n * c + n * h[5] + c * h[5]) * wk.elem for h in heads)
+        _, dza, xa, owa, oba, pa = h_a
+        _, dzb, xb, owb, obb, pb = h_b
+        _launch(G.dw_kernel, (triton.cdiv(c, bm) * triton.cdiv(pmax, bp), len(heads)),
+                dza, dzb, xa, xb, y, owa, owb, oba if oba is not None else owa, obb if obb is not None else owb,
+                g, n_valid, n, c, pa, pb, o.ignore_index,
+                dza.stride(0), dzb.stride(0), xa.stride(0), xa.stride(1), xb.stride(0), xb.stride(1),
+                owa.stride(0), owa.stride(1), owb.stride(0), owb.stride(1),
+                name="dw_kernel", engine="triton-gemm", flops=flops, nbytes=nbytes, kind=kind,
+                HEADS=which, BIAS1=oba is not None, BIAS2=obb is not None, HAS_G=True, ROW_G=False,
+                MEAN=o.mean, DOT_PRECISION=prec, INTERP_BF16=ib, BLOCK_M=bm, BLOCK_P=bp, BLOCK_K=bk,
+                GROUP_M=8, **_opts(8, 3, dev))
+        for h, _, _, gw, gb, _ in heads:
+            filled |= {k for k, gr in ((3 * h - 2, gw), (3 * h - 1, gb)) if gr is not None}
+    return filled
+
+
+def _backward_cublas(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, cs1, cs2, gx, gw1, gb1, ga, gw2, gb2, kind):
+    dev = x.device
+    n, d, da, dt = wk.n, wk.d, wk.da, x.dtype
+    shared = wk.shared
+    filled = set()
+    ii = o.ignore_index
+    # dW = dZ^T (s X) over the valid rows: X scaled and masked once (N x D, cheap next to dZ)
+    xs = as_ = None
+    if (dz1 is not None and gw1 is not None) or (shared and dz2 is not None and gw2 is not None):
+        xs = _buffer((n, d), dt, dev)
+        _scale(x, xs, y, g, n_valid, mask_rows=True, mean=o.mean, ignore_index=ii)
+    if not shared and dz2 is not None and gw2 is not None:
+        as_ = _buffer((n, da), dt, dev)
+        _scale(a, as_, y, g, n_valid, mask_rows=True, mean=o.mean, ignore_index=ii)
+    if dz1 is not None and gw1 is not None:
+        _mm(dz1.t(), xs, gw1, kind=kind)
+        filled.add(1)
+    if dz2 is not None and gw2 is not None:
+        _mm(dz2.t(), xs if shared else as_, gw2, kind=kind)
+        filled.add(4)
+    # dX = s (dZ1 W1 + dZ2 W2) in an fp32 accumulator (gx itself for fp32), scaled and cast once
+    pairs_x = ([(dz1, w1)] if dz1 is not None else []) + ([(dz2, w2)] if (shared and dz2 is not None) else [])
+    for grad, pairs, name in ((gx, pairs_x, 0), (ga, [(dz2, w2)] if dz2 is not None else [], 3)):
+        if grad is None or not pairs:
+            continue
+        acc = grad if wk.f32 else _buffer(grad.shape, F32, dev)
+        for i, (dz, w) in enumerate(pairs):
+            _mm(dz, w, acc, beta=int(i > 0), kind=kind)
+        _scale(acc, grad, y, g, n_valid, mask_rows=False, mean=o.mean, ignore_index=ii)
+        filled.add(name)
+    h1 = dz1 is not None and gb1 is not None
+    h2 = dz2 is not None and gb2 is not None
+    if h1 or h2:
+        p = cs1.shape[0] if h1 else cs2.shape[0]
+        _colsum(cs1 if h1 else None, cs2 if h2 else None, gb1 if h1 else None, gb2 if h2 else None, p, wk.c,
+                g, n_valid, acc=False, heads=3 if (h1 and h2) else (1 if h1 else 2), mean=o.mean)
+        filled |= ({2} if h1 else set()) | ({5} if h2 else set())
+    return filled
+
+
+def _scale_grads(grads: List[Tensor], g: Tensor) -> None:
+    """grads *= g in place (the chunked plan's backward), one launch per gradient."""
+    g = g.reshape(())
+    for gr in grads:
+        if gr.numel() == 0:
+            continue
+        m = gr.shape[0]
+        flat = gr.view(m, -1)
+        _scale(flat, flat, flat, g, g, mask_rows=False, mean=False, ignore_index=0)
 
 
 # ----------------------------------------------------------------------------- torch.library ops
@@ -428,63 +731,174 @@ def _on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _no_autocast(device: torch.device):
+    if device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def _opts_from(ce_w, kd_w, lg_w, kd_t, tau, kl_norm, ignore_index, mean, components, tf32) -> _Opts:
+    return _Opts(float(ce_w), float(kd_w), float(lg_w), float(kd_t), float(tau), bool(kl_norm),
+                 int(ignore_index), bool(mean), bool(components), bool(tf32))
+
+
+def _fwd_impl(x, w1, b1, a, w2, b2, t, y, ce_weight, kd_weight, logit_weight, kd_temperature,
+              logit_temperature, kl_norm, ignore_index, mean, components, tf32, needs):
+    o = _opts_from(ce_weight, kd_weight, logit_weight, kd_temperature, logit_temperature, kl_norm,
+                   ignore_index, mean, components, tf32)
+    with _no_autocast(x.device), _on_device(x.device):
+        return tuple(_forward(x, w1, b1, a, w2, b2, t, y, o, needs))
+
+
+def _bwd_impl(grad, x, w1, b1, a, w2, b2, y, n_valid, state, n_classes, ce_weight, kd_weight, logit_weight,
+              kd_temperature, logit_temperature, kl_norm, ignore_index, mean, tf32, needs):
+    o = _opts_from(ce_weight, kd_weight, logit_weight, kd_temperature, logit_temperature, kl_norm,
+                   ignore_index, mean, False, tf32)
+    with _no_autocast(x.device), _on_device(x.device):
+        return _backward(grad, x, w1, b1, a, w2, b2, y, n_valid, list(state), o, needs, n_classes)
+
+
+def _scale_impl(grads, g):
+    with _on_device(g.device):
+        _scale_grads(grads, g)
+
+
 @torch.library.custom_op("dhkd::dual_head_kd_fwd", mutates_args=())
 def _fwd_op(x: Tensor, w1: Tensor, b1: Optional[Tensor], a: Optional[Tensor], w2: Tensor,
             b2: Optional[Tensor], t: Tensor, y: Tensor, ce_weight: float, kd_weight: float,
             logit_weight: float, kd_temperature: float, logit_temperature: float, kl_norm: bool,
-            ignore_index: int, mean: bool, components: bool, tf32: bool
-            ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    with torch.autocast(device_type=x.device.type, enabled=False), _on_device(x.device):
-        return _forward(x, w1, b1, a, w2, b2, t, y, ce_weight, kd_weight, logit_weight, kd_temperature,
-                        logit_temperature, kl_norm, ignore_index, mean, components, tf32)
+            ignore_index: int, mean: bool, components: bool, tf32: bool, needs: List[bool]
+            ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _fwd_impl(x, w1, b1, a, w2, b2, t, y, ce_weight, kd_weight, logit_weight, kd_temperature,
+                     logit_temperature, kl_norm, ignore_index, mean, components, tf32, needs)
 
 
 @_fwd_op.register_fake
-def _fwd_fake(x, w1, b1, a, w2, b2, t, y, *scalars):
-    f32 = torch.float32
-    return (x.new_empty((), dtype=f32), x.new_empty((3,), dtype=f32),
-            x.new_empty((), dtype=torch.int64), x.new_empty((), dtype=torch.int64),
-            x.new_empty((6, t.shape[0]), dtype=f32))
+def _fwd_fake(x, w1, b1, a, w2, b2, t, y, ce_weight, kd_weight, logit_weight, kd_temperature,
+              logit_temperature, kl_norm, ignore_index, mean, components, tf32, needs):
+    o = _opts_from(ce_weight, kd_weight, logit_weight, kd_temperature, logit_temperature, kl_norm,
+                   ignore_index, mean, components, tf32)
+    wk = _work(x, w1, a, t.shape[0], t.shape[1], o, needs)
+    plan = make_plan(wk, x.device)
+    n, c = wk.n, wk.c
+    e = x.new_empty((0,), dtype=F32)
+    head = [x.new_empty((), dtype=F32), x.new_empty((3,), dtype=F32), x.new_empty((), dtype=torch.int64),
+            x.new_empty((), dtype=torch.int64)]
+    if plan.resident:
+        if n == 0 or not (wk.main or wk.aux):
+            return tuple(head + [e.clone() for _ in range(6)])
+        colsum1 = plan.engine == "cublas" and wk.need[2]
+        colsum2 = plan.engine == "cublas" and wk.need[5]
+        p = triton.cdiv(n, _epi_config(n, c, colsum1 or colsum2, x.device)[0])
+        state = [x.new_empty((n, c)) if wk.g_main else e.clone(),
+                 x.new_empty((n, c)) if wk.g_aux else e.clone(),
+                 x.new_empty((p, c), dtype=F32) if colsum1 else e.clone(),
+                 x.new_empty((p, c), dtype=F32) if colsum2 else e.clone(), e.clone(), e.clone()]
+    else:
+        refs = (x, w1, b1, a, w2, b2)
+        state = [r.new_empty(r.shape) if (need and r is not None) else e.clone() for r, need in zip(refs, needs)]
+    return tuple(head + state)
 
 
 @torch.library.custom_op("dhkd::dual_head_kd_bwd", mutates_args=())
 def _bwd_op(grad: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], a: Optional[Tensor], w2: Tensor,
-            b2: Optional[Tensor], t: Tensor, y: Tensor, stats: Tensor, n_valid: Tensor, ce_weight: float,
-            kd_weight: float, logit_weight: float, kd_temperature: float, logit_temperature: float,
-            kl_norm: bool, ignore_index: int, mean: bool, tf32: bool, needs: List[bool]) -> List[Tensor]:
-    with torch.autocast(device_type=x.device.type, enabled=False), _on_device(x.device):
-        return _backward(grad, x, w1, b1, a, w2, b2, t, y, stats, n_valid, ce_weight, kd_weight,
-                         logit_weight, kd_temperature, logit_temperature, kl_norm, ignore_index, mean,
-                         tf32, needs)
+            b2: Optional[Tensor], y: Tensor, n_valid: Tensor, state: List[Tensor], n_classes: int,
+            ce_weight: float, kd_weight: float, logit_weight: float, kd_temperature: float,
+            logit_temperature: float, kl_norm: bool, ignore_index: int, mean: bool, tf32: bool,
+            needs: List[bool]) -> List[Tensor]:
+    return _bwd_impl(grad, x, w1, b1, a, w2, b2, y, n_valid, state, n_classes, ce_weight, kd_weight,
+                     logit_weight, kd_temperature, logit_temperature, kl_norm, ignore_index, mean, tf32, needs)
 
 
 @_bwd_op.register_fake
-def _bwd_fake(grad, x, w1, b1, a, w2, b2, t, y, stats, n_valid, *scalars_and_needs):
+def _bwd_fake(grad, x, w1, b1, a, w2, b2, y, n_valid, state, n_classes, *scalars_and_needs):
     needs = scalars_and_needs[-1]
-    refs = (x, w1, b1, a, w2, b2)
-    # contiguous like the real outputs (empty_like would keep a transposed input's strides)
-    return [r.new_empty(r.shape) if (need and r is not None) else x.new_empty((0,), dtype=torch.float32)
+    refs = (x, w1, b1, None if a is None else a, w2, b2)
+    return [r.new_empty(r.shape) if (need and r is not None) else x.new_empty((0,), dtype=F32)
             for r, need in zip(refs, needs)]
+
+
+@torch.library.custom_op("dhkd::scale_", mutates_args=("grads",))
+def _scale_op(grads: List[Tensor], g: Tensor) -> None:
+    _scale_impl(grads, g)
+
+
+@_scale_op.register_fake
+def _scale_fake(grads, g):
+    return None
+
+
+# The custom ops run their fake implementation on ``meta`` tensors; ``simulate`` swaps in the real
+# implementations (same host code, launches recorded instead of run) through this table.
+_OPS = {"bwd": _bwd_op, "scale": _scale_op}
+
+_DOUBLE_BACKWARD = ("fused_dual_head_kd_loss (backend='{}') has no second derivative: its backward ran with "
+                    "create_graph=True (double backward, e.g. a gradient penalty). Use backend='reference' "
+                    "(plain PyTorch autograd) for higher-order gradients.")
 
 
 def _setup_context(ctx, inputs, output):
     x, w1, b1, a, w2, b2, t, y = inputs[:8]
-    (ce_w, kd_w, lg_w, kd_t, tau, kl_norm, ignore_index, mean, _components, tf32) = inputs[8:]
-    ctx.save_for_backward(x, w1, b1, a, w2, b2, t, y, output[4], output[3])
-    ctx.opts = (ce_w, kd_w, lg_w, kd_t, tau, kl_norm, ignore_index, mean, tf32)
+    scalars = inputs[8:18]
+    needs = inputs[18]
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the non-differentiable outputs
+    o = _opts_from(*scalars)
+    wk = _work(x, w1, a, t.shape[0], t.shape[1], o, needs)
+    ctx.resident = make_plan(wk, x.device).resident
+    ctx.n_classes = t.shape[1]
+    ctx.save_for_backward(x, w1, b1, a, w2, b2, y, output[3], *output[4:10])
+    ctx.opts = tuple(scalars[:8]) + (scalars[9],)
+    ctx.needs = list(needs)
 
 
-def _autograd_backward(ctx, g_loss, *_unused):
-    x, w1, b1, a, w2, b2, t, y, stats, n_valid = ctx.saved_tensors
-    needs = [bool(v) for v in ctx.needs_input_grad[:6]]
-    if g_loss is None:
-        g_loss = torch.zeros((), dtype=torch.float32, device=x.device)
-    grads = _bwd_op(g_loss, x, w1, b1, a, w2, b2, t, y, stats, n_valid, *ctx.opts, needs)
+def _autograd_backward(ctx, g, *_unused):
+    if torch.is_grad_enabled():
+        raise RuntimeError(_DOUBLE_BACKWARD.format("triton"))
+    if not ctx.resident and getattr(ctx, "consumed", False):
+        from .chunked import SECOND_BACKWARD
+        raise RuntimeError(SECOND_BACKWARD.format("triton") + " (the chunked plan of large problems)")
+    x, w1, b1, a, w2, b2, y, n_valid, *state = ctx.saved_tensors
+    if g is None:
+        g = torch.zeros((), dtype=F32, device=x.device)
+    needs = ctx.needs
+    if ctx.resident:
+        grads = _OPS["bwd"](g, x, w1, b1, a, w2, b2, y, n_valid, state, ctx.n_classes, *ctx.opts, needs)
+    else:
+        # the chunked plan's gradients were computed in the forward: scaled in place, once
+        ctx.consumed = True
+        grads = list(state)
+        _OPS["scale"]([gr for gr, need in zip(grads, needs) if need and gr.numel()], g.to(F32))
     out = [gr if need else None for gr, need in zip(grads, needs)]
-    return tuple(out) + (None,) * 12
+    return tuple(out) + (None,) * 13
 
 
 _fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+class _DirectFn(torch.autograd.Function):
+    """The custom op's autograd without its dispatch (``simulate`` on meta tensors only)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out = _fwd_impl(*inputs)
+        _setup_context(ctx, inputs, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g, *unused):
+        return _autograd_backward(ctx, g, *unused)
+
+
+@contextlib.contextmanager
+def _direct():
+    saved = dict(_OPS)
+    _OPS.update(bwd=_bwd_impl, scale=_scale_impl, fwd=_DirectFn.apply)
+    try:
+        yield
+    finally:
+        _OPS.clear()
+        _OPS.update(saved)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -500,6 +914,8 @@ def _tf32_enabled(matmul=None) -> bool:
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    if device_type == "meta":
+        return None
     try:
         if torch.is_autocast_enabled(device_type):
             return torch.get_autocast_dtype(device_type)
@@ -508,6 +924,16 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
         if device_type == "cuda" and torch.is_autocast_enabled():
             return torch.get_autocast_gpu_dtype()
         return None
+
+
+def operand_dtype(mats, device_type: str) -> torch.dtype:
+    """The one dtype of the matmul operands: autocast's under autocast, else their promoted dtype."""
+    cdt = _autocast_dtype(device_type)
+    if cdt is None:
+        cdt = mats[0].dtype
+        for m in mats[1:]:
+            cdt = torch.promote_types(cdt, m.dtype)
+    return cdt
 
 
 def dual_head_kd_loss(features, head_weight, head_bias, aux_weight, aux_bias, teacher_logits, labels, *,
@@ -524,24 +950,78 @@ def dual_head_kd_loss(features, head_weight, head_bias, aux_weight, aux_bias, te
             raise TypeError(f"backend='triton' supports float32/bfloat16/float16 {name}, got float64; "
                             "use backend='torch' (or 'auto') for float64")
     mats = [features, head_weight, aux_weight] + ([aux_features] if aux_features is not None else [])
-    cdt = _autocast_dtype(features.device.type)
-    if cdt is None:
-        cdt = mats[0].dtype
-        for m in mats[1:]:
-            cdt = torch.promote_types(cdt, m.dtype)
+    cdt = operand_dtype(mats, features.device.type)
     if cdt not in _OPERAND_DTYPES:
         raise TypeError(f"backend='triton' cannot run matmuls in {cdt}")
     x, w1, w2 = (m.to(cdt) for m in (features, head_weight, aux_weight))
     a = None if aux_features is None else aux_features.to(cdt)
-    # the kernels index labels and biases with unit stride (a strided or expanded view would be read
-    # wrongly): copies of N + 2C elements; gradients reach the original views through autograd
+    # the kernels index labels and biases with unit stride: strided or expanded views are copied
+    # (N + 2C elements); gradients reach the original views through autograd
     labels = labels.contiguous()
     head_bias = None if head_bias is None else head_bias.contiguous()
     aux_bias = None if aux_bias is None else aux_bias.contiguous()
-    tf32 = _tf32_enabled()
-    loss, terms, correct, n_valid, _stats = _fwd_op(
-        x, w1, head_bias, a, w2, aux_bias, teacher_logits, labels, float(ce_weight), float(kd_weight),
-        float(logit_weight), float(kd_temperature), float(logit_temperature),
-        logit_loss == "binary_kl_norm", int(ignore_index), reduction == "mean", bool(return_components),
-        tf32)
+    grad_on = torch.is_grad_enabled()
+    needs = [grad_on and v is not None and v.requires_grad for v in (x, w1, head_bias, a, w2, aux_bias)]
+    out = _OPS.get("fwd", _fwd_op)(x, w1, head_bias, a, w2, aux_bias, teacher_logits, labels, float(ce_weight),
+                  float(kd_weight), float(logit_weight), float(kd_temperature), float(logit_temperature),
+                  logit_loss == "binary_kl_norm", int(ignore_index), reduction == "mean",
+                  bool(return_components), _TF32_OVERRIDE or _tf32_enabled(), needs)
+    loss, terms, correct, n_valid = out[:4]
     return loss, terms.detach(), correct, n_valid
+
+
+# ----------------------------------------------------------------------------- simulation
+
+@contextlib.contextmanager
+def _tf32(enabled: bool):
+    global _TF32_OVERRIDE
+    saved, _TF32_OVERRIDE = _TF32_OVERRIDE, (enabled or None)
+    try:
+        yield
+    finally:
+        _TF32_OVERRIDE = saved
+
+
+_TF32_OVERRIDE = None
+
+
+def simulate(n: int, d: int, c: int, *, dtype: str = "bf16", da: Optional[int] = None, bias: bool = True,
+             backward: bool = True, requires_grad=None, device: str = "meta", **opts):
+    """Run the real host code of one ``fused_dual_head_kd_loss(..., backend="triton")`` forward
+    (+ backward) on ``meta`` tensors: nothing is computed, every launch is recorded. Returns
+    (cost.Record, Plan). ``requires_grad``: the inputs that ask for gradients (default all of
+    them when ``backward``). Loss options default to all three terms on (the benchmarks' CE + KD +
+    BinaryKL-Norm); ``dtype`` "tf32" is fp32 with TF32 matmuls."""
+    from ..functional import fused_dual_head_kd_loss
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}[dtype]
+    dev = torch.device(device)
+    names = ("features", "head_weight", "head_bias", "aux_features", "aux_weight", "aux_bias")
+    if requires_grad is None:
+        requires_grad = names if backward else ()
+    shapes = dict(features=(n, d), head_weight=(c, d), head_bias=(c,), aux_features=(n, da or d),
+                  aux_weight=(c, d if da is None else da), aux_bias=(c,))
+    leaves = {k: torch.empty(*shapes[k], dtype=dt, device=dev).requires_grad_(k in requires_grad) for k in names}
+    if da is None:
+        leaves["aux_features"] = None
+    if not bias:
+        leaves["head_bias"] = leaves["aux_bias"] = None
+    t = torch.empty(n, c, dtype=dt, device=dev)
+    y = torch.empty(n, dtype=torch.int64, device=dev)
+    kw = dict(ce_weight=1.0, kd_weight=1.0, logit_weight=1.0, kd_temperature=4.0, logit_temperature=2.0,
+              logit_loss="binary_kl_norm", ignore_index=-100, reduction="mean", return_components=False)
+    kw.update(opts)
+    o = _opts_from(kw["ce_weight"], kw["kd_weight"], kw["logit_weight"], kw["kd_temperature"],
+                   kw["logit_temperature"], kw["logit_loss"] == "binary_kl_norm", kw["ignore_index"],
+                   kw["reduction"] == "mean", kw["return_components"], dtype == "tf32")
+    x, a = leaves["features"], leaves["aux_features"]
+    needs = [backward and v is not None and v.requires_grad for v in
+             (x, leaves["head_weight"], leaves["head_bias"], a, leaves["aux_weight"], leaves["aux_bias"])]
+    plan = make_plan(_work(x, leaves["head_weight"], a, n, c, o, needs), dev)
+    with cost.record() as rec, torch.set_grad_enabled(backward), _direct(), _tf32(dtype == "tf32"):
+        loss = fused_dual_head_kd_loss(x, leaves["head_weight"], leaves["head_bias"], leaves["aux_weight"],
+                                       leaves["aux_bias"], t, y, aux_features=a, backend="triton", **kw)
+        if isinstance(loss, tuple):
+            loss = loss[0]
+        if backward and loss.requires_grad:
+            loss.backward()
+    return rec, plan

@@ -1,0 +1,178 @@
+"""Cost model of the Triton backend: every kernel launch reports to it, CPU tests check it.
+
+    from dhkd_kernels import cost
+    with cost.record() as rec:
+        loss = fused_dual_head_kd_loss(...)
+        loss.backward()
+    rec.launches, rec.matmul_flops, rec.hbm_bytes, rec.syncs, rec.estimate_s("H200")
+
+The host code of :mod:`dhkd_kernels.ops.dual_head_kd` calls :func:`note` once per kernel it launches
+(Triton kernels, cuBLAS products, any torch op that runs a kernel): the kernel's name, its grid, its
+matmul FLOPs (tensor-core work), an estimate of the HBM bytes it must move (each operand read once
+and each output written once: reuse through L2 is assumed, so this is a lower bound for the GEMMs
+and close to exact for the memory-bound kernels) and whether it synchronises the host. Nothing is
+recorded outside ``record()``; the cost of a call to ``note`` without a recorder is one list check.
+
+The time estimate is a roofline per launch, plus a fixed launch cost:
+    t = LAUNCH_S + max(flops / (peak_flops x efficiency of the engine), bytes / (HBM x MEM_EFF))
+with the peak figures of :data:`GPUS` and the efficiencies below. The efficiencies are assumptions,
+not measurements (no GPU has run this code yet); ``benchmarks/gpu_check.py`` measures the real thing.
+
+Run ``python -m dhkd_kernels cost`` for the per-shape estimates of the benchmark shapes.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Dict, List, Optional, Tuple
+
+# Peak dense tensor-core FLOP/s by operand kind, and HBM bytes/s (vendor data sheets, SXM parts).
+GPUS: Dict[str, dict] = {
+    "H100": dict(name="NVIDIA H100 SXM", bf16=989e12, fp16=989e12, tf32=494e12, fp32=67e12, hbm=3.35e12),
+    "H200": dict(name="NVIDIA H200 SXM", bf16=989e12, fp16=989e12, tf32=494e12, fp32=67e12, hbm=4.8e12),
+}
+# Assumed fractions of peak (to be replaced by measured values): cuBLAS on large products reaches
+# about 80% of the bf16 peak on Hopper (~790 TFLOP/s), a plain tl.dot Triton GEMM ~65%; memory-bound
+# kernels stream at ~80% of HBM bandwidth; each launch costs ~3 us of dispatch and tail.
+EFFICIENCY = {"cublas": 0.80, "triton-gemm": 0.65}
+MEM_EFF = 0.80
+LAUNCH_S = 3e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One kernel launch: ``engine`` is "cublas", "triton-gemm" (tensor-core Triton GEMM), "triton"
+    (memory-bound Triton kernel) or "torch" (a torch op running one kernel); ``kind`` the operand
+    dtype of its matmul ("bf16", "fp16", "tf32", "fp32"), if any."""
+
+    kernel: str
+    engine: str
+    grid: Tuple[int, ...] = ()
+    flops: int = 0
+    hbm_bytes: int = 0
+    kind: str = ""
+    sync: bool = False
+
+    def estimate_s(self, gpu: str = "H200") -> float:
+        spec = GPUS[gpu]
+        t = self.hbm_bytes / (spec["hbm"] * MEM_EFF)
+        if self.flops:
+            rate = spec[self.kind or "bf16"] * EFFICIENCY.get(self.engine, EFFICIENCY["triton-gemm"])
+            t = max(t, self.flops / rate)
+        return LAUNCH_S + t
+
+
+@dataclasses.dataclass
+class Record:
+    """The launches noted while this record was active (see :func:`record`)."""
+
+    launches: List[Launch] = dataclasses.field(default_factory=list)
+
+    @property
+    def n_launches(self) -> int:
+        return len(self.launches)
+
+    @property
+    def matmul_flops(self) -> int:
+        return sum(x.flops for x in self.launches)
+
+    @property
+    def hbm_bytes(self) -> int:
+        return sum(x.hbm_bytes for x in self.launches)
+
+    @property
+    def syncs(self) -> List[Launch]:
+        return [x for x in self.launches if x.sync]
+
+    def estimate_s(self, gpu: str = "H200") -> float:
+        return sum(x.estimate_s(gpu) for x in self.launches)
+
+    def by_kernel(self) -> Dict[str, int]:
+        out: Dict[str, int] = {}
+        for x in self.launches:
+            out[x.kernel] = out.get(x.kernel, 0) + 1
+        return out
+
+
+_ACTIVE: List[Record] = []
+
+
+@contextlib.contextmanager
+def record():
+    """Collect the launches of the code run inside the block (nested records all see them)."""
+    rec = Record()
+    _ACTIVE.append(rec)
+    try:
+        yield rec
+    finally:
+        _ACTIVE.remove(rec)
+
+
+def note(kernel: str, engine: str, grid=(), flops: int = 0, hbm_bytes: int = 0, kind: str = "",
+         sync: bool = False) -> None:
+    """Report one launch to the active records (no-op without one)."""
+    if _ACTIVE:
+        entry = Launch(kernel, engine, tuple(int(g) for g in grid), int(flops), int(hbm_bytes), kind, sync)
+        for rec in _ACTIVE:
+            rec.launches.append(entry)
+
+
+def floor_flops(n: int, c: int, d: int, da: Optional[int] = None, *, backward: bool = True,
+                heads: int = 2) -> int:
+    """Matmul FLOPs of the GEMM floor: per head z = X W^T (2 N C D), and with ``backward`` dX = dZ W and
+    dW = dZ^T X (2 N C D each); ``da`` is the auxiliary head's width (default D)."""
+    widths = [d, d if da is None else da][:heads]
+    per = 3 if backward else 1
+    return sum(per * 2 * n * c * w for w in widths)
+
+
+def floor_estimate_s(n: int, c: int, d: int, da: Optional[int] = None, *, kind: str = "bf16",
+                     gpu: str = "H200") -> float:
+    """The GEMM floor's time on ``gpu`` at the assumed cuBLAS efficiency (no launch cost)."""
+    return floor_flops(n, c, d, da) / (GPUS[gpu][kind] * EFFICIENCY["cublas"])
+
+
+def _main(argv=None) -> int:
+    import argparse
+
+    from .ops import dual_head_kd as dhk
+    p = argparse.ArgumentParser(description="Cost-model estimates of fused_dual_head_kd_loss "
+                                "(forward+backward) at the benchmark shapes; estimates, not measurements.")
+    p.add_argument("--gpu", default="H200", choices=sorted(GPUS))
+    args = p.parse_args(argv)
+    print(estimate_table(args.gpu, dhk))
+    return 0
+
+
+SHAPES = (  # name, N, D, C: the GPU benchmark shapes (benchmarks/shapes.py)
+    ("imagenet-r18", 1024, 512, 1000), ("imagenet-r50", 256, 2048, 1000),
+    ("imagenet-r50-bigbatch", 4096, 2048, 1000), ("imagenet21k", 2048, 2048, 21841),
+    ("llm-32k", 8192, 4096, 32000), ("llm-128k", 8192, 4096, 128256),
+)
+
+
+def estimate_table(gpu: str = "H200", dhk=None) -> str:
+    """Markdown table of the model's forward+backward estimate per benchmark shape (bf16, all terms on)."""
+    if dhk is None:
+        from .ops import dual_head_kd as dhk
+    spec = GPUS[gpu]
+    lines = [f"Cost-model estimate on {spec['name']} (bf16, CE + KD + BinaryKL-Norm, forward+backward; "
+             f"assumed efficiencies: cuBLAS {EFFICIENCY['cublas']:.0%}, Triton GEMM "
+             f"{EFFICIENCY['triton-gemm']:.0%}, memory {MEM_EFF:.0%}, {LAUNCH_S * 1e6:.0f} us per launch). "
+             "**Estimates, not measurements.**", "",
+             "| shape | N x D x C | plan | launches | matmul TFLOP | floor TFLOP | HBM GB | est. ms | "
+             "floor est. ms | est. / floor | extra MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, n, d, c in SHAPES:
+        rec, plan = dhk.simulate(n, d, c, dtype="bf16")
+        est = rec.estimate_s(gpu)
+        floor = floor_estimate_s(n, c, d, gpu=gpu)
+        lines.append(f"| {name} | {n}x{d}x{c} | {plan.describe()} | {rec.n_launches} | "
+                     f"{rec.matmul_flops / 1e12:.3f} | {floor_flops(n, c, d) / 1e12:.3f} | "
+                     f"{rec.hbm_bytes / 1e9:.2f} | {est * 1e3:.3f} | {floor * 1e3:.3f} | {est / floor:.2f} | "
+                     f"{plan.extra_bytes / 2**20:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -1,0 +1,411 @@
+"""Memory-bound Triton kernels of the dual-head KD loss: the loss epilogue over stored logits, the
+row reduction, bias column sums and scaled copies (launched from :mod:`dhkd_kernels.ops.dual_head_kd`).
+
+Notation: z1 = X W1^T (main head) and z2 = A W2^T (auxiliary head) as stored by the GEMMs, without
+bias (the biases b1, b2 are added here, in fp32); t the teacher logits; y the labels; V the valid
+rows (label != ignore_index). A *block of logits* is rows [row0, row0 + R) x classes [col0, col0 + W)
+of the (N, C) problem, stored with row strides ``stride_z1`` / ``stride_z2``.
+
+``epilogue_kernel``  grid (cdiv(R, BLOCK_R),): each program owns BLOCK_R rows of the block and walks
+    its classes in BLOCK_C tiles, at most twice:
+      pass 1 (main head, needs the whole row: W = C): online max m1, s1 = sum exp(z1 - m1),
+        s1n = the same sum without the target, s1T = sum exp((z1 - m1)/T), z1[y], the first arg-max,
+        and for KD the teacher's max mt, st = sum exp(t/T - mt) and the cross term
+        K = sum exp(t/T - mt) ((t/T - mt) - (z1 - m1)/T), re-anchored whenever a max moves, so that
+            CE = (m1 - z1[y]) + log s1,   KD/T^2 = K/st - log st + log s1T,   1 - p_y = s1n / s1;
+      pass 2: dz1 = ce_w (softmax(z1) - onehot(y)) + kd_w T (softmax(z1/T) - softmax(t/T)) with the
+        target column -ce_w (1 - p_y) (no cancellation for confident rows), written over z1; the
+        elementwise logit loss of z2 summed per row, and its gradient
+            dz2 = lg_w (tau/2) tanh((z2 - t)/(2 tau))   [BinaryKL-Norm]
+            dz2 = lg_w tau (sig(z2/tau) - sig(t/tau))    [BinaryKL]
+        written over z2. dz is unscaled (no grad_output, no 1/|V|): the GEMMs apply the scale in fp32.
+    Per row it writes ce, kd, the logit-loss sum (added to the previous value with ACC_LOGIT, for class
+    slabs) and correct into ``rows`` (4, N); with COLSUM1/COLSUM2 the column sums of dz1/dz2 over its
+    rows into ``cs`` (programs, W), reduced by ``colsum_kernel`` into the bias gradients.
+    Rows not in V read as zeros (garbage, NaN included, in ignored rows never reaches a result) and get
+    zero terms and gradients; a row of V whose label is outside [0, C) gets NaN terms and NaN dz.
+    A teacher logit of -inf is a class masked out for that row: probability 0 in KD (0 log 0 = 0) and
+    no contribution (value and gradient 0) to the logit-level loss.
+    Traffic per logit: z1 read twice and dz1 written once (2-byte logits: 6 bytes), the teacher read
+    once or twice, z2 read and dz2 written once; ~40 FLOPs per logit, no tensor cores.
+
+``finalize_kernel``  one program: reduces ``rows`` over the valid rows in a fixed order into loss,
+    terms (3,), correct and n_valid; with PER_ROW also the (N,) weighted per-row losses.
+
+``colsum_kernel``  grid (cdiv(W, BLOCK),  heads): sums the programs' column-sum partials in a fixed
+    order; out (+)= scale * sum (scale = grad_output / max(|V|, 1) as device scalars).
+
+``scale_kernel``  grid (cdiv(M, BLOCK_M), cdiv(P, BLOCK_P)): out = scale * in (any strides, dtype cast),
+    optionally zeroing the rows not in V (the masked, pre-scaled features of the dW products).
+
+``count_kernel``  one program: n_valid = |V|.
+
+``INTERP_BF16`` is set only under TRITON_INTERPRET with bfloat16 buffers, whose fp32 -> bf16 cast
+truncates in the interpreter of triton 3.8; it rounds to nearest-even before such stores.
+All offsets that multiply a stride are int64.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LN2 = tl.constexpr(0.6931471805599453)
+NROW_TERMS = 4  # rows (4, N): ce, kd, logit, correct
+
+
+@triton.jit
+def _sigmoid(v):
+    """sig(v) without overflow: exp of a non-positive argument only."""
+    e = tl.exp(-tl.abs(v))
+    return tl.where(v >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def _log_cosh(u):
+    """log cosh(u) for u >= 0 with small relative error everywhere: u + log(1 + e^-2u) - log 2 cancels
+    against log 2 near 0, so below 0.4 the Taylor series to u^10 is used (truncation < 4e-7 relative)."""
+    u2 = u * u
+    series = u2 * (0.5 + u2 * (-1.0 / 12.0 + u2 * (1.0 / 45.0 + u2 * (-17.0 / 2520.0 + u2 * (31.0 / 14175.0)))))
+    return tl.where(u < 0.4, series, u + tl.log(1.0 + tl.exp(-2.0 * u)) - LN2)
+
+
+@triton.jit
+def _tanh_abs(u):
+    """tanh(u) for u >= 0: (1 - e^-2u) / (1 + e^-2u), and its series below 0.1 where 1 - e^-2u cancels."""
+    e = tl.exp(-2.0 * u)
+    u2 = u * u
+    series = u * (1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0 + u2 * (-17.0 / 315.0))))
+    return tl.where(u < 0.1, series, (1.0 - e) / (1.0 + e))
+
+
+@triton.jit
+def _rtne_bf16(v):
+    """fp32 -> fp32 holding the round-to-nearest-even bf16 value (interpreter only, see module doc)."""
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _store_rounded(ptrs, v, mask, INTERP_BF16: tl.constexpr):
+    if INTERP_BF16:
+        v = _rtne_bf16(v)
+    tl.store(ptrs, v.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def epilogue_kernel(
+    # pointers: stored logits of the block (read, then overwritten with dz); teacher (N, C); labels (N,);
+    # biases (C,) (any float dtype); rows (4, N) fp32 per-row terms; cs1/cs2 (programs, W) fp32 partials
+    z1_ptr, z2_ptr, t_ptr, y_ptr, b1_ptr, b2_ptr, rows_ptr, cs1_ptr, cs2_ptr,
+    # sizes: N rows and C classes of the problem; the block is rows [row0, row0 + R), classes [col0, col0 + W)
+    N, C, R, W, row0, col0,
+    # strides, in elements
+    stride_z1, stride_z2, stride_tn, stride_tc,
+    # scalars: term weights and temperatures (kd_w_t = kd_w T)
+    ce_w, kd_w_t, inv_kd_t, kd_t2, lg_w, inv_tau, tau2, ignore_index,
+    # meta-parameters: which terms (stats) and which gradients
+    MAIN: tl.constexpr, KD_STATS: tl.constexpr, AUX: tl.constexpr, GRAD_CE: tl.constexpr,
+    GRAD_KD: tl.constexpr, GRAD_AUX: tl.constexpr, KL_NORM: tl.constexpr, HAS_B1: tl.constexpr,
+    HAS_B2: tl.constexpr, ACC_LOGIT: tl.constexpr, COLSUM1: tl.constexpr, COLSUM2: tl.constexpr,
+    INTERP_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    lrows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    rmask = lrows < R
+    grows = row0 + lrows
+    y = tl.load(y_ptr + grows, mask=rmask, other=ignore_index).to(tl.int64)
+    valid = rmask & (y != ignore_index)
+    bad = valid & ((y < 0) | (y >= C))
+    # NaN for a bad label's row, 1 otherwise: a multiplier rather than a mask (fewer live predicates)
+    row_nan = tl.where(bad, float("nan"), 1.0)
+    neg_inf = float("-inf")
+    nan = float("nan")
+    GRAD_MAIN: tl.constexpr = GRAD_CE or GRAD_KD
+
+    m1 = tl.full((BLOCK_R,), -1.0e30, tl.float32)
+    log_s1 = tl.zeros((BLOCK_R,), tl.float32)
+    q = tl.zeros((BLOCK_R,), tl.float32)
+    log_s1t = tl.zeros((BLOCK_R,), tl.float32)
+    mt = tl.full((BLOCK_R,), -1.0e30, tl.float32)
+    log_st = tl.zeros((BLOCK_R,), tl.float32)
+    ce = tl.zeros((BLOCK_R,), tl.float32)
+    kd = tl.zeros((BLOCK_R,), tl.float32)
+    correct = tl.zeros((BLOCK_R,), tl.float32)
+    if MAIN:
+        # ---------------------------------------------------------------- pass 1: row statistics of z1
+        s1 = tl.zeros((BLOCK_R,), tl.float32)
+        s1n = tl.zeros((BLOCK_R,), tl.float32)
+        s1t = tl.zeros((BLOCK_R,), tl.float32)
+        zy = tl.zeros((BLOCK_R,), tl.float32)
+        amax = tl.zeros((BLOCK_R,), tl.int64)
+        st = tl.zeros((BLOCK_R,), tl.float32)
+        kacc = tl.zeros((BLOCK_R,), tl.float32)
+        for c0 in range(0, W, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+            cmask = cols < W
+            gcols = col0 + cols
+            m2d = valid[:, None] & cmask[None, :]
+            z = tl.load(z1_ptr + lrows[:, None] * stride_z1 + cols[None, :], mask=m2d, other=0.0).to(tl.float32)
+            if HAS_B1:
+                z += tl.load(b1_ptr + gcols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            z = tl.where(m2d, z, 0.0)
+            zm = tl.where(cmask[None, :], z, neg_inf)
+            tmax = tl.max(zm, 1)
+            m_new = tl.maximum(m1, tmax)
+            tidx = tl.min(tl.where(zm == tmax[:, None], gcols[None, :], 2**62), 1)
+            amax = tl.where(tmax > m1, tidx, amax)
+            alpha = tl.exp(m1 - m_new)
+            e1 = tl.exp(zm - m_new[:, None])
+            is_y = gcols[None, :] == y[:, None]
+            s1 = s1 * alpha + tl.sum(e1, 1)
+            s1n = s1n * alpha + tl.sum(tl.where(is_y, 0.0, e1), 1)
+            zy += tl.sum(tl.where(is_y, z, 0.0), 1)
+            if KD_STATS:
+                s1t = s1t * tl.exp((m1 - m_new) * inv_kd_t) + tl.sum(tl.exp((zm - m_new[:, None]) * inv_kd_t), 1)
+                t = tl.load(t_ptr + grows[:, None] * stride_tn + gcols[None, :] * stride_tc,
+                            mask=m2d, other=0.0).to(tl.float32)
+                tt = tl.where(cmask[None, :], t * inv_kd_t, neg_inf)
+                mt_new = tl.maximum(mt, tl.max(tt, 1))
+                alpha_t = tl.exp(mt - mt_new)
+                # re-anchor K at the new maxima: K <- a (K + st ((ms' - ms) - (mt' - mt)))
+                shift = (m_new - m1) * inv_kd_t - (mt_new - mt)
+                kacc = alpha_t * (kacc + tl.where(st > 0, st * shift, 0.0))
+                st = st * alpha_t
+                e = tl.exp(tt - mt_new[:, None])
+                st += tl.sum(e, 1)
+                gap = (tt - mt_new[:, None]) - (z - m_new[:, None]) * inv_kd_t
+                kacc += tl.sum(tl.where(e > 0, e * gap, 0.0), 1)
+                mt = mt_new
+            m1 = m_new
+        # confident row (the target is the max and s1 = 1 + s1n with s1n small): log1p by its series,
+        # since log(1 + x) rounds x to the fp32 spacing of 1
+        log_s1 = tl.where((zy == m1) & (s1n < 1e-3), s1n * (1.0 - s1n * (0.5 - s1n * (1.0 / 3.0))), tl.log(s1))
+        q = s1n / s1
+        ce = (m1 - zy) + log_s1
+        correct = tl.where(amax == y, 1.0, 0.0)
+        if KD_STATS:
+            log_s1t = tl.log(s1t)
+            log_st = tl.log(st)
+            kd = kd_t2 * (kacc / st - log_st + log_s1t)
+
+    # -------------------------------------------------------------------- pass 2: dz1, logit loss, dz2
+    lg = tl.zeros((BLOCK_R,), tl.float32)
+    if GRAD_MAIN or AUX:
+        for c0 in range(0, W, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+            cmask = cols < W
+            gcols = col0 + cols
+            m2d = valid[:, None] & cmask[None, :]
+            out2d = rmask[:, None] & cmask[None, :]
+            if GRAD_KD or AUX:
+                t = tl.load(t_ptr + grows[:, None] * stride_tn + gcols[None, :] * stride_tc,
+                            mask=m2d, other=0.0).to(tl.float32)
+            if GRAD_MAIN:
+                zp = z1_ptr + lrows[:, None] * stride_z1 + cols[None, :]
+                z = tl.load(zp, mask=m2d, other=0.0).to(tl.float32)
+                if HAS_B1:
+                    z += tl.load(b1_ptr + gcols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+                g = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+                if GRAD_CE:
+                    p1 = tl.exp((z - m1[:, None]) - log_s1[:, None])
+                    g += ce_w * tl.where(gcols[None, :] == y[:, None], -q[:, None], p1)
+                if GRAD_KD:
+                    g += kd_w_t * (tl.exp((z - m1[:, None]) * inv_kd_t - log_s1t[:, None])
+                                   - tl.exp((t * inv_kd_t - mt[:, None]) - log_st[:, None]))
+                g = tl.where(m2d, g, 0.0) * row_nan[:, None]
+                _store_rounded(zp, g, out2d, INTERP_BF16)
+                if COLSUM1:
+                    tl.store(cs1_ptr + pid * W + cols, tl.sum(tl.where(out2d, g, 0.0), 0), mask=cmask)
+            if AUX:
+                zp2 = z2_ptr + lrows[:, None] * stride_z2 + cols[None, :]
+                z2 = tl.load(zp2, mask=m2d, other=0.0).to(tl.float32)
+                if HAS_B2:
+                    z2 += tl.load(b2_ptr + gcols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+                live = m2d & (t != neg_inf)  # -inf teacher: a masked class
+                t_ = tl.where(live, t, 0.0)
+                z2 = tl.where(live, z2, 0.0)
+                if KL_NORM:
+                    u = (z2 - t_) * (0.5 * inv_tau)
+                    val = _log_cosh(tl.abs(u))
+                else:
+                    zs = z2 * inv_tau
+                    ts = t_ * inv_tau
+                    sp_z = tl.maximum(-zs, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(zs)))
+                    sp_t = tl.maximum(-ts, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(ts)))
+                    val = sp_z - sp_t + (zs - ts) * _sigmoid(-ts)
+                lg += tl.sum(tl.where(live, val, 0.0), 1)
+                if GRAD_AUX:
+                    if KL_NORM:
+                        th = _tanh_abs(tl.abs(u))
+                        g2 = tl.where(u < 0, -th, th) * (0.5 * lg_w / inv_tau)
+                    else:
+                        g2 = (_sigmoid(zs) - _sigmoid(ts)) * (lg_w / inv_tau)
+                    g2 = tl.where(live, g2, 0.0) * row_nan[:, None]
+                    _store_rounded(zp2, g2, out2d, INTERP_BF16)
+                    if COLSUM2:
+                        tl.store(cs2_ptr + pid * W + cols, tl.sum(tl.where(out2d, g2, 0.0), 0), mask=cmask)
+
+    # ------------------------------------------------------------------------------ per-row terms
+    # row indices and labels re-derived here rather than held across the loops (shorter live ranges)
+    lrows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    rmask = lrows < R
+    grows = row0 + lrows
+    y = tl.load(y_ptr + grows, mask=rmask, other=ignore_index).to(tl.int64)
+    valid = rmask & (y != ignore_index)
+    bad = valid & ((y < 0) | (y >= C))
+    rp = rows_ptr + grows
+    if MAIN:
+        tl.store(rp, tl.where(bad, nan, tl.where(valid, ce, 0.0)), mask=rmask)
+        tl.store(rp + N, tl.where(bad, nan, tl.where(valid, kd, 0.0)), mask=rmask)
+        tl.store(rp + 3 * N, tl.where(valid & (~bad), correct, 0.0), mask=rmask)
+    if AUX:
+        lg = tl.where(bad, nan, tl.where(valid, tau2 * lg, 0.0))
+        if ACC_LOGIT:
+            lg += tl.load(rp + 2 * N, mask=rmask, other=0.0)
+        tl.store(rp + 2 * N, lg, mask=rmask)
+
+
+@triton.jit
+def finalize_kernel(
+    # pointers: rows (4, N) fp32 from epilogue_kernel; labels (N,); outputs loss (), terms (3,),
+    # correct () int64, n_valid () int64, per_row (N,) fp32 (PER_ROW only)
+    rows_ptr, y_ptr, loss_ptr, terms_ptr, correct_ptr, nvalid_ptr, per_row_ptr,
+    # sizes and scalars
+    N, ce_w, kd_w, lg_w, ignore_index,
+    # meta-parameters: which terms exist (a term absent from the loss is never added to it, so a NaN
+    # in an unused term cannot reach the loss) and which rows were written
+    CE_IN: tl.constexpr, KD_IN: tl.constexpr, LG_IN: tl.constexpr, HAVE_MAIN: tl.constexpr,
+    HAVE_AUX: tl.constexpr, MEAN: tl.constexpr, PER_ROW: tl.constexpr, BLOCK: tl.constexpr,
+):
+    ce_acc = tl.zeros((BLOCK,), tl.float32)
+    kd_acc = tl.zeros((BLOCK,), tl.float32)
+    lg_acc = tl.zeros((BLOCK,), tl.float32)
+    ok_acc = tl.zeros((BLOCK,), tl.int64)
+    nv_acc = tl.zeros((BLOCK,), tl.int64)
+    for r0 in range(0, N, BLOCK):
+        r = r0 + tl.arange(0, BLOCK).to(tl.int64)
+        rmask = r < N
+        y = tl.load(y_ptr + r, mask=rmask, other=ignore_index).to(tl.int64)
+        valid = rmask & (y != ignore_index)
+        nv_acc += valid.to(tl.int64)
+        row = tl.zeros((BLOCK,), tl.float32)
+        if HAVE_MAIN:
+            ce = tl.where(valid, tl.load(rows_ptr + r, mask=rmask, other=0.0), 0.0)
+            kd = tl.where(valid, tl.load(rows_ptr + N + r, mask=rmask, other=0.0), 0.0)
+            ce_acc += ce
+            kd_acc += kd
+            ok_acc += tl.where(valid, tl.load(rows_ptr + 3 * N + r, mask=rmask, other=0.0), 0.0).to(tl.int64)
+            if CE_IN:
+                row += ce_w * ce
+            if KD_IN:
+                row += kd_w * kd
+        if HAVE_AUX:
+            lg = tl.where(valid, tl.load(rows_ptr + 2 * N + r, mask=rmask, other=0.0), 0.0)
+            lg_acc += lg
+            if LG_IN:
+                row += lg_w * lg
+        if PER_ROW:
+            tl.store(per_row_ptr + r, row, mask=rmask)
+    n_valid = tl.sum(nv_acc, 0)
+    ce = tl.sum(ce_acc, 0)
+    kd = tl.sum(kd_acc, 0)
+    lg = tl.sum(lg_acc, 0)
+    if MEAN:
+        denom = tl.maximum(n_valid, 1).to(tl.float32)
+        ce = ce / denom
+        kd = kd / denom
+        lg = lg / denom
+    loss = 0.0
+    if CE_IN:
+        loss += ce_w * ce
+    if KD_IN:
+        loss += kd_w * kd
+    if LG_IN:
+        loss += lg_w * lg
+    tl.store(terms_ptr, ce)
+    tl.store(terms_ptr + 1, kd)
+    tl.store(terms_ptr + 2, lg)
+    tl.store(loss_ptr, loss)
+    tl.store(correct_ptr, tl.sum(ok_acc, 0))
+    tl.store(nvalid_ptr, n_valid)
+
+
+@triton.jit
+def _scale_value(g_ptr, nvalid_ptr, HAS_G: tl.constexpr, MEAN: tl.constexpr):
+    """grad_output (or 1) divided by max(|V|, 1) for the mean (or 1): device scalars, no host sync."""
+    s = 1.0
+    if HAS_G:
+        s = tl.load(g_ptr).to(tl.float32)
+    if MEAN:
+        s = s / tl.maximum(tl.load(nvalid_ptr), 1).to(tl.float32)
+    return s
+
+
+@triton.jit
+def colsum_kernel(
+    # pointers: partials (P, W) fp32 per head; outputs (W,) per head (fp32 or the bias dtype);
+    # grad_output () and n_valid () for the scale
+    cs1_ptr, cs2_ptr, out1_ptr, out2_ptr, g_ptr, nvalid_ptr,
+    # sizes: P partial rows, W columns
+    P, W,
+    # meta-parameters: ACC adds to the previous output; HEADS 1 (head 1 only), 2 (head 2 only) or 3
+    ACC: tl.constexpr, HEADS: tl.constexpr, HAS_G: tl.constexpr, MEAN: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    cmask = cols < W
+    s = _scale_value(g_ptr, nvalid_ptr, HAS_G, MEAN)
+    head = tl.program_id(1)
+    if HEADS == 2:
+        head = 1
+    cs_ptr = cs1_ptr
+    out_ptr = out1_ptr
+    if head == 1:
+        cs_ptr = cs2_ptr
+        out_ptr = out2_ptr
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for p in range(0, P):
+        acc += tl.load(cs_ptr + p * W + cols, mask=cmask, other=0.0)
+    acc = acc * s
+    if ACC:
+        acc += tl.load(out_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def scale_kernel(
+    # pointers: in (M, P), out (M, P) (may be the same tensor), labels (M,), grad_output, n_valid
+    in_ptr, out_ptr, y_ptr, g_ptr, nvalid_ptr,
+    # sizes, strides
+    M, P, stride_im, stride_ip, stride_om, stride_op, ignore_index,
+    # meta-parameters: MASK_ROWS zeroes the rows not in V; ROW_G scales row i by g[i] (per-row grads)
+    MASK_ROWS: tl.constexpr, HAS_G: tl.constexpr, ROW_G: tl.constexpr, MEAN: tl.constexpr,
+    INTERP_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    rp = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    mmask = rm < M
+    m2d = mmask[:, None] & (rp < P)[None, :]
+    if ROW_G:
+        s = _scale_value(g_ptr, nvalid_ptr, False, MEAN)
+        srow = s * tl.load(g_ptr + rm, mask=mmask, other=0.0).to(tl.float32)
+    else:
+        srow = tl.zeros((BLOCK_M,), tl.float32) + _scale_value(g_ptr, nvalid_ptr, HAS_G, MEAN)
+    keep = m2d
+    if MASK_ROWS:
+        y = tl.load(y_ptr + rm, mask=mmask, other=ignore_index).to(tl.int64)
+        keep = keep & (y != ignore_index)[:, None]
+    v = tl.load(in_ptr + rm[:, None] * stride_im + rp[None, :] * stride_ip, mask=keep, other=0.0).to(tl.float32)
+    v = tl.where(keep, v * srow[:, None], 0.0)
+    _store_rounded(out_ptr + rm[:, None] * stride_om + rp[None, :] * stride_op, v, m2d, INTERP_BF16)
+
+
+@triton.jit
+def count_kernel(y_ptr, nvalid_ptr, N, ignore_index, BLOCK: tl.constexpr):
+    acc = tl.zeros((BLOCK,), tl.int64)
+    for r0 in range(0, N, BLOCK):
+        r = r0 + tl.arange(0, BLOCK).to(tl.int64)
+        y = tl.load(y_ptr + r, mask=r < N, other=ignore_index).to(tl.int64)
+        acc += ((r < N) & (y != ignore_index)).to(tl.int64)
+    tl.store(nvalid_ptr, tl.sum(acc, 0))
