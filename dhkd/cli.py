@@ -7,8 +7,8 @@
     dhkd experiment mnist1d [--quick] [--out DIR] [--seeds N] [--jobs J]
     dhkd bench --report BENCH.json [...] [--out DIR]   (from a checkout: uses benchmarks/report.py)
 
-(also ``python -m dhkd ...``). The config and the overrides are checked before anything runs; errors
-print one line and exit with status 2.
+(also ``python -m dhkd ...``). The config, the overrides and the paths they name are checked before
+anything runs, every problem reported at once; errors print one line each and exit with status 2.
 """
 from __future__ import annotations
 
@@ -20,21 +20,35 @@ from pathlib import Path
 
 
 def _train(args) -> int:
-    from .config import load_config
+    import os
+
+    from .config import ConfigError, load_config
     from .distributed import destroy_distributed, init_distributed, leave_process
+    from .preflight import start_problems
     from .train import Trainer
     args.resume = {None: False, "last": True, "auto": "auto"}[args.resume]
-    cfg = load_config(args.config, args.overrides)
     out = Path(args.out)
-    if args.resume is True and not (out / "last.pt").is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint {out / 'last.pt'}")
+    problems: list = []
+    try:
+        cfg = load_config(args.config, args.overrides, partial=problems)  # bad keys left at their defaults
+    except (ConfigError, FileNotFoundError) as exc:  # no config to check the paths of
+        cfg, problems = None, getattr(exc, "problems", [str(exc)])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    main_rank = os.environ.get("RANK", "0") == "0"
+    if cfg is None:
+        problems += start_problems(None, out, resume=args.resume, check_out=main_rank)
+    else:
+        problems += start_problems(cfg, out, resume=args.resume, world_size=world, check_out=main_rank)
+    ConfigError.raise_for(problems)
     info = init_distributed("cpu" if cfg.train.device == "cpu" else None)  # a world of 1 outside torchrun
     try:
-        final = Trainer(cfg, out, resume=args.resume, rank=info.rank, world_size=info.world_size).fit()
+        trainer = Trainer(cfg, out, resume=args.resume, rank=info.rank, world_size=info.world_size)
+        final = trainer.fit()
     finally:
         destroy_distributed()
     if info.is_main:
-        print(json.dumps({k: v for k, v in final.items() if k.startswith(("val/", "train/", "epoch"))}))
+        print(json.dumps({k: v for k, v in final.items() if k.startswith(("val/", "train/", "epoch"))}), flush=True)
+        print(f"[dhkd] wrote {trainer.run.written()}", file=sys.stderr, flush=True)  # stdout ends with the JSON
     if info.enabled:
         leave_process()
     return 0
@@ -203,11 +217,12 @@ def main(argv=None) -> int:
         args.overrides += extra  # overrides on both sides of an option: a=1 --out D b=2
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from .atomic import DiskFullError
     from .config import ConfigError
-    from .train import CheckpointError
+    from .rundir import CheckpointError, RunDirError
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as exc:
+    except (ConfigError, CheckpointError, RunDirError, DiskFullError, FileNotFoundError) as exc:
         print(f"dhkd {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dhkd.cli import main
-from dhkd.config import load_config
+from dhkd.config import ConfigError, load_config
 from dhkd.data import EpochSampler
 from dhkd.optim import LARS, LRFactor, build_optimizer
 from dhkd.train import CheckpointError, Trainer, load_checkpoint
@@ -81,8 +81,11 @@ def test_cli_train_resume_and_eval(tmp_path, dhkd_cache, capsys):  # noqa: F811
     args = ["--config", str(CONFIGS / "mnist1d/kd.yaml"), "--out", str(out), *RUN[:-1]]
     assert main(["train", *args, "train.stop_after_epoch=1"]) == 0
     assert main(["train", *args, "--resume"]) == 0
-    final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    got = capsys.readouterr()
+    final = json.loads(got.out.strip().splitlines()[-1])
     assert final["epoch"] == 2
+    assert got.err.strip().splitlines()[-1] == (f"[dhkd] wrote {out} (best.pt, config.yaml, last.pt, "
+                                                f"metrics.jsonl, student.pt)")
     for ckpt in ("last.pt", "student.pt"):
         assert main(["eval", "--checkpoint", str(out / ckpt), "--config", str(CONFIGS / "mnist1d/kd.yaml"),
                      "train.device=cpu", "student.aux_head=mlp"]) == 0
@@ -186,17 +189,19 @@ def test_resume_restores_the_row_of_a_crash_after_the_checkpoint(tmp_path, dhkd_
     ("imagenet/r34_r18_dhkd.yaml", "train"),
 ])
 def test_missing_dataset_dir_is_a_clear_error(path, expected, tmp_path):
+    """Reported before anything runs, without a teacher.checkpoint=null besides random_init, and no
+    run directory is left behind."""
     root = tmp_path / "nowhere"
-    c = load_config(CONFIGS / path, FAST + [f"data.root={root}", "teacher.weights=null", "teacher.checkpoint=null",
-                                            "teacher.random_init=true", "train.compile=false"])
-    with pytest.raises(FileNotFoundError, match=f"{root}/{expected}"):
+    c = load_config(CONFIGS / path, FAST + [f"data.root={root}", "teacher.random_init=true", "train.compile=false"])
+    with pytest.raises(ConfigError, match=f"data.root={root}: .* not found: expected the director.*{root}/{expected}"):
         Trainer(c, tmp_path / "run", **QUIET)
+    assert not (tmp_path / "run").exists()
 
 
 def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path):
     c = load_config(CONFIGS / "mnist1d/dhkd.yaml", FAST + [f"teacher.checkpoint={tmp_path}/t.pt",
                                                            "teacher.train_config=null"])
-    with pytest.raises(FileNotFoundError, match="teacher checkpoint not found"):
+    with pytest.raises(ConfigError, match="teacher.checkpoint: teacher checkpoint not found"):
         Trainer(c, tmp_path / "run", **QUIET)
 
 
@@ -345,6 +350,71 @@ def test_demo_runs(tmp_path, capsys, dhkd_cache):  # noqa: F811
                  "DHKD auxiliary head"):
         assert line in out
     assert (tmp_path / "demo" / "teacher_2ep.pt").is_file() and (tmp_path / "demo" / "dhkd_seed0" / "last.pt").is_file()
+
+
+def test_resume_feedback_finished_and_extended_runs(tmp_path, dhkd_cache):  # noqa: F811
+    def c(*o):
+        return cfg("train.max_steps_per_epoch=2", "train.log_every=1", *o)
+    out = tmp_path / "run"
+    Trainer(c(), out, **QUIET).fit()
+    logs = []
+    final = Trainer(c(), out, resume=True, log=logs.append).fit()
+    assert final["epoch"] == 2 and sum("nothing left to train" in m for m in logs) == 1
+    assert not any("lr schedule" in m for m in logs)
+    saved_lr = load_checkpoint(out / "last.pt")["optimizer"]["param_groups"][0]["lr"]
+    logs = []
+    t = Trainer(c("train.epochs=4"), out, resume=True, log=logs.append)
+    new_lr = t.optimizer.param_groups[0]["lr"]
+    assert new_lr == pytest.approx(t.lr * t.scheduler.lr_lambdas[0](t.step)) and new_lr > saved_lr + 0.01
+    lines = [m for m in logs if "lr schedule" in m]
+    assert len(lines) == 1 and "train.epochs 2 -> 4" in lines[0]
+    assert f"from {saved_lr:.4g} to {new_lr:.4g}" in lines[0]
+    assert not any("nothing left" in m for m in logs)
+    t.fit()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows if r["kind"] == "train" and r["epoch"] == 3][0] == pytest.approx(new_lr)
+
+
+@pytest.mark.parametrize("method, extra, terms", [
+    ("ce", [], {"ce"}), ("kd", [], {"ce", "kd"}), ("binary_kl", [], {"logit"}),
+    ("dhkd", ["loss.logit_weight_off_epoch=1"], {"ce", "logit"})])
+def test_train_rows_carry_only_the_terms_of_the_loss(method, extra, terms, tmp_path, dhkd_cache):  # noqa: F811
+    c = load_config(CONFIGS / f"mnist1d/{method}.yaml", FAST + ["train.epochs=2", "train.max_steps_per_epoch=1",
+                                                                "train.eval_teacher=false", *extra])
+    Trainer(c, tmp_path, **QUIET).fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert {k for k in train[0] if k in ("ce", "kd", "logit")} == terms
+    assert ("logit_weight" in train[0]) == (method != "kd" and method != "ce")
+    if extra:  # the logit weight off from epoch 2: no logit term there
+        assert "logit" not in train[1] and train[1]["logit_weight"] == 0.0
+
+
+def test_tensorboard_missing_is_said_once_and_installed_writes(tmp_path, monkeypatch):
+    import importlib.util
+
+    from dhkd.rundir import MetricsLog
+    logs = []
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    log = MetricsLog(tmp_path / "a", True, True, log=logs.append)
+    (tmp_path / "a").mkdir()
+    log.write({"kind": "train", "epoch": 1, "step": 1, "loss": 1.0})
+    assert len(logs) == 1 and "TensorBoard off: the tensorboard package is not installed" in logs[0]
+    monkeypatch.undo()
+    pytest.importorskip("tensorboard")
+    log = MetricsLog(tmp_path / "b", True, True, log=logs.append)
+    (tmp_path / "b").mkdir()
+    log.write({"kind": "train", "epoch": 1, "step": 1, "loss": 1.0})
+    log.close()
+    assert list((tmp_path / "b" / "tb").glob("events.out.tfevents.*")) and len(logs) == 1
+
+
+def test_tensorboard_ships_with_the_train_extra():
+    import re
+    setup = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
+    train = re.search(r'"train": \[([^\]]*)\]', setup).group(1)
+    assert '"tensorboard"' in train
 
 
 def test_demo_rejects_nonpositive_epochs_before_work(tmp_path, capsys):
