@@ -5,7 +5,7 @@
     dhkd eval  --checkpoint FILE --config FILE [section.key=value ...]
     dhkd demo  [--out DIR] [--epochs N]
     dhkd experiment mnist1d [--quick] [--out DIR] [--seeds N] [--jobs J]
-    dhkd bench --report BENCH.json [...] [--out DIR]   (from a checkout: uses benchmarks/report.py)
+    dhkd bench --report BENCH.json [...] [--out DIR] [--no-charts]   (a checkout's benchmarks/report.py)
 
 (also ``python -m dhkd ...``). The config, the overrides and the paths they name are checked before
 anything runs, every problem reported at once; errors print one line each and exit with status 2.
@@ -164,12 +164,18 @@ def _experiment(args) -> int:
 
 def _bench(args) -> int:
     """``dhkd bench --report BENCH.json ...``: the Markdown table and charts of ``benchmarks/report.py``."""
+    checkout = Path(__file__).resolve().parents[1]  # the checkout of an editable install
+    for root in (Path.cwd(), checkout):
+        if (root / "benchmarks" / "report.py").is_file():
+            if str(root) not in sys.path:
+                sys.path.insert(0, str(root))
+            break
     try:
         from benchmarks.report import main as report_main
     except ImportError as err:
-        raise SystemExit(f"dhkd bench: the benchmarks/ folder of a dhkd checkout must be importable "
-                         f"(run from the repository root): {err}") from None
-    return report_main([*args.report, "--out", args.out])
+        raise SystemExit(f"dhkd bench: needs benchmarks/report.py of a dhkd checkout (looked in {Path.cwd()} "
+                         f"and {checkout}): {err}") from None
+    return report_main([*args.report, "--out", args.out, *(["--no-charts"] if args.no_charts else [])])
 
 
 def main(argv=None) -> int:
@@ -210,6 +216,7 @@ def main(argv=None) -> int:
     p.add_argument("--report", nargs="+", required=True, metavar="BENCH.json",
                    help="pytest-benchmark JSON file(s) written with --benchmark-json")
     p.add_argument("--out", default="bench-report", help="folder for benchmarks.md and the PNG charts")
+    p.add_argument("--no-charts", action="store_true", help="the Markdown table only")
     p.set_defaults(func=_bench)
 
     args, extra = parser.parse_known_args(_resume_value(sys.argv[1:] if argv is None else list(argv)))
