@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 
@@ -63,66 +62,15 @@ def _eval(args) -> int:
 
 
 def demo_config(method: str, epochs: int, teacher_checkpoint: str | None = None):
-    """The demo's MNIST-1D configs (the same settings as ``configs/mnist1d/``): a 1-D CNN teacher
-    (method ``ce``) and MLP students."""
-    from .config import config_from_dict
-    common = {"data": {"dataset": "mnist1d", "mnist1d_samples": 5000, "batch_size": 128},
-              "optim": {"lr": 0.1, "base_batch": 128, "momentum": 0.9, "weight_decay": 5e-4},
-              "sched": {"name": "cosine"},
-              "train": {"epochs": epochs, "seed": 0, "log_every": 10, "progress": False}}
-    if method == "teacher":
-        return config_from_dict({**common, "method": "ce", "student": {"name": "mnist1d_cnn"}})
-    loss = {"ce": {}, "kd": {"kd_weight": 1.0, "kd_temperature": 4.0},
-            "dhkd": {"logit_weight": 1.0, "logit_temperature": 2.0, "logit_loss": "binary_kl_norm"}}[method]
-    teacher = {} if method == "ce" else {"name": "mnist1d_cnn", "checkpoint": teacher_checkpoint}
-    return config_from_dict({**common, "method": method, "student": {"name": "mnist1d_mlp", "aux_head": "linear"},
-                             "teacher": teacher, "loss": {"backend": "auto", **loss}})
+    """The demo's config of ``method`` ("teacher", "ce", "kd" or "dhkd"): ``configs/mnist1d/`` itself."""
+    from .experiments.mnist1d import demo_config as config
+    return config(method, epochs, teacher_checkpoint)
 
 
 def _demo(args) -> int:
-    """Teacher (cached in the run dir), then CE, KD and DHKD students; prints their accuracies."""
-    import torch
-
-    from .train import Trainer, train_teacher
-    out = Path(args.out)
-    t0 = time.perf_counter()
-    quiet = (lambda msg: None) if not args.verbose else print
-    teacher_ckpt = out / f"teacher_{args.epochs}ep.pt"  # never reuse a teacher trained for other epochs
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    backend = "Triton kernels" if device == "cuda" else "chunked PyTorch path"
-    print(f"dhkd demo: MNIST-1D (4000 train / 1000 test signals), {args.epochs} epochs each, device {device}, "
-          f"fused loss via the {backend} (backend auto)")
-    if not teacher_ckpt.is_file():
-        print("  training the teacher (1-D CNN, cross-entropy) ...", flush=True)
-        train_teacher(demo_config("teacher", args.epochs), teacher_ckpt, log=quiet)
-    teacher_acc = torch.load(teacher_ckpt, map_location="cpu", weights_only=True).get("val_acc1")
-    results = {}
-    for method in ("ce", "kd", "dhkd"):
-        print(f"  training the MLP student with {method} ({args.seeds} seed(s)) ...", flush=True)
-        for seed in range(args.seeds):
-            cfg = demo_config(method, args.epochs, str(teacher_ckpt))
-            cfg.train.eval_teacher = False
-            cfg.train.seed = seed
-            row = Trainer(cfg, out / f"{method}_seed{seed}", log=quiet).fit()
-            results.setdefault(method, []).append((row["val/acc1_main"], row.get("val/acc1_aux")))
-
-    def stat(values):
-        t = torch.tensor(values, dtype=torch.float64)
-        spread = f" ± {t.std().item():.1f}" if len(values) > 1 else ""
-        return f"{t.mean().item():.1f}%{spread}"
-
-    print()
-    print(f"{'model':<36}{'test top-1':>16}")
-    if teacher_acc is not None:
-        print(f"{'teacher: 1-D CNN':<36}{teacher_acc:>15.1f}%")
-    names = {"ce": "student MLP, CE only", "kd": "student MLP, KD (CE + softmax KD)",
-             "dhkd": "student MLP, DHKD (main head)"}
-    for method, accs in results.items():
-        print(f"{names[method]:<36}{stat([a for a, _ in accs]):>16}")
-    print(f"{'  DHKD auxiliary head':<36}{stat([a for _, a in results['dhkd']]):>16}")
-    if args.seeds > 1:
-        print(f"(mean ± standard deviation over {args.seeds} student seeds; one teacher)")
-    print(f"\nruns, checkpoints and metrics.jsonl in {out}/  ({time.perf_counter() - t0:.0f} s)")
+    """Teacher (the configs' cache), then CE, KD and DHKD students; one progress bar; their accuracies."""
+    from .experiments.mnist1d import run_demo
+    run_demo(Path(args.out), epochs=args.epochs, seeds=args.seeds, verbose=args.verbose)
     return 0
 
 
@@ -197,11 +145,11 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("demo", help="DHKD vs CE vs KD on MNIST-1D (about 30 s on a 2-core CPU)")
+    p = sub.add_parser("demo", help="DHKD vs CE vs KD on MNIST-1D, with one progress bar (timing: README)")
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     p.add_argument("--epochs", type=_positive_int, default=30, help="epochs per model (default 30)")
     p.add_argument("--seeds", type=_positive_int, default=3, help="student seeds per method (default 3)")
-    p.add_argument("--verbose", action="store_true", help="print per-epoch progress")
+    p.add_argument("--verbose", action="store_true", help="print every run's per-epoch lines instead of the bar")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("experiment", help="the MNIST-1D head-collapse experiment (tables, plots, results.md)")

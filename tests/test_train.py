@@ -343,13 +343,44 @@ def test_label_smoothing_loss_value():
     assert math.isclose(float(out["smooth"]), float(-torch.log_softmax(z.detach(), 1).mean(1).mean()), rel_tol=1e-9)
 
 
-def test_demo_runs(tmp_path, capsys, dhkd_cache):  # noqa: F811
+def test_demo_one_progress_bar_and_one_teacher_cache(tmp_path, capsys, dhkd_cache, monkeypatch):  # noqa: F811
+    """The demo prints its header and the table, nothing else, with one bar over every epoch of every run
+    (teacher + 3 students x 2 epochs) on stderr; its teacher lands in the configs' cache, and a second demo
+    trains no teacher."""
+    from dhkd.experiments.mnist1d import demo_teacher_checkpoint
     assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "2", "--seeds", "1"]) == 0
-    out = capsys.readouterr().out
-    for line in ("teacher: 1-D CNN", "student MLP, CE only", "student MLP, KD", "student MLP, DHKD (main head)",
-                 "DHKD auxiliary head"):
-        assert line in out
-    assert (tmp_path / "demo" / "teacher_2ep.pt").is_file() and (tmp_path / "demo" / "dhkd_seed0" / "last.pt").is_file()
+    got = capsys.readouterr()
+    lines = [line for line in got.out.splitlines() if line.strip()]
+    assert lines[0].startswith("dhkd demo: MNIST-1D") and lines[1].startswith("model")
+    for line, expected in zip(lines[2:], ("teacher: 1-D CNN", "student MLP, CE only", "student MLP, KD",
+                                         "student MLP, DHKD (main head)", "  DHKD auxiliary head", "runs, checkpoints")):
+        assert line.startswith(expected)
+    assert len(lines) == 8
+    bar = got.err.split("\r")[-1]
+    assert "8/8" in bar and "epoch" in bar and "dhkd seed 1/1 (run 4/4)" in bar
+    teacher = demo_teacher_checkpoint(2)
+    assert teacher == dhkd_cache / "mnist1d" / "teacher_mnist1d_cnn_2ep.pt" and teacher.is_file()
+    assert (tmp_path / "demo" / "dhkd_seed0" / "last.pt").is_file()
+
+    def no_teacher_training(*a, **k):
+        raise AssertionError("the cached teacher was trained again")
+    monkeypatch.setattr("dhkd.train.train_teacher", no_teacher_training)
+    assert main(["demo", "--out", str(tmp_path / "again"), "--epochs", "2", "--seeds", "1"]) == 0
+    assert "6/6" in capsys.readouterr().err.split("\r")[-1]
+
+
+def test_demo_and_dhkd_train_use_one_teacher(dhkd_cache):  # noqa: F811
+    """``make demo`` (30 epochs) caches its teacher where configs/mnist1d/*.yaml look for theirs, trained
+    with the same settings as their teacher.train_config: ``dhkd train`` finds it and trains none."""
+    from dhkd.config import expand_path, to_dict
+    from dhkd.experiments.mnist1d import demo_config, demo_teacher_checkpoint
+    from dhkd.rundir import training_settings
+    for method in ("ce", "kd", "binary_kl", "ce_binary_kl", "dhkd"):
+        c = load_config(CONFIGS / f"mnist1d/{method}.yaml")
+        assert demo_teacher_checkpoint(30) == Path(expand_path(c.teacher.checkpoint))
+        trains = load_config(c.teacher.train_config, ["train.device=cpu"])  # what build_teacher_for trains
+        assert training_settings(to_dict(demo_config("teacher", 30))) == training_settings(to_dict(trains))
+    assert demo_teacher_checkpoint(2) != demo_teacher_checkpoint(30)
 
 
 def test_resume_feedback_finished_and_extended_runs(tmp_path, dhkd_cache):  # noqa: F811
