@@ -65,14 +65,11 @@ def write_all(fd: int, data) -> None:
 
 
 def atomic_write_bytes(path, data, *, fsync: bool = False) -> None:
-    with atomic_path(path) as tmp:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            write_all(fd, data)
-            if fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def atomic_write_text(path, text: str) -> None:

@@ -55,6 +55,9 @@ ConfigLoader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+FLOAT_TEXT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?$")
+
+
 def load_yaml(text: str):
     """YAML ``text`` read safely (no Python tags) with ``ConfigLoader``'s float spellings."""
     return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 (a SafeLoader subclass)
@@ -222,6 +225,8 @@ def _coerce(value, tp, key: str):
             raise ConfigError(f"{key} must be an int, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and FLOAT_TEXT.match(value.strip()):  # a quoted number: "1e-3"
+            value = float(value.strip().replace("_", ""))
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value)

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import socket
+import time
 from pathlib import Path
 
 import torch
@@ -143,7 +144,9 @@ class FileLock:
         except (OSError, ValueError, IndexError):
             return None, None
 
-    def acquire(self, *, wait: bool = False, on_wait=None) -> "FileLock":
+    def acquire(self, *, wait: bool = False, on_wait=None, timeout_s: float = 0.0) -> "FileLock":
+        """``timeout_s`` > 0 (without ``wait``): retry that long before refusing."""
+        deadline = time.monotonic() + timeout_s
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -151,6 +154,10 @@ class FileLock:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     pid, host = self.holder()
+                    if not wait and time.monotonic() < deadline:
+                        os.close(fd)
+                        time.sleep(0.2)
+                        continue
                     if not wait:
                         on = f" on {host}" if host and host != socket.gethostname() else ""
                         raise RunDirLocked(
@@ -195,10 +202,23 @@ class FileLock:
 
 def save_checkpoint(obj, path) -> None:
     """``torch.save`` into memory, then written to ``.NAME.PID.tmp``, fsynced and moved onto ``path``
-    (``os.replace``): ``path`` holds the old checkpoint or the new one. ``DiskFullError`` when full."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getbuffer(), fsync=True)
+    (``os.replace``): ``path`` holds the old checkpoint or the new one. ``DiskFullError`` when the disk
+    is full; ``RunDirError`` naming ``path`` when torch's own writer fails without an errno."""
+    path = Path(path)
+    try:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        atomic_write_bytes(path, buf.getbuffer(), fsync=True)
+    except (DiskFullError, RunDirError):
+        raise
+    except Exception as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(path) from exc
+        if isinstance(exc, RuntimeError) and "write" in str(exc) and "inline_container" in str(exc):
+            first = str(exc).strip().splitlines()[0]
+            raise RunDirError(f"could not write {path}: {first} (no space left on device?); the previous "
+                              f"{path.name}, if any, is unchanged") from exc
+        raise
 
 
 def load_checkpoint(path) -> dict:
@@ -286,13 +306,9 @@ class MetricsLog:
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
-        data = (json.dumps(row) + "\n").encode("utf-8")
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                write_all(fd, data)
-            finally:
-                os.close(fd)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
         except OSError as exc:
             if is_disk_full(exc):
                 raise DiskFullError(self.path, ": the rows before this one are kept") from exc
@@ -320,7 +336,8 @@ class RunDir:
     Raises ``RunDirError`` (a file, not writable, locked by a live process) before anything is written.
     """
 
-    def __init__(self, out, *, is_main: bool = True, tensorboard: bool = False, log=print):
+    def __init__(self, out, *, is_main: bool = True, tensorboard: bool = False, log=print,
+                 lock_timeout_s: float = 0.0):
         self.out = Path(out)
         self.is_main = is_main
         self._log = log
@@ -332,7 +349,7 @@ class RunDir:
                 raise RunDirError(problems[0])
             try:
                 self._makedirs()
-                self.lock.acquire()
+                self.lock.acquire(timeout_s=lock_timeout_s)
             except RunDirError:
                 self._remove_created()
                 raise

@@ -237,7 +237,9 @@ class Trainer:
         error = None
         try:
             check_start(cfg, self.out, resume=resume, world_size=world_size, check_out=self.is_main)
-            self.run = RunDir(self.out, is_main=self.is_main, tensorboard=tr.tensorboard, log=self.log)
+            restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"  # the old rank 0 may be exiting
+            self.run = RunDir(self.out, is_main=self.is_main, tensorboard=tr.tensorboard, log=self.log,
+                              lock_timeout_s=60.0 if restarted else 0.0)
         except (ConfigError, RunDirError, OSError) as exc:
             error = exc
         self._agree_to_start(error)

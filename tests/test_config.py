@@ -148,6 +148,8 @@ def test_every_float_spelling_is_a_float(text, value, tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text((CONFIGS / "mnist1d/dhkd.yaml").read_text().replace("  lr: 0.1\n", f"  lr: {text}\n"))
     assert load_config(f).optim.lr == pytest.approx(value)
+    f.write_text((CONFIGS / "mnist1d/dhkd.yaml").read_text().replace("  lr: 0.1\n", f"  lr: '{text}'\n"))
+    assert load_config(f).optim.lr == pytest.approx(value)  # quoted
 
 
 def test_config_loader_stays_safe(tmp_path):
@@ -156,6 +158,9 @@ def test_config_loader_stays_safe(tmp_path):
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(f)
     assert load_config(CONFIGS / "mnist1d/dhkd.yaml", ["teacher.name='1e3'"]).teacher.name == "1e3"
+    for bad in ("'inf'", "'1e-3x'", "nan"):
+        with pytest.raises(ConfigError, match="optim.lr"):
+            load_config(CONFIGS / "mnist1d/dhkd.yaml", [f"optim.lr={bad}"])
 
 
 def test_every_config_problem_is_reported_at_once(tmp_path):

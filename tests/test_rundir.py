@@ -16,7 +16,8 @@ import torch
 from dhkd.atomic import DiskFullError, atomic_write_text
 from dhkd.cli import main
 from dhkd.config import load_config
-from dhkd.rundir import LOCK_NAME, FileLock, MetricsLog, RunDir, RunDirLocked, load_checkpoint, save_checkpoint
+from dhkd.rundir import (LOCK_NAME, FileLock, MetricsLog, RunDir, RunDirError, RunDirLocked, load_checkpoint,
+                         save_checkpoint)
 from dhkd.train import Trainer
 from tests.trainer_helpers import CONFIGS, FAST, dhkd_cache  # noqa: F401
 
@@ -140,20 +141,34 @@ def test_metrics_rows_skip_non_rows(tmp_path):
 
 @pytest.fixture
 def full_disk(monkeypatch):
-    """``os.write`` fails with ENOSPC (after writing a few bytes) for files whose path contains ``marker``."""
-    real_write = os.write
+    """Files opened for writing whose path contains ``marker`` fail with ENOSPC after a few bytes."""
+    import builtins
+    real_open = builtins.open
     state = {"marker": None}
 
-    def write(fd, data):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            target = ""
-        if state["marker"] and state["marker"] in target:
-            real_write(fd, bytes(data[:16]))
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(data[:16])
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_write(fd, data)
-    monkeypatch.setattr(os, "write", write)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def fake_open(file, mode="r", *a, **k):
+        f = real_open(file, mode, *a, **k)
+        if state["marker"] and state["marker"] in str(file) and any(m in mode for m in "wax"):
+            return Full(f)
+        return f
+    monkeypatch.setattr(builtins, "open", fake_open)
     return state
 
 
@@ -182,6 +197,21 @@ def test_full_disk_on_every_kind_of_write(tmp_path, full_disk):
     with pytest.raises(DiskFullError, match="metrics.jsonl"):
         MetricsLog(tmp_path, True, False).write({"epoch": 1})
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_full_disk_raised_by_torch_save_itself(tmp_path, monkeypatch):
+    def enospc(obj, f):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(torch, "save", enospc)
+    with pytest.raises(DiskFullError, match="no space left on device"):
+        save_checkpoint({}, tmp_path / "a.pt")
+
+    def writer_failed(obj, f):  # torch's C++ writer: no errno
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+    monkeypatch.setattr(torch, "save", writer_failed)
+    with pytest.raises(RunDirError, match=f"could not write {tmp_path / 'a.pt'}: .*file write failed"):
+        save_checkpoint({}, tmp_path / "a.pt")
 
 
 def test_out_that_is_a_file_or_not_writable_is_one_line(tmp_path, capsys, monkeypatch):
