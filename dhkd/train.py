@@ -121,8 +121,11 @@ def train_teacher(config, checkpoint: Path, *, device: str | None = None, log=pr
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(checkpoint.with_name(f".{checkpoint.name}.lock"), what="teacher checkpoint")
     waited = []
-    lock.acquire(wait=True, on_wait=lambda pid: waited.append(log(
-        f"[dhkd] waiting for process {pid}, which is training the teacher {checkpoint}")))
+
+    def on_wait(pid):
+        waited.append(pid)
+        log(f"[dhkd] waiting for process {pid}, which is training the teacher {checkpoint}")
+    lock.acquire(wait=True, on_wait=on_wait)
     try:
         if waited and checkpoint.is_file():
             saved = torch.load(checkpoint, map_location="cpu", weights_only=True)

@@ -542,3 +542,26 @@ def test_eval_of_an_imagefolder_run_needs_only_val(tmp_path):
     from dhkd.train import evaluate_checkpoint
     got = evaluate_checkpoint(c, tmp_path / "run" / "best.pt")
     assert got["val/acc1_main"] == final["val/acc1_main"] and got["val/acc1_aux"] == final["val/acc1_aux"]
+
+
+def test_teacher_training_waits_for_the_process_training_it(tmp_path, monkeypatch):
+    """Two runs needing the same missing teacher: the second waits for the first's lock, then uses the
+    checkpoint it wrote instead of training another."""
+    import threading
+    import time
+
+    from dhkd.rundir import FileLock
+    from dhkd.train import train_teacher
+    ckpt = tmp_path / "teacher.pt"
+    holder = FileLock(tmp_path / ".teacher.pt.lock").acquire()
+
+    def finish():
+        time.sleep(0.5)
+        torch.save({"model": {}, "val_acc1": 12.5}, ckpt)
+        holder.release()
+    threading.Thread(target=finish).start()
+    monkeypatch.setattr("dhkd.train.Trainer", None)  # training would fail
+    logs = []
+    row = train_teacher(load_config(CONFIGS / "mnist1d/teacher.yaml"), ckpt, log=logs.append)
+    assert row == {"val/acc1_main": 12.5} and logs == [f"[dhkd] waiting for process {os.getpid()}, which is "
+                                                       f"training the teacher {ckpt}"]
