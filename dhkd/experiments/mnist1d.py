@@ -436,7 +436,20 @@ def run_demo(out, *, epochs: int = 30, seeds: int = 3, verbose: bool = False, st
     """``dhkd demo``: the MNIST-1D teacher (trained once into the configs' cache, ``demo_teacher_checkpoint``),
     then MLP students with ce, kd and dhkd for ``seeds`` seeds each, under one tqdm bar over every
     epoch of every run (runs done, the current run, ETA); prints the accuracy table to ``stream``.
-    Returns ``{method: [(main acc, aux acc or None) per seed]}``."""
+    Returns ``{method: [(main acc, aux acc or None) per seed]}``. On a CPU torch runs on one thread
+    (unless OMP_NUM_THREADS says otherwise): the models are tiny, and more threads only contend with
+    whatever else the machine runs."""
+    import torch
+    threads = torch.get_num_threads()
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+    try:
+        return _run_demo(out, epochs=epochs, seeds=seeds, verbose=verbose, stream=stream)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(out, *, epochs: int, seeds: int, verbose: bool, stream) -> dict:
     import sys
 
     import torch
