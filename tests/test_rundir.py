@@ -19,7 +19,7 @@ from dhkd.config import load_config
 from dhkd.rundir import (LOCK_NAME, FileLock, MetricsLog, RunDir, RunDirError, RunDirLocked, load_checkpoint,
                          save_checkpoint)
 from dhkd.train import Trainer
-from tests.trainer_helpers import CONFIGS, FAST, dhkd_cache  # noqa: F401
+from tests.trainer_helpers import CONFIGS, FAST
 
 QUIET = dict(log=lambda m: None)
 SHORT = FAST + ["train.epochs=2", "train.max_steps_per_epoch=2", "train.eval_teacher=false"]
@@ -33,7 +33,13 @@ time.sleep(60)
 """
 
 
-def train_args(out, *extra, method="dhkd"):
+@pytest.fixture(autouse=True)
+def data_cache(tmp_path_factory, monkeypatch):
+    """MNIST-1D generated once for this module, outside ~/.cache; method ce needs no teacher."""
+    monkeypatch.setenv("DHKD_CACHE", str(tmp_path_factory.getbasetemp() / "rundir_cache"))
+
+
+def train_args(out, *extra, method="ce"):
     return ["train", "--config", str(CONFIGS / f"mnist1d/{method}.yaml"), "--out", str(out), *SHORT, *extra]
 
 
@@ -49,7 +55,7 @@ def lock_holder(tmp_path):
     proc.wait()
 
 
-def test_second_writer_is_refused_naming_the_holder(lock_holder, capsys, dhkd_cache):  # noqa: F811
+def test_second_writer_is_refused_naming_the_holder(lock_holder, capsys):
     out, pid = lock_holder
     assert main(train_args(out)) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -57,8 +63,8 @@ def test_second_writer_is_refused_naming_the_holder(lock_holder, capsys, dhkd_ca
     assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing written, nothing deleted
 
 
-def test_the_lock_is_held_for_the_run_and_released_after(tmp_path, dhkd_cache):  # noqa: F811
-    cfg = load_config(CONFIGS / "mnist1d/dhkd.yaml", SHORT)
+def test_the_lock_is_held_for_the_run_and_released_after(tmp_path):
+    cfg = load_config(CONFIGS / "mnist1d/ce.yaml", SHORT)
     first = Trainer(cfg, tmp_path / "run", **QUIET)
     with pytest.raises(RunDirLocked, match=f"in use by process {os.getpid()}"):
         Trainer(cfg, tmp_path / "run", **QUIET)
@@ -114,11 +120,11 @@ def test_lock_waiters_wait_and_see_the_holders_pid(tmp_path):
     got[0].release()
 
 
-def test_a_garbled_metrics_line_keeps_every_other_row(tmp_path, dhkd_cache):  # noqa: F811
+def test_a_garbled_metrics_line_keeps_every_other_row(tmp_path):
     """Resume after a line in the middle of metrics.jsonl was garbled: every readable row stays, and
     one warning names the line."""
     out = tmp_path / "run"
-    cfg = lambda *o: load_config(CONFIGS / "mnist1d/dhkd.yaml", SHORT + ["train.log_every=1", *o])  # noqa: E731
+    cfg = lambda *o: load_config(CONFIGS / "mnist1d/ce.yaml", SHORT + ["train.log_every=1", *o])  # noqa: E731
     Trainer(cfg("train.stop_after_epoch=1"), out, **QUIET).fit()
     lines = (out / "metrics.jsonl").read_bytes().splitlines()
     assert len(lines) == 3  # train, train, eval
@@ -172,7 +178,7 @@ def full_disk(monkeypatch):
     return state
 
 
-def test_full_disk_keeps_the_previous_checkpoint_and_exits_2(tmp_path, capsys, full_disk, dhkd_cache):  # noqa: F811
+def test_full_disk_keeps_the_previous_checkpoint_and_exits_2(tmp_path, capsys, full_disk):
     out = tmp_path / "run"
     assert main(train_args(out, "train.stop_after_epoch=1")) == 0
     before = (out / "last.pt").read_bytes()
@@ -219,7 +225,7 @@ def test_out_that_is_a_file_or_not_writable_is_one_line(tmp_path, capsys, monkey
     target.write_text("x")
     for out, expected in ((target, f"--out {target} is a file"),
                           (target / "sub", f"--out {target / 'sub'}: {target} is a file")):
-        assert main(train_args(out, "teacher.checkpoint=" + str(tmp_path / "never.pt"))) == 2
+        assert main(train_args(out, "teacher.checkpoint=" + str(tmp_path / "never.pt"), method="dhkd")) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and expected in err[0]
     assert not (tmp_path / "never.pt").exists() and not (tmp_path / "never_run").exists()
@@ -235,7 +241,7 @@ def test_out_that_is_a_file_or_not_writable_is_one_line(tmp_path, capsys, monkey
     assert not (ro / "run").exists()
 
 
-def test_unwritable_out_found_only_when_writing_is_one_line(tmp_path, monkeypatch, dhkd_cache):  # noqa: F811
+def test_unwritable_out_found_only_when_writing_is_one_line(tmp_path, monkeypatch):
     """access() can say yes where the write fails (root on a read-only export, ACLs): the lock's own
     write is the test, and its error is a RunDirError naming --out."""
     real_open = os.open

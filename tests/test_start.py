@@ -11,6 +11,11 @@ from dhkd.train import Trainer
 from tests.trainer_helpers import CONFIGS, FAST
 
 
+@pytest.fixture(autouse=True)
+def data_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("DHKD_CACHE", str(tmp_path_factory.getbasetemp() / "start_cache"))
+
+
 def run(capsys, *argv):
     rc = main(["train", *map(str, argv)])
     return rc, capsys.readouterr().err.strip().splitlines()
