@@ -8,10 +8,15 @@ STAMP  := $(VENV)/.dhkd-installed
 .PHONY: install demo test bench
 
 $(STAMP): setup.py
+	@echo "[make] creating $(VENV) with $(PYTHON)"
 	$(PYTHON) -m venv $(VENV)
+	@echo "[make] upgrading pip"
 	$(BIN)/python -m pip install -q --upgrade pip
+	@echo "[make] installing torch 2.14.1 and torchvision with their CUDA libraries (about 6 GB: the longest step, often minutes)"
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	@echo "[make] installing dhkd with its dev and train extras (pytest, tqdm, mnist1d, tensorboard, ...)"
 	$(BIN)/python -m pip install -q -e '.[dev,train]'
+	@echo "[make] installed into $(VENV)"
 	touch $(STAMP)
 
 install: $(STAMP)

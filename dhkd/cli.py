@@ -5,36 +5,49 @@
     dhkd eval  --checkpoint FILE --config FILE [section.key=value ...]
     dhkd demo  [--out DIR] [--epochs N]
     dhkd experiment mnist1d [--quick] [--out DIR] [--seeds N] [--jobs J]
-    dhkd bench --report BENCH.json [...] [--out DIR]   (from a checkout: uses benchmarks/report.py)
+    dhkd bench --report BENCH.json [...] [--out DIR] [--no-charts]   (a checkout's benchmarks/report.py)
 
-(also ``python -m dhkd ...``). The config and the overrides are checked before anything runs; errors
-print one line and exit with status 2.
+(also ``python -m dhkd ...``). The config, the overrides and the paths they name are checked before
+anything runs, every problem reported at once; errors print one line each and exit with status 2.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 
 def _train(args) -> int:
-    from .config import load_config
+    import os
+
+    from .config import ConfigError, load_config
     from .distributed import destroy_distributed, init_distributed, leave_process
+    from .preflight import start_problems
     from .train import Trainer
     args.resume = {None: False, "last": True, "auto": "auto"}[args.resume]
-    cfg = load_config(args.config, args.overrides)
     out = Path(args.out)
-    if args.resume is True and not (out / "last.pt").is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint {out / 'last.pt'}")
+    problems: list = []
+    try:
+        cfg = load_config(args.config, args.overrides, partial=problems)  # bad keys left at their defaults
+    except (ConfigError, FileNotFoundError) as exc:  # no config to check the paths of
+        cfg, problems = None, getattr(exc, "problems", [str(exc)])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    main_rank = os.environ.get("RANK", "0") == "0"
+    if cfg is None:
+        problems += start_problems(None, out, resume=args.resume, check_out=main_rank)
+    else:
+        problems += start_problems(cfg, out, resume=args.resume, world_size=world, check_out=main_rank)
+    ConfigError.raise_for(problems)
     info = init_distributed("cpu" if cfg.train.device == "cpu" else None)  # a world of 1 outside torchrun
     try:
-        final = Trainer(cfg, out, resume=args.resume, rank=info.rank, world_size=info.world_size).fit()
+        trainer = Trainer(cfg, out, resume=args.resume, rank=info.rank, world_size=info.world_size)
+        final = trainer.fit()
     finally:
         destroy_distributed()
     if info.is_main:
-        print(json.dumps({k: v for k, v in final.items() if k.startswith(("val/", "train/", "epoch"))}))
+        print(json.dumps({k: v for k, v in final.items() if k.startswith(("val/", "train/", "epoch"))}), flush=True)
+        print(f"[dhkd] wrote {trainer.run.written()}", file=sys.stderr, flush=True)  # stdout ends with the JSON
     if info.enabled:
         leave_process()
     return 0
@@ -49,66 +62,15 @@ def _eval(args) -> int:
 
 
 def demo_config(method: str, epochs: int, teacher_checkpoint: str | None = None):
-    """The demo's MNIST-1D configs (the same settings as ``configs/mnist1d/``): a 1-D CNN teacher
-    (method ``ce``) and MLP students."""
-    from .config import config_from_dict
-    common = {"data": {"dataset": "mnist1d", "mnist1d_samples": 5000, "batch_size": 128},
-              "optim": {"lr": 0.1, "base_batch": 128, "momentum": 0.9, "weight_decay": 5e-4},
-              "sched": {"name": "cosine"},
-              "train": {"epochs": epochs, "seed": 0, "log_every": 10, "progress": False}}
-    if method == "teacher":
-        return config_from_dict({**common, "method": "ce", "student": {"name": "mnist1d_cnn"}})
-    loss = {"ce": {}, "kd": {"kd_weight": 1.0, "kd_temperature": 4.0},
-            "dhkd": {"logit_weight": 1.0, "logit_temperature": 2.0, "logit_loss": "binary_kl_norm"}}[method]
-    teacher = {} if method == "ce" else {"name": "mnist1d_cnn", "checkpoint": teacher_checkpoint}
-    return config_from_dict({**common, "method": method, "student": {"name": "mnist1d_mlp", "aux_head": "linear"},
-                             "teacher": teacher, "loss": {"backend": "auto", **loss}})
+    """The demo's config of ``method`` ("teacher", "ce", "kd" or "dhkd"): ``configs/mnist1d/`` itself."""
+    from .experiments.mnist1d import demo_config as config
+    return config(method, epochs, teacher_checkpoint)
 
 
 def _demo(args) -> int:
-    """Teacher (cached in the run dir), then CE, KD and DHKD students; prints their accuracies."""
-    import torch
-
-    from .train import Trainer, train_teacher
-    out = Path(args.out)
-    t0 = time.perf_counter()
-    quiet = (lambda msg: None) if not args.verbose else print
-    teacher_ckpt = out / f"teacher_{args.epochs}ep.pt"  # never reuse a teacher trained for other epochs
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    backend = "Triton kernels" if device == "cuda" else "chunked PyTorch path"
-    print(f"dhkd demo: MNIST-1D (4000 train / 1000 test signals), {args.epochs} epochs each, device {device}, "
-          f"fused loss via the {backend} (backend auto)")
-    if not teacher_ckpt.is_file():
-        print("  training the teacher (1-D CNN, cross-entropy) ...", flush=True)
-        train_teacher(demo_config("teacher", args.epochs), teacher_ckpt, log=quiet)
-    teacher_acc = torch.load(teacher_ckpt, map_location="cpu", weights_only=True).get("val_acc1")
-    results = {}
-    for method in ("ce", "kd", "dhkd"):
-        print(f"  training the MLP student with {method} ({args.seeds} seed(s)) ...", flush=True)
-        for seed in range(args.seeds):
-            cfg = demo_config(method, args.epochs, str(teacher_ckpt))
-            cfg.train.eval_teacher = False
-            cfg.train.seed = seed
-            row = Trainer(cfg, out / f"{method}_seed{seed}", log=quiet).fit()
-            results.setdefault(method, []).append((row["val/acc1_main"], row.get("val/acc1_aux")))
-
-    def stat(values):
-        t = torch.tensor(values, dtype=torch.float64)
-        spread = f" ± {t.std().item():.1f}" if len(values) > 1 else ""
-        return f"{t.mean().item():.1f}%{spread}"
-
-    print()
-    print(f"{'model':<36}{'test top-1':>16}")
-    if teacher_acc is not None:
-        print(f"{'teacher: 1-D CNN':<36}{teacher_acc:>15.1f}%")
-    names = {"ce": "student MLP, CE only", "kd": "student MLP, KD (CE + softmax KD)",
-             "dhkd": "student MLP, DHKD (main head)"}
-    for method, accs in results.items():
-        print(f"{names[method]:<36}{stat([a for a, _ in accs]):>16}")
-    print(f"{'  DHKD auxiliary head':<36}{stat([a for _, a in results['dhkd']]):>16}")
-    if args.seeds > 1:
-        print(f"(mean ± standard deviation over {args.seeds} student seeds; one teacher)")
-    print(f"\nruns, checkpoints and metrics.jsonl in {out}/  ({time.perf_counter() - t0:.0f} s)")
+    """Teacher (the configs' cache), then CE, KD and DHKD students; one progress bar; their accuracies."""
+    from .experiments.mnist1d import run_demo
+    run_demo(Path(args.out), epochs=args.epochs, seeds=args.seeds, verbose=args.verbose)
     return 0
 
 
@@ -150,12 +112,18 @@ def _experiment(args) -> int:
 
 def _bench(args) -> int:
     """``dhkd bench --report BENCH.json ...``: the Markdown table and charts of ``benchmarks/report.py``."""
+    checkout = Path(__file__).resolve().parents[1]  # the checkout of an editable install
+    for root in (Path.cwd(), checkout):
+        if (root / "benchmarks" / "report.py").is_file():
+            if str(root) not in sys.path:
+                sys.path.insert(0, str(root))
+            break
     try:
         from benchmarks.report import main as report_main
     except ImportError as err:
-        raise SystemExit(f"dhkd bench: the benchmarks/ folder of a dhkd checkout must be importable "
-                         f"(run from the repository root): {err}") from None
-    return report_main([*args.report, "--out", args.out])
+        raise SystemExit(f"dhkd bench: needs benchmarks/report.py of a dhkd checkout (looked in {Path.cwd()} "
+                         f"and {checkout}): {err}") from None
+    return report_main([*args.report, "--out", args.out, *(["--no-charts"] if args.no_charts else [])])
 
 
 def main(argv=None) -> int:
@@ -177,11 +145,11 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("demo", help="DHKD vs CE vs KD on MNIST-1D (about 30 s on a 2-core CPU)")
+    p = sub.add_parser("demo", help="DHKD vs CE vs KD on MNIST-1D, with one progress bar (timing: README)")
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     p.add_argument("--epochs", type=_positive_int, default=30, help="epochs per model (default 30)")
     p.add_argument("--seeds", type=_positive_int, default=3, help="student seeds per method (default 3)")
-    p.add_argument("--verbose", action="store_true", help="print per-epoch progress")
+    p.add_argument("--verbose", action="store_true", help="print every run's per-epoch lines instead of the bar")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("experiment", help="the MNIST-1D head-collapse experiment (tables, plots, results.md)")
@@ -196,6 +164,7 @@ def main(argv=None) -> int:
     p.add_argument("--report", nargs="+", required=True, metavar="BENCH.json",
                    help="pytest-benchmark JSON file(s) written with --benchmark-json")
     p.add_argument("--out", default="bench-report", help="folder for benchmarks.md and the PNG charts")
+    p.add_argument("--no-charts", action="store_true", help="the Markdown table only")
     p.set_defaults(func=_bench)
 
     args, extra = parser.parse_known_args(_resume_value(sys.argv[1:] if argv is None else list(argv)))
@@ -203,11 +172,12 @@ def main(argv=None) -> int:
         args.overrides += extra  # overrides on both sides of an option: a=1 --out D b=2
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from .atomic import DiskFullError
     from .config import ConfigError
-    from .train import CheckpointError
+    from .rundir import CheckpointError, RunDirError
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as exc:
+    except (ConfigError, CheckpointError, RunDirError, DiskFullError, FileNotFoundError) as exc:
         print(f"dhkd {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,40 @@ ON_OFF_KEYS = ("train.amp",)  # string fields with an "off" choice: an unquoted 
 
 
 class ConfigError(ValueError):
-    """A bad configuration file, key or value."""
+    """A bad configuration file, key or value; ``problems`` lists every one found (one line each)."""
+
+    def __init__(self, msg: str = "", problems=None):
+        self.problems = list(problems) if problems else [msg]
+        if problems and len(self.problems) > 1:
+            msg = f"{len(self.problems)} problems, nothing was run:\n" + "\n".join(f"  - {p}" for p in self.problems)
+        elif problems:
+            msg = self.problems[0]
+        super().__init__(msg)
+
+    @classmethod
+    def raise_for(cls, problems, prefix: str = "") -> None:
+        """Raise one ConfigError listing ``problems`` (each prefixed), if there are any."""
+        if problems:
+            raise cls(problems=[f"{prefix}{p}" for p in problems])
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads exponent floats without a dot or exponent sign (``1e-3``,
+    ``5E4``, ``1.0e3``), which YAML 1.1 leaves as strings; YAML 1.2 and every person read them as floats."""
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+FLOAT_TEXT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?$")
+
+
+def load_yaml(text: str):
+    """YAML ``text`` read safely (no Python tags) with ``ConfigLoader``'s float spellings."""
+    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 @dataclass
@@ -43,7 +77,8 @@ class TeacherConfig:
     weights: str | None = None         # torchvision weight name, e.g. IMAGENET1K_V1
     checkpoint: str | None = None      # local file; "{cache}" expands to the dhkd cache directory
     train_config: str | None = None    # config that trains the teacher when `checkpoint` is missing
-    random_init: bool = False          # allow a randomly initialised teacher (tests, throughput work)
+    random_init: bool = False          # a randomly initialised teacher (tests, throughput work); then
+                                       # weights, checkpoint and train_config are ignored
 
 
 @dataclass
@@ -190,6 +225,8 @@ def _coerce(value, tp, key: str):
             raise ConfigError(f"{key} must be an int, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and FLOAT_TEXT.match(value.strip()):  # a quoted number: "1e-3"
+            value = float(value.strip().replace("_", ""))
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value)
@@ -202,23 +239,34 @@ def _coerce(value, tp, key: str):
     raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")  # pragma: no cover
 
 
-def _apply(obj, mapping: dict, prefix: str) -> None:
+def _apply(obj, mapping: dict, prefix: str, problems: list | None = None) -> None:
+    """Set ``mapping``'s keys on the dataclass ``obj``; with a ``problems`` list every bad key is
+    appended to it (and left at its value), else the first raises ConfigError."""
+    own = problems is None
+    problems = [] if own else problems
     if not isinstance(mapping, dict):
-        raise ConfigError(f"{prefix or 'the config'} must be a mapping, got {mapping!r}")
-    hints = _hints(type(obj))
-    names = [f.name for f in dataclasses.fields(obj)]
-    for key, value in mapping.items():
-        full = f"{prefix}{key}"
-        if key not in names:
-            raise ConfigError(f"unknown config key {full!r}; valid keys here: {', '.join(names)}")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            _apply(current, value, f"{full}.")
-        else:
-            setattr(obj, key, _coerce(value, hints[key], full))
+        problems.append(f"{prefix.rstrip('.') or 'the config'} must be a mapping, got {mapping!r}")
+    else:
+        hints = _hints(type(obj))
+        names = [f.name for f in dataclasses.fields(obj)]
+        for key, value in mapping.items():
+            full = f"{prefix}{key}"
+            if key not in names:
+                problems.append(f"unknown config key {full!r}; valid keys here: {', '.join(names)}")
+                continue
+            current = getattr(obj, key)
+            if dataclasses.is_dataclass(current):
+                _apply(current, value, f"{full}.", problems)
+                continue
+            try:
+                setattr(obj, key, _coerce(value, hints[key], full))
+            except ConfigError as exc:
+                problems.append(str(exc))
+    if own:
+        ConfigError.raise_for(problems)
 
 
-def set_key(cfg: Config, dotted: str, value) -> None:
+def set_key(cfg: Config, dotted: str, value, problems: list | None = None) -> None:
     """Set ``section.key`` (or a top-level key such as ``method``) to a typed value."""
     parts = dotted.split(".")
     if not all(parts):
@@ -226,7 +274,7 @@ def set_key(cfg: Config, dotted: str, value) -> None:
     nested: dict = value
     for p in reversed(parts):
         nested = {p: nested}
-    _apply(cfg, nested, "")
+    _apply(cfg, nested, "", problems)
 
 
 def parse_override(text: str) -> tuple[str, object]:
@@ -236,35 +284,49 @@ def parse_override(text: str) -> tuple[str, object]:
     key, raw = text.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc})") from None
     return key, value
 
 
-def config_from_dict(data: dict | None, overrides=()) -> Config:
+def config_from_dict(data: dict | None, overrides=(), *, partial: list | None = None) -> Config:
+    """The validated Config of ``data`` plus ``overrides``; ConfigError listing every bad key, value
+    and inconsistency. With a ``partial`` list, problems are appended there instead and the config
+    (bad keys left at their defaults) is returned."""
+    problems = [] if partial is None else partial
     cfg = Config()
-    _apply(cfg, data or {}, "")
+    _apply(cfg, data if data is not None else {}, "", problems)
     for item in overrides:
-        key, value = parse_override(item) if isinstance(item, str) else item
-        set_key(cfg, key, value)
-    validate_config(cfg)
+        try:
+            key, value = parse_override(item) if isinstance(item, str) else item
+            set_key(cfg, key, value, problems)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    problems.extend(validation_problems(cfg))
+    if partial is None:
+        ConfigError.raise_for(problems)
     return cfg
 
 
-def load_config(path, overrides=()) -> Config:
-    """Read a YAML config, apply ``overrides`` ("a.b=value" strings), validate; raise ConfigError."""
+def load_config(path, overrides=(), *, partial: list | None = None) -> Config:
+    """Read a YAML config, apply ``overrides`` ("a.b=value" strings), validate; raise ConfigError
+    listing every problem (or, with a ``partial`` list, append them to it; see ``config_from_dict``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    try:
-        cfg = config_from_dict(data, overrides)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    problems: list = []
+    cfg = config_from_dict(data, overrides, partial=problems)
+    if partial is None:
+        ConfigError.raise_for(problems, prefix=f"{path}: ")
+    else:
+        partial.extend(f"{path}: {p}" for p in problems)
     tc = cfg.teacher.train_config
     if tc is not None and not os.path.isabs(expand_path(tc)):
         beside = path.parent / tc
@@ -283,43 +345,69 @@ def dump_config(cfg: Config) -> str:
 
 # ---------------------------------------------------------------- validation
 
+_found: list | None = None  # where _bad collects while validation_problems runs
+
+
+def _bad(msg: str) -> None:
+    if _found is None:
+        raise ConfigError(msg)
+    _found.append(msg)
+
+
 def _choice(key, value, choices):
     if value not in choices:
-        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        _bad(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
 
 
 def _positive(key, value, *, allow_zero=False):
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        _bad(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
 def validate_config(cfg: Config) -> None:
-    """Cross-field checks (types are already checked); ConfigError naming the key."""
+    """Cross-field checks (types are already checked); one ConfigError listing every problem."""
+    ConfigError.raise_for(validation_problems(cfg))
+
+
+def validation_problems(cfg: Config) -> list[str]:
+    """Every cross-field problem of ``cfg``, one line each, naming the key."""
+    global _found
+    outer, _found = _found, []
+    try:
+        _validate(cfg)
+    except ConfigError as exc:  # a check that raises directly ends the collection
+        _found.extend(exc.problems)
+    finally:
+        found, _found = _found, outer
+    return found
+
+
+def _validate(cfg: Config) -> None:
     _choice("method", cfg.method, METHODS)
     _choice("student.aux_head", cfg.student.aux_head, ("linear", "mlp"))
     _positive("student.aux_hidden", cfg.student.aux_hidden)
     if not 0 <= cfg.student.aux_dropout < 1:
-        raise ConfigError(f"student.aux_dropout must be in [0, 1), got {cfg.student.aux_dropout}")
+        _bad(f"student.aux_dropout must be in [0, 1), got {cfg.student.aux_dropout}")
     t = cfg.teacher
     if cfg.method != "ce":
         if t.name is None:
-            raise ConfigError(f"method {cfg.method!r} needs a teacher: set teacher.name")
+            _bad(f"method {cfg.method!r} needs a teacher: set teacher.name")
         if t.weights is None and t.checkpoint is None and not t.random_init:
-            raise ConfigError("the teacher needs teacher.weights or teacher.checkpoint "
-                              "(or teacher.random_init=true for tests and throughput runs)")
-    if t.weights is not None and t.checkpoint is not None:
-        raise ConfigError("set teacher.weights or teacher.checkpoint, not both")
+            _bad("the teacher needs teacher.weights or teacher.checkpoint "
+                 "(or teacher.random_init=true for tests and throughput runs)")
+    if t.weights is not None and t.checkpoint is not None and not t.random_init:
+        _bad("set teacher.weights or teacher.checkpoint, not both")
 
     d = cfg.data
     _choice("data.dataset", d.dataset, DATASETS)
     if d.dataset in ("cifar100", "imagenet") and not d.root:
-        raise ConfigError(f"data.root must name the {d.dataset} directory")
+        _bad(f"data.root must name the {d.dataset} directory")
     if d.dataset == "synthetic" and d.num_classes is None:
-        raise ConfigError("data.num_classes is required for the synthetic dataset")
+        _bad("data.num_classes is required for the synthetic dataset")
     if d.num_classes is not None:
         _positive("data.num_classes", d.num_classes)
         if d.dataset in ("mnist1d", "cifar100") and d.num_classes != NUM_CLASSES[d.dataset]:
-            raise ConfigError(f"data.num_classes={d.num_classes} but {d.dataset} has {NUM_CLASSES[d.dataset]}")
+            _bad(f"data.num_classes={d.num_classes} but {d.dataset} has {NUM_CLASSES[d.dataset]}")
     for key in ("batch_size", "image_size", "mnist1d_samples", "synthetic_train_samples",
                 "synthetic_val_samples"):
         _positive(f"data.{key}", getattr(d, key))
@@ -327,7 +415,7 @@ def validate_config(cfg: Config) -> None:
         _positive("data.eval_batch_size", d.eval_batch_size)
     _positive("data.workers", d.workers, allow_zero=True)
     if len(d.synthetic_shape) not in (1, 3) or min(d.synthetic_shape) < 1:
-        raise ConfigError(f"data.synthetic_shape must be [L] or [C, H, W] of positive ints, got {d.synthetic_shape}")
+        _bad(f"data.synthetic_shape must be [L] or [C, H, W] of positive ints, got {d.synthetic_shape}")
 
     loss = cfg.loss
     for key in ("ce_weight", "kd_weight", "logit_weight"):
@@ -337,15 +425,15 @@ def validate_config(cfg: Config) -> None:
     _choice("loss.logit_loss", loss.logit_loss, ("binary_kl_norm", "binary_kl"))
     _choice("loss.backend", loss.backend, ("auto", "triton", "torch", "reference"))
     if not 0 <= loss.label_smoothing < 1:
-        raise ConfigError(f"loss.label_smoothing must be in [0, 1), got {loss.label_smoothing}")
+        _bad(f"loss.label_smoothing must be in [0, 1), got {loss.label_smoothing}")
     if loss.ga and cfg.method != "dhkd":
-        raise ConfigError(f"loss.ga=true needs method dhkd (two heads), got method {cfg.method!r}")
+        _bad(f"loss.ga=true needs method dhkd (two heads), got method {cfg.method!r}")
     if cfg.method == "kd" and loss.kd_weight == 0:
-        raise ConfigError("method kd needs loss.kd_weight > 0")
+        _bad("method kd needs loss.kd_weight > 0")
     if cfg.method in ("binary_kl", "ce_binary_kl") and loss.logit_weight == 0:
-        raise ConfigError(f"method {cfg.method} needs loss.logit_weight > 0")
+        _bad(f"method {cfg.method} needs loss.logit_weight > 0")
     if loss.label_smoothing and cfg.method == "binary_kl":
-        raise ConfigError("loss.label_smoothing applies to the CE term, which method binary_kl does not use")
+        _bad("loss.label_smoothing applies to the CE term, which method binary_kl does not use")
 
     o = cfg.optim
     _choice("optim.name", o.name, ("sgd", "lars"))
@@ -354,39 +442,39 @@ def validate_config(cfg: Config) -> None:
     _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
     _positive("optim.lars_eta", o.lars_eta)
     if not 0 <= o.momentum < 1:
-        raise ConfigError(f"optim.momentum must be in [0, 1), got {o.momentum}")
+        _bad(f"optim.momentum must be in [0, 1), got {o.momentum}")
     if o.nesterov and o.momentum == 0:
-        raise ConfigError("optim.nesterov=true needs optim.momentum > 0")
+        _bad("optim.nesterov=true needs optim.momentum > 0")
 
     s = cfg.sched
     _choice("sched.name", s.name, ("step", "cosine", "constant"))
     if sorted(s.milestones) != s.milestones or any(m < 1 for m in s.milestones):
-        raise ConfigError(f"sched.milestones must be increasing epochs >= 1, got {s.milestones}")
+        _bad(f"sched.milestones must be increasing epochs >= 1, got {s.milestones}")
     _positive("sched.gamma", s.gamma)
     _positive("sched.warmup_epochs", s.warmup_epochs, allow_zero=True)
     if not 0 <= s.min_lr_factor <= 1:
-        raise ConfigError(f"sched.min_lr_factor must be in [0, 1], got {s.min_lr_factor}")
+        _bad(f"sched.min_lr_factor must be in [0, 1], got {s.min_lr_factor}")
 
     tr = cfg.train
     _positive("train.epochs", tr.epochs)
     if s.warmup_epochs > tr.epochs:
-        raise ConfigError(f"sched.warmup_epochs={s.warmup_epochs} exceeds train.epochs={tr.epochs}")
+        _bad(f"sched.warmup_epochs={s.warmup_epochs} exceeds train.epochs={tr.epochs}")
     if tr.stop_after_epoch is not None:
         _positive("train.stop_after_epoch", tr.stop_after_epoch)
     _positive("train.accum_steps", tr.accum_steps)
     if tr.global_batch is not None:
         _positive("train.global_batch", tr.global_batch)
         if tr.accum_steps != 1:
-            raise ConfigError(f"set train.global_batch or train.accum_steps, not both: with global_batch="
-                              f"{tr.global_batch} the accumulation steps follow from it (accum_steps="
-                              f"{tr.accum_steps} would be ignored)")
+            _bad(f"set train.global_batch or train.accum_steps, not both: with global_batch="
+                  f"{tr.global_batch} the accumulation steps follow from it (accum_steps="
+                  f"{tr.accum_steps} would be ignored)")
         if tr.global_batch % d.batch_size:
-            raise ConfigError(f"train.global_batch={tr.global_batch} is not a multiple of "
-                              f"data.batch_size={d.batch_size}")
+            _bad(f"train.global_batch={tr.global_batch} is not a multiple of "
+                  f"data.batch_size={d.batch_size}")
     if tr.max_steps_per_epoch is not None:
         _positive("train.max_steps_per_epoch", tr.max_steps_per_epoch)
     _positive("train.log_every", tr.log_every)
     _positive("train.diagnostics_samples", tr.diagnostics_samples)
     _choice("train.amp", tr.amp, ("auto", "bf16", "off"))
     if not (tr.device in ("auto", "cpu", "cuda") or tr.device.startswith("cuda:")):
-        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {tr.device!r}")
+        _bad(f"train.device must be auto, cpu, cuda or cuda:N, got {tr.device!r}")

@@ -8,11 +8,12 @@ world_size x accum_steps; the lr is ``optim.lr * global_batch / optim.base_batch
 a per-iteration lr schedule. Every epoch: top-1/top-5 of both heads on the validation set, a row in
 ``metrics.jsonl``, and ``last.pt`` (+ ``best.pt`` on a new best main-head top-1) written atomically.
 ``resume=True`` restores model, optimizer, scheduler, epoch, step and RNG states from ``last.pt``; the
-data order is a function of (seed, epoch), so the resumed run continues exactly.
+data order is a function of (seed, epoch), so the resumed run continues exactly. The run directory's
+lock, files and resume checks are ``dhkd.rundir.RunDir``'s; every path problem is reported before any
+work (``dhkd.preflight``).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -24,19 +25,17 @@ from urllib.error import URLError
 import numpy as np
 import torch
 
-from .atomic import atomic_path, atomic_write_text
 from .config import Config, ConfigError, config_from_dict, dump_config, expand_path, load_config, to_dict
 from .data import build_data
 from .distill import build_distiller
 from .distributed import all_reduce_mean_, barrier, broadcast_tensors, maybe_inject_fault, wrap_ddp
 from .optim import build_optimizer, build_scheduler, scaled_lr
+from .preflight import batch_problem, check_start
+from .rundir import (CHECKPOINT_FORMAT, RUN_KEYS, CheckpointError, FileLock, MetricsLog,  # noqa: F401
+                     RunDir, RunDirError, load_checkpoint, save_checkpoint, training_settings)
 
-CHECKPOINT_FORMAT = 1
-RUN_KEYS = (("method",), ("student", "name"), ("student", "aux_head"), ("data", "dataset"))
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: unreadable, truncated, of another format or run, or stale."""
+atomic_save = save_checkpoint  # the name earlier code used
+SCHEDULE_KEYS = (("train", "epochs"), ("optim", "lr"), ("optim", "base_batch"), ("sched", None))
 
 
 # ---------------------------------------------------------------- helpers
@@ -95,31 +94,6 @@ def set_rng_state(state: dict, device: torch.device | None = None) -> None:
             torch.cuda.set_rng_state(cuda, device)
 
 
-def atomic_save(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same directory, then ``os.replace``."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def load_checkpoint(path) -> dict:
-    """A trainer checkpoint (``torch.load(weights_only=True)``); CheckpointError when unusable."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt file?): "
-                              f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-                              ) from exc
-    if not isinstance(ckpt, dict) or "format_version" not in ckpt:
-        raise CheckpointError(f"{path} is not a dhkd trainer checkpoint (no format_version)")
-    if ckpt["format_version"] != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} has checkpoint format {ckpt['format_version']}, this dhkd reads "
-                              f"format {CHECKPOINT_FORMAT}")
-    return ckpt
-
-
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[torch.Tensor]:
     """Number of rows whose label is among the top-k logits, for each k (k capped at C)."""
     kmax = min(max(ks), logits.shape[1])
@@ -128,74 +102,52 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[
     return [hit[:, :min(k, kmax)].any(1).sum() for k in ks]
 
 
-class MetricsLog:
-    """``metrics.jsonl`` (one JSON object per line) plus TensorBoard scalars when installed."""
-
-    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool):
-        self.path = out_dir / "metrics.jsonl"
-        self.enabled = enabled
-        self.tb = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(out_dir / "tb"))
-            except Exception:  # tensorboard not installed
-                self.tb = None
-
-    def rows(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        rows = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by a crash
-                break
-        return rows
-
-    def truncate_after(self, epoch: int) -> None:
-        """Drop rows of epochs after ``epoch`` (left by an interrupted run), atomically."""
-        if not self.enabled or not self.path.is_file():
-            return
-        keep = [r for r in self.rows() if r.get("epoch", 0) <= epoch]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
-
-    def write(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "step"):
-                    self.tb.add_scalar(k if "/" in k else f"{row.get('kind', 'train')}/{k}", v, row.get("step", 0))
-            self.tb.flush()
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
 # ---------------------------------------------------------------- teacher
 
-def train_teacher(config, checkpoint: Path, *, device: str | None = None, log=print) -> dict:
+def train_teacher(config, checkpoint: Path, *, device: str | None = None, log=print, on_epoch=None) -> dict:
     """Train a teacher with ``config`` (a ``Config`` or a YAML path; usually method ``ce``) and save its
     exported classifier (``{"model": state_dict}``, the format ``build_teacher`` reads) atomically to
-    ``checkpoint``. Returns the final eval row."""
+    ``checkpoint``. Returns the final eval row.
+
+    One process trains a given checkpoint at a time (a lock ``.NAME.lock`` beside it): another one
+    waits, then uses the checkpoint the first one wrote (returning its ``{"val/acc1_main": ...}``).
+    ``on_epoch(row)`` is called after every epoch of the teacher's run."""
     checkpoint = Path(checkpoint)
     overrides = [f"train.device={device}"] if device else []
     if isinstance(config, Config):
         tcfg = config_from_dict(to_dict(config), overrides)
     else:
         tcfg = load_config(config, overrides)
-    run_dir = checkpoint.parent / f"{checkpoint.stem}_run"
-    log(f"[dhkd] teacher checkpoint {checkpoint} missing: training {tcfg.student.name} in {run_dir}")
-    trainer = Trainer(tcfg, run_dir, resume=(run_dir / "last.pt").is_file(), log=log)
-    final = trainer.fit()
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save({"model": trainer.student.export_student().state_dict(), "config": to_dict(tcfg),
-                 "val_acc1": final.get("val/acc1_main")}, checkpoint)
-    return final
+    lock = FileLock(checkpoint.with_name(f".{checkpoint.name}.lock"), what="teacher checkpoint")
+    waited = []
+
+    def on_wait(pid):
+        waited.append(pid)
+        log(f"[dhkd] waiting for process {pid}, which is training the teacher {checkpoint}")
+    lock.acquire(wait=True, on_wait=on_wait)
+    try:
+        if waited and checkpoint.is_file():
+            saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            return {"val/acc1_main": saved.get("val_acc1")}
+        run_dir = checkpoint.parent / f"{checkpoint.stem}_run"
+        log(f"[dhkd] teacher checkpoint {checkpoint} missing: training {tcfg.student.name} in {run_dir}")
+        trainer = Trainer(tcfg, run_dir, resume=_same_run(run_dir / "last.pt", tcfg), log=log, on_epoch=on_epoch)
+        final = trainer.fit()
+        atomic_save({"model": trainer.student.export_student().state_dict(), "config": to_dict(tcfg),
+                     "val_acc1": final.get("val/acc1_main")}, checkpoint)
+        return final
+    finally:
+        lock.release()
+
+
+def _same_run(last: Path, cfg: Config) -> bool:
+    """Whether ``last`` is a checkpoint of an interrupted run with ``cfg``'s training settings."""
+    try:
+        saved = load_checkpoint(last).get("config") or {}
+    except CheckpointError:
+        return False
+    return training_settings(saved) == training_settings(to_dict(cfg))
 
 
 def build_teacher_for(cfg: Config, device: torch.device, log=print, *, rank: int = 0, world_size: int = 1):
@@ -207,7 +159,11 @@ def build_teacher_for(cfg: Config, device: torch.device, log=print, *, rank: int
     if cfg.method == "ce" or t.name is None:
         return None
     ckpt = expand_path(t.checkpoint)
-    if ckpt is None and t.weights is None:  # teacher.random_init (validated)
+    if t.random_init or (ckpt is None and t.weights is None):
+        ignored = [k for k in ("weights", "checkpoint") if getattr(t, k) is not None]
+        if ignored:
+            log(f"[dhkd] teacher.random_init=true: a randomly initialised {t.name} "
+                f"({' and '.join('teacher.' + k for k in ignored)} ignored)")
         seed_everything(cfg.train.seed + 1)
         return build_teacher(t.name, num_classes=cfg.num_classes).to(device)
     if ckpt is not None and not os.path.isfile(ckpt):
@@ -220,6 +176,8 @@ def build_teacher_for(cfg: Config, device: torch.device, log=print, *, rank: int
         barrier()
     try:
         teacher = build_teacher(t.name, num_classes=cfg.num_classes, weights=t.weights, checkpoint=ckpt)
+    except ValueError as exc:  # unreadable, or not this teacher's state dict
+        raise ConfigError(f"teacher.checkpoint={t.checkpoint}: {exc}") from None
     except URLError as exc:  # torchvision fetches named weights on first use
         raise FileNotFoundError(
             f"teacher.weights={t.weights}: torchvision could not download them ({exc.reason}); fetch them "
@@ -230,6 +188,18 @@ def build_teacher_for(cfg: Config, device: torch.device, log=print, *, rank: int
 
 # ---------------------------------------------------------------- trainer
 
+def _schedule_changes(saved: dict, now: dict) -> list[str]:
+    """``["train.epochs 2 -> 4", ...]``: the settings that shape the lr schedule and differ."""
+    out = []
+    for section, key in SCHEDULE_KEYS:
+        keys = [key] if key else sorted(set(saved.get(section) or {}) | set(now.get(section) or {}))
+        for k in keys:
+            a, b = (saved.get(section) or {}).get(k), (now.get(section) or {}).get(k)
+            if a != b:
+                out.append(f"{section}.{k} {a} -> {b}")
+    return out
+
+
 class Trainer:
     """Builds everything from a ``Config`` and runs ``fit()``; see the module docstring.
 
@@ -237,10 +207,14 @@ class Trainer:
     and an initialized process group the trainable student parts are wrapped in DDP (``self.ddp``), the
     teacher stays local; only rank 0 logs and writes files; ``all_reduce`` sums evaluation counts.
     resume: False, True (OUT/last.pt must exist) or "auto" (resume when OUT/last.pt exists).
+    on_epoch: called with each epoch's eval row (progress bars).
+
+    Before any work: every config path problem at once (``ConfigError``), then rank 0 creates and
+    locks OUT (``RunDirError`` when another process holds it). A start that fails leaves no new OUT.
     """
 
     def __init__(self, cfg: Config, out_dir, *, resume: bool | str = False, rank: int = 0, world_size: int = 1,
-                 log=print):
+                 log=print, on_epoch=None):
         if resume not in (False, True, "auto"):
             raise ValueError(f"resume must be False, True or 'auto', got {resume!r}")
         self.cfg = cfg
@@ -248,6 +222,8 @@ class Trainer:
         self.rank, self.world_size = rank, world_size
         self.is_main = rank == 0
         self._print = log
+        self.on_epoch = on_epoch
+        self.run = None
         tr = cfg.train
         self.device = resolve_device(tr.device)
         distributed = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -260,18 +236,65 @@ class Trainer:
         if tr.sync_bn and distributed and self.device.type != "cuda":
             raise ConfigError("train.sync_bn=true needs CUDA: torch's SyncBatchNorm has no CPU implementation")
         self.amp = tr.amp == "bf16" or (tr.amp == "auto" and self.device.type == "cuda")
+        self._distributed = distributed
+        error = None
+        try:
+            check_start(cfg, self.out, resume=resume, world_size=world_size, check_out=self.is_main)
+            restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"  # the old rank 0 may be exiting
+            self.run = RunDir(self.out, is_main=self.is_main, tensorboard=tr.tensorboard, log=self.log,
+                              lock_timeout_s=60.0 if restarted else 0.0)
+        except (ConfigError, RunDirError, OSError) as exc:
+            error = exc
+        self._agree_to_start(error)
+        try:
+            self._build(cfg, resume)
+        except BaseException:
+            self.run.close(failed=True)
+            raise
+
+    def _agree_to_start(self, error: BaseException | None) -> None:
+        """Raise ``error`` here, and a RunDirError on every other rank, when any rank cannot start."""
+        if self._distributed:
+            flag = torch.tensor([float(error is not None)], dtype=torch.float64, device=self.device)
+            self.all_reduce(flag)
+            if flag.item() and error is None:
+                self.run.close(failed=True)
+                raise RunDirError("another process of this job could not start (see rank 0's error)")
+        if error is not None:
+            raise error
+
+    def _build(self, cfg: Config, resume) -> None:
+        tr = cfg.train
+        rank, world_size, distributed = self.rank, self.world_size, self._distributed
         set_deterministic(tr.deterministic, self.device)
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            for stale in self.out.glob(".*.pt.*.tmp"):  # left by a process killed while saving
-                stale.unlink(missing_ok=True)
         if resume == "auto":
             resume = self._last_checkpoint_exists()
 
         from .models import build_student
+        try:  # before the teacher: a dataset problem costs no teacher training
+            self.data = build_data(cfg, rank=rank, world_size=world_size, device=self.device)
+        except ValueError as exc:
+            raise exc if isinstance(exc, ConfigError) else ConfigError(str(exc)) from None
+        if self.data.train is not None and self.data.num_train:
+            bad = batch_problem(cfg, self.data.num_train, world_size)
+            if bad:
+                raise ConfigError(bad)
+        self.accum = tr.accum_steps
+        if tr.global_batch is not None:
+            per_step = cfg.data.batch_size * world_size
+            if tr.global_batch % per_step:
+                raise ConfigError(f"train.global_batch={tr.global_batch} is not a multiple of data.batch_size "
+                                  f"x processes = {per_step}")
+            self.accum = tr.global_batch // per_step
+        self.global_batch = cfg.data.batch_size * world_size * self.accum
+        self.steps_per_epoch = len(self.data.train) // self.accum
+        if tr.max_steps_per_epoch is not None:
+            self.steps_per_epoch = min(self.steps_per_epoch, tr.max_steps_per_epoch)
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f"train.accum_steps={self.accum} exceeds the {len(self.data.train)} batches "
+                              f"per epoch")
         self.teacher = build_teacher_for(cfg, self.device, log=self.log, rank=rank, world_size=world_size)
         seed_everything(tr.seed)
-        self.data = build_data(cfg, rank=rank, world_size=world_size, device=self.device)
         self.channels_last = tr.channels_last and self.data.kind == "image"
         self.student = build_student(cfg.student.name, num_classes=cfg.num_classes,
                                      aux_head=cfg.student.aux_head, aux_hidden=cfg.student.aux_hidden,
@@ -289,20 +312,6 @@ class Trainer:
             if self.distiller.teacher_forward is not None:
                 self.distiller.teacher_forward = torch.compile(self.distiller.teacher_forward)
 
-        self.accum = tr.accum_steps
-        if tr.global_batch is not None:
-            per_step = cfg.data.batch_size * world_size
-            if tr.global_batch % per_step:
-                raise ConfigError(f"train.global_batch={tr.global_batch} is not a multiple of data.batch_size "
-                                  f"x processes = {per_step}")
-            self.accum = tr.global_batch // per_step
-        self.global_batch = cfg.data.batch_size * world_size * self.accum
-        self.steps_per_epoch = len(self.data.train) // self.accum
-        if tr.max_steps_per_epoch is not None:
-            self.steps_per_epoch = min(self.steps_per_epoch, tr.max_steps_per_epoch)
-        if self.steps_per_epoch < 1:
-            raise ConfigError(f"train.accum_steps={self.accum} exceeds the {len(self.data.train)} batches "
-                              f"per epoch")
         self.lr = scaled_lr(cfg, self.global_batch)
         self.optimizer = build_optimizer(self.student, cfg, self.global_batch)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch, self.global_batch)
@@ -310,12 +319,12 @@ class Trainer:
         self.epoch = 0          # completed epochs
         self.step = 0           # optimizer steps
         self.best_acc1 = -1.0
-        self.metrics = MetricsLog(self.out, self.is_main, tr.tensorboard)
+        self.metrics = self.run.metrics
+        self.resumed = bool(resume)
         if resume:
             self.resume(self.out / "last.pt")
-        elif self.is_main:
-            (self.out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-            self.metrics.truncate_after(-1)  # a fresh run starts a fresh metrics.jsonl
+        else:
+            self.run.start_fresh(dump_config(cfg))
         self.ddp = None
         if distributed:
             self.ddp = wrap_ddp(self.distiller, self.device, find_unused_parameters=self._may_skip_aux_head())
@@ -389,32 +398,22 @@ class Trainer:
                 "config": to_dict(self.cfg), "metrics": row or {}}
 
     def save(self, row: dict, is_best: bool) -> None:
-        """``best.pt`` (on a new best) before ``last.pt``: a crash between the two never leaves a
-        ``last.pt`` whose ``best_acc1`` names an epoch that ``best.pt`` does not hold."""
-        if not self.is_main:
-            return
-        state = self.state_dict(row)
-        if is_best:
-            atomic_save(state, self.out / "best.pt")
-        atomic_save(state, self.out / "last.pt")
+        """``last.pt`` (and ``best.pt`` on a new best, written first): ``RunDir.save``."""
+        if self.is_main:
+            self.run.save(self.state_dict(row), is_best)
+
+    def logged_terms(self, epoch: int) -> tuple[str, ...]:
+        """The loss terms train rows carry at ``epoch``: those with a nonzero weight (method ``ce``
+        has no ``kd``/``logit`` term; a logit weight switched off drops ``logit``)."""
+        return tuple(k for k, w in zip(("ce", "kd", "logit"), self.distiller.loss_weights(epoch)) if w)
 
     def resume(self, path: Path) -> None:
-        ckpt = load_checkpoint(path)
-        saved = ckpt.get("config", {})
-        now = to_dict(self.cfg)
-        for keys in RUN_KEYS:
-            a, b = saved, now
-            for k in keys:
-                a, b = (a or {}).get(k), (b or {}).get(k)
-            if a != b:
-                raise CheckpointError(f"{path} was written by a run with {'.'.join(keys)}={a!r}, "
-                                      f"but this config has {b!r}")
+        """Continue from ``path`` (OUT/last.pt): weights, optimizer, schedule position, RNG states. A
+        schedule that this config changes (train.epochs, optim.lr, the global batch, sched.*) applies
+        from the next step on, said in one line with the lr before and after."""
+        ckpt = self.run.checkpoint_for_resume(to_dict(self.cfg))
         epoch = int(ckpt["epoch"])
-        done = [r["epoch"] for r in self.metrics.rows() if r.get("kind") == "eval"]
-        if done and max(done) > epoch:
-            raise CheckpointError(
-                f"{path} is from epoch {epoch}, but {self.metrics.path} records completed epoch {max(done)}: "
-                f"the checkpoint is older than the run (was last.pt replaced?); refusing to resume")
+        saved_groups = ckpt["optimizer"].get("param_groups") or [{}]
         try:
             self.student.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -422,22 +421,29 @@ class Trainer:
         except (RuntimeError, KeyError, ValueError) as exc:
             raise CheckpointError(f"{path} does not match this model/optimizer: {exc}") from exc
         self.epoch, self.step = epoch, int(ckpt["step"])
-        saved_lr = self.scheduler.base_lrs[0]
-        if not math.isclose(saved_lr, self.lr, rel_tol=1e-9):
-            # another global batch (world size) or optim.lr: the peak lr follows this config's scaling rule
-            self.scheduler.base_lrs = [self.lr] * len(self.optimizer.param_groups)
-            for group in self.optimizer.param_groups:
-                group["initial_lr"] = self.lr
-                group["lr"] = self.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
-            self.log(f"[dhkd] resume: peak lr {self.lr:g} at global batch {self.global_batch} "
-                     f"(the checkpoint's run used {saved_lr:g})")
+        saved_lr = saved_groups[0].get("lr")
+        self.scheduler.base_lrs = [self.lr] * len(self.optimizer.param_groups)
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group in self.optimizer.param_groups:  # this config's schedule, from the next step on
+            group["initial_lr"] = self.lr
+            group["lr"] = self.lr * factor
         self.best_acc1 = float(ckpt.get("best_acc1", -1.0))
         set_rng_state(ckpt["rng"], self.device)
-        self.metrics.truncate_after(epoch)
-        row = ckpt.get("metrics") or {}
-        if self.is_main and epoch and row.get("epoch") == epoch and epoch not in done:
-            self.metrics.write(row)  # the process died between last.pt and its metrics.jsonl row
+        self.run.finish_resume(ckpt)
         self.log(f"[dhkd] resumed from {path}: epoch {epoch}, step {self.step}")
+        total = self.cfg.train.epochs
+        if epoch >= total:
+            self.log(f"[dhkd] nothing left to train: the run has completed {epoch} of train.epochs={total} "
+                     f"epochs (raise train.epochs to extend it)")
+        else:
+            changes = _schedule_changes(ckpt.get("config") or {}, to_dict(self.cfg))
+            saved_peak = (ckpt["scheduler"].get("base_lrs") or [self.lr])[0]
+            if not math.isclose(saved_peak, self.lr, rel_tol=1e-9):
+                changes.append(f"peak lr {saved_peak:g} -> {self.lr:g} (global batch {self.global_batch})")
+            new_lr = self.optimizer.param_groups[0]["lr"]
+            if changes and saved_lr is not None:
+                self.log(f"[dhkd] resume: {'; '.join(changes)}: the lr schedule changes, the next step's lr "
+                         f"goes from {saved_lr:.4g} to {new_lr:.4g}")
 
     # -------------------------------------------------- evaluation
     @torch.no_grad()
@@ -552,6 +558,7 @@ class Trainer:
         it = iter(loader)
         bar = self._progress(self.steps_per_epoch, epoch)
         log_every = self.cfg.train.log_every
+        terms = self.logged_terms(epoch)
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss_sum steps correct
         n_seen = 0
         grad_cos = []
@@ -574,7 +581,7 @@ class Trainer:
             n_seen += sum(b[1].shape[0] for b in batches)
             if "grad_cos" in stats:
                 grad_cos.append(stats["grad_cos"])
-            for k in ("loss", "ce", "kd", "logit", "smooth", "grad_cos", "ga_conflict"):
+            for k in ("loss", *terms, "smooth", "grad_cos", "ga_conflict"):
                 if k in stats:
                     win[k] = win.get(k, 0) + stats[k]
             win_steps += 1
@@ -592,7 +599,8 @@ class Trainer:
                 row = {"kind": "train", "epoch": epoch + 1, "step": self.step,
                        "lr": self.last_lr, "loss": loss,
                        "img_per_s": win_images / dt, "data_time_s": win_data / win_steps, **means}
-                row["logit_weight"] = self.distiller.loss_weights(epoch)[2]
+                if self.distiller.method in ("binary_kl", "ce_binary_kl", "dhkd"):
+                    row["logit_weight"] = self.distiller.loss_weights(epoch)[2]
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at epoch {epoch + 1}, step {self.step}")
                 self.metrics.write(row)
@@ -611,9 +619,19 @@ class Trainer:
         return out
 
     def fit(self) -> dict:
-        """Train from ``self.epoch`` to ``train.epochs`` (or ``train.stop_after_epoch``); the last eval row."""
+        """Train from ``self.epoch`` to ``train.epochs`` (or ``train.stop_after_epoch``); the last eval
+        row. The run directory's lock is released when it returns or raises."""
+        try:
+            return self._fit()
+        finally:
+            if self.run is not None:
+                self.run.close()
+
+    def _fit(self) -> dict:
         tr = self.cfg.train
-        last = self.metrics.rows()[-1] if self.epoch and self.metrics.rows() else {}
+        evals = [r for r in self.metrics.rows() if r.get("kind") == "eval"] if self.epoch else []
+        last = evals[-1] if evals else {}
+        trained = False
         if self.epoch == 0 and tr.eval_teacher and self.teacher is not None:
             row = {"kind": "teacher", "epoch": 0, "step": 0,
                    **{k.replace("val/", "val/teacher_"): v for k, v in self.evaluate(self.teacher).items()}}
@@ -644,10 +662,11 @@ class Trainer:
             aux = f", aux {val['val/acc1_aux']:.2f}%" if self.distiller.uses_aux_head else ""
             self.log(f"[dhkd] epoch {self.epoch}/{tr.epochs}: train loss {row['train/loss']:.4f}, "
                      f"val top-1 main {val['val/acc1_main']:.2f}%{aux} ({row['epoch_time_s']:.1f}s)")
-            last = row
-        if self.is_main and self.epoch >= tr.epochs:
-            atomic_save({"model": self.student.export_student().state_dict(), "config": to_dict(self.cfg)},
-                        self.out / "student.pt")
+            last, trained = row, True
+            if self.on_epoch is not None:
+                self.on_epoch(row)
+        if self.is_main and self.epoch >= tr.epochs and (trained or not (self.out / "student.pt").is_file()):
+            self.run.save_student({"model": self.student.export_student().state_dict(), "config": to_dict(self.cfg)})
         self.metrics.close()
         if self.world_size > 1:
             barrier()  # every rank returns after rank 0's last writes

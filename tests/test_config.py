@@ -135,3 +135,49 @@ def test_cli_rejects_bad_override_before_running(tmp_path, capsys):
     assert rc == 2
     assert "unknown config key 'train.epochz'" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("text, value", [
+    ("1e-3", 1e-3), ("1E-3", 1e-3), ("5e4", 5e4), ("+1e-3", 1e-3), ("2.5e-1", 0.25), ("1.0e3", 1e3),
+    ("1.e-3", 1e-3), (".5e-1", 0.05), ("5.0e-4", 5e-4), ("0.001", 1e-3), (".5", 0.5), ("3", 3.0),
+    ("1_000.5", 1000.5)])
+def test_every_float_spelling_is_a_float(text, value, tmp_path):
+    """YAML 1.1 reads 1e-3 (no dot) and 1.0e3 (no exponent sign) as strings; overrides and files
+    take them as floats."""
+    assert load_config(CONFIGS / "mnist1d/dhkd.yaml", [f"optim.lr={text}"]).optim.lr == pytest.approx(value)
+    f = tmp_path / "c.yaml"
+    f.write_text((CONFIGS / "mnist1d/dhkd.yaml").read_text().replace("  lr: 0.1\n", f"  lr: {text}\n"))
+    assert load_config(f).optim.lr == pytest.approx(value)
+    f.write_text((CONFIGS / "mnist1d/dhkd.yaml").read_text().replace("  lr: 0.1\n", f"  lr: '{text}'\n"))
+    assert load_config(f).optim.lr == pytest.approx(value)  # quoted
+
+
+def test_config_loader_stays_safe(tmp_path):
+    f = tmp_path / "evil.yaml"
+    f.write_text("method: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(f)
+    assert load_config(CONFIGS / "mnist1d/dhkd.yaml", ["teacher.name='1e3'"]).teacher.name == "1e3"
+    for bad in ("'inf'", "'1e-3x'", "nan"):
+        with pytest.raises(ConfigError, match="optim.lr"):
+            load_config(CONFIGS / "mnist1d/dhkd.yaml", [f"optim.lr={bad}"])
+
+
+def test_every_config_problem_is_reported_at_once(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: dhkd\nteacher: {name: mnist1d_cnn, random_init: true}\ntrain:\n  epochz: 3\n  epochs: two\n"
+                   "optim:\n  lr: -1\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(bad, ["data.batch_sise=4", "loss.ga=maybe", "method=kdd"])
+    problems = exc.value.problems
+    assert len(problems) == 6 and all(p.startswith(f"{bad}: ") for p in problems)
+    for expected in ("unknown config key 'train.epochz'", "train.epochs must be an int", "optim.lr must be > 0",
+                     "unknown config key 'data.batch_sise'", "loss.ga must be true or false", "method must be one of"):
+        assert sum(expected in p for p in problems) == 1, expected
+    assert str(exc.value).startswith("6 problems, nothing was run:\n  - ")
+
+
+def test_random_init_needs_no_nulls():
+    """teacher.random_init=true ignores a configured checkpoint or weights."""
+    for path in ("cifar100/resnet32x4_resnet8x4_dhkd.yaml", "imagenet/r34_r18_dhkd.yaml"):
+        load_config(CONFIGS / path, ["teacher.random_init=true", "teacher.checkpoint=/x.pt"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dhkd.cli import main
-from dhkd.config import load_config
+from dhkd.config import ConfigError, load_config
 from dhkd.data import EpochSampler
 from dhkd.optim import LARS, LRFactor, build_optimizer
 from dhkd.train import CheckpointError, Trainer, load_checkpoint
@@ -81,8 +81,11 @@ def test_cli_train_resume_and_eval(tmp_path, dhkd_cache, capsys):  # noqa: F811
     args = ["--config", str(CONFIGS / "mnist1d/kd.yaml"), "--out", str(out), *RUN[:-1]]
     assert main(["train", *args, "train.stop_after_epoch=1"]) == 0
     assert main(["train", *args, "--resume"]) == 0
-    final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    got = capsys.readouterr()
+    final = json.loads(got.out.strip().splitlines()[-1])
     assert final["epoch"] == 2
+    assert got.err.strip().splitlines()[-1] == (f"[dhkd] wrote {out} (best.pt, config.yaml, last.pt, "
+                                                f"metrics.jsonl, student.pt)")
     for ckpt in ("last.pt", "student.pt"):
         assert main(["eval", "--checkpoint", str(out / ckpt), "--config", str(CONFIGS / "mnist1d/kd.yaml"),
                      "train.device=cpu", "student.aux_head=mlp"]) == 0
@@ -186,17 +189,19 @@ def test_resume_restores_the_row_of_a_crash_after_the_checkpoint(tmp_path, dhkd_
     ("imagenet/r34_r18_dhkd.yaml", "train"),
 ])
 def test_missing_dataset_dir_is_a_clear_error(path, expected, tmp_path):
+    """Reported before anything runs, without a teacher.checkpoint=null besides random_init, and no
+    run directory is left behind."""
     root = tmp_path / "nowhere"
-    c = load_config(CONFIGS / path, FAST + [f"data.root={root}", "teacher.weights=null", "teacher.checkpoint=null",
-                                            "teacher.random_init=true", "train.compile=false"])
-    with pytest.raises(FileNotFoundError, match=f"{root}/{expected}"):
+    c = load_config(CONFIGS / path, FAST + [f"data.root={root}", "teacher.random_init=true", "train.compile=false"])
+    with pytest.raises(ConfigError, match=f"data.root={root}: .* not found: expected the director.*{root}/{expected}"):
         Trainer(c, tmp_path / "run", **QUIET)
+    assert not (tmp_path / "run").exists()
 
 
 def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path):
     c = load_config(CONFIGS / "mnist1d/dhkd.yaml", FAST + [f"teacher.checkpoint={tmp_path}/t.pt",
                                                            "teacher.train_config=null"])
-    with pytest.raises(FileNotFoundError, match="teacher checkpoint not found"):
+    with pytest.raises(ConfigError, match="teacher.checkpoint: teacher checkpoint not found"):
         Trainer(c, tmp_path / "run", **QUIET)
 
 
@@ -338,13 +343,109 @@ def test_label_smoothing_loss_value():
     assert math.isclose(float(out["smooth"]), float(-torch.log_softmax(z.detach(), 1).mean(1).mean()), rel_tol=1e-9)
 
 
-def test_demo_runs(tmp_path, capsys, dhkd_cache):  # noqa: F811
+def test_demo_one_progress_bar_and_one_teacher_cache(tmp_path, capsys, dhkd_cache, monkeypatch):  # noqa: F811
+    """The demo prints its header and the table, nothing else, with one bar over every epoch of every run
+    (teacher + 3 students x 2 epochs) on stderr; its teacher lands in the configs' cache, and a second demo
+    trains no teacher."""
+    from dhkd.experiments.mnist1d import demo_teacher_checkpoint
     assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "2", "--seeds", "1"]) == 0
-    out = capsys.readouterr().out
-    for line in ("teacher: 1-D CNN", "student MLP, CE only", "student MLP, KD", "student MLP, DHKD (main head)",
-                 "DHKD auxiliary head"):
-        assert line in out
-    assert (tmp_path / "demo" / "teacher_2ep.pt").is_file() and (tmp_path / "demo" / "dhkd_seed0" / "last.pt").is_file()
+    got = capsys.readouterr()
+    lines = [line for line in got.out.splitlines() if line.strip()]
+    assert lines[0].startswith("dhkd demo: MNIST-1D") and lines[1].startswith("model")
+    for line, expected in zip(lines[2:], ("teacher: 1-D CNN", "student MLP, CE only", "student MLP, KD",
+                                         "student MLP, DHKD (main head)", "  DHKD auxiliary head", "runs, checkpoints")):
+        assert line.startswith(expected)
+    assert len(lines) == 8
+    bar = got.err.split("\r")[-1]
+    assert "8/8" in bar and "epoch" in bar and "dhkd seed 1/1 (run 4/4)" in bar
+    teacher = demo_teacher_checkpoint(2)
+    assert teacher == dhkd_cache / "mnist1d" / "teacher_mnist1d_cnn_2ep.pt" and teacher.is_file()
+    assert (tmp_path / "demo" / "dhkd_seed0" / "last.pt").is_file()
+
+    def no_teacher_training(*a, **k):
+        raise AssertionError("the cached teacher was trained again")
+    monkeypatch.setattr("dhkd.train.train_teacher", no_teacher_training)
+    assert main(["demo", "--out", str(tmp_path / "again"), "--epochs", "2", "--seeds", "1"]) == 0
+    assert "6/6" in capsys.readouterr().err.split("\r")[-1]
+
+
+def test_demo_and_dhkd_train_use_one_teacher(dhkd_cache):  # noqa: F811
+    """``make demo`` (30 epochs) caches its teacher where configs/mnist1d/*.yaml look for theirs, trained
+    with the same settings as their teacher.train_config: ``dhkd train`` finds it and trains none."""
+    from dhkd.config import expand_path, to_dict
+    from dhkd.experiments.mnist1d import demo_config, demo_teacher_checkpoint
+    from dhkd.rundir import training_settings
+    for method in ("ce", "kd", "binary_kl", "ce_binary_kl", "dhkd"):
+        c = load_config(CONFIGS / f"mnist1d/{method}.yaml")
+        assert demo_teacher_checkpoint(30) == Path(expand_path(c.teacher.checkpoint))
+        trains = load_config(c.teacher.train_config, ["train.device=cpu"])  # what build_teacher_for trains
+        assert training_settings(to_dict(demo_config("teacher", 30))) == training_settings(to_dict(trains))
+    assert demo_teacher_checkpoint(2) != demo_teacher_checkpoint(30)
+
+
+def test_resume_feedback_finished_and_extended_runs(tmp_path, dhkd_cache):  # noqa: F811
+    def c(*o):
+        return cfg("train.max_steps_per_epoch=2", "train.log_every=1", *o)
+    out = tmp_path / "run"
+    Trainer(c(), out, **QUIET).fit()
+    logs = []
+    final = Trainer(c(), out, resume=True, log=logs.append).fit()
+    assert final["epoch"] == 2 and sum("nothing left to train" in m for m in logs) == 1
+    assert not any("lr schedule" in m for m in logs)
+    saved_lr = load_checkpoint(out / "last.pt")["optimizer"]["param_groups"][0]["lr"]
+    logs = []
+    t = Trainer(c("train.epochs=4"), out, resume=True, log=logs.append)
+    new_lr = t.optimizer.param_groups[0]["lr"]
+    assert new_lr == pytest.approx(t.lr * t.scheduler.lr_lambdas[0](t.step)) and new_lr > saved_lr + 0.01
+    lines = [m for m in logs if "lr schedule" in m]
+    assert len(lines) == 1 and "train.epochs 2 -> 4" in lines[0]
+    assert f"from {saved_lr:.4g} to {new_lr:.4g}" in lines[0]
+    assert not any("nothing left" in m for m in logs)
+    t.fit()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows if r["kind"] == "train" and r["epoch"] == 3][0] == pytest.approx(new_lr)
+
+
+@pytest.mark.parametrize("method, extra, terms", [
+    ("ce", [], {"ce"}), ("kd", [], {"ce", "kd"}), ("binary_kl", [], {"logit"}),
+    ("dhkd", ["loss.logit_weight_off_epoch=1"], {"ce", "logit"})])
+def test_train_rows_carry_only_the_terms_of_the_loss(method, extra, terms, tmp_path, dhkd_cache):  # noqa: F811
+    c = load_config(CONFIGS / f"mnist1d/{method}.yaml", FAST + ["train.epochs=2", "train.max_steps_per_epoch=1",
+                                                                "train.eval_teacher=false", *extra])
+    Trainer(c, tmp_path, **QUIET).fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert {k for k in train[0] if k in ("ce", "kd", "logit")} == terms
+    assert ("logit_weight" in train[0]) == (method != "kd" and method != "ce")
+    if extra:  # the logit weight off from epoch 2: no logit term there
+        assert "logit" not in train[1] and train[1]["logit_weight"] == 0.0
+
+
+def test_tensorboard_missing_is_said_once_and_installed_writes(tmp_path, monkeypatch):
+    import importlib.util
+
+    from dhkd.rundir import MetricsLog
+    logs = []
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    log = MetricsLog(tmp_path / "a", True, True, log=logs.append)
+    (tmp_path / "a").mkdir()
+    log.write({"kind": "train", "epoch": 1, "step": 1, "loss": 1.0})
+    assert len(logs) == 1 and "TensorBoard off: the tensorboard package is not installed" in logs[0]
+    monkeypatch.undo()
+    pytest.importorskip("tensorboard")
+    log = MetricsLog(tmp_path / "b", True, True, log=logs.append)
+    (tmp_path / "b").mkdir()
+    log.write({"kind": "train", "epoch": 1, "step": 1, "loss": 1.0})
+    log.close()
+    assert list((tmp_path / "b" / "tb").glob("events.out.tfevents.*")) and len(logs) == 1
+
+
+def test_tensorboard_ships_with_the_train_extra():
+    import re
+    setup = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
+    train = re.search(r'"train": \[([^\]]*)\]', setup).group(1)
+    assert '"tensorboard"' in train
 
 
 def test_demo_rejects_nonpositive_epochs_before_work(tmp_path, capsys):
@@ -441,3 +542,26 @@ def test_eval_of_an_imagefolder_run_needs_only_val(tmp_path):
     from dhkd.train import evaluate_checkpoint
     got = evaluate_checkpoint(c, tmp_path / "run" / "best.pt")
     assert got["val/acc1_main"] == final["val/acc1_main"] and got["val/acc1_aux"] == final["val/acc1_aux"]
+
+
+def test_teacher_training_waits_for_the_process_training_it(tmp_path, monkeypatch):
+    """Two runs needing the same missing teacher: the second waits for the first's lock, then uses the
+    checkpoint it wrote instead of training another."""
+    import threading
+    import time
+
+    from dhkd.rundir import FileLock
+    from dhkd.train import train_teacher
+    ckpt = tmp_path / "teacher.pt"
+    holder = FileLock(tmp_path / ".teacher.pt.lock").acquire()
+
+    def finish():
+        time.sleep(0.5)
+        torch.save({"model": {}, "val_acc1": 12.5}, ckpt)
+        holder.release()
+    threading.Thread(target=finish).start()
+    monkeypatch.setattr("dhkd.train.Trainer", None)  # training would fail
+    logs = []
+    row = train_teacher(load_config(CONFIGS / "mnist1d/teacher.yaml"), ckpt, log=logs.append)
+    assert row == {"val/acc1_main": 12.5} and logs == [f"[dhkd] waiting for process {os.getpid()}, which is "
+                                                       f"training the teacher {ckpt}"]

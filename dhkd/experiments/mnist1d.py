@@ -387,3 +387,138 @@ def run_experiment(out, *, quick: bool = False, seeds: int | None = None, jobs: 
                            jobs=jobs, reused=reused)
     log(f"  results in {out / 'results.md'} ({wall:.0f} s)")
     return summary
+
+
+# ---------------------------------------------------------------- the demo (dhkd demo, make demo)
+
+DEMO_METHODS = ("ce", "kd", "dhkd")
+DEMO_NAMES = {"ce": "student MLP, CE only", "kd": "student MLP, KD (CE + softmax KD)",
+              "dhkd": "student MLP, DHKD (main head)"}
+def demo_config(method: str, epochs: int, teacher_checkpoint: str | None = None):
+    """The config of one demo run: ``configs/mnist1d/<method>.yaml`` (``teacher.yaml`` for "teacher")
+    with ``train.epochs=epochs``, no tqdm, no TensorBoard, and ``teacher_checkpoint`` as the teacher."""
+    from ..config import load_config
+    over = [f"train.epochs={epochs}", "train.progress=false", "train.tensorboard=false"]
+    if method == "teacher":
+        return load_config(CONFIG_DIR / "teacher.yaml", over)
+    over += ["train.eval_teacher=false"]
+    if method != "ce" and teacher_checkpoint is not None:
+        over += [f"teacher.checkpoint={teacher_checkpoint}", "teacher.train_config=null"]
+    return load_config(CONFIG_DIR / f"{method}.yaml", over)
+
+
+def demo_teacher_checkpoint(epochs: int) -> Path:
+    """Where the demo's teacher of ``epochs`` epochs is cached: the ``teacher.checkpoint`` of
+    ``configs/mnist1d/*.yaml`` (so ``dhkd train`` with those configs reuses it) when ``epochs`` is
+    ``teacher.yaml``'s, else the same name with ``_<epochs>ep``."""
+    from ..config import expand_path, load_config
+    path = Path(expand_path(load_config(CONFIG_DIR / "dhkd.yaml").teacher.checkpoint))
+    if epochs == load_config(CONFIG_DIR / "teacher.yaml").train.epochs:
+        return path
+    return path.with_name(f"{path.stem}_{epochs}ep{path.suffix}")
+
+
+def cached_teacher_matches(tcfg, checkpoint) -> bool:
+    """Whether ``checkpoint`` exists and was trained with ``tcfg``'s training settings (a file without
+    a saved config, e.g. one a person put there, counts as matching)."""
+    import torch
+
+    from ..config import to_dict
+    from ..rundir import training_settings
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        return False
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True).get("config")
+    return saved is None or training_settings(saved) == training_settings(to_dict(tcfg))
+
+
+def run_demo(out, *, epochs: int = 30, seeds: int = 3, verbose: bool = False, stream=None) -> dict:
+    """``dhkd demo``: the MNIST-1D teacher (trained once into the configs' cache, ``demo_teacher_checkpoint``),
+    then MLP students with ce, kd and dhkd for ``seeds`` seeds each, under one tqdm bar over every
+    epoch of every run (runs done, the current run, ETA); prints the accuracy table to ``stream``.
+    Returns ``{method: [(main acc, aux acc or None) per seed]}``. On a CPU torch runs on one thread
+    (unless OMP_NUM_THREADS says otherwise): the models are tiny, and more threads only contend with
+    whatever else the machine runs."""
+    import torch
+    threads = torch.get_num_threads()
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+    try:
+        return _run_demo(out, epochs=epochs, seeds=seeds, verbose=verbose, stream=stream)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(out, *, epochs: int, seeds: int, verbose: bool, stream) -> dict:
+    import sys
+
+    import torch
+
+    from ..train import Trainer, train_teacher
+    stream = stream or sys.stdout
+    _positive_int("epochs", epochs)
+    _positive_int("seeds", seeds)
+    out = Path(out)
+    t0 = time.perf_counter()
+    say = (lambda msg: print(msg, file=stream, flush=True)) if verbose else (lambda msg: None)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backend = "Triton kernels" if device == "cuda" else "chunked PyTorch path"
+    print(f"dhkd demo: MNIST-1D (4000 train / 1000 test signals), {epochs} epochs each, device {device}, "
+          f"fused loss via the {backend} (backend auto)", file=stream, flush=True)
+    tcfg = demo_config("teacher", epochs)
+    teacher_ckpt = demo_teacher_checkpoint(epochs)
+    need_teacher = not cached_teacher_matches(tcfg, teacher_ckpt)
+    runs = [(m, s) for m in DEMO_METHODS for s in range(seeds)]
+    bar = _demo_bar(epochs * (len(runs) + need_teacher), disable=verbose)
+
+    def runner(name: str, k: int):
+        bar.set_description(f"{name} (run {k}/{len(runs) + need_teacher})")
+        return lambda row: bar.update(1)
+
+    if need_teacher:
+        if teacher_ckpt.is_file():
+            bar.write(f"  the cached teacher {teacher_ckpt} was trained with other settings: training it again")
+        train_teacher(tcfg, teacher_ckpt, log=say, on_epoch=runner("teacher", 1))
+    teacher_acc = torch.load(teacher_ckpt, map_location="cpu", weights_only=True).get("val_acc1")
+    results: dict = {}
+    for k, (method, seed) in enumerate(runs, 1 + need_teacher):
+        cfg = demo_config(method, epochs, str(teacher_ckpt))
+        cfg.train.seed = seed
+        on_epoch = runner(f"{method} seed {seed + 1}/{seeds}", k)
+        row = Trainer(cfg, out / f"{method}_seed{seed}", log=say, on_epoch=on_epoch).fit()
+        results.setdefault(method, []).append((row["val/acc1_main"], row.get("val/acc1_aux")))
+    bar.close()
+
+    def stat(values):
+        t = torch.tensor(values, dtype=torch.float64)
+        spread = f" ± {t.std().item():.1f}" if len(values) > 1 else ""
+        return f"{t.mean().item():.1f}%{spread}"
+
+    lines = ["", f"{'model':<36}{'test top-1':>16}"]
+    if teacher_acc is not None:
+        lines.append(f"{'teacher: 1-D CNN':<36}{teacher_acc:>15.1f}%")
+    for method, accs in results.items():
+        lines.append(f"{DEMO_NAMES[method]:<36}{stat([a for a, _ in accs]):>16}")
+    lines.append(f"{'  DHKD auxiliary head':<36}{stat([a for _, a in results['dhkd']]):>16}")
+    if seeds > 1:
+        lines.append(f"(mean ± standard deviation over {seeds} student seeds; one teacher)")
+    lines.append(f"\nruns, checkpoints and metrics.jsonl in {out}/, the teacher in {teacher_ckpt} "
+                 f"({time.perf_counter() - t0:.0f} s)")
+    print("\n".join(lines), file=stream, flush=True)
+    return results
+
+
+def _demo_bar(total: int, *, disable: bool):
+    """One tqdm bar (epochs of every run), on stderr; a stand-in without tqdm."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover (tqdm is in the train extra)
+        disable = True
+    if disable:
+        class _Quiet:
+            def update(self, n=1): pass
+            def set_description(self, desc): pass
+            def write(self, msg): print(msg)
+            def close(self): pass
+        return _Quiet()
+    return tqdm(total=total, unit="epoch", desc="demo", dynamic_ncols=True, smoothing=0.1)

@@ -1,0 +1,79 @@
+"""Starting a run: every config and path problem at once, before any work (no teacher trained, no
+--out left behind), as lines on stderr with exit status 2."""
+from __future__ import annotations
+
+import pytest
+
+from dhkd.cli import main
+from dhkd.config import ConfigError, load_config
+from dhkd.preflight import batch_problem, start_problems, train_set_size
+from dhkd.train import Trainer
+from tests.trainer_helpers import CONFIGS, FAST
+
+
+@pytest.fixture(autouse=True)
+def data_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("DHKD_CACHE", str(tmp_path_factory.getbasetemp() / "start_cache"))
+
+
+def run(capsys, *argv):
+    rc = main(["train", *map(str, argv)])
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+
+def test_batch_larger_than_the_training_set_stops_before_the_teacher(tmp_path, capsys):
+    out, teacher = tmp_path / "run", tmp_path / "t.pt"  # missing: the run would train it first
+    rc, err = run(capsys, "--config", CONFIGS / "mnist1d/dhkd.yaml", "--out", out, *FAST,
+                  "data.batch_size=5000", f"teacher.checkpoint={teacher}")
+    assert rc == 2 and len(err) == 1
+    assert "data.batch_size=5000 is larger than the 4000 training samples of mnist1d" in err[0]
+    assert not out.exists() and not teacher.exists() and not (tmp_path / "t_run").exists()
+
+
+def test_batch_problem_counts_processes_and_accumulation():
+    cfg = load_config(CONFIGS / "mnist1d/dhkd.yaml", ["data.batch_size=1500"])
+    assert train_set_size(cfg) == 4000 and batch_problem(cfg, 4000) is None
+    assert "per process (4000 over 3 processes)" in batch_problem(cfg, 4000, world_size=3)
+    cfg = load_config(CONFIGS / "mnist1d/dhkd.yaml", ["data.batch_size=1500", "train.accum_steps=3"])
+    assert "1500 x 3 accumulation steps" in batch_problem(cfg, 4000)
+    cfg = load_config(CONFIGS / "mnist1d/dhkd.yaml", ["data.dataset=synthetic", "data.num_classes=10",
+                                                      "data.synthetic_train_samples=10", "data.batch_size=16"])
+    assert "larger than the 10 training samples of synthetic" in batch_problem(cfg, train_set_size(cfg))
+
+
+def test_all_config_and_path_problems_together(tmp_path, capsys):
+    out = tmp_path / "a" / "b"
+    rc, err = run(capsys, "--config", CONFIGS / "cifar100/resnet32x4_resnet8x4_dhkd.yaml", "--out", out,
+                  f"data.root={tmp_path / 'nowhere'}", "train.epochz=3", "optim.lr=1e-3")
+    assert rc == 2 and err[0].endswith("3 problems, nothing was run:")
+    assert len(err) == 4 and all(line.startswith("  - ") for line in err[1:])
+    text = "\n".join(err)
+    for expected in ("unknown config key 'train.epochz'", "data.root=", "cifar-100-python",
+                     "teacher.checkpoint: teacher checkpoint not found"):
+        assert expected in text
+    assert not (tmp_path / "a").exists()
+
+
+def test_missing_teacher_train_config_and_its_own_problems(tmp_path):
+    cfg = load_config(CONFIGS / "mnist1d/dhkd.yaml", [f"teacher.checkpoint={tmp_path}/t.pt",
+                                                      f"teacher.train_config={tmp_path}/none.yaml"])
+    assert any("teacher.train_config: config file not found" in p for p in start_problems(cfg))
+    bad = tmp_path / "teacher.yaml"
+    bad.write_text((CONFIGS / "mnist1d/teacher.yaml").read_text().replace("epochs: 30", "epochs: 0"))
+    cfg.teacher.train_config = str(bad)
+    assert any(p.startswith("teacher.train_config:") and "train.epochs must be > 0" in p for p in start_problems(cfg))
+
+
+def test_a_start_that_fails_later_leaves_no_out(tmp_path):
+    """A failure after OUT was created (here an unreadable teacher checkpoint) removes what it made."""
+    garbage = tmp_path / "teacher.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    cfg = load_config(CONFIGS / "mnist1d/dhkd.yaml", FAST + [f"teacher.checkpoint={garbage}"])
+    with pytest.raises(ConfigError, match=f"teacher.checkpoint={garbage}: cannot read checkpoint"):
+        Trainer(cfg, tmp_path / "x" / "y" / "run", log=lambda m: None)
+    assert not (tmp_path / "x").exists()
+    existing = tmp_path / "kept"
+    existing.mkdir()
+    with pytest.raises(ConfigError):
+        Trainer(cfg, existing, log=lambda m: None)
+    assert existing.is_dir()  # a directory it did not create stays
