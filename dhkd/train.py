@@ -272,6 +272,8 @@ class Trainer:
         self.teacher = build_teacher_for(cfg, self.device, log=self.log, rank=rank, world_size=world_size)
         seed_everything(tr.seed)
         self.data = build_data(cfg, rank=rank, world_size=world_size, device=self.device)
+        if self.data.note:
+            self.log(self.data.note)  # the input backend and what it guarantees (docs/training.md)
         self.channels_last = tr.channels_last and self.data.kind == "image"
         self.student = build_student(cfg.student.name, num_classes=cfg.num_classes,
                                      aux_head=cfg.student.aux_head, aux_hidden=cfg.student.aux_hidden,
