@@ -57,7 +57,8 @@ class DataConfig:
     eval_batch_size: int | None = None
     workers: int = 4                   # DataLoader worker processes per rank (dali: its CPU threads)
     pin_memory: bool = True
-    backend: str = "torchvision"       # imagenet input: torchvision | gpu-decode | dali (docs/training.md)
+    backend: str = "torchvision"       # imagenet input: torchvision | gpu-decode | dali (docs/training.md);
+                                       # the other datasets ignore it
     prefetch: int = 2                  # batches prepared ahead (per worker; dali: pipeline queue depth)
     bad_images: str = "error"          # an unreadable image file: error (naming it) | skip (count, log)
     image_size: int = 224              # imagenet / synthetic crop size
@@ -330,10 +331,7 @@ def validate_config(cfg: Config) -> None:
     if d.eval_batch_size is not None:
         _positive("data.eval_batch_size", d.eval_batch_size)
     _positive("data.workers", d.workers, allow_zero=True)
-    _choice("data.backend", d.backend, IMAGE_BACKENDS)
-    if d.backend != "torchvision" and d.dataset != "imagenet":
-        raise ConfigError(f"data.backend={d.backend} reads ImageFolders: it needs data.dataset=imagenet, "
-                          f"got {d.dataset!r} (use data.backend=torchvision)")
+    _choice("data.backend", d.backend, IMAGE_BACKENDS)  # used by imagenet; the others have one input path
     _positive("data.prefetch", d.prefetch)
     _choice("data.bad_images", d.bad_images, ("error", "skip"))
     if d.bad_images == "skip" and d.backend == "dali":

@@ -178,8 +178,6 @@ def test_bad_images_skipped_with_a_count(folder, tmp_path, capsys, backend):
 def test_backend_config_errors():
     with pytest.raises(ConfigError, match="data.backend must be one of"):
         load_config(CONFIGS / "imagenet/r34_r18_dhkd.yaml", ["data.backend=ffcv"])
-    with pytest.raises(ConfigError, match="data.backend=gpu-decode .*data.dataset=imagenet"):
-        load_config(CONFIGS / "mnist1d/dhkd.yaml", ["data.backend=gpu-decode"])
     with pytest.raises(ConfigError, match="data.bad_images=skip is not available with data.backend=dali"):
         load_config(CONFIGS / "imagenet/r34_r18_dhkd.yaml", ["data.backend=dali", "data.bad_images=skip"])
     with pytest.raises(ConfigError, match="data.bad_images must be one of"):
