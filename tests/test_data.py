@@ -175,6 +175,21 @@ def test_bad_images_skipped_with_a_count(folder, tmp_path, capsys, backend):
     assert same(batches, again) and not any(p in capsys.readouterr().err for p in bad)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cmyk_gray_and_png_named_jpeg(folder, tmp_path, backend):
+    """ImageNet's odd files: CMYK and grayscale JPEGs, a PNG with a .JPEG name; all come out RGB."""
+    from PIL import Image
+    root = tmp_path / "odd"
+    shutil.copytree(folder, root)
+    victims = sorted((root / "train" / "class000").glob("*.JPEG"))
+    for (mode, fmt), path in zip([("CMYK", "JPEG"), ("L", "JPEG"), ("RGB", "PNG")], victims):
+        with Image.open(path) as im:
+            im.convert(mode).save(path, format=fmt)
+    data = build_data(config(root, backend))
+    batches = epoch_batches(data.train, 0)
+    assert len(batches) == len(data.train) and all(x.shape == (BATCH, 3, SIZE, SIZE) for x, _ in batches)
+
+
 def test_backend_config_errors():
     with pytest.raises(ConfigError, match="data.backend must be one of"):
         load_config(CONFIGS / "imagenet/r34_r18_dhkd.yaml", ["data.backend=ffcv"])

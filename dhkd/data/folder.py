@@ -17,6 +17,7 @@ function of (seed, epoch)), logs the file once and counts it in ``loader.skipped
 """
 from __future__ import annotations
 
+import contextlib
 import queue
 import sys
 import threading
@@ -203,25 +204,28 @@ class FolderLoader:
         cuda = self.device.type == "cuda"
         stream = torch.cuda.Stream(self.device) if cuda else None
 
+        def put(item) -> bool:
+            while not stop.is_set():  # the consumer may have stopped early (max_steps_per_epoch)
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         def produce():
             try:
-                with torch.cuda.stream(stream) if cuda else _null():
+                with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
                     for x, y, bad in self._batches():
                         event = None
                         if cuda:
                             event = torch.cuda.Event()
                             event.record(stream)
-                        while not stop.is_set():
-                            try:
-                                q.put((x, y, bad, event), timeout=0.1)
-                                break
-                            except queue.Full:
-                                continue
-                        if stop.is_set():
+                        if not put((x, y, bad, event)):
                             return
-                q.put(None)
+                put(None)
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-                q.put(exc)
+                put(exc)
 
         thread = threading.Thread(target=produce, daemon=True, name="dhkd-gpu-decode")
         thread.start()
@@ -252,14 +256,6 @@ class FolderLoader:
         if self.skipped_this_epoch and len(self.skipped) > MAX_LOGGED and before >= MAX_LOGGED:
             _log(f"[dhkd] data: skipped {self.skipped_this_epoch} unreadable images this epoch "
                  f"({len(self.skipped)} distinct files so far; data.bad_images=skip)")
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def folder_loader(files: ImageList, *, backend: str, train: bool, batch_size: int, seed: int, size: int,
