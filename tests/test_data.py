@@ -229,3 +229,13 @@ def test_trainer_resume_with_dali(folder, tmp_path):
     resumed.fit()
     for p, q in zip(straight.student.state_dict().values(), resumed.student.state_dict().values()):
         assert torch.equal(p, q)
+
+
+def test_bench_data_command(tmp_path, monkeypatch, capsys):
+    from dhkd.cli import main
+    monkeypatch.setenv("DHKD_CACHE", str(tmp_path))
+    assert main(["bench-data", "--images", "8", "--epochs", "1", "--workers", "0", "--backends", "torchvision",
+                 "gpu-decode", "--image-size", "32", "--batch-size", "4", "--json", str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| pil_decode_rrc |" in out and "| torchvision | 0 | cpu |" in out and "| gpu-decode | 0 | cpu |" in out
+    assert "cores for 11,000 img/s" in out and (tmp_path / "b.json").is_file()

@@ -212,8 +212,9 @@ def run_bench_data(*, root=None, backends=("torchvision", "gpu-decode", "dali"),
         for w in workers:
             if backend == "dali" and w == 0:
                 w = 1  # DALI needs at least one thread
+            one_thread = w == 0 or (backend == "gpu-decode" and device == "cpu")  # decode in this process
             r = loader_throughput(root, backend, workers=w, batch_size=batch_size, image_size=image_size,
-                                  device=device, epochs=epochs, threads=1 if w == 0 else None)
+                                  device=device, epochs=epochs, threads=1 if one_thread else None)
             rows.append(r)
             log(f"| {backend} | {w} | {device} | {r['images_per_s']:.0f} | {r['cpu_ms_per_image']:.2f} | "
                 f"{r['images_per_s_per_core']:.0f} | {r['cores_for_target']:.1f} |")
