@@ -239,3 +239,21 @@ def test_bench_data_command(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "| pil_decode_rrc |" in out and "| torchvision | 0 | cpu |" in out and "| gpu-decode | 0 | cpu |" in out
     assert "cores for 11,000 img/s" in out and (tmp_path / "b.json").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["gpu-decode", pytest.param("dali", marks=NEEDS_DALI)])
+def test_gpu_backends_on_cuda(folder, backend):
+    """On CUDA: uint8 batches on the GPU with the CPU run's labels; gpu-decode's pixels close to the CPU's
+    (nvJPEG and the GPU resize differ from libjpeg-turbo and the CPU kernel in the last bits)."""
+    cuda = torch.device("cuda")
+    on_gpu = build_data(config(folder, backend, "train.device=cuda"), device=cuda)
+    on_cpu = build_data(config(folder, backend))
+    a, b = epoch_batches(on_gpu.train, 1), epoch_batches(on_cpu.train, 1)
+    assert len(a) == len(b) and all(x.device.type == "cuda" and x.dtype == torch.uint8 for x, _ in a)
+    assert all(torch.equal(y.cpu(), v) for (_, y), (_, v) in zip(a, b))
+    if backend == "gpu-decode":
+        diff = torch.stack([(x.cpu().float() - u.float()).abs().mean() for (x, _), (u, _) in zip(a, b)])
+        assert diff.max() < 3, diff
+    assert sum(len(y) for _, y in epoch_batches(on_gpu.val, 0)) == CLASSES * VAL_PER
