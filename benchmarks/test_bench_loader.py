@@ -15,7 +15,7 @@ import torch
 
 from dhkd.data.bench import TARGET, bench_config, cpu_seconds
 
-CLASSES, PER_CLASS, BATCH, SIZE = 4, 48, 32, 224
+CLASSES, PER_CLASS, BATCH, SIZE = 4, 32, 32, 224
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 try:
@@ -53,7 +53,7 @@ def test_loader_per_image_cost(benchmark, jpeg_root, step):
     costs = {}
 
     def run():
-        costs.update(bench.per_image_costs(jpeg_root, images=64, image_size=SIZE, rounds=3, steps=[step]))
+        costs.update(bench.per_image_costs(jpeg_root, images=48, image_size=SIZE, rounds=3, steps=[step]))
 
     benchmark.pedantic(run, rounds=1, iterations=1)
     ms = costs[step]
