@@ -227,13 +227,13 @@ def test_trainer_resume_with_dali(folder, tmp_path):
     backend = "dali"
     from dhkd.train import Trainer
     logs = []
-    c = config(folder, backend, "train.epochs=2", "student.name=resnet18", "teacher.name=resnet18", "train.eval_teacher=false")
+    small = ["student.name=resnet18", "teacher.name=resnet18", "train.eval_teacher=false"]
+    c = config(folder, backend, "train.epochs=2", *small)
     straight = Trainer(c, tmp_path / "straight", log=logs.append)
     straight.fit()
     assert any(line.startswith("[dhkd] data: dali") and "resume is exact at epoch boundaries" in line
                for line in logs)
-    c1 = config(folder, backend, "train.epochs=2", "train.stop_after_epoch=1", "student.name=resnet18", "teacher.name=resnet18",
-                "train.eval_teacher=false")
+    c1 = config(folder, backend, "train.epochs=2", "train.stop_after_epoch=1", *small)
     Trainer(c1, tmp_path / "split", log=logs.append).fit()
     resumed = Trainer(c, tmp_path / "split", resume=True, log=logs.append)
     resumed.fit()

@@ -3,10 +3,11 @@
 
 Per epoch, the loader builds a DALI pipeline whose file reader (``fn.readers.file``, no shuffling of its
 own) reads this rank's shard of ``EpochSampler``'s order for that epoch, so the order is a function of
-(seed, epoch) and the rank shards are those of the other backends. Training: ``fn.decoders.image_random_crop``
-(the ``decoders.image`` family with RandomResizedCrop fused into the decode, so the decoder can
-skip what lies outside the crop window; scale 0.08-1, ratio 3/4-4/3, 10 tries), ``fn.resize`` to size x size (antialiased linear), a coin
-flip and ``fn.crop_mirror_normalize`` to uint8 HWC. Validation: ``fn.decoders.image``, shorter side
+(seed, epoch) and the rank shards are those of the other backends. Training:
+``fn.decoders.image_random_crop`` (the ``decoders.image`` family with RandomResizedCrop fused into the
+decode, so the decoder can skip what lies outside the crop window; scale 0.08-1, ratio 3/4-4/3, 10
+tries), ``fn.resize`` to size x size (antialiased linear), a coin flip and ``fn.crop_mirror_normalize``
+to uint8 HWC. Validation: ``fn.decoders.image``, shorter side
 ``round(size * 256 / 224)``, center crop; the reader pads the last batch and the padding is dropped, so every
 validation image is seen exactly once across ranks. On CUDA the decoder runs on ``device="mixed"`` and the
 other operators on the GPU; on a CPU device (``device_id=None``) everything runs on the CPU, which is how
