@@ -14,8 +14,8 @@ $(STAMP): setup.py
 	$(BIN)/python -m pip install -q --upgrade pip
 	@echo "[make] installing torch 2.14.1 and torchvision with their CUDA libraries (about 6 GB: the longest step, often minutes)"
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	@echo "[make] installing dhkd with its dev and train extras (pytest, tqdm, mnist1d, tensorboard, ...)"
-	$(BIN)/python -m pip install -q -e '.[dev,train]'
+	@echo "[make] installing dhkd with its dev and train extras (pytest, tqdm, mnist1d, tensorboard, nvidia-dali, ...)"
+	$(BIN)/python -m pip install -q -e '.[dev,train,dali]'
 	@echo "[make] installed into $(VENV)"
 	touch $(STAMP)
 

@@ -20,6 +20,8 @@ setup(
         "tensorboard": ["tensorboard"],
         "timm": ["timm"],
         "bench": ["liger-kernel", "cut-cross-entropy"],
+        # data.backend=dali; the CUDA 13 build matches torch's cu130 wheels (nvidia-dali-cuda120 for CUDA 12)
+        "dali": ["nvidia-dali-cuda130; platform_system == 'Linux' and platform_machine in 'x86_64 aarch64'"],
     },
     entry_points={"console_scripts": ["dhkd = dhkd.cli:main"]},
 )

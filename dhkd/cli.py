@@ -6,6 +6,7 @@
     dhkd demo  [--out DIR] [--epochs N]
     dhkd experiment mnist1d [--quick] [--out DIR] [--seeds N] [--jobs J]
     dhkd bench --report BENCH.json [...] [--out DIR] [--no-charts]   (a checkout's benchmarks/report.py)
+    dhkd bench-data [--root DIR] [--backends ...] [--workers 0 2] [--device cpu|cuda]   (input pipeline img/s)
 
 (also ``python -m dhkd ...``). The config, the overrides and the paths they name are checked before
 anything runs, every problem reported at once; errors print one line each and exit with status 2.
@@ -126,6 +127,17 @@ def _bench(args) -> int:
     return report_main([*args.report, "--out", args.out, *(["--no-charts"] if args.no_charts else [])])
 
 
+def _bench_data(args) -> int:
+    """``dhkd bench-data``: images/s of the ImageNet input backends alone (``dhkd.data.bench``)."""
+    from .data.bench import run_bench_data
+    if args.root is not None and not (Path(args.root) / "train").is_dir():
+        raise FileNotFoundError(f"--root: expected an ImageFolder with {Path(args.root) / 'train'}")
+    run_bench_data(root=args.root, backends=args.backends, workers=args.workers, batch_size=args.batch_size,
+                   image_size=args.image_size, device=args.device, epochs=args.epochs, images=args.images,
+                   json_path=args.json)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="dhkd", description="Dual-Head Knowledge Distillation trainer")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -166,6 +178,19 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench-report", help="folder for benchmarks.md and the PNG charts")
     p.add_argument("--no-charts", action="store_true", help="the Markdown table only")
     p.set_defaults(func=_bench)
+
+    p = sub.add_parser("bench-data", help="images/s of the ImageNet input backends alone, on generated JPEGs")
+    p.add_argument("--root", default=None, help="an ImageFolder with train/ (default: generated JPEGs)")
+    p.add_argument("--backends", nargs="+", default=["torchvision", "gpu-decode", "dali"],
+                   choices=["torchvision", "gpu-decode", "dali"])
+    p.add_argument("--workers", nargs="+", type=int, default=[0, 2], help="worker counts (dali: threads)")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--image-size", type=_positive_int, default=224)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (gpu-decode and dali decode there)")
+    p.add_argument("--epochs", type=_positive_int, default=3, help="timed epochs after one warm-up epoch")
+    p.add_argument("--images", type=_positive_int, default=384, help="train images to generate")
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    p.set_defaults(func=_bench_data)
 
     args, extra = parser.parse_known_args(_resume_value(sys.argv[1:] if argv is None else list(argv)))
     if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):

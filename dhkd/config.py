@@ -20,6 +20,7 @@ import yaml
 
 METHODS = ("ce", "kd", "binary_kl", "ce_binary_kl", "dhkd")
 DATASETS = ("mnist1d", "cifar100", "imagenet", "synthetic")
+IMAGE_BACKENDS = ("torchvision", "gpu-decode", "dali")
 NUM_CLASSES = {"mnist1d": 10, "cifar100": 100, "imagenet": 1000}
 
 
@@ -89,8 +90,12 @@ class DataConfig:
                                        # class count, e.g. a 100-class subset); required for synthetic
     batch_size: int = 128              # per process and per micro-batch
     eval_batch_size: int | None = None
-    workers: int = 4
+    workers: int = 4                   # DataLoader worker processes per rank (dali: its CPU threads)
     pin_memory: bool = True
+    backend: str = "torchvision"       # imagenet input: torchvision | gpu-decode | dali (docs/training.md);
+                                       # the other datasets ignore it
+    prefetch: int = 2                  # batches prepared ahead (per worker; dali: pipeline queue depth)
+    bad_images: str = "error"          # an unreadable image file: error (naming it) | skip (count, log)
     image_size: int = 224              # imagenet / synthetic crop size
     mnist1d_samples: int = 5000        # total generated, 80% train / 20% test
     mnist1d_seed: int = 42
@@ -414,6 +419,12 @@ def _validate(cfg: Config) -> None:
     if d.eval_batch_size is not None:
         _positive("data.eval_batch_size", d.eval_batch_size)
     _positive("data.workers", d.workers, allow_zero=True)
+    _choice("data.backend", d.backend, IMAGE_BACKENDS)  # used by imagenet; the others have one input path
+    _positive("data.prefetch", d.prefetch)
+    _choice("data.bad_images", d.bad_images, ("error", "skip"))
+    if d.bad_images == "skip" and d.backend == "dali":
+        raise ConfigError("data.bad_images=skip is not available with data.backend=dali (DALI stops on a bad "
+                          "file, and the error names it); use data.backend=torchvision or gpu-decode to skip")
     if len(d.synthetic_shape) not in (1, 3) or min(d.synthetic_shape) < 1:
         _bad(f"data.synthetic_shape must be [L] or [C, H, W] of positive ints, got {d.synthetic_shape}")
 

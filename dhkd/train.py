@@ -275,6 +275,8 @@ class Trainer:
             self.data = build_data(cfg, rank=rank, world_size=world_size, device=self.device)
         except ValueError as exc:
             raise exc if isinstance(exc, ConfigError) else ConfigError(str(exc)) from None
+        if self.data.note:
+            self.log(self.data.note)  # the input backend and what it guarantees (docs/training.md)
         if self.data.train is not None and self.data.num_train:
             bad = batch_problem(cfg, self.data.num_train, world_size)
             if bad:

@@ -488,7 +488,7 @@ def _image_folder(root, classes=2, per_class=4, size=40):
 def test_imagefolder_pipeline_end_to_end(tmp_path):
     _image_folder(tmp_path / "imnet")
     c = load_config(CONFIGS / "imagenet/r34_r18_dhkd.yaml", FAST + [
-        f"data.root={tmp_path / 'imnet'}", "data.num_classes=2", "data.image_size=32", "data.batch_size=4",
+        f"data.root={tmp_path / 'imnet'}", "data.backend=torchvision", "data.num_classes=2", "data.image_size=32", "data.batch_size=4",
         "data.workers=0", "teacher.weights=null", "teacher.random_init=true", "train.compile=false",
         "train.epochs=2", "student.aux_head=mlp", "loss.ga=true", "loss.logit_weight_off_epoch=1"])
     trainer = Trainer(c, tmp_path / "run", **QUIET)
@@ -510,7 +510,7 @@ def test_augmentation_is_seeded_per_sample_and_epoch(tmp_path):
     batches = {}
     for workers in (0, 2):
         c = load_config(CONFIGS / "imagenet/r34_r18_dhkd.yaml", FAST + [
-            f"data.root={tmp_path / 'imnet'}", "data.num_classes=2", "data.image_size=16", "data.batch_size=3",
+            f"data.root={tmp_path / 'imnet'}", "data.backend=torchvision", "data.num_classes=2", "data.image_size=16", "data.batch_size=3",
             f"data.workers={workers}", "teacher.weights=null", "teacher.random_init=true"])
         data = build_data(c)
         for epoch in (0, 1):
@@ -533,7 +533,7 @@ def test_bf16_autocast_on_cpu(tmp_path, dhkd_cache, ga):  # noqa: F811
 
 def test_eval_of_an_imagefolder_run_needs_only_val(tmp_path):
     _image_folder(tmp_path / "imnet")
-    over = FAST + [f"data.root={tmp_path / 'imnet'}", "data.num_classes=2", "data.image_size=32", "data.batch_size=4",
+    over = FAST + [f"data.root={tmp_path / 'imnet'}", "data.backend=torchvision", "data.num_classes=2", "data.image_size=32", "data.batch_size=4",
                    "data.workers=0", "teacher.weights=null", "teacher.random_init=true", "train.compile=false",
                    "train.epochs=1"]
     c = load_config(CONFIGS / "imagenet/r34_r18_dhkd.yaml", over)

@@ -9,7 +9,11 @@ Every loader has ``set_epoch(e)``, ``len()`` (batches per epoch on this rank) an
 number of workers. ``rank``/``world_size`` shard the order like ``DistributedSampler`` (train: the
 tail that does not divide evenly is dropped; eval: every sample exactly once, shards may be uneven).
 
-NVIDIA DALI is not implemented here; the torchvision/DataLoader path is the only image backend.
+ImageNet (an ImageFolder) has three input backends, ``data.backend``: ``torchvision`` (decode and
+augment in DataLoader workers, ``folder.py``), ``gpu-decode`` (workers read bytes, the batch is decoded
+and augmented on the training device, ``folder.py``) and ``dali`` (NVIDIA DALI pipelines, ``dali.py``,
+whose augmentation is DALI's own: see its docstring). ``images.py`` holds the shared file list, decoding
+and transforms; ``fake_images.py`` writes JPEG ImageFolders for tests and ``bench.py`` times the backends.
 """
 from __future__ import annotations
 
@@ -21,8 +25,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .atomic import atomic_path
-from .config import Config, cache_dir
+from ..atomic import atomic_path
+from ..config import Config, cache_dir
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -145,6 +149,8 @@ class Data:
     std: tuple | None = None
     num_train: int = 0
     num_val: int = 0
+    note: str = ""              # one line for the run log: the input backend and what it guarantees
+    classes: list | None = None  # ImageFolder class names, index = label
     _stats: dict = field(default_factory=dict, repr=False)
 
     def prepare(self, x: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
@@ -157,10 +163,9 @@ class Data:
             self._stats[key] = (torch.tensor(self.mean, device=device).view(1, -1, 1, 1) * 255.0,
                                 torch.tensor(self.std, device=device).view(1, -1, 1, 1) * 255.0)
         mean, std = self._stats[key]
-        x = (x.float() - mean) / std
-        if channels_last:
+        if channels_last:  # on the uint8 batch, a quarter of the bytes; a no-op for NHWC (DALI) batches
             x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return (x.float() - mean) / std  # keeps the memory format
 
 
 # ---------------------------------------------------------------- MNIST-1D
@@ -201,7 +206,7 @@ def _image_loader(dataset, transform, cfg: Config, *, train: bool, rank: int, wo
         SeededDataset(dataset, transform, cfg.train.seed), batch_size=d.batch_size if train else
         (d.eval_batch_size or d.batch_size), sampler=sampler, num_workers=d.workers,
         pin_memory=d.pin_memory and device.type == "cuda", drop_last=train,
-        persistent_workers=d.workers > 0,
+        **({"persistent_workers": True, "prefetch_factor": d.prefetch} if d.workers > 0 else {}),
         generator=torch.Generator().manual_seed(cfg.train.seed))  # keeps the global RNG untouched
     return LoaderWithEpoch(loader, sampler)
 
@@ -235,29 +240,56 @@ def _cifar100(cfg: Config, rank: int, world_size: int, device: torch.device, wit
 
 
 def _imagenet(cfg: Config, rank: int, world_size: int, device: torch.device, with_train: bool) -> Data:
-    from torchvision import datasets, transforms
-    root = os.path.expanduser(cfg.data.root)
+    from .images import check_same_classes, image_list
+    d = cfg.data
+    root = os.path.expanduser(d.root)
     for split in ("train", "val") if with_train else ("val",):
         if not os.path.isdir(os.path.join(root, split)):
             raise FileNotFoundError(
                 f"ImageNet not found: expected the directory {os.path.join(root, split)} "
                 f"(an ImageFolder: one sub-directory of images per class under {root}/train and {root}/val)")
-    size = cfg.data.image_size
-    train_set = datasets.ImageFolder(os.path.join(root, "train")) if with_train else None
-    val_set = datasets.ImageFolder(os.path.join(root, "val"))
-    for name, ds in (("train", train_set), ("val", val_set)) if with_train else (("val", val_set),):
-        if len(ds.classes) != cfg.num_classes:
-            raise ValueError(f"{root}/{name} has {len(ds.classes)} class folders, expected {cfg.num_classes}")
-    train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
-                                   transforms.PILToTensor()])
-    val_tf = transforms.Compose([transforms.Resize(round(size * 256 / 224)), transforms.CenterCrop(size),
-                                 transforms.PILToTensor()])
-    return Data(_image_loader(train_set, train_tf, cfg, train=True, rank=rank, world_size=world_size,
-                              device=device) if with_train else None,
-                _image_loader(val_set, val_tf, cfg, train=False, rank=rank, world_size=world_size,
-                              device=device),
-                cfg.num_classes, "image", IMAGENET_MEAN, IMAGENET_STD, len(train_set) if with_train else 0,
-                len(val_set))
+    splits = {"val": image_list(os.path.join(root, "val"))}
+    if with_train:
+        splits["train"] = image_list(os.path.join(root, "train"))
+    for name, files in splits.items():
+        if len(files.classes) != cfg.num_classes:
+            raise ValueError(f"{root}/{name} has {len(files.classes)} class folders, expected {cfg.num_classes}")
+    if with_train:
+        check_same_classes(splits["train"], splits["val"])
+    loaders = {name: image_loader(files, cfg, train=name == "train", rank=rank, world_size=world_size,
+                                  device=device) for name, files in splits.items()}
+    return Data(loaders.get("train"), loaders["val"], cfg.num_classes, "image", IMAGENET_MEAN, IMAGENET_STD,
+                len(splits["train"]) if with_train else 0, len(splits["val"]),
+                note=backend_note(cfg, device), classes=splits["val"].classes)
+
+
+def image_loader(files, cfg: Config, *, train: bool, rank: int, world_size: int, device: torch.device):
+    """The loader of one ImageFolder split (``images.ImageList``) for ``cfg.data.backend``."""
+    d = cfg.data
+    batch = d.batch_size if train else (d.eval_batch_size or d.batch_size)
+    if d.backend == "dali":
+        from .dali import DaliLoader
+        sampler = EpochSampler(len(files), shuffle=train, seed=cfg.train.seed, rank=rank,
+                               world_size=world_size, drop_last=train)
+        return DaliLoader(files, sampler, train=train, size=d.image_size, batch_size=batch, threads=d.workers,
+                          prefetch=d.prefetch, device=device, seed=cfg.train.seed, rank=rank)
+    from .folder import folder_loader
+    return folder_loader(files, backend=d.backend, train=train, batch_size=batch, seed=cfg.train.seed,
+                         size=d.image_size, rank=rank, world_size=world_size, workers=d.workers,
+                         prefetch=d.prefetch, pin_memory=d.pin_memory, device=device,
+                         skip=d.bad_images == "skip")
+
+
+def backend_note(cfg: Config, device: torch.device) -> str:
+    d = cfg.data
+    where = {"torchvision": f"decode + augment in {d.workers} DataLoader workers",
+             "gpu-decode": f"{d.workers} workers read bytes, decode + augment on {device}",
+             "dali": f"DALI on {device}, {max(1, d.workers)} threads"}[d.backend]
+    if d.backend == "dali":
+        from .dali import NOTE
+        return f"[dhkd] data: {d.backend} ({where}); {NOTE}"
+    return (f"[dhkd] data: {d.backend} ({where}); order f(seed, epoch), augmentation f(seed, epoch, index): "
+            f"resume sees the batches of an uninterrupted run; bad images: {d.bad_images}")
 
 
 def _synthetic(cfg: Config, rank: int, world_size: int, device: torch.device, with_train: bool) -> Data:
