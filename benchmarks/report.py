@@ -3,9 +3,13 @@
     pytest benchmarks/ --benchmark-only --benchmark-json BENCH.json
     python benchmarks/report.py BENCH.json [MORE.json ...] --out DIR
 
+    python benchmarks/report.py RESULTS/gpu_check.json --out DIR [--update-doc docs/benchmarks.md]
+
 Writes DIR/benchmarks.md (one table per dtype and mode, then the training-step rows if any) and, per
 dtype and mode, DIR/time_<dtype>_<mode>.png and DIR/memory_<dtype>_<mode>.png (memory only when peak
-CUDA memory was recorded). Standalone: needs only the standard library and matplotlib.
+CUDA memory was recorded). Given the gpu_check.json of benchmarks/gpu_check.py instead, it writes
+DIR/gpu_section.md (GPU, driver, versions, date, the headline/correctness/training tables) and
+DIR/gpu_time.png, and with --update-doc replaces that section of a Markdown file. Standalone: needs only the standard library and matplotlib.
 """
 from __future__ import annotations
 
@@ -216,6 +220,150 @@ def render(json_paths, out_dir: str, *, with_charts: bool = True) -> str:
     return path
 
 
+def _is_gpu_check(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return '"stages"' in f.read(4096)
+    except OSError:
+        return False
+
+
+# ----------------------------------------------------------------------------- gpu_check results
+
+GPU_START, GPU_END = "<!-- gpu-check:start -->", "<!-- gpu-check:end -->"
+
+
+def _ms(cell):
+    return cell.get("ms") if isinstance(cell, dict) else None
+
+
+def _show(cell, label=None) -> str:
+    ms = _ms(cell)
+    if ms is None:
+        return cell.get("error", "—")[:30] if isinstance(cell, dict) else "—"
+    extra = cell.get("extra_mib")
+    return f"{ms:.3f}" + ("" if extra is None else f" ({extra:.0f})") + (f" ({label})" if label else "")
+
+
+def gpu_section(data: dict, charts_made: dict | None = None) -> str:
+    """The GPU section of docs/benchmarks.md from ``gpu_check.json`` (benchmarks/gpu_check.py)."""
+    env = data.get("env") or {}
+    st = data.get("stages", {})
+    out = [f"### Measured on {env.get('gpu')} ({env.get('date')})", "",
+           f"Driver {env.get('driver')}, CUDA {env.get('cuda')}, torch {env.get('torch')}, triton {env.get('triton')}, "
+           f"Python {env.get('python')}. `benchmarks/gpu_check.py`; stages:", ""]
+    for name, d in st.items():
+        out.append(f"- `{name}`: {d.get('status')}, {d.get('wall_s', 0):.0f} s of {d.get('budget_s', 0):.0f} s, "
+                   f"{d.get('compiles', 0)} Triton compiles, {d.get('compile_s', 0):.0f} s compiling")
+    head = st.get("headline", {})
+    if head.get("rows"):
+        out += ["", "Forward+backward median ms (peak extra MiB); ratios against the cuBLAS GEMM floor measured "
+                "in the same run:", "",
+                "| shape (N, D, C) | dtype | fused (plan) | × floor | other engine | GEMM floor | torch path | "
+                "torch.compile(ref) | fused vs compile | partial peers |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in head["rows"]:
+            dims = f"| {r['shape']} ({r['N']}, {r['D']}, {r['C']}) | {r['dtype']} |"
+            if "skipped" in r:
+                out.append(f"{dims} skipped: {r['skipped']} | | | | | | | |")
+                continue
+            cells = r.get("cells", {})
+            fused = [k for k in cells if k.startswith("fused ")]  # the automatic plan first, then the other engine
+            auto = cells.get(fused[0]) if fused else None
+            other = cells.get(fused[1]) if len(fused) > 1 else None
+            f_ms, floor = _ms(auto), _ms(cells.get("gemm floor"))
+            comp = _ms(cells.get("torch.compile(reference)"))
+            peers = "; ".join(f"{k.split(' (')[0]} {_ms(v):.3f}" for k, v in cells.items()
+                              if "only" in k and _ms(v) is not None) or "—"
+            out.append(" ".join([
+                dims, _show(auto, fused[0][6:] if fused else None), "|",
+                f"{f_ms / floor:.2f}" if (f_ms and floor) else "—", "|",
+                _show(other, fused[1][6:] if other is not None else None), "|",
+                _show(cells.get("gemm floor")), "|", _show(cells.get("torch path")), "|",
+                _show(cells.get("torch.compile(reference)")), "|",
+                f"{comp / f_ms:.1f}x" if (comp and f_ms) else "—", "|", peers, "|"]))
+        if head.get("peers"):
+            out += ["", "Partial peers (main-head CE only, not the whole loss): " + ", ".join(head["peers"])]
+    corr = st.get("correctness", {})
+    if corr.get("checks"):
+        ok = sum(1 for c in corr["checks"] if c.get("ok"))
+        out += ["", f"GPU correctness against float64: {ok}/{len(corr['checks'])} checks passed", ""]
+        out += [f"- {'ok' if c.get('ok') else ('skipped' if c.get('ok') is None else 'FAIL')} {c['check']}: "
+                f"{c['detail']}" for c in corr["checks"]]
+    train = st.get("train", {})
+    if train.get("rows"):
+        out += ["", "ResNet-34 → ResNet-18 DHKD training step, batch 256, bf16 autocast, channels_last:", "",
+                "| variant | img/s | step ms | loss fwd+bwd ms | loss share of the step |", "|---|---|---|---|---|"]
+        for r in train["rows"]:
+            if "error" in r:
+                out.append(f"| {r['variant']} | {r['error']} | | | |")
+            else:
+                out.append(f"| {r['variant']} | {r['images_per_s']:.0f} | {r['step_ms']:.1f} | {r['loss_ms']:.2f} | "
+                           f"{100 * r['loss_share']:.1f}% |")
+    for title, fname in (charts_made or {}).items():
+        out += ["", f"![{title}]({fname})"]
+    return "\n".join(out) + "\n"
+
+
+def gpu_charts(data: dict, out_dir: str) -> dict:
+    """fused / floor per shape and every provider's ms per shape (log scale), as PNGs."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return {}
+    rows = [r for r in data.get("stages", {}).get("headline", {}).get("rows", []) if r.get("cells")]
+    if not rows:
+        return {}
+    made = {}
+    labels = [f"{r['shape']}\n{r['dtype']}" for r in rows]
+    providers = []
+    for r in rows:
+        for k in r["cells"]:
+            if k not in providers:
+                providers.append(k)
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(rows)), 4))
+    width = 0.8 / max(len(providers), 1)
+    for i, prov in enumerate(providers):
+        vals = [_ms(r["cells"].get(prov)) or float("nan") for r in rows]
+        ax.bar([x + i * width for x in range(len(rows))], vals, width, label=prov)
+    ax.set_yscale("log")
+    ax.set_ylabel("forward+backward ms (median)")
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))], labels, fontsize=7)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "gpu_time.png"), dpi=120)
+    plt.close(fig)
+    made["forward+backward time per provider"] = "gpu_time.png"
+    return made
+
+
+def render_gpu(json_path: str, out_dir: str, *, with_charts: bool = True, update_doc: str | None = None) -> str:
+    with open(json_path, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or "stages" not in data:
+        raise ValueError(f"{json_path} is not a gpu_check.json (no 'stages')")
+    os.makedirs(out_dir, exist_ok=True)
+    made = gpu_charts(data, out_dir) if with_charts else {}
+    text = gpu_section(data, made)
+    path = os.path.join(out_dir, "gpu_section.md")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    if update_doc:
+        doc = open(update_doc, encoding="utf-8").read()
+        if GPU_START not in doc or GPU_END not in doc:
+            raise ValueError(f"{update_doc} has no {GPU_START} ... {GPU_END} markers")
+        head, rest = doc.split(GPU_START, 1)
+        _, tail = rest.split(GPU_END, 1)
+        new = head + GPU_START + "\n" + text + GPU_END + tail
+        with open(update_doc + ".tmp", "w", encoding="utf-8") as f:
+            f.write(new)
+        os.replace(update_doc + ".tmp", update_doc)
+    return path
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="report.py", description=__doc__.split("\n")[0])
     parser.add_argument("json", nargs="+",
@@ -223,10 +371,20 @@ def main(argv=None) -> int:
                              "e.g. a GPU suite run in pieces with -k")
     parser.add_argument("--out", required=True, help="directory for benchmarks.md and the PNG charts")
     parser.add_argument("--no-charts", action="store_true", help="write the Markdown table only")
+    parser.add_argument("--update-doc", default=None,
+                        help="with a gpu_check.json: also replace the GPU section of this Markdown file "
+                             f"(between {GPU_START} and {GPU_END})")
     args = parser.parse_args(argv)
     for path in args.json:
         if not os.path.isfile(path):
             parser.error(f"no such file: {path}")
+    if len(args.json) == 1 and _is_gpu_check(args.json[0]):
+        try:
+            path = render_gpu(args.json[0], args.out, with_charts=not args.no_charts, update_doc=args.update_doc)
+        except (ValueError, OSError) as e:
+            parser.error(str(e))
+        print(f"wrote {path}")
+        return 0
     try:
         path = render(args.json, args.out, with_charts=not args.no_charts)
     except (ValueError, RuntimeError) as e:

@@ -68,7 +68,7 @@ def build_step(precision, compiled, loss, device, *, batch=BATCH, image_size=224
             feats, aux = features_of(x)
         return feats, aux, t.float()
 
-    def step(x, y):
+    def step(x, y, loss=loss):
         feats, aux, t = forward(x)
         value = _loss(loss, student, feats, aux, t, y)
         opt.zero_grad(set_to_none=True)
@@ -77,7 +77,7 @@ def build_step(precision, compiled, loss, device, *, batch=BATCH, image_size=224
         sync(device)
         return value.detach()
 
-    def check():
+    def check(loss=loss):
         x, y = batches[0]
         feats, aux, t = forward(x)
         got = _loss(loss, student, feats, aux, t, y)
@@ -86,7 +86,7 @@ def build_step(precision, compiled, loss, device, *, batch=BATCH, image_size=224
         want = _loss_fn("reference")(*ref, y, **STEP_LOSS)
         return rel_err(got, want), (feats, aux, t, y)
 
-    def loss_only_fn(feats, aux, t, y):
+    def loss_only_fn(feats, aux, t, y, loss=loss):
         f_det = feats.detach().requires_grad_(True)
         a_det = None if aux is None else aux.detach().requires_grad_(True)
 

@@ -19,7 +19,7 @@ of the (N, C) problem, stored with row strides ``stride_z1`` / ``stride_z2``.
             dz2 = lg_w (tau/2) tanh((z2 - t)/(2 tau))   [BinaryKL-Norm]
             dz2 = lg_w tau (sig(z2/tau) - sig(t/tau))    [BinaryKL]
         written over z2. dz is unscaled (no grad_output, no 1/|V|): the GEMMs apply the scale in fp32.
-    Per row it writes ce, kd, the logit-loss sum (added to the previous value with ACC_LOGIT, for class
+    Per row it writes ce, kd, the logit-loss sum (added to the previous value with acc_logit, for class
     slabs) and correct into ``rows`` (4, N); with COLSUM1/COLSUM2 the column sums of dz1/dz2 over its
     rows into ``cs`` (programs, W), reduced by ``colsum_kernel`` into the bias gradients.
     Rows not in V read as zeros (garbage, NaN included, in ignored rows never reaches a result) and get
@@ -32,7 +32,7 @@ of the (N, C) problem, stored with row strides ``stride_z1`` / ``stride_z2``.
 ``finalize_kernel``  one program: reduces ``rows`` over the valid rows in a fixed order into loss,
     terms (3,), correct and n_valid; with PER_ROW also the (N,) weighted per-row losses.
 
-``colsum_kernel``  grid (cdiv(W, BLOCK),  heads): sums the programs' column-sum partials in a fixed
+``colsum_kernel``  grid (cdiv(W, BLOCK), heads): sums the programs' column-sum partials in a fixed
     order; out (+)= scale * sum (scale = grad_output / max(|V|, 1) as device scalars).
 
 ``scale_kernel``  grid (cdiv(M, BLOCK_M), cdiv(P, BLOCK_P)): out = scale * in (any strides, dtype cast),
@@ -93,7 +93,7 @@ def _store_rounded(ptrs, v, mask, INTERP_BF16: tl.constexpr):
     tl.store(ptrs, v.to(ptrs.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R", "W", "acc_logit"])
 def epilogue_kernel(
     # pointers: stored logits of the block (read, then overwritten with dz); teacher (N, C); labels (N,);
     # biases (C,) (any float dtype); rows (4, N) fp32 per-row terms; cs1/cs2 (programs, W) fp32 partials
@@ -102,12 +102,12 @@ def epilogue_kernel(
     N, C, R, W, row0, col0,
     # strides, in elements
     stride_z1, stride_z2, stride_tn, stride_tc,
-    # scalars: term weights and temperatures (kd_w_t = kd_w T)
-    ce_w, kd_w_t, inv_kd_t, kd_t2, lg_w, inv_tau, tau2, ignore_index,
+    # scalars: term weights and temperatures (kd_w_t = kd_w T); acc_logit: add to the previous logit sums
+    ce_w, kd_w_t, inv_kd_t, kd_t2, lg_w, inv_tau, tau2, ignore_index, acc_logit,
     # meta-parameters: which terms (stats) and which gradients
     MAIN: tl.constexpr, KD_STATS: tl.constexpr, AUX: tl.constexpr, GRAD_CE: tl.constexpr,
     GRAD_KD: tl.constexpr, GRAD_AUX: tl.constexpr, KL_NORM: tl.constexpr, HAS_B1: tl.constexpr,
-    HAS_B2: tl.constexpr, ACC_LOGIT: tl.constexpr, COLSUM1: tl.constexpr, COLSUM2: tl.constexpr,
+    HAS_B2: tl.constexpr, COLSUM1: tl.constexpr, COLSUM2: tl.constexpr,
     INTERP_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -261,7 +261,7 @@ def epilogue_kernel(
         tl.store(rp + 3 * N, tl.where(valid & (~bad), correct, 0.0), mask=rmask)
     if AUX:
         lg = tl.where(bad, nan, tl.where(valid, tau2 * lg, 0.0))
-        if ACC_LOGIT:
+        if acc_logit != 0:
             lg += tl.load(rp + 2 * N, mask=rmask, other=0.0)
         tl.store(rp + 2 * N, lg, mask=rmask)
 
@@ -332,68 +332,66 @@ def finalize_kernel(
 
 
 @triton.jit
-def _scale_value(g_ptr, nvalid_ptr, HAS_G: tl.constexpr, MEAN: tl.constexpr):
-    """grad_output (or 1) divided by max(|V|, 1) for the mean (or 1): device scalars, no host sync."""
+def _scale_value(g_ptr, nvalid_ptr, has_g, mean):
+    """grad_output (or 1) divided by max(|V|, 1) for the mean (or 1): device scalars, no host sync.
+    ``has_g``/``mean`` may be constexprs or runtime flags."""
     s = 1.0
-    if HAS_G:
+    if has_g:
         s = tl.load(g_ptr).to(tl.float32)
-    if MEAN:
+    if mean:
         s = s / tl.maximum(tl.load(nvalid_ptr), 1).to(tl.float32)
     return s
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P", "W", "acc", "head0", "has_g", "mean"])
 def colsum_kernel(
     # pointers: partials (P, W) fp32 per head; outputs (W,) per head (fp32 or the bias dtype);
     # grad_output () and n_valid () for the scale
     cs1_ptr, cs2_ptr, out1_ptr, out2_ptr, g_ptr, nvalid_ptr,
-    # sizes: P partial rows, W columns
-    P, W,
-    # meta-parameters: ACC adds to the previous output; HEADS 1 (head 1 only), 2 (head 2 only) or 3
-    ACC: tl.constexpr, HEADS: tl.constexpr, HAS_G: tl.constexpr, MEAN: tl.constexpr,
+    # sizes: P partial rows, W columns; runtime flags: acc adds to the previous output, head0 = the
+    # head of grid row 0 (0 or 1; a second grid row is head 1), has_g / mean select the scale
+    P, W, acc, head0, has_g, mean,
     BLOCK: tl.constexpr,
 ):
     cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     cmask = cols < W
-    s = _scale_value(g_ptr, nvalid_ptr, HAS_G, MEAN)
-    head = tl.program_id(1)
-    if HEADS == 2:
-        head = 1
+    s = _scale_value(g_ptr, nvalid_ptr, has_g != 0, mean != 0)
     cs_ptr = cs1_ptr
     out_ptr = out1_ptr
-    if head == 1:
+    if tl.program_id(1) + head0 == 1:
         cs_ptr = cs2_ptr
         out_ptr = out2_ptr
-    acc = tl.zeros((BLOCK,), tl.float32)
+    total = tl.zeros((BLOCK,), tl.float32)
     for p in range(0, P):
-        acc += tl.load(cs_ptr + p * W + cols, mask=cmask, other=0.0)
-    acc = acc * s
-    if ACC:
-        acc += tl.load(out_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
+        total += tl.load(cs_ptr + p * W + cols, mask=cmask, other=0.0)
+    total = total * s
+    if acc != 0:
+        total += tl.load(out_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + cols, total.to(out_ptr.dtype.element_ty), mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "P", "stride_im", "stride_om", "ignore_index", "mask_rows", "has_g", "mean"])
 def scale_kernel(
     # pointers: in (M, P), out (M, P) (may be the same tensor), labels (M,), grad_output, n_valid
     in_ptr, out_ptr, y_ptr, g_ptr, nvalid_ptr,
     # sizes, strides
     M, P, stride_im, stride_ip, stride_om, stride_op, ignore_index,
-    # meta-parameters: MASK_ROWS zeroes the rows not in V; ROW_G scales row i by g[i] (per-row grads)
-    MASK_ROWS: tl.constexpr, HAS_G: tl.constexpr, ROW_G: tl.constexpr, MEAN: tl.constexpr,
-    INTERP_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+    # runtime flags: mask_rows zeroes the rows not in V; has_g / mean select the scale
+    mask_rows, has_g, mean,
+    # meta-parameters: ROW_G scales row i by g[i] (per-row grads)
+    ROW_G: tl.constexpr, INTERP_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     rp = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
     mmask = rm < M
     m2d = mmask[:, None] & (rp < P)[None, :]
     if ROW_G:
-        s = _scale_value(g_ptr, nvalid_ptr, False, MEAN)
+        s = _scale_value(g_ptr, nvalid_ptr, False, mean != 0)
         srow = s * tl.load(g_ptr + rm, mask=mmask, other=0.0).to(tl.float32)
     else:
-        srow = tl.zeros((BLOCK_M,), tl.float32) + _scale_value(g_ptr, nvalid_ptr, HAS_G, MEAN)
+        srow = tl.zeros((BLOCK_M,), tl.float32) + _scale_value(g_ptr, nvalid_ptr, has_g != 0, mean != 0)
     keep = m2d
-    if MASK_ROWS:
+    if mask_rows != 0:
         y = tl.load(y_ptr + rm, mask=mmask, other=ignore_index).to(tl.int64)
         keep = keep & (y != ignore_index)[:, None]
     v = tl.load(in_ptr + rm[:, None] * stride_im + rp[None, :] * stride_ip, mask=keep, other=0.0).to(tl.float32)

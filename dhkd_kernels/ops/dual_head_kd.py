@@ -123,6 +123,11 @@ def _buffer(shape, dtype, device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _f32_placeholder(device) -> Tensor:
+    """An fp32 pointer for a slot the kernel does not read (one specialization whatever is absent)."""
+    return torch.empty(0, dtype=F32, device=device)
+
+
 def _empty(device) -> Tensor:
     return torch.empty(0, dtype=F32, device=device)
 
@@ -140,6 +145,10 @@ def _dot_precision(dtype: torch.dtype, tf32: bool) -> str:
 
 def _interp_bf16(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype == torch.bfloat16 and _interpreted(device)
+
+
+def _round16(v: int) -> int:
+    return -(-v // 16) * 16
 
 
 def _pow2(v: int, lo: int, hi: int) -> int:
@@ -204,7 +213,8 @@ def _epi_config(r: int, w: int, colsum: bool, device) -> Tuple[int, int, int]:
     """(BLOCK_R, BLOCK_C, warps) of ``epilogue_kernel`` over a block of r rows x w classes."""
     if _interpreted(device):
         return 4, 16, 1
-    br = _pow2(r // (2 * _sm_count(device)), 2, 16)
+    # at least 4 rows with column sums: 2-row tiles with both column sums spilled 16 bytes (fp32, sm_90)
+    br = _pow2(r // (2 * _sm_count(device)), 4 if colsum else 2, 16)
     if colsum:
         while br < 64 and triton.cdiv(r, br) * w * 4 > PARTIAL_BYTES:
             br *= 2
@@ -308,18 +318,19 @@ def _mm(a: Tensor, b: Tensor, out: Tensor, *, beta: int = 0, kind: str) -> None:
 
 def _scale(src: Tensor, out: Tensor, y: Tensor, g: Optional[Tensor], n_valid: Tensor, *, mask_rows: bool,
            mean: bool, ignore_index: int, row_g: bool = False) -> None:
-    """out = s src (rows not in V zeroed with ``mask_rows``), s = g / max(|V|, 1) (mean) on the device."""
+    """out = s src (rows not in V zeroed with ``mask_rows``), s = g / max(|V|, 1) (mean) on the device.
+    The flags are runtime arguments: one compiled specialization serves every use with these dtypes."""
     m, p = src.shape
     if m == 0 or p == 0:
         return
     dev = src.device
     bm, bp = (16, 16) if _interpreted(dev) else (32, 128)
     _launch(E.scale_kernel, (triton.cdiv(m, bm), triton.cdiv(p, bp)),
-            src, out, y, g if g is not None else n_valid, n_valid, m, p,
+            src, out, y, g if g is not None else _f32_placeholder(dev), n_valid, m, p,
             src.stride(0), src.stride(1), out.stride(0), out.stride(1), ignore_index,
+            int(mask_rows), int(g is not None), int(mean),
             name="scale_kernel", nbytes=m * p * (src.element_size() + out.element_size()),
-            MASK_ROWS=mask_rows, HAS_G=g is not None, ROW_G=row_g, MEAN=mean,
-            INTERP_BF16=_interp_bf16(out.dtype, dev), BLOCK_M=bm, BLOCK_P=bp, **_opts(4, 1, dev))
+            ROW_G=row_g, INTERP_BF16=_interp_bf16(out.dtype, dev), BLOCK_M=bm, BLOCK_P=bp, **_opts(4, 1, dev))
 
 
 def _epilogue(wk, o, z1, z2, t, y, b1, b2, rows, cs1, cs2, *, r0, R, c0, W, main, aux, g_ce, g_kd, g_aux,
@@ -338,11 +349,11 @@ def _epilogue(wk, o, z1, z2, t, y, b1, b2, rows, cs1, cs2, *, r0, R, c0, W, main
             z1.stride(0) if z1 is not None else 0, z2.stride(0) if z2 is not None else 0,
             t.stride(0), t.stride(1),
             o.ce_w, o.kd_w * o.kd_t, 1.0 / o.kd_t, o.kd_t * o.kd_t, o.lg_w, 1.0 / o.tau, o.tau * o.tau,
-            o.ignore_index,
+            o.ignore_index, int(acc_logit),
             name="epilogue_kernel", nbytes=nbytes,
             MAIN=main, KD_STATS=main and wk.kd_stats, AUX=aux, GRAD_CE=g_ce, GRAD_KD=g_kd, GRAD_AUX=g_aux,
             KL_NORM=o.kl_norm, HAS_B1=b1 is not None and main, HAS_B2=b2 is not None and aux,
-            ACC_LOGIT=acc_logit, COLSUM1=colsum1, COLSUM2=colsum2,
+            COLSUM1=colsum1, COLSUM2=colsum2,
             INTERP_BF16=_interp_bf16(z1.dtype if z1 is not None else z2.dtype, dev),
             BLOCK_R=br, BLOCK_C=bc, **_opts(warps, 1, dev))
 
@@ -359,6 +370,7 @@ def _finalize(wk, o, rows, y, loss, terms, correct, n_valid, per_row):
 
 
 def _colsum(cs1, cs2, out1, out2, P, W, g, n_valid, *, acc, heads, mean):
+    """Bias gradients from the epilogue's column-sum partials: heads 1, 2 or 3 (both)."""
     dev = n_valid.device
     block = 16 if _interpreted(dev) else 512
     any_cs = cs1 if cs1 is not None else cs2
@@ -366,9 +378,10 @@ def _colsum(cs1, cs2, out1, out2, P, W, g, n_valid, *, acc, heads, mean):
     _launch(E.colsum_kernel, (triton.cdiv(W, block), 2 if heads == 3 else 1),
             cs1 if cs1 is not None else any_cs, cs2 if cs2 is not None else any_cs,
             out1 if out1 is not None else any_out, out2 if out2 is not None else any_out,
-            g if g is not None else n_valid, n_valid, P, W,
+            g if g is not None else _f32_placeholder(dev), n_valid, P, W, int(acc), 1 if heads == 2 else 0,
+            int(g is not None), int(mean),
             name="colsum_kernel", nbytes=(P * W * 4 + W * 8) * (2 if heads == 3 else 1),
-            ACC=acc, HEADS=heads, HAS_G=g is not None, MEAN=mean, BLOCK=block, **_opts(4, 1, dev))
+            BLOCK=block, **_opts(4, 1, dev))
 
 
 # ----------------------------------------------------------------------------- options
@@ -501,16 +514,18 @@ def _forward_chunked(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows, n_valid, nee
     if wk.f32:
         accx = gx if (need_x and (wk.g_main or (wk.shared and wk.g_aux))) else None
         acca = ga if (need_a and wk.g_aux) else None
-    zbuf = _buffer((max(plan.rows * c * int(wk.main), n * plan.slab * int(wk.aux)),), dt, dev)
+    zbuf = _buffer((max(plan.rows * c * int(wk.main), n * _round16(plan.slab) * int(wk.aux)),), dt, dev)
     x_acc_started = False
     if wk.aux:
         dxa = accx if wk.shared else acca  # where dz2 W2 goes
         for s0 in range(0, c, plan.slab):
             sc = min(plan.slab, c - s0)
-            z2 = zbuf[: n * sc].view(n, sc)
+            # row stride rounded up to 16 elements: every slab, the last included, has aligned rows
+            # (and the epilogue one specialization for all of them)
+            z2 = zbuf[: n * _round16(sc)].view(n, _round16(sc))[:, :sc]
             _mm(a_, w2[s0:s0 + sc].t(), z2, kind=kind)
             colsum2 = bool(need_b2)
-            br, bc, warps = _epi_config(n, sc, colsum2, dev)
+            br, bc, warps = _epi_config(n, plan.slab, colsum2, dev)  # one config for every slab
             cs2 = _buffer((triton.cdiv(n, br), sc), F32, dev) if colsum2 else None
             _epilogue(wk, o, None, z2, t, y, None, b2, rows, None, cs2, r0=0, R=n, c0=s0, W=sc, main=False,
                       aux=True, g_ce=False, g_kd=False, g_aux=wk.g_aux, acc_logit=s0 > 0, colsum1=False,
@@ -531,7 +546,7 @@ def _forward_chunked(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows, n_valid, nee
             z1 = zbuf[: rc * c].view(rc, c)
             _mm(x[r0:r0 + rc], w1.t(), z1, kind=kind)
             colsum1 = bool(need_b1)
-            br, bc, warps = _epi_config(rc, c, colsum1, dev)
+            br, bc, warps = _epi_config(plan.rows, c, colsum1, dev)  # one config for every chunk
             cs1 = _buffer((triton.cdiv(rc, br), c), F32, dev) if colsum1 else None
             _epilogue(wk, o, z1, None, t, y, b1, None, rows, cs1, None, r0=r0, R=rc, c0=0, W=c, main=True,
                       aux=False, g_ce=wk.g_main and bool(o.ce_w), g_kd=wk.g_main and bool(o.kd_w), g_aux=False,
@@ -716,12 +731,12 @@ def _backward_cublas(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, cs1, cs2, gx,
 def _scale_grads(grads: List[Tensor], g: Tensor) -> None:
     """grads *= g in place (the chunked plan's backward), one launch per gradient."""
     g = g.reshape(())
+    unused = torch.empty(0, dtype=torch.int64, device=g.device)  # labels / |V| slots, never read here
     for gr in grads:
         if gr.numel() == 0:
             continue
-        m = gr.shape[0]
-        flat = gr.view(m, -1)
-        _scale(flat, flat, flat, g, g, mask_rows=False, mean=False, ignore_index=0)
+        flat = gr.view(gr.shape[0], -1) if gr.dim() > 1 else gr.view(1, -1)
+        _scale(flat, flat, unused, g, unused, mask_rows=False, mean=False, ignore_index=0)
 
 
 # ----------------------------------------------------------------------------- torch.library ops
