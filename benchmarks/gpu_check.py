@@ -528,6 +528,8 @@ def correctness_cases(smoke=False):
          4 * 2**20, {}, "ref"),
         ("bitwise determinism, chunked", dict(n=512, d=128, c=4999), "bf16", False, "cublas", 4 * 2**20, {}, "det"),
         ("bf16 C=128250", dict(n=256, d=128, c=128250), "bf16", False, None, None, {}, "ref"),
+        ("bf16 teacher head, reduction none, label smoothing", dict(base, dt=64), "bf16", False, None, None,
+         dict(reduction="none", label_smoothing=0.1), "ref"),
     ]
 
 

@@ -43,7 +43,8 @@ def _choice(name: str, value, choices: tuple) -> None:
 
 def validate(features, head_weight, head_bias, aux_weight, aux_bias, teacher_logits, labels, *,
              aux_features, ce_weight, kd_weight, logit_weight, kd_temperature, logit_temperature,
-             logit_loss, ignore_index, reduction, backend) -> None:
+             logit_loss, ignore_index, reduction, backend, teacher_features=None, teacher_weight=None,
+             teacher_bias=None, label_smoothing=0.0) -> None:
     """Check every argument of ``fused_dual_head_kd_loss``; raise ValueError/TypeError naming the culprit."""
     _tensor("features", features, 2)
     n, d = features.shape
@@ -67,8 +68,25 @@ def validate(features, head_weight, head_bias, aux_weight, aux_bias, teacher_log
         if bias is not None:
             _tensor(name, bias, 1)
             _shape(name, bias, (c,), "(C,)")
-    _tensor("teacher_logits", teacher_logits, 2)
-    _shape("teacher_logits", teacher_logits, (n, c), "(N, C)")
+    head = (teacher_features, teacher_weight, teacher_bias)
+    if teacher_logits is not None and any(v is not None for v in head):
+        raise ValueError("pass either teacher_logits or teacher_features/teacher_weight/teacher_bias, not both")
+    if teacher_logits is None:
+        if teacher_features is None or teacher_weight is None:
+            raise ValueError("the teacher is missing: pass teacher_logits (N, C), or teacher_features (N, D_t) "
+                             "with teacher_weight (C, D_t) (and optionally teacher_bias (C,))")
+        _tensor("teacher_features", teacher_features, 2)
+        if teacher_features.shape[0] != n:
+            raise ValueError(f"teacher_features must have shape (N, D_t) with N = {n} rows like features, "
+                             f"got {tuple(teacher_features.shape)}")
+        _tensor("teacher_weight", teacher_weight, 2)
+        _shape("teacher_weight", teacher_weight, (c, teacher_features.shape[1]), "(C, D_t)")
+        if teacher_bias is not None:
+            _tensor("teacher_bias", teacher_bias, 1)
+            _shape("teacher_bias", teacher_bias, (c,), "(C,)")
+    else:
+        _tensor("teacher_logits", teacher_logits, 2)
+        _shape("teacher_logits", teacher_logits, (n, c), "(N, C)")
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype not in (torch.int64, torch.int32):
@@ -77,7 +95,8 @@ def validate(features, head_weight, head_bias, aux_weight, aux_bias, teacher_log
 
     named = [("features", features), ("head_weight", head_weight), ("head_bias", head_bias),
              ("aux_weight", aux_weight), ("aux_bias", aux_bias), ("teacher_logits", teacher_logits),
-             ("labels", labels), ("aux_features", aux_features)]
+             ("labels", labels), ("aux_features", aux_features), ("teacher_features", teacher_features),
+             ("teacher_weight", teacher_weight), ("teacher_bias", teacher_bias)]
     devices = {name: x.device for name, x in named if x is not None}
     if len(set(devices.values())) > 1:
         raise ValueError(f"all tensors must be on one device, got {devices}")
@@ -86,6 +105,9 @@ def validate(features, head_weight, head_bias, aux_weight, aux_bias, teacher_log
         _number(name, w, positive=False)
     for name, temp in (("kd_temperature", kd_temperature), ("logit_temperature", logit_temperature)):
         _number(name, temp, positive=True)
+    eps = _number("label_smoothing", label_smoothing, positive=False)
+    if eps > 1:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
     _choice("logit_loss", logit_loss, LOGIT_LOSSES)
     _choice("reduction", reduction, REDUCTIONS)
     _choice("backend", backend, BACKENDS)

@@ -171,6 +171,19 @@ def estimate_table(gpu: str = "H200", dhk=None) -> str:
                      f"{rec.matmul_flops / 1e12:.3f} | {floor_flops(n, c, d) / 1e12:.3f} | "
                      f"{rec.hbm_bytes / 1e9:.2f} | {est * 1e3:.3f} | {floor * 1e3:.3f} | {est / floor:.2f} | "
                      f"{plan.extra_bytes / 2**20:.0f} |")
+    lines += ["", "The teacher as last hidden states + LM head (``teacher_features``, ``teacher_weight``; "
+              "the DHKD recipe, CE + BinaryKL-Norm, KD off): the floor gains one teacher product, 2 N C D_t.", "",
+              "| shape | D_t | plan | launches | matmul TFLOP | floor TFLOP | est. ms | floor est. ms | est. / floor | "
+              "extra MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, n, d, c in SHAPES[-2:]:
+        for dt in (4096, 8192):
+            rec, plan = dhk.simulate(n, d, c, dtype="bf16", teacher_width=dt, kd_weight=0.0)
+            est = rec.estimate_s(gpu)
+            fl = (floor_flops(n, c, d) + 2 * n * c * dt)
+            floor = fl / (spec["bf16"] * EFFICIENCY["cublas"])
+            lines.append(f"| {name} | {dt} | {plan.describe()} | {rec.n_launches} | {rec.matmul_flops / 1e12:.3f} | "
+                         f"{fl / 1e12:.3f} | {est * 1e3:.3f} | {floor * 1e3:.3f} | {est / floor:.2f} | "
+                         f"{plan.extra_bytes / 2**20:.0f} |")
     return "\n".join(lines)
 
 

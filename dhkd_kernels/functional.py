@@ -8,6 +8,7 @@ from torch import nn
 
 from . import reference
 from ._validation import check_label_values, validate
+from .ops import TeacherHead
 from .ops.chunked import chunked_dual_head_kd_loss
 
 _CHECK_LABELS = os.environ.get("DHKD_CHECK_LABELS", "0") == "1"
@@ -69,10 +70,14 @@ def fused_dual_head_kd_loss(
     head_bias: torch.Tensor | None,
     aux_weight: torch.Tensor,
     aux_bias: torch.Tensor | None,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
     labels: torch.Tensor,
     *,
     aux_features: torch.Tensor | None = None,
+    teacher_features: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
     ce_weight: float = 1.0,
     kd_weight: float = 0.0,
     logit_weight: float = 1.0,
@@ -90,10 +95,16 @@ def fused_dual_head_kd_loss(
     aux_bias (C,) or None; teacher_logits (N, C), any float dtype, no gradient; labels (N,) int64/int32;
     aux_features (N, D_aux), defaulting to ``features`` (a linear auxiliary head).
 
+    LLM form: ``teacher_logits=None`` with ``teacher_features`` (N, D_t), ``teacher_weight`` (C, D_t) and
+    ``teacher_bias`` (C,) or None: the teacher logits t = teacher_features teacher_weight^T + teacher_bias
+    are computed inside, chunk by chunk, without a gradient, and never held whole. ``label_smoothing``
+    eps applies to the CE term exactly as in ``F.cross_entropy(..., label_smoothing=eps)``.
+
     With z1 = features W1^T + b1 and z2 = aux_features W2^T + b2 (see ``dhkd_kernels.reference``):
         loss = ce_weight CE(z1, y) + kd_weight KD_T(z1, t) + logit_weight L_tau(z2, t)
     with L = BinaryKL-Norm (default) or BinaryKL, summed over the rows whose label is not
-    ``ignore_index`` and divided by their count for ``reduction="mean"`` (0 when there are none).
+    ``ignore_index`` and divided by their count for ``reduction="mean"`` (0 when there are none);
+    ``reduction="none"`` returns the (N,) fp32 per-row weighted losses, 0 for ignored rows.
 
     Backends: "auto" (Triton kernels for CUDA tensors, else "torch"), "triton", "torch" (chunked
     PyTorch with an analytic backward), "reference" (plain PyTorch autograd, in the inputs' dtype).
@@ -105,18 +116,20 @@ def fused_dual_head_kd_loss(
     :func:`set_label_check`).
 
     Returns the loss, or with ``return_components=True`` ``(loss, dict)`` whose ``ce``, ``kd``, ``logit``
-    are the unweighted terms reduced like the loss (detached), ``correct`` the number of valid rows whose
-    first arg-max of z1 is the label, and ``n_valid`` the number of valid rows.
+    are the unweighted terms reduced like the loss (detached; per row (N,) for "none"), ``correct`` the
+    number of valid rows whose first arg-max of z1 is the label (per row, bool, for "none"), and
+    ``n_valid`` the number of valid rows.
     """
     validate(features, head_weight, head_bias, aux_weight, aux_bias, teacher_logits, labels,
              aux_features=aux_features, ce_weight=ce_weight, kd_weight=kd_weight,
              logit_weight=logit_weight, kd_temperature=kd_temperature,
              logit_temperature=logit_temperature, logit_loss=logit_loss, ignore_index=ignore_index,
-             reduction=reduction, backend=backend)
+             reduction=reduction, backend=backend, teacher_features=teacher_features,
+             teacher_weight=teacher_weight, teacher_bias=teacher_bias, label_smoothing=label_smoothing)
     opts = dict(ce_weight=float(ce_weight), kd_weight=float(kd_weight), logit_weight=float(logit_weight),
                 kd_temperature=float(kd_temperature), logit_temperature=float(logit_temperature),
                 logit_loss=logit_loss, ignore_index=int(ignore_index), reduction=reduction,
-                return_components=bool(return_components))
+                return_components=bool(return_components), label_smoothing=float(label_smoothing))
     float64 = any(x is not None and x.dtype == torch.float64
                   for x in (features, head_weight, head_bias, aux_weight, aux_bias, aux_features))
     backend = _resolve_backend(backend, features.device, float64)
@@ -129,16 +142,23 @@ def fused_dual_head_kd_loss(
             "(grad, vmap, jacrev, ...): its gradients are computed by fused kernels, not by autograd "
             "formulas functorch can transform. Use backend='reference' inside torch.func, or "
             "torch.autograd.grad / loss.backward() outside it.")
-    teacher_logits = teacher_logits.detach()  # a constant target on every backend
+    if teacher_logits is not None:
+        teacher = teacher_logits.detach()  # a constant target on every backend
+    else:
+        teacher = TeacherHead(teacher_features.detach(), teacher_weight.detach(),
+                              None if teacher_bias is None else teacher_bias.detach())
     if backend == "reference":
+        head = {} if teacher_logits is not None else dict(
+            teacher_features=teacher.features, teacher_weight=teacher.weight, teacher_bias=teacher.bias)
         return reference.dual_head_kd_loss(features, head_weight, head_bias, aux_weight, aux_bias,
-                                           teacher_logits, labels, aux_features=aux_features, **opts)
+                                           teacher_logits if teacher_logits is None else teacher, labels,
+                                           aux_features=aux_features, **head, **opts)
     if backend == "triton":
         run = _triton_ops().dual_head_kd_loss
     else:
         run = chunked_dual_head_kd_loss
     loss, terms, correct, n_valid = run(features, head_weight, head_bias, aux_weight, aux_bias,
-                                        teacher_logits, labels, aux_features=aux_features, **opts)
+                                        teacher, labels, aux_features=aux_features, **opts)
     if not return_components:
         return loss
     return loss, {"ce": terms[0], "kd": terms[1], "logit": terms[2], "correct": correct,
@@ -151,17 +171,20 @@ class DualHeadKDLoss(nn.Module):
     def __init__(self, *, ce_weight: float = 1.0, kd_weight: float = 0.0, logit_weight: float = 1.0,
                  kd_temperature: float = 4.0, logit_temperature: float = 2.0,
                  logit_loss: str = "binary_kl_norm", ignore_index: int = -100, reduction: str = "mean",
-                 backend: str = "auto", return_components: bool = False):
+                 backend: str = "auto", return_components: bool = False, label_smoothing: float = 0.0):
         super().__init__()
         self.options = dict(ce_weight=ce_weight, kd_weight=kd_weight, logit_weight=logit_weight,
                             kd_temperature=kd_temperature, logit_temperature=logit_temperature,
                             logit_loss=logit_loss, ignore_index=ignore_index, reduction=reduction,
-                            backend=backend, return_components=return_components)
+                            backend=backend, return_components=return_components,
+                            label_smoothing=label_smoothing)
 
     def forward(self, features, head_weight, head_bias, aux_weight, aux_bias, teacher_logits, labels,
-                aux_features=None):
+                aux_features=None, teacher_features=None, teacher_weight=None, teacher_bias=None):
         return fused_dual_head_kd_loss(features, head_weight, head_bias, aux_weight, aux_bias,
-                                       teacher_logits, labels, aux_features=aux_features, **self.options)
+                                       teacher_logits, labels, aux_features=aux_features,
+                                       teacher_features=teacher_features, teacher_weight=teacher_weight,
+                                       teacher_bias=teacher_bias, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -10,7 +10,8 @@ Notation (one row i of the batch, classes c = 1..C):
     t  = teacher_logits                                constant, (N, C)
     V  = rows whose label is not ``ignore_index``
 
-    CE       = -sum_{i in V} log softmax(z1_i)[y_i]
+    CE       = -sum_{i in V} log softmax(z1_i)[y_i]      (label smoothing eps: (1 - eps) CE_i + eps mean_c CE_ic,
+                                                     exactly F.cross_entropy(..., label_smoothing=eps))
     KD       = T^2 sum_{i in V} sum_c p_t (log p_t - log p_s),  p = softmax(. / T)
     BinaryKL = tau^2 sum_{i in V} sum_c [ s (log s - log sig(z2/tau)) + (1-s) (log(1-s) - log sig(-z2/tau)) ],
                s = sig(t/tau)
@@ -52,7 +53,7 @@ __all__ = [
 ]
 
 LOGIT_LOSSES = ("binary_kl_norm", "binary_kl")
-REDUCTIONS = ("mean", "sum")
+REDUCTIONS = ("mean", "sum", "none")
 
 
 def _operand_dtype(mats, device_type: str) -> torch.dtype:
@@ -90,9 +91,14 @@ def valid_rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return labels != ignore_index
 
 
-def cross_entropy(z1: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-row CE, (N, C) x (N,) -> (N,). Labels must be valid class indices."""
-    return -F.log_softmax(z1, dim=-1).gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
+def cross_entropy(z1: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-row CE, (N, C) x (N,) -> (N,), as ``F.cross_entropy(..., label_smoothing=eps)``:
+    (1 - eps) (-log p_y) + eps mean_c (-log p_c). Labels must be valid class indices."""
+    log_p = F.log_softmax(z1, dim=-1)
+    ce = -log_p.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
+    if label_smoothing:
+        ce = (1.0 - label_smoothing) * ce - label_smoothing * log_p.mean(-1)
+    return ce
 
 
 def softmax_kd(z1: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -134,10 +140,14 @@ def dual_head_kd_loss(
     head_bias: torch.Tensor | None,
     aux_weight: torch.Tensor,
     aux_bias: torch.Tensor | None,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
     labels: torch.Tensor,
     *,
     aux_features: torch.Tensor | None = None,
+    teacher_features: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
     ce_weight: float = 1.0,
     kd_weight: float = 0.0,
     logit_weight: float = 1.0,
@@ -153,10 +163,16 @@ def dual_head_kd_loss(
     Same arguments and result as :func:`dhkd_kernels.fused_dual_head_kd_loss` (no validation here).
     The operands (features, weights, aux features) are used in one dtype: the autocast dtype under
     ``torch.autocast``, otherwise their promoted dtype (the rule of every backend); biases and teacher
-    logits are cast to it. Components: ``ce``, ``kd``, ``logit`` (unweighted, reduced like the total,
-    detached; computed even when their weight is 0, so they may be NaN without affecting the loss),
-    ``correct`` (rows of V whose first arg-max of z1 is the label) and ``n_valid`` (|V|).
+    logits are cast to it. With ``teacher_features``/``teacher_weight``/``teacher_bias`` instead of
+    ``teacher_logits`` the teacher logits are their product, without a gradient. ``reduction="none"``
+    returns the (N,) per-row weighted losses (0 for rows outside V). Components: ``ce``, ``kd``,
+    ``logit`` (unweighted, reduced like the total or per row, detached; computed even when their weight
+    is 0, so they may be NaN without affecting the loss), ``correct`` (rows of V whose first arg-max of
+    z1 is the label: a count, or per row) and ``n_valid`` (|V|).
     """
+    if teacher_logits is None:
+        with torch.no_grad():
+            teacher_logits = F.linear(teacher_features, teacher_weight, teacher_bias)
     mats = [features, head_weight, aux_weight] + ([aux_features] if aux_features is not None else [])
     cdt = _operand_dtype(mats, features.device.type)
     features, head_weight, aux_weight = (m.to(cdt) for m in (features, head_weight, aux_weight))
@@ -173,7 +189,7 @@ def dual_head_kd_loss(
     t = torch.where(vcol, teacher_logits.to(z1.dtype), zero)
     y = torch.where(valid, labels, torch.zeros_like(labels)).long()
 
-    ce = cross_entropy(z1, y)
+    ce = cross_entropy(z1, y, label_smoothing)
     kd = softmax_kd(z1, t, kd_temperature)
     if logit_loss == "binary_kl_norm":
         logit = binary_kl_norm(z2.to(z1.dtype), t, logit_temperature)
@@ -181,7 +197,10 @@ def dual_head_kd_loss(
         logit = binary_kl(z2.to(z1.dtype), t, logit_temperature)
 
     def reduce(per_row: torch.Tensor) -> torch.Tensor:
-        total = torch.where(valid, per_row, torch.zeros_like(per_row)).sum()
+        total = torch.where(valid, per_row, torch.zeros_like(per_row))
+        if reduction == "none":
+            return total
+        total = total.sum()
         if reduction == "mean":
             total = total / valid.sum().clamp(min=1)
         return total
@@ -198,6 +217,7 @@ def dual_head_kd_loss(
     if not return_components:
         return loss
     components = {k: v.detach() for k, v in terms.items()}
-    components["correct"] = ((z1.argmax(-1) == y) & valid).sum()
+    correct = (z1.argmax(-1) == y) & valid
+    components["correct"] = correct if reduction == "none" else correct.sum()
     components["n_valid"] = valid.sum()
     return loss, components

@@ -459,10 +459,14 @@ def test_custom_op_registration_opcheck(device, monkeypatch, plan_name):
     x, w1, b1, w2, b2 = (inputs[k].detach().requires_grad_(True) for k in
                          ("features", "head_weight", "head_bias", "aux_weight", "aux_bias"))
     a = inputs["aux_features"].detach().requires_grad_(True)
-    args = (x, w1, b1, a, w2, b2, inputs["teacher_logits"], inputs["labels"],
-            1.0, 0.5, 1.0, 4.0, 2.0, True, -100, True, True, False, [True] * 6)
-    nothing_to_do = args[:8] + (0.0, 0.0, 0.0) + args[11:16] + (False, False, [True] * 6)
-    for case in (args, nothing_to_do):
+    args = (x, w1, b1, a, w2, b2, inputs["teacher_logits"], inputs["labels"], None, None, None,
+            1.0, 0.5, 1.0, 4.0, 2.0, True, -100, True, True, False, 0.0, False, [True] * 6)
+    nothing_to_do = args[:11] + (0.0, 0.0, 0.0) + args[14:19] + (False, False, 0.0, False, [True] * 6)
+    per_row = args[:18] + (False, True, False, 0.1, True, [True] * 6)  # reduction="none", label smoothing
+    g = torch.Generator().manual_seed(3)
+    head = (torch.randn(5, 6, generator=g), torch.randn(9, 6, generator=g), torch.randn(9, generator=g))
+    teacher_head = args[:6] + (None, args[7]) + head + args[11:]
+    for case in (args, nothing_to_do, per_row, teacher_head):
         torch.library.opcheck(torch.ops.dhkd.dual_head_kd_fwd.default, case,
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
                                           "test_aot_dispatch_dynamic"))
@@ -483,12 +487,12 @@ def test_custom_ops_fake_match_real_for_transposed_inputs(device, monkeypatch, p
     assert x.stride() == (1, 5)
     t, y = inputs["teacher_logits"], inputs["labels"]
     scalars = (1.0, 0.5, 1.0, 4.0, 2.0, True, -100, True)
-    fwd_args = (x, w1, b1, a, w2, b2, t, y) + scalars + (True, False, [True] * 6)
+    fwd_args = (x, w1, b1, a, w2, b2, t, y, None, None, None) + scalars + (True, False, 0.0, False, [True] * 6)
     torch.library.opcheck(torch.ops.dhkd.dual_head_kd_fwd.default, fwd_args, test_utils=("test_faketensor",))
     out = torch.ops.dhkd.dual_head_kd_fwd(*fwd_args)
     if plan_name != "chunked":
         bwd_args = (torch.tensor(1.0, device=device), x, w1, b1, a, w2, b2, y, out[3], list(out[4:10]), 9) \
-            + scalars + (False, [True] * 6)
+            + scalars + (False, 0.0, False, [True] * 6)
         torch.library.opcheck(torch.ops.dhkd.dual_head_kd_bwd.default, bwd_args, test_utils=("test_faketensor",))
 
 

@@ -67,7 +67,7 @@ OPTION_CASES = [
     ("logit_weight", math.nan, ValueError),
     ("logit_weight", None, TypeError),
     ("logit_loss", "mse", ValueError),
-    ("reduction", "none", ValueError),
+    ("reduction", "avg", ValueError),
     ("backend", "cuda", ValueError),
     ("ignore_index", 1.5, TypeError),
 ]

@@ -30,7 +30,7 @@ of the (N, C) problem, stored with row strides ``stride_z1`` / ``stride_z2``.
     once or twice, z2 read and dz2 written once; ~40 FLOPs per logit, no tensor cores.
 
 ``finalize_kernel``  one program: reduces ``rows`` over the valid rows in a fixed order into loss,
-    terms (3,), correct and n_valid; with PER_ROW also the (N,) weighted per-row losses.
+    terms (3,), correct and n_valid; with per_row also the (N,) weighted per-row losses.
 
 ``colsum_kernel``  grid (cdiv(W, BLOCK), heads): sums the programs' column-sum partials in a fixed
     order; out (+)= scale * sum (scale = grad_output / max(|V|, 1) as device scalars).
@@ -95,20 +95,21 @@ def _store_rounded(ptrs, v, mask, INTERP_BF16: tl.constexpr):
 
 @triton.jit(do_not_specialize=["R", "W", "acc_logit"])
 def epilogue_kernel(
-    # pointers: stored logits of the block (read, then overwritten with dz); teacher (N, C); labels (N,);
-    # biases (C,) (any float dtype); rows (4, N) fp32 per-row terms; cs1/cs2 (programs, W) fp32 partials
-    z1_ptr, z2_ptr, t_ptr, y_ptr, b1_ptr, b2_ptr, rows_ptr, cs1_ptr, cs2_ptr,
+    # pointers: stored logits of the block (read, then overwritten with dz); teacher (N, C) or its block
+    # (row/column offsets t_row0/t_col0 subtracted); labels (N,); biases (C,) (any float dtype); rows (4, N)
+    # fp32 per-row terms; cs1/cs2 (programs, W) fp32 partials; w (N,) per-row weights of dz (ROW_W)
+    z1_ptr, z2_ptr, t_ptr, y_ptr, b1_ptr, b2_ptr, rows_ptr, cs1_ptr, cs2_ptr, w_ptr,
     # sizes: N rows and C classes of the problem; the block is rows [row0, row0 + R), classes [col0, col0 + W)
     N, C, R, W, row0, col0,
-    # strides, in elements
-    stride_z1, stride_z2, stride_tn, stride_tc,
-    # scalars: term weights and temperatures (kd_w_t = kd_w T); acc_logit: add to the previous logit sums
-    ce_w, kd_w_t, inv_kd_t, kd_t2, lg_w, inv_tau, tau2, ignore_index, acc_logit,
+    # strides, in elements; the teacher block starts at row t_row0, column t_col0 of the problem
+    stride_z1, stride_z2, stride_tn, stride_tc, t_row0, t_col0,
+    # scalars: term weights and temperatures (kd_w_t = kd_w T); eps: label smoothing of CE;
+    # acc_logit: add to the previous logit sums
+    ce_w, kd_w_t, inv_kd_t, kd_t2, lg_w, inv_tau, tau2, eps, ignore_index, acc_logit,
     # meta-parameters: which terms (stats) and which gradients
     MAIN: tl.constexpr, KD_STATS: tl.constexpr, AUX: tl.constexpr, GRAD_CE: tl.constexpr,
     GRAD_KD: tl.constexpr, GRAD_AUX: tl.constexpr, KL_NORM: tl.constexpr, HAS_B1: tl.constexpr,
-    HAS_B2: tl.constexpr, COLSUM1: tl.constexpr, COLSUM2: tl.constexpr,
-    INTERP_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_B2: tl.constexpr, COLSUM1: tl.constexpr, COLSUM2: tl.constexpr, ROW_W: tl.constexpr, INTERP_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     lrows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -119,6 +120,9 @@ def epilogue_kernel(
     bad = valid & ((y < 0) | (y >= C))
     # NaN for a bad label's row, 1 otherwise: a multiplier rather than a mask (fewer live predicates)
     row_nan = tl.where(bad, float("nan"), 1.0)
+    if ROW_W:
+        row_nan = row_nan * tl.load(w_ptr + grows, mask=rmask, other=0.0).to(tl.float32)
+    t_rows = (grows - t_row0)[:, None] * stride_tn
     neg_inf = float("-inf")
     nan = float("nan")
     GRAD_MAIN: tl.constexpr = GRAD_CE or GRAD_KD
@@ -138,6 +142,7 @@ def epilogue_kernel(
         s1n = tl.zeros((BLOCK_R,), tl.float32)
         s1t = tl.zeros((BLOCK_R,), tl.float32)
         zy = tl.zeros((BLOCK_R,), tl.float32)
+        zsum = tl.zeros((BLOCK_R,), tl.float32)
         amax = tl.zeros((BLOCK_R,), tl.int64)
         st = tl.zeros((BLOCK_R,), tl.float32)
         kacc = tl.zeros((BLOCK_R,), tl.float32)
@@ -161,9 +166,10 @@ def epilogue_kernel(
             s1 = s1 * alpha + tl.sum(e1, 1)
             s1n = s1n * alpha + tl.sum(tl.where(is_y, 0.0, e1), 1)
             zy += tl.sum(tl.where(is_y, z, 0.0), 1)
+            zsum += tl.sum(z, 1)  # for label smoothing (eps = 0 adds exact zeros)
             if KD_STATS:
                 s1t = s1t * tl.exp((m1 - m_new) * inv_kd_t) + tl.sum(tl.exp((zm - m_new[:, None]) * inv_kd_t), 1)
-                t = tl.load(t_ptr + grows[:, None] * stride_tn + gcols[None, :] * stride_tc,
+                t = tl.load(t_ptr + t_rows + (gcols - t_col0)[None, :] * stride_tc,
                             mask=m2d, other=0.0).to(tl.float32)
                 tt = tl.where(cmask[None, :], t * inv_kd_t, neg_inf)
                 mt_new = tl.maximum(mt, tl.max(tt, 1))
@@ -183,6 +189,8 @@ def epilogue_kernel(
         log_s1 = tl.where((zy == m1) & (s1n < 1e-3), s1n * (1.0 - s1n * (0.5 - s1n * (1.0 / 3.0))), tl.log(s1))
         q = s1n / s1
         ce = (m1 - zy) + log_s1
+        # label smoothing: (1 - eps) CE + eps mean_c (-log p_c) = CE - eps (mean_c z_c - z_y)
+        ce = ce - eps * (zsum / C - zy)
         correct = tl.where(amax == y, 1.0, 0.0)
         if KD_STATS:
             log_s1t = tl.log(s1t)
@@ -199,7 +207,7 @@ def epilogue_kernel(
             m2d = valid[:, None] & cmask[None, :]
             out2d = rmask[:, None] & cmask[None, :]
             if GRAD_KD or AUX:
-                t = tl.load(t_ptr + grows[:, None] * stride_tn + gcols[None, :] * stride_tc,
+                t = tl.load(t_ptr + t_rows + (gcols - t_col0)[None, :] * stride_tc,
                             mask=m2d, other=0.0).to(tl.float32)
             if GRAD_MAIN:
                 zp = z1_ptr + lrows[:, None] * stride_z1 + cols[None, :]
@@ -209,7 +217,9 @@ def epilogue_kernel(
                 g = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
                 if GRAD_CE:
                     p1 = tl.exp((z - m1[:, None]) - log_s1[:, None])
-                    g += ce_w * tl.where(gcols[None, :] == y[:, None], -q[:, None], p1)
+                    # p - (1 - eps) onehot - eps/C; the target column -(1 - p_y) + eps - eps/C
+                    gce = tl.where(gcols[None, :] == y[:, None], eps - q[:, None], p1) - eps / C
+                    g += ce_w * gce
                 if GRAD_KD:
                     g += kd_w_t * (tl.exp((z - m1[:, None]) * inv_kd_t - log_s1t[:, None])
                                    - tl.exp((t * inv_kd_t - mt[:, None]) - log_st[:, None]))
@@ -266,17 +276,17 @@ def epilogue_kernel(
         tl.store(rp + 2 * N, lg, mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["per_row", "mean"])
 def finalize_kernel(
     # pointers: rows (4, N) fp32 from epilogue_kernel; labels (N,); outputs loss (), terms (3,),
-    # correct () int64, n_valid () int64, per_row (N,) fp32 (PER_ROW only)
+    # correct () int64, n_valid () int64, per_row (N,) fp32 (written when per_row != 0)
     rows_ptr, y_ptr, loss_ptr, terms_ptr, correct_ptr, nvalid_ptr, per_row_ptr,
-    # sizes and scalars
-    N, ce_w, kd_w, lg_w, ignore_index,
+    # sizes and scalars; per_row != 0 writes the (N,) weighted per-row losses
+    N, ce_w, kd_w, lg_w, ignore_index, per_row, mean,
     # meta-parameters: which terms exist (a term absent from the loss is never added to it, so a NaN
     # in an unused term cannot reach the loss) and which rows were written
     CE_IN: tl.constexpr, KD_IN: tl.constexpr, LG_IN: tl.constexpr, HAVE_MAIN: tl.constexpr,
-    HAVE_AUX: tl.constexpr, MEAN: tl.constexpr, PER_ROW: tl.constexpr, BLOCK: tl.constexpr,
+    HAVE_AUX: tl.constexpr, BLOCK: tl.constexpr,
 ):
     ce_acc = tl.zeros((BLOCK,), tl.float32)
     kd_acc = tl.zeros((BLOCK,), tl.float32)
@@ -305,13 +315,13 @@ def finalize_kernel(
             lg_acc += lg
             if LG_IN:
                 row += lg_w * lg
-        if PER_ROW:
+        if per_row != 0:
             tl.store(per_row_ptr + r, row, mask=rmask)
     n_valid = tl.sum(nv_acc, 0)
     ce = tl.sum(ce_acc, 0)
     kd = tl.sum(kd_acc, 0)
     lg = tl.sum(lg_acc, 0)
-    if MEAN:
+    if mean != 0:
         denom = tl.maximum(n_valid, 1).to(tl.float32)
         ce = ce / denom
         kd = kd / denom

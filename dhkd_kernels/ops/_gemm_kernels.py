@@ -108,8 +108,8 @@ def logits_kernel(
 
 @triton.jit
 def _dx_tile(pid, dz_ptr, w_ptr, dz2_ptr, w2_ptr, out_ptr, g_ptr, nvalid_ptr, M, K, P, P_MAX,
-             stride_dz, stride_wk, stride_wp, stride_dz2, stride_w2k, stride_w2p, stride_om, stride_op,
-             SUM2: tl.constexpr, HAS_G: tl.constexpr, ROW_G: tl.constexpr, MEAN: tl.constexpr,
+             stride_dz, stride_wk, stride_wp, stride_dz2, stride_w2k, stride_w2p, stride_om, stride_op, row_g, mean,
+             SUM2: tl.constexpr, HAS_G: tl.constexpr,
              DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """One (BLOCK_M, BLOCK_P) tile of out = s (dz w [+ dz2 w2])."""
@@ -138,27 +138,29 @@ def _dx_tile(pid, dz_ptr, w_ptr, dz2_ptr, w2_ptr, out_ptr, g_ptr, nvalid_ptr, M,
                 bt = tl.load(w2_ptr + kk[:, None] * stride_w2k + rp[None, :] * stride_w2p,
                              mask=kmask[:, None] & pmask[None, :], other=0.0)
                 acc = _dot(acc, at, bt, DOT_PRECISION, INTERP_BF16)
-        if ROW_G:
-            s = _scale_value(g_ptr, nvalid_ptr, False, MEAN)
+        if row_g != 0:  # runtime flags: the scale is applied once per tile, after the K loop
+            s = _scale_value(g_ptr, nvalid_ptr, False, mean != 0)
             acc = acc * (s * tl.load(g_ptr + rm, mask=mmask, other=0.0).to(tl.float32))[:, None]
         else:
-            acc = acc * _scale_value(g_ptr, nvalid_ptr, HAS_G, MEAN)
+            acc = acc * _scale_value(g_ptr, nvalid_ptr, HAS_G, mean != 0)
         _store_rounded(out_ptr + rm[:, None] * stride_om + rp[None, :] * stride_op, acc,
                        mmask[:, None] & pmask[None, :], INTERP_BF16)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["row_g", "mean"])
 def dx_kernel(
     # pointers: dz1, dz2 (M, K) row-major; w1 (K, P1), w2 (K, P2) (the head weights, (C, D) layout);
-    # outputs out1 (M, P1), out2 (M, P2); grad_output () or (M,) with ROW_G; n_valid ()
+    # outputs out1 (M, P1), out2 (M, P2); grad_output () or (M,) with row_g; n_valid ()
     dz1_ptr, dz2_ptr, w1_ptr, w2_ptr, out1_ptr, out2_ptr, g_ptr, nvalid_ptr,
     # sizes: M rows, K classes, P1/P2 feature widths
     M, K, P1, P2,
     # strides, in elements
     stride_dz1, stride_dz2, stride_w1k, stride_w1p, stride_w2k, stride_w2p, stride_o1m, stride_o1p,
     stride_o2m, stride_o2p,
+    # runtime flags: row_g != 0 scales row i by g[i] (reduction="none"); mean != 0 divides by max(|V|, 1)
+    row_g, mean,
     # meta-parameters: SUM2 adds dz2 w2 into out1 (shared features); TWO: out2 is a second problem
-    SUM2: tl.constexpr, TWO: tl.constexpr, HAS_G: tl.constexpr, ROW_G: tl.constexpr, MEAN: tl.constexpr,
+    SUM2: tl.constexpr, TWO: tl.constexpr, HAS_G: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -166,12 +168,12 @@ def dx_kernel(
     p_max = tl.maximum(P1, P2) if TWO else P1
     if tl.program_id(1) == 0:
         _dx_tile(pid, dz1_ptr, w1_ptr, dz2_ptr, w2_ptr, out1_ptr, g_ptr, nvalid_ptr, M, K, P1, p_max,
-                 stride_dz1, stride_w1k, stride_w1p, stride_dz2, stride_w2k, stride_w2p, stride_o1m, stride_o1p,
-                 SUM2, HAS_G, ROW_G, MEAN, DOT_PRECISION, INTERP_BF16, BLOCK_M, BLOCK_P, BLOCK_K, GROUP_M)
+                 stride_dz1, stride_w1k, stride_w1p, stride_dz2, stride_w2k, stride_w2p, stride_o1m, stride_o1p, row_g, mean,
+                 SUM2, HAS_G, DOT_PRECISION, INTERP_BF16, BLOCK_M, BLOCK_P, BLOCK_K, GROUP_M)
     else:
         _dx_tile(pid, dz2_ptr, w2_ptr, dz2_ptr, w2_ptr, out2_ptr, g_ptr, nvalid_ptr, M, K, P2, p_max,
-                 stride_dz2, stride_w2k, stride_w2p, stride_dz2, stride_w2k, stride_w2p, stride_o2m, stride_o2p,
-                 False, HAS_G, ROW_G, MEAN, DOT_PRECISION, INTERP_BF16, BLOCK_M, BLOCK_P, BLOCK_K, GROUP_M)
+                 stride_dz2, stride_w2k, stride_w2p, stride_dz2, stride_w2k, stride_w2p, stride_o2m, stride_o2p, row_g, mean,
+                 False, HAS_G, DOT_PRECISION, INTERP_BF16, BLOCK_M, BLOCK_P, BLOCK_K, GROUP_M)
 
 
 @triton.jit

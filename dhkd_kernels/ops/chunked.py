@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..reference import binary_kl, valid_rows
+from . import TeacherHead
 
 DEFAULT_CHUNK_ELEMENTS = 2**20
 
@@ -44,16 +45,25 @@ _DOUBLE_BACKWARD = ("fused_dual_head_kd_loss (backend='torch') has no second der
 
 
 def main_head(z, t, y, o, *, kd_stats, grad_ce, grad_kd):
-    """CE and KD per row of one chunk and the weighted dz1 (or None). ``z`` (n, C) is consumed."""
+    """CE (label-smoothed when o["label_smoothing"] > 0) and KD per row of one chunk and the weighted
+    dz1 (or None). ``z`` (n, C) is consumed."""
     ce_w, kd_w, T = o["ce_weight"], o["kd_weight"], o["kd_temperature"]
+    eps = o.get("label_smoothing", 0.0)
+    c = z.shape[-1]
     lp = F.log_softmax(z, dim=-1)
     lp_y = lp.gather(-1, y.unsqueeze(-1))
     ce = -lp_y.squeeze(-1)
+    if eps:
+        ce = (1.0 - eps) * ce - eps * lp.mean(-1)
     kd = dz = None
     if grad_ce:
-        # target column: p_y - 1 = expm1(log p_y), exact for confident rows (p_y - 1 in fp32 is not)
-        dz = lp.exp_().mul_(ce_w)
-        dz.scatter_(-1, y.unsqueeze(-1), torch.expm1(lp_y).mul_(ce_w))
+        # dCE/dz = p - (1 - eps) onehot - eps / C; the target column p_y - 1 as expm1(log p_y), exact
+        # for confident rows (p_y - 1 in fp32 is not)
+        dz = lp.exp_()
+        if eps:
+            dz.sub_(eps / c)
+        dz.mul_(ce_w)
+        dz.scatter_(-1, y.unsqueeze(-1), torch.expm1(lp_y).add_(eps - eps / c).mul_(ce_w))
     del lp
     if kd_stats:
         log_ps = F.log_softmax(z.mul_(1.0 / T), dim=-1)
@@ -105,127 +115,164 @@ def _logits(x, w, b, edt):
     return z if b is None else z.add_(b)
 
 
+def _teacher_rows(teacher, s, e, edt):
+    """Rows [s, e) of the teacher logits in the epilogue dtype: a slice of the tensor, or the product of
+    the teacher head for those rows only (the (N, C) teacher logits are never formed)."""
+    if isinstance(teacher, TeacherHead):
+        tf, tw = teacher.features[s:e], teacher.weight
+        tdt = torch.promote_types(tf.dtype, tw.dtype)
+        z = F.linear(tf.to(tdt), tw.to(tdt)).to(edt)
+        return z if teacher.bias is None else z.add_(teacher.bias.to(edt))
+    return teacher[s:e].to(edt)
+
+
+def _run(features, head_weight, head_bias, aux_features, aux_weight, aux_bias, teacher, labels, opts, *,
+         need_grad, row_weight=None):
+    """One pass over the row chunks: per-row terms (3, N) (rows outside V 0, bad labels NaN), the
+    per-row correct flags, |V|, and with ``need_grad`` the gradients of
+    sum_i w_i (ce_w CE_i + kd_w KD_i + lg_w L_i) with w_i = row_weight[i] (or 1) times 1/|V| for "mean"."""
+    shared = aux_features is None
+    mdt = features.dtype
+    edt = torch.float64 if mdt == torch.float64 else torch.float32
+    n = labels.shape[0]
+    c = head_weight.shape[0]
+    dev = features.device
+    ce_w, kd_w, lg_w = opts["ce_weight"], opts["kd_weight"], opts["logit_weight"]
+    comps = opts["return_components"]
+    main = bool(ce_w) or bool(kd_w) or comps
+    kd_stats = bool(kd_w) or comps
+    aux = bool(lg_w) or comps
+    g_main = need_grad and (bool(ce_w) or bool(kd_w))
+    g_aux = need_grad and bool(lg_w)
+
+    valid_all = valid_rows(labels, opts["ignore_index"])
+    n_valid = valid_all.sum()
+    # a valid row with a label outside [0, C): NaN loss and NaN gradients (never a host sync)
+    bad_all = valid_all & ((labels < 0) | (labels >= c))
+    row_factor = torch.where(bad_all, float("nan"), valid_all.to(edt))
+    scale = (1.0 / n_valid.clamp(min=1).to(edt)) if opts["reduction"] == "mean" \
+        else torch.ones((), dtype=edt, device=dev)
+    grad_factor = row_factor * scale if row_weight is None else row_factor * scale * row_weight.to(edt)
+    vcol = valid_all.unsqueeze(-1)
+    zero = torch.zeros((), dtype=mdt, device=dev)
+    b1 = None if head_bias is None else head_bias.to(edt)
+    b2 = None if aux_bias is None else aux_bias.to(edt)
+    per_row = torch.zeros(3, n, dtype=edt, device=dev)
+    correct = torch.zeros(n, dtype=torch.bool, device=dev)
+    aux_x = features if shared else aux_features
+    grads = None
+    rows = max(1, opts["chunk_elements"] // max(c, 1))
+    if need_grad:
+        gx = torch.empty(features.shape, dtype=mdt, device=dev)
+        ga = None if shared else torch.empty(aux_x.shape, dtype=mdt, device=dev)
+        # weight gradients accumulate over row chunks in fp32 (fp64) when there are several
+        wdt = mdt if n <= rows else edt
+        gw1 = torch.zeros(head_weight.shape, dtype=wdt, device=dev)
+        gw2 = torch.zeros(aux_weight.shape, dtype=wdt, device=dev)
+        gb1 = torch.zeros(c, dtype=edt, device=dev)
+        gb2 = torch.zeros(c, dtype=edt, device=dev)
+
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        v = vcol[s:e]
+        x = torch.where(v, features[s:e], zero)  # rows outside V never reach a result
+        a = x if shared else torch.where(v, aux_x[s:e], zero)
+        t = torch.where(v, _teacher_rows(teacher, s, e, edt), torch.zeros((), dtype=edt, device=dev))
+        ok = valid_all[s:e] & ~bad_all[s:e]
+        y = torch.where(ok, labels[s:e], torch.zeros_like(labels[s:e])).long()
+        rf = row_factor[s:e]
+        dz1 = dz2 = None
+        if main:
+            z1 = _logits(x, head_weight, b1, edt)
+            if comps:
+                correct[s:e] = (z1.argmax(-1) == y) & ok
+            ce, kd, dz1 = main_head(z1, t, y, opts, kd_stats=kd_stats, grad_ce=g_main and bool(ce_w),
+                                    grad_kd=g_main and bool(kd_w))
+            del z1
+            per_row[0, s:e] = ce * rf
+            if kd is not None:
+                per_row[1, s:e] = kd * rf
+        if aux:
+            z2 = _logits(a, aux_weight, b2, edt)
+            logit, dz2 = aux_head(z2, t, opts, grad=g_aux)
+            del z2
+            per_row[2, s:e] = logit * rf
+        if not need_grad:
+            continue
+        row_scale = grad_factor[s:e].unsqueeze(-1)
+        gx_rows = None
+        for dz, w, head_gw, head_gb, feats, to_x in ((dz1, head_weight, gw1, gb1, x, True),
+                                                      (dz2, aux_weight, gw2, gb2, a, shared)):
+            if dz is None:
+                continue
+            dz.mul_(row_scale)
+            head_gb += dz.sum(0)
+            dzm = dz.to(mdt)
+            if n <= rows:
+                torch.mm(dzm.t(), feats, out=head_gw)
+            elif head_gw.dtype == mdt:
+                head_gw.addmm_(dzm.t(), feats)
+            else:  # 16-bit operands, fp32 accumulator: one C x D product in the operand dtype
+                head_gw.add_(dzm.t() @ feats)
+            prod = (dzm @ w).to(edt)
+            if to_x:
+                gx_rows = prod if gx_rows is None else gx_rows.add_(prod)
+            else:
+                ga[s:e] = prod
+        gx[s:e] = 0 if gx_rows is None else gx_rows
+        if not shared and dz2 is None:
+            ga[s:e] = 0
+    if need_grad:
+        grads = (gx, ga, gw1.to(head_weight.dtype), None if head_bias is None else gb1.to(head_bias.dtype),
+                 gw2.to(aux_weight.dtype), None if aux_bias is None else gb2.to(aux_bias.dtype))
+    return per_row, correct, n_valid, scale, grads
+
+
 class ChunkedDualHeadKD(torch.autograd.Function):
     """Autograd Function of the torch path; see the module docstring for the plan and memory bound.
     The matmul operands arrive in one dtype (cast by :func:`chunked_dual_head_kd_loss`)."""
 
     @staticmethod
-    def forward(ctx, features, head_weight, head_bias, aux_features, aux_weight, aux_bias,
-                teacher_logits, labels, opts):
-        shared = aux_features is None
-        mdt = features.dtype
-        edt = torch.float64 if mdt == torch.float64 else torch.float32
+    def forward(ctx, features, head_weight, head_bias, aux_features, aux_weight, aux_bias, teacher_logits,
+                labels, teacher_features, teacher_weight, teacher_bias, opts):
+        teacher = teacher_logits if teacher_logits is not None else \
+            TeacherHead(teacher_features, teacher_weight, teacher_bias)
         need_grad = any(ctx.needs_input_grad[:6])
-        n, c = teacher_logits.shape
-        dev = features.device
-        ce_w, kd_w, lg_w = opts["ce_weight"], opts["kd_weight"], opts["logit_weight"]
-        comps = opts["return_components"]
-        main = bool(ce_w) or bool(kd_w) or comps
-        kd_stats = bool(kd_w) or comps
-        aux = bool(lg_w) or comps
-        g_main = need_grad and (bool(ce_w) or bool(kd_w))
-        g_aux = need_grad and bool(lg_w)
-
-        valid_all = valid_rows(labels, opts["ignore_index"])
-        n_valid = valid_all.sum()
-        # a valid row with a label outside [0, C): NaN loss and NaN gradients (never a host sync)
-        bad_all = valid_all & ((labels < 0) | (labels >= c))
-        row_factor = torch.where(bad_all, float("nan"), valid_all.to(edt))
-        scale = (1.0 / n_valid.clamp(min=1).to(edt)) if opts["reduction"] == "mean" \
-            else torch.ones((), dtype=edt, device=dev)
-        vcol = valid_all.unsqueeze(-1)
-        zero = torch.zeros((), dtype=mdt, device=dev)
-        b1 = None if head_bias is None else head_bias.to(edt)
-        b2 = None if aux_bias is None else aux_bias.to(edt)
-        sums = torch.zeros(3, dtype=edt, device=dev)
-        correct = torch.zeros((), dtype=torch.int64, device=dev)
-        aux_x = features if shared else aux_features
-        rows = max(1, opts["chunk_elements"] // max(c, 1))
-        if need_grad:
-            gx = torch.empty(features.shape, dtype=mdt, device=dev)
-            ga = None if shared else torch.empty(aux_x.shape, dtype=mdt, device=dev)
-            # weight gradients accumulate over row chunks in fp32 (fp64) when there are several
-            wdt = mdt if n <= rows else edt
-            gw1 = torch.zeros(head_weight.shape, dtype=wdt, device=dev)
-            gw2 = torch.zeros(aux_weight.shape, dtype=wdt, device=dev)
-            gb1 = torch.zeros(c, dtype=edt, device=dev)
-            gb2 = torch.zeros(c, dtype=edt, device=dev)
-
-        for s in range(0, n, rows):
-            e = min(n, s + rows)
-            v = vcol[s:e]
-            x = torch.where(v, features[s:e], zero)  # rows outside V never reach a result
-            a = x if shared else torch.where(v, aux_x[s:e], zero)
-            t = torch.where(v, teacher_logits[s:e].to(edt), torch.zeros((), dtype=edt, device=dev))
-            y = torch.where(valid_all[s:e] & ~bad_all[s:e], labels[s:e], torch.zeros_like(labels[s:e])).long()
-            rf = row_factor[s:e]
-            dz1 = dz2 = None
-            if main:
-                z1 = _logits(x, head_weight, b1, edt)
-                if comps:
-                    correct += ((z1.argmax(-1) == y) & valid_all[s:e] & ~bad_all[s:e]).sum()
-                ce, kd, dz1 = main_head(z1, t, y, opts, kd_stats=kd_stats, grad_ce=g_main and bool(ce_w),
-                                        grad_kd=g_main and bool(kd_w))
-                del z1
-                sums[0] += (ce * rf).sum()
-                if kd is not None:
-                    sums[1] += (kd * rf).sum()
-            if aux:
-                z2 = _logits(a, aux_weight, b2, edt)
-                logit, dz2 = aux_head(z2, t, opts, grad=g_aux)
-                del z2
-                sums[2] += (logit * rf).sum()
-            if not need_grad:
-                continue
-            row_scale = (rf * scale).unsqueeze(-1)
-            gx_rows = None
-            for dz, w, head_gw, head_gb, feats, to_x in ((dz1, head_weight, gw1, gb1, x, True),
-                                                          (dz2, aux_weight, gw2, gb2, a, shared)):
-                if dz is None:
-                    continue
-                dz.mul_(row_scale)
-                head_gb += dz.sum(0)
-                dzm = dz.to(mdt)
-                if n <= rows:
-                    torch.mm(dzm.t(), feats, out=head_gw)
-                elif head_gw.dtype == mdt:
-                    head_gw.addmm_(dzm.t(), feats)
-                else:  # 16-bit operands, fp32 accumulator: one C x D product in the operand dtype
-                    head_gw.add_(dzm.t() @ feats)
-                prod = (dzm @ w).to(edt)
-                if to_x:
-                    gx_rows = prod if gx_rows is None else gx_rows.add_(prod)
-                else:
-                    ga[s:e] = prod
-            gx[s:e] = 0 if gx_rows is None else gx_rows
-            if not shared and dz2 is None:
-                ga[s:e] = 0
-
-        terms = sums * scale
-        loss = torch.zeros((), dtype=edt, device=dev)
-        for k, w in enumerate((ce_w, kd_w, lg_w)):
+        per_row, correct, n_valid, scale, grads = _run(
+            features, head_weight, head_bias, aux_features, aux_weight, aux_bias, teacher, labels, opts,
+            need_grad=need_grad)
+        weights = (opts["ce_weight"], opts["kd_weight"], opts["logit_weight"])
+        none = opts["reduction"] == "none"
+        terms = per_row if none else per_row.sum(-1) * scale
+        loss = torch.zeros(terms.shape[1:], dtype=terms.dtype, device=terms.device)
+        for k, w in enumerate(weights):
             if w:  # a term outside the loss cannot reach it, NaN or not
                 loss = loss + w * terms[k]
+        correct_out = correct if none else correct.sum()
         if need_grad:
-            ctx.save_for_backward(
-                gx, ga, gw1.to(head_weight.dtype), None if head_bias is None else gb1.to(head_bias.dtype),
-                gw2.to(aux_weight.dtype), None if aux_bias is None else gb2.to(aux_bias.dtype))
-        ctx.mark_non_differentiable(terms, correct, n_valid)
-        return loss, terms, correct, n_valid
+            ctx.save_for_backward(*grads)
+            ctx.opts = opts
+            if none:  # a non-uniform grad_output recomputes with per-row weights
+                ctx.inputs = (features, head_weight, head_bias, aux_features, aux_weight, aux_bias, teacher, labels)
+        ctx.mark_non_differentiable(terms, correct_out, n_valid)
+        return loss, terms, correct_out, n_valid
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
         if torch.is_grad_enabled():
             raise RuntimeError(_DOUBLE_BACKWARD)
-        gx, ga, gw1, gb1, gw2, gb2 = ctx.saved_tensors
         needs = ctx.needs_input_grad
-
-        def scaled(g, k):
-            # a scaled copy: the call can be back-propagated again (retain_graph=True, gradcheck)
-            return g * grad_loss.to(g.dtype) if (g is not None and needs[k]) else None
-
-        return (scaled(gx, 0), scaled(gw1, 1), scaled(gb1, 2), scaled(ga, 3), scaled(gw2, 4),
-                scaled(gb2, 5), None, None, None)
+        stored = ctx.saved_tensors
+        if grad_loss.dim() == 0 or grad_loss.stride(0) == 0:
+            # a scalar, or the expanded scalar of .sum(): the stored gradients times one number (new
+            # tensors, so the call can be back-propagated again: retain_graph=True, gradcheck)
+            g0 = grad_loss if grad_loss.dim() == 0 else grad_loss.as_strided((), ())
+            grads = [None if gr is None else gr * g0.to(gr.dtype) for gr in stored]
+        else:  # per-row weights (reduction="none"): one more pass with the weights folded into dz
+            grads = list(_run(*ctx.inputs, ctx.opts, need_grad=True, row_weight=grad_loss)[4])
+        gx, ga, gw1, gb1, gw2, gb2 = grads
+        out = [g if (g is not None and needs[k]) else None for k, g in enumerate((gx, gw1, gb1, ga, gw2, gb2))]
+        return tuple(out) + (None,) * 6
 
 
 def chunked_dual_head_kd_loss(features, head_weight, head_bias, aux_weight, aux_bias, teacher_logits,
@@ -240,6 +287,10 @@ def chunked_dual_head_kd_loss(features, head_weight, head_bias, aux_weight, aux_
     mdt = _operand_dtype(mats, features.device.type)
     features, head_weight, aux_weight = (m.to(mdt) for m in (features, head_weight, aux_weight))
     aux_features = None if aux_features is None else aux_features.to(mdt)
+    if isinstance(teacher_logits, TeacherHead):
+        teacher = (None,) + tuple(teacher_logits)
+    else:
+        teacher = (teacher_logits, None, None, None)
     with torch.autocast(device_type=features.device.type, enabled=False):
         return ChunkedDualHeadKD.apply(features, head_weight, head_bias, aux_features, aux_weight,
-                                       aux_bias, teacher_logits, labels, opts)
+                                       aux_bias, teacher[0], labels, *teacher[1:], opts)

@@ -167,10 +167,13 @@ class Plan:
     rows: int
     slab: int
     extra_bytes: int
+    mode: str = "slabs"  # chunked: "slabs" (aux head in class slabs, main in row chunks) or "rows" (both in rows)
 
     def describe(self) -> str:
         if self.resident:
             return f"resident/{self.engine}"
+        if self.mode == "rows":
+            return f"chunked/cublas (both heads in rows of {self.rows})"
         return f"chunked/cublas (rows {self.rows}, slab {self.slab})"
 
 
@@ -192,6 +195,17 @@ class Work:
     need: Tuple[bool, bool, bool, bool, bool, bool]   # x, w1, b1, a, w2, b2
     f32: bool
     tensor_cores: bool  # 16-bit operands, or fp32 with TF32
+    t_width: int = 0    # D_t when the teacher comes as features + head (its product runs inside)
+    t_elem: int = 2
+
+    @property
+    def t_main(self) -> bool:
+        """The main head's epilogue reads the teacher (KD)."""
+        return self.main and self.kd_stats
+
+    @property
+    def teacher_product(self) -> bool:
+        return self.t_width > 0 and (self.t_main or self.aux)
 
     @property
     def grad(self) -> bool:
@@ -206,7 +220,7 @@ class Work:
             f += per1 * (int(need_x) + int(need_w1 or self.need[2]))
         if self.g_aux:
             f += per2 * (int(need_x if self.shared else need_a) + int(need_w2 or self.need[5]))
-        return f
+        return f + 2 * self.n * self.c * self.t_width * int(self.teacher_product)
 
 
 def _epi_config(r: int, w: int, colsum: bool, device) -> Tuple[int, int, int]:
@@ -227,7 +241,7 @@ def _epi_config(r: int, w: int, colsum: bool, device) -> Tuple[int, int, int]:
 def _resident_bytes(wk: Work, engine: str, device) -> int:
     n, c, d, da, e = wk.n, wk.c, wk.d, wk.da, wk.elem
     need_x, need_w1, need_b1, need_a, need_w2, need_b2 = wk.need
-    total = n * c * e * (int(wk.main) + int(wk.aux)) + 5 * n * 4
+    total = n * c * e * (int(wk.main) + int(wk.aux)) + 5 * n * 4 + n * c * wk.t_elem * int(wk.teacher_product)
     if engine == "cublas" and wk.grad:
         br = _epi_config(n, c, True, device)[0]
         parts = triton.cdiv(n, br) * c * 4
@@ -266,9 +280,18 @@ def make_plan(wk: Work, device: torch.device) -> Plan:
         fixed += 4 * c * int(wk.g_main and need_b1) + PARTIAL_BYTES * int(need_b1 or need_b2)
     room = max(budget - fixed, 0)
     granule_r, granule_c = (4, 16) if _interpreted(device) else (64, 128)
-    rows = min(n, max(granule_r, room // max(c * e, 1) // granule_r * granule_r)) if wk.main else n
-    slab = min(c, max(granule_c, room // max(n * e, 1) // granule_c * granule_c)) if wk.aux else c
-    zbuf = max(rows * c * int(wk.main), n * slab * int(wk.aux)) * e
+    th, te = wk.t_width > 0, wk.t_elem
+    if th and wk.t_main and wk.aux:
+        # the main head needs the teacher too: both heads in row chunks, so that the teacher's product
+        # runs once (dW2 then accumulates over chunks like dW1)
+        per_row = c * (2 * e + te)
+        rows = min(n, max(granule_r, room // per_row // granule_r * granule_r))
+        return Plan("cublas", False, rows, c, fixed + rows * per_row, mode="rows")
+    per_row = c * (e + te * int(th and wk.t_main))
+    rows = min(n, max(granule_r, room // max(per_row, 1) // granule_r * granule_r)) if wk.main else n
+    per_col = n * (e + te * int(th))
+    slab = min(c, max(granule_c, room // max(per_col, 1) // granule_c * granule_c)) if wk.aux else c
+    zbuf = max(rows * per_row * int(wk.main), _round16(slab) * per_col * int(wk.aux))
     return Plan("cublas", False, rows, slab, fixed + zbuf)
 
 
@@ -334,38 +357,54 @@ def _scale(src: Tensor, out: Tensor, y: Tensor, g: Optional[Tensor], n_valid: Te
 
 
 def _epilogue(wk, o, z1, z2, t, y, b1, b2, rows, cs1, cs2, *, r0, R, c0, W, main, aux, g_ce, g_kd, g_aux,
-              acc_logit, colsum1, colsum2, br, bc, warps):
+              acc_logit, colsum1, colsum2, br, bc, warps, t_row0=0, t_col0=0, w=None):
+    """``epilogue_kernel`` over rows [r0, r0 + R) x classes [c0, c0 + W); ``t`` is the teacher logits
+    tensor or the block of them computed inside (starting at row t_row0, class t_col0)."""
     dev = t.device
     dummy = rows
-    passes = int(main) + int(g_ce or g_kd or aux)
-    nbytes = (R * W * wk.elem * (passes * int(main) + int(aux)) + R * W * wk.elem * (int(g_ce or g_kd) + int(g_aux))
-              + R * W * t.element_size() * (int(wk.kd_stats and main) + int(aux or g_kd))
-              + triton.cdiv(R, br) * W * 4 * (int(colsum1) + int(colsum2)) + R * 24)
+    g_main = g_ce or g_kd
+    zb = wk.elem * (int(main) * (1 + 2 * int(g_main)) + int(aux) * (1 + int(g_aux)))
+    tb = t.element_size() * (int(wk.kd_stats and main) + int(aux or g_kd))
+    nbytes = R * W * (zb + tb) + triton.cdiv(R, br) * W * 4 * (int(colsum1) + int(colsum2)) + R * 24
     _launch(E.epilogue_kernel, (triton.cdiv(R, br),),
             z1 if z1 is not None else dummy, z2 if z2 is not None else dummy, t, y,
             b1 if b1 is not None else dummy, b2 if b2 is not None else dummy, rows,
             cs1 if cs1 is not None else dummy, cs2 if cs2 is not None else dummy,
+            w if w is not None else dummy,
             wk.n, wk.c, R, W, r0, c0,
             z1.stride(0) if z1 is not None else 0, z2.stride(0) if z2 is not None else 0,
-            t.stride(0), t.stride(1),
-            o.ce_w, o.kd_w * o.kd_t, 1.0 / o.kd_t, o.kd_t * o.kd_t, o.lg_w, 1.0 / o.tau, o.tau * o.tau,
+            t.stride(0), t.stride(1), t_row0, t_col0,
+            o.ce_w, o.kd_w * o.kd_t, 1.0 / o.kd_t, o.kd_t * o.kd_t, o.lg_w, 1.0 / o.tau, o.tau * o.tau, o.eps,
             o.ignore_index, int(acc_logit),
             name="epilogue_kernel", nbytes=nbytes,
             MAIN=main, KD_STATS=main and wk.kd_stats, AUX=aux, GRAD_CE=g_ce, GRAD_KD=g_kd, GRAD_AUX=g_aux,
             KL_NORM=o.kl_norm, HAS_B1=b1 is not None and main, HAS_B2=b2 is not None and aux,
-            COLSUM1=colsum1, COLSUM2=colsum2,
+            COLSUM1=colsum1, COLSUM2=colsum2, ROW_W=w is not None,
             INTERP_BF16=_interp_bf16(z1.dtype if z1 is not None else z2.dtype, dev),
             BLOCK_R=br, BLOCK_C=bc, **_opts(warps, 1, dev))
+
+
+def _teacher_block(th, r0, rc, c0, cc, out, kind):
+    """out (rc, cc) = rows [r0, r0 + rc) x classes [c0, c0 + cc) of the teacher logits, from its
+    features and head (cuBLAS; the bias, if any, in the same product)."""
+    tf, tw, tb = th
+    xf, wt = tf[r0:r0 + rc], tw[c0:c0 + cc].t()
+    if tb is None:
+        _mm(xf, wt, out, kind=kind)
+        return
+    cost.note("cublas:addmm", "cublas", (), 2 * rc * cc * tf.shape[1],
+              (rc + cc) * tf.shape[1] * tf.element_size() + rc * cc * out.element_size(), kind)
+    torch.addmm(tb[c0:c0 + cc], xf, wt, out=out)
 
 
 def _finalize(wk, o, rows, y, loss, terms, correct, n_valid, per_row):
     dev = y.device
     _launch(E.finalize_kernel, (1,), rows, y, loss, terms, correct, n_valid,
             per_row if per_row is not None else rows,
-            wk.n, o.ce_w, o.kd_w, o.lg_w, o.ignore_index,
+            wk.n, o.ce_w, o.kd_w, o.lg_w, o.ignore_index, int(per_row is not None), int(o.mean),
             name="finalize_kernel", nbytes=wk.n * (16 + y.element_size()),
             CE_IN=bool(o.ce_w), KD_IN=bool(o.kd_w), LG_IN=bool(o.lg_w), HAVE_MAIN=wk.main, HAVE_AUX=wk.aux,
-            MEAN=o.mean, PER_ROW=per_row is not None, BLOCK=16 if _interpreted(dev) else 1024,
+            BLOCK=16 if _interpreted(dev) else 1024,
             **_opts(4, 1, dev))
 
 
@@ -398,9 +437,11 @@ class _Opts:
     mean: bool
     components: bool
     tf32: bool
+    eps: float = 0.0     # label smoothing of the CE term
+    none: bool = False   # reduction="none": per-row losses, per-row grad_output
 
 
-def _work(x, w1, a, n: int, c: int, o: _Opts, needs) -> Work:
+def _work(x, w1, a, n: int, c: int, o: _Opts, needs, teacher=None) -> Work:
     shared = a is None
     need_x, need_w1, need_b1, need_a, need_w2, need_b2 = (bool(v) for v in needs)
     if shared:
@@ -409,36 +450,53 @@ def _work(x, w1, a, n: int, c: int, o: _Opts, needs) -> Work:
     aux = bool(o.lg_w) or o.components
     g_main = (bool(o.ce_w) or bool(o.kd_w)) and (need_x or need_w1 or need_b1)
     g_aux = bool(o.lg_w) and ((need_x and shared) or need_a or need_w2 or need_b2)
+    th = isinstance(teacher, (tuple, list))
     return Work(n, c, x.shape[1], (x if shared else a).shape[1], x.element_size(), shared, main,
                 bool(o.kd_w) or o.components, aux, g_main, g_aux,
                 (need_x, need_w1 and g_main, need_b1 and g_main, need_a, need_w2 and g_aux, need_b2 and g_aux),
-                x.dtype == F32, x.dtype != F32 or o.tf32)
+                x.dtype == F32, x.dtype != F32 or o.tf32,
+                teacher[1].shape[1] if th else 0, teacher[0].element_size() if th else 2)
 
 
 # ----------------------------------------------------------------------------- forward
 
-def _forward(x, w1, b1, a, w2, b2, t, y, o: _Opts, needs):
-    """Returns loss, terms (3,), correct, n_valid and the six state tensors for the backward:
-    resident: (dz1, dz2, cs1, cs2, -, -); chunked: the unscaled-by-grad_output gradients
-    (gx, gw1, gb1, ga, gw2, gb2). Empty tensors fill unused slots."""
+def _forward(x, w1, b1, a, w2, b2, t, y, o: _Opts, needs, row_weight=None, out_grads=None):
+    """Returns loss, terms, correct, n_valid and the six state tensors for the backward: resident:
+    (dz1, dz2, cs1, cs2, -, -); chunked: the gradients for a grad_output of 1 (gx, gw1, gb1, ga, gw2,
+    gb2). ``t`` is the teacher logits tensor or (features, weight, bias). Empty tensors fill unused
+    slots. reduction="none": loss (N,), terms (3, N), correct (N,) bool. ``row_weight``/``out_grads``:
+    the chunked plan's recompute for a per-row grad_output, written into the stored gradients."""
     dev = x.device
-    wk = _work(x, w1, a, t.shape[0], t.shape[1], o, needs)
+    n, c = y.shape[0], w1.shape[0]
+    wk = _work(x, w1, a, n, c, o, needs, t)
     plan = make_plan(wk, dev)
-    n, c = wk.n, wk.c
     loss = _buffer((), F32, dev)
     terms = _buffer((3,), F32, dev)
     correct = torch.empty((), dtype=torch.int64, device=dev)
     n_valid = torch.empty((), dtype=torch.int64, device=dev)
     rows = _buffer((4, n), F32, dev)
+    per_row = _buffer((n,), F32, dev) if o.none else None
     if plan.resident:
         state = _forward_resident(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows)
     else:
-        state = _forward_chunked(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows, n_valid, needs)
-    _finalize(wk, o, rows, y, loss, terms, correct, n_valid, None)
+        state = _forward_chunked(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows, n_valid, needs,
+                                 row_weight=row_weight, out_grads=out_grads)
+    _finalize(wk, o, rows, y, loss, terms, correct, n_valid, per_row)
     if not plan.resident:
         _finish_chunked(wk, o, y, n_valid, state)
     state = [v if v is not None else _empty(dev) for v in state[:6]]
+    if o.none:  # per-row results: the terms are rows 0-2 of the row buffer, correct is read only for components
+        loss, terms = per_row, rows[:3]
+        if o.components:
+            correct = rows[3] > 0.5
+            cost.note("torch:gt", "torch", (), 0, 5 * n)
+        else:
+            correct = torch.empty(n, dtype=torch.bool, device=dev)
     return (loss, terms, correct, n_valid, *state)
+
+
+def _teacher_kind(t) -> str:
+    return "bf16" if t[0].dtype == torch.bfloat16 else ("fp16" if t[0].dtype == torch.float16 else "tf32")
 
 
 def _forward_resident(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows):
@@ -448,6 +506,13 @@ def _forward_resident(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows):
     kind = _kind(dt, o.tf32)
     if n == 0 or not (wk.main or wk.aux):
         return [None] * 6
+    if isinstance(t, (tuple, list)):
+        if wk.teacher_product:
+            tbuf = _buffer((n, c), t[0].dtype, dev)
+            _teacher_block(t, 0, n, 0, c, tbuf, _teacher_kind(t))
+            t = tbuf
+        else:
+            t = _f32_placeholder(dev).view(1, 0)
     z1 = _buffer((n, c), dt, dev) if wk.main else None
     z2 = _buffer((n, c), dt, dev) if wk.aux else None
     if plan.engine == "triton":
@@ -472,8 +537,10 @@ def _forward_resident(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows):
         if wk.aux:
             _mm(a_, w2.t(), z2, kind=kind)
     need_x, need_w1, need_b1, need_a, need_w2, need_b2 = wk.need
-    colsum1 = plan.engine == "cublas" and need_b1
-    colsum2 = plan.engine == "cublas" and need_b2
+    # bias gradients of the cuBLAS engine from column-sum partials (reduction="none" weights its rows
+    # by grad_output, which the backward does with a product instead)
+    colsum1 = plan.engine == "cublas" and need_b1 and not o.none
+    colsum2 = plan.engine == "cublas" and need_b2 and not o.none
     br, bc, warps = _epi_config(n, c, colsum1 or colsum2, dev)
     p = triton.cdiv(n, br)
     cs1 = _buffer((p, c), F32, dev) if colsum1 else None
@@ -484,16 +551,20 @@ def _forward_resident(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows):
     return [z1 if wk.g_main else None, z2 if wk.g_aux else None, cs1, cs2, None, None]
 
 
-def _forward_chunked(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows, n_valid, needs):
-    """Chunked plan: the auxiliary head in class slabs, then the main head in row chunks (see the
-    module docstring); gradients are scaled by 1/|V| here and by grad_output in the backward."""
+def _forward_chunked(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows, n_valid, needs, row_weight=None,
+                     out_grads=None):
+    """Chunked plan (see the module docstring): mode "slabs" runs the auxiliary head in class slabs,
+    then the main head in row chunks; mode "rows" (a teacher head both heads need) runs both heads in
+    row chunks, computing each chunk's teacher logits once. Gradients are scaled by 1/|V| here (and
+    by ``row_weight`` in the recompute of a per-row grad_output) and by grad_output in the backward."""
     dev = x.device
     n, c, d, da, dt = wk.n, wk.c, wk.d, wk.da, x.dtype
     a_ = x if wk.shared else a
     kind = _kind(dt, o.tf32)
+    th = t if isinstance(t, (tuple, list)) else None
     need_x, need_w1, need_b1, need_a, need_w2, need_b2 = wk.need
-    gx = gw1 = gb1 = ga = gw2 = gb2 = None
-    xs = as_ = accx = acca = gb1_acc = None
+    xs = as_ = accx = acca = gb1_acc = gb2_acc = None
+    rows_mode = plan.mode == "rows"
     if wk.grad:
         _launch(E.count_kernel, (1,), y, n_valid, n, o.ignore_index, name="count_kernel",
                 nbytes=n * y.element_size(), BLOCK=16 if _interpreted(dev) else 1024, **_opts(4, 1, dev))
@@ -508,13 +579,67 @@ def _forward_chunked(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows, n_valid, nee
         if need_a and wk.g_aux:
             acca = _buffer((n, da), F32, dev) if not wk.f32 else None
         gb1_acc = _buffer((c,), F32, dev) if need_b1 else None
+        gb2_acc = _buffer((c,), F32, dev) if (need_b2 and rows_mode) else None
     # every input that asked for a gradient gets one (zeros where no term reaches it)
-    gx, gw1, gb1, ga, gw2, gb2 = (_buffer(r.shape, r.dtype, dev) if (nd and r is not None) else None
-                                  for r, nd in zip((x, w1, b1, a, w2, b2), needs))
+    if out_grads is not None:  # the recompute writes into the gradients stored by the forward
+        gx, gw1, gb1, ga, gw2, gb2 = (gr if (nd and r is not None) else None
+                                      for gr, r, nd in zip(out_grads, (x, w1, b1, a, w2, b2), needs))
+    else:
+        gx, gw1, gb1, ga, gw2, gb2 = (_buffer(r.shape, r.dtype, dev) if (nd and r is not None) else None
+                                      for r, nd in zip((x, w1, b1, a, w2, b2), needs))
     if wk.f32:
         accx = gx if (need_x and (wk.g_main or (wk.shared and wk.g_aux))) else None
         acca = ga if (need_a and wk.g_aux) else None
-    zbuf = _buffer((max(plan.rows * c * int(wk.main), n * _round16(plan.slab) * int(wk.aux)),), dt, dev)
+    te = th[0].dtype if th is not None else None
+    tkind = _teacher_kind(th) if th is not None else ""
+
+    def teacher(r0, rc, c0, cc, buf):
+        """The teacher block for the epilogue and its (row, class) origin."""
+        if th is None:
+            return t, 0, 0
+        _teacher_block(th, r0, rc, c0, cc, buf, tkind)
+        return buf, r0, c0
+
+    if rows_mode:
+        per = plan.rows * c
+        zbuf = _buffer((2 * per,), dt, dev)
+        tbuf = _buffer((per,), te, dev)
+        for r0 in range(0, n, plan.rows):
+            rc = min(plan.rows, n - r0)
+            z1, z2 = zbuf[: rc * c].view(rc, c), zbuf[per: per + rc * c].view(rc, c)
+            _mm(x[r0:r0 + rc], w1.t(), z1, kind=kind)
+            _mm(a_[r0:r0 + rc], w2.t(), z2, kind=kind)
+            tb_, tr0, tc0 = teacher(r0, rc, 0, c, tbuf[: rc * c].view(rc, c))
+            cs_on1, cs_on2 = bool(need_b1), bool(need_b2)
+            br, bc, warps = _epi_config(plan.rows, c, cs_on1 or cs_on2, dev)
+            p = triton.cdiv(rc, br)
+            cs1 = _buffer((p, c), F32, dev) if cs_on1 else None
+            cs2 = _buffer((p, c), F32, dev) if cs_on2 else None
+            _epilogue(wk, o, z1, z2, tb_, y, b1, b2, rows, cs1, cs2, r0=r0, R=rc, c0=0, W=c, main=True, aux=True,
+                      g_ce=wk.g_main and bool(o.ce_w), g_kd=wk.g_main and bool(o.kd_w), g_aux=wk.g_aux,
+                      acc_logit=False, colsum1=cs_on1, colsum2=cs_on2, br=br, bc=bc, warps=warps,
+                      t_row0=tr0, t_col0=tc0, w=row_weight)
+            if not wk.grad:
+                continue
+            if cs_on1 or cs_on2:
+                _colsum(cs1, cs2, gb1_acc, gb2_acc, p, c, None, n_valid, acc=r0 > 0,
+                        heads=3 if (cs_on1 and cs_on2) else (1 if cs_on1 else 2), mean=o.mean)
+            if need_w1:
+                _mm(z1.t(), xs[r0:r0 + rc], gw1, beta=int(r0 > 0), kind=kind)
+            if need_w2:
+                _mm(z2.t(), (xs if wk.shared else as_)[r0:r0 + rc], gw2, beta=int(r0 > 0), kind=kind)
+            if accx is not None:
+                pairs = ([(z1, w1)] if wk.g_main else []) + ([(z2, w2)] if (wk.shared and wk.g_aux) else [])
+                for i, (dz, w) in enumerate(pairs):
+                    _mm(dz, w, accx[r0:r0 + rc], beta=int(i > 0), kind=kind)
+            if acca is not None:
+                _mm(z2, w2, acca[r0:r0 + rc], kind=kind)
+        return [gx, gw1, gb1, ga, gw2, gb2, accx, acca, gb1_acc, gb2_acc]
+
+    slab_cols = _round16(plan.slab)
+    zbuf = _buffer((max(plan.rows * c * int(wk.main), n * slab_cols * int(wk.aux)),), dt, dev)
+    need_t = th is not None and (wk.aux or wk.t_main)
+    tbuf = _buffer((max(plan.rows * c * int(wk.t_main), n * slab_cols * int(wk.aux)),), te, dev) if need_t else None
     x_acc_started = False
     if wk.aux:
         dxa = accx if wk.shared else acca  # where dz2 W2 goes
@@ -524,12 +649,14 @@ def _forward_chunked(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows, n_valid, nee
             # (and the epilogue one specialization for all of them)
             z2 = zbuf[: n * _round16(sc)].view(n, _round16(sc))[:, :sc]
             _mm(a_, w2[s0:s0 + sc].t(), z2, kind=kind)
+            tb_, tr0, tc0 = teacher(0, n, s0, sc, None if tbuf is None else
+                                    tbuf[: n * _round16(sc)].view(n, _round16(sc))[:, :sc])
             colsum2 = bool(need_b2)
             br, bc, warps = _epi_config(n, plan.slab, colsum2, dev)  # one config for every slab
             cs2 = _buffer((triton.cdiv(n, br), sc), F32, dev) if colsum2 else None
-            _epilogue(wk, o, None, z2, t, y, None, b2, rows, None, cs2, r0=0, R=n, c0=s0, W=sc, main=False,
+            _epilogue(wk, o, None, z2, tb_, y, None, b2, rows, None, cs2, r0=0, R=n, c0=s0, W=sc, main=False,
                       aux=True, g_ce=False, g_kd=False, g_aux=wk.g_aux, acc_logit=s0 > 0, colsum1=False,
-                      colsum2=colsum2, br=br, bc=bc, warps=warps)
+                      colsum2=colsum2, br=br, bc=bc, warps=warps, t_row0=tr0, t_col0=tc0, w=row_weight)
             if not wk.g_aux:
                 continue
             if colsum2:
@@ -545,12 +672,15 @@ def _forward_chunked(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows, n_valid, nee
             rc = min(plan.rows, n - r0)
             z1 = zbuf[: rc * c].view(rc, c)
             _mm(x[r0:r0 + rc], w1.t(), z1, kind=kind)
+            tb_, tr0, tc0 = (teacher(r0, rc, 0, c, tbuf[: rc * c].view(rc, c)) if (need_t and wk.t_main)
+                             else (t if th is None else _f32_placeholder(dev).view(1, 0), 0, 0))
             colsum1 = bool(need_b1)
             br, bc, warps = _epi_config(plan.rows, c, colsum1, dev)  # one config for every chunk
             cs1 = _buffer((triton.cdiv(rc, br), c), F32, dev) if colsum1 else None
-            _epilogue(wk, o, z1, None, t, y, b1, None, rows, cs1, None, r0=r0, R=rc, c0=0, W=c, main=True,
+            _epilogue(wk, o, z1, None, tb_, y, b1, None, rows, cs1, None, r0=r0, R=rc, c0=0, W=c, main=True,
                       aux=False, g_ce=wk.g_main and bool(o.ce_w), g_kd=wk.g_main and bool(o.kd_w), g_aux=False,
-                      acc_logit=False, colsum1=colsum1, colsum2=False, br=br, bc=bc, warps=warps)
+                      acc_logit=False, colsum1=colsum1, colsum2=False, br=br, bc=bc, warps=warps,
+                      t_row0=tr0, t_col0=tc0, w=row_weight)
             if not wk.g_main:
                 continue
             if colsum1:
@@ -560,7 +690,7 @@ def _forward_chunked(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows, n_valid, nee
                 _mm(z1.t(), xs[r0:r0 + rc], gw1, beta=int(r0 > 0), kind=kind)
             if need_x:
                 _mm(z1, w1, accx[r0:r0 + rc], beta=int(x_acc_started), kind=kind)
-    return [gx, gw1, gb1, ga, gw2, gb2, accx, acca, gb1_acc]
+    return [gx, gw1, gb1, ga, gw2, gb2, accx, acca, gb1_acc, gb2_acc]
 
 
 def _zero(g: Tensor) -> None:
@@ -569,22 +699,20 @@ def _zero(g: Tensor) -> None:
 
 
 def _finish_chunked(wk, o, y, n_valid, state):
-    """dX (dA) from their accumulators times 1/|V| (and cast); the main head's bias from its fp32
-    accumulator; zeros for the gradients no term reaches."""
-    gx, gw1, gb1, ga, gw2, gb2, accx, acca, gb1_acc = state
+    """dX (dA) from their accumulators times 1/|V| (and cast); the biases accumulated in fp32 over
+    row chunks; zeros for the gradients no term reaches."""
+    gx, gw1, gb1, ga, gw2, gb2, accx, acca, gb1_acc, gb2_acc = state
     need_x, need_w1, need_b1, need_a, need_w2, need_b2 = wk.need
-    fed = {id(gx): accx, id(ga): acca, id(gw1): need_w1, id(gw2): need_w2, id(gb2): need_b2}
+    fed = [accx is not None, need_w1, need_b1, acca is not None, need_w2, need_b2]
     for g, acc in ((gx, accx), (ga, acca)):
         if g is not None and acc is not None:
             _scale(acc, g, y, None, n_valid, mask_rows=False, mean=o.mean, ignore_index=o.ignore_index)
-    if gb1 is not None:
-        if need_b1:
-            gb1.copy_(gb1_acc)
-            cost.note("torch:copy_", "torch", (), 0, gb1.numel() * 6)
-        else:
-            _zero(gb1)
-    for g in (gx, gw1, ga, gw2, gb2):
-        if g is not None and not (fed[id(g)] is not None and fed[id(g)] is not False):
+    for g, acc in ((gb1, gb1_acc), (gb2, gb2_acc)):
+        if g is not None and acc is not None:
+            g.copy_(acc)
+            cost.note("torch:copy_", "torch", (), 0, g.numel() * 6)
+    for g, ok in zip((gx, gw1, gb1, ga, gw2, gb2), fed):
+        if g is not None and not ok:
             _zero(g)
 
 
@@ -602,15 +730,15 @@ def _backward(g, x, w1, b1, a, w2, b2, y, n_valid, state, o: _Opts, needs, c: in
     cs1 = state[2] if state[2].dim() == 2 else None
     cs2 = state[3] if state[3].dim() == 2 else None
     kind = _kind(x.dtype, o.tf32)
-    g = g.reshape(())
+    g, row_g = _grad_output(g)
     refs = (x, w1, b1, None if shared else a, w2, b2)
     grads = [_buffer(r.shape, r.dtype, dev) if (nd and r is not None) else None for r, nd in zip(refs, needs)]
     filled = set()
     if wk.n > 0 and (dz1 is not None or dz2 is not None):
         if plan.engine == "triton":
-            filled = _backward_triton(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, grads, kind)
+            filled = _backward_triton(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, grads, kind, row_g)
         else:
-            filled = _backward_cublas(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, cs1, cs2, *grads, kind)
+            filled = _backward_cublas(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, cs1, cs2, *grads, kind, row_g)
     out = []
     for k, gr in enumerate(grads):
         if gr is None:
@@ -622,7 +750,17 @@ def _backward(g, x, w1, b1, a, w2, b2, y, n_valid, state, o: _Opts, needs, c: in
     return out
 
 
-def _backward_triton(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, grads, kind):
+def _grad_output(g: Tensor):
+    """(g, per_row): a scalar, the expanded scalar of ``.sum()`` (stride 0, read as a scalar), or
+    per-row weights (N,) fp32 contiguous (reduction="none")."""
+    if g.dim() == 0:
+        return g, False
+    if g.numel() <= 1 or g.stride(0) == 0:
+        return g.as_strided((), ()), False
+    return g.contiguous(), True
+
+
+def _backward_triton(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, grads, kind, row_g=False):
     """dX/dA in one launch of ``dx_kernel``, dW (and biases) of both heads in one of ``dw_kernel``."""
     dev = x.device
     n, c, d, da, dt = wk.n, wk.c, wk.d, wk.da, x.dtype
@@ -653,9 +791,9 @@ def _backward_triton(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, grads, kind):
         _launch(G.dx_kernel, (triton.cdiv(n, bm) * triton.cdiv(max(p1, p2), bp), 2 if two else 1),
                 dza, dzb, wa, wb, o1, o2, g, n_valid, n, c, p1, p2,
                 dza.stride(0), dzb.stride(0), wa.stride(0), wa.stride(1), wb.stride(0), wb.stride(1),
-                o1.stride(0), o1.stride(1), o2.stride(0), o2.stride(1),
+                o1.stride(0), o1.stride(1), o2.stride(0), o2.stride(1), int(row_g), int(o.mean),
                 name="dx_kernel", engine="triton-gemm", flops=flops, nbytes=nbytes, kind=kind,
-                SUM2=len(pairs1) > 1, TWO=two, HAS_G=True, ROW_G=False, MEAN=o.mean, DOT_PRECISION=prec,
+                SUM2=len(pairs1) > 1, TWO=two, HAS_G=True, DOT_PRECISION=prec,
                 INTERP_BF16=ib, BLOCK_M=bm, BLOCK_P=bp, BLOCK_K=bk, GROUP_M=8,
                 **_opts(4 if bm == 64 else 8, 3, dev))
         filled |= {k for _, _, _, k in probs}
@@ -680,7 +818,7 @@ def _backward_triton(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, grads, kind):
                 dza.stride(0), dzb.stride(0), xa.stride(0), xa.stride(1), xb.stride(0), xb.stride(1),
                 owa.stride(0), owa.stride(1), owb.stride(0), owb.stride(1),
                 name="dw_kernel", engine="triton-gemm", flops=flops, nbytes=nbytes, kind=kind,
-                HEADS=which, BIAS1=oba is not None, BIAS2=obb is not None, HAS_G=True, ROW_G=False,
+                HEADS=which, BIAS1=oba is not None, BIAS2=obb is not None, HAS_G=True, ROW_G=row_g,
                 MEAN=o.mean, DOT_PRECISION=prec, INTERP_BF16=ib, BLOCK_M=bm, BLOCK_P=bp, BLOCK_K=bk,
                 GROUP_M=8, **_opts(8, 3, dev))
         for h, _, _, gw, gb, _ in heads:
@@ -688,7 +826,8 @@ def _backward_triton(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, grads, kind):
     return filled
 
 
-def _backward_cublas(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, cs1, cs2, gx, gw1, gb1, ga, gw2, gb2, kind):
+def _backward_cublas(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, cs1, cs2, gx, gw1, gb1, ga, gw2, gb2, kind,
+                     row_g=False):
     dev = x.device
     n, d, da, dt = wk.n, wk.d, wk.da, x.dtype
     shared = wk.shared
@@ -698,10 +837,10 @@ def _backward_cublas(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, cs1, cs2, gx,
     xs = as_ = None
     if (dz1 is not None and gw1 is not None) or (shared and dz2 is not None and gw2 is not None):
         xs = _buffer((n, d), dt, dev)
-        _scale(x, xs, y, g, n_valid, mask_rows=True, mean=o.mean, ignore_index=ii)
+        _scale(x, xs, y, g, n_valid, mask_rows=True, mean=o.mean, ignore_index=ii, row_g=row_g)
     if not shared and dz2 is not None and gw2 is not None:
         as_ = _buffer((n, da), dt, dev)
-        _scale(a, as_, y, g, n_valid, mask_rows=True, mean=o.mean, ignore_index=ii)
+        _scale(a, as_, y, g, n_valid, mask_rows=True, mean=o.mean, ignore_index=ii, row_g=row_g)
     if dz1 is not None and gw1 is not None:
         _mm(dz1.t(), xs, gw1, kind=kind)
         filled.add(1)
@@ -716,10 +855,17 @@ def _backward_cublas(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, cs1, cs2, gx,
         acc = grad if wk.f32 else _buffer(grad.shape, F32, dev)
         for i, (dz, w) in enumerate(pairs):
             _mm(dz, w, acc, beta=int(i > 0), kind=kind)
-        _scale(acc, grad, y, g, n_valid, mask_rows=False, mean=o.mean, ignore_index=ii)
+        _scale(acc, grad, y, g, n_valid, mask_rows=False, mean=o.mean, ignore_index=ii, row_g=row_g)
         filled.add(name)
     h1 = dz1 is not None and gb1 is not None
     h2 = dz2 is not None and gb2 is not None
+    if o.none:  # reduction="none": db = dZ^T g (the forward made no column-sum partials)
+        gcol = (g if row_g else g.expand(n)).to(dt).reshape(n, 1)
+        for dz, gb, k in ((dz1, gb1, 2), (dz2, gb2, 5)):
+            if dz is not None and gb is not None:
+                _mm(dz.t(), gcol, gb.view(-1, 1), kind=kind)
+                filled.add(k)
+        return filled
     if h1 or h2:
         p = cs1.shape[0] if h1 else cs2.shape[0]
         _colsum(cs1 if h1 else None, cs2 if h2 else None, gb1 if h1 else None, gb2 if h2 else None, p, wk.c,
@@ -752,23 +898,28 @@ def _no_autocast(device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
-def _opts_from(ce_w, kd_w, lg_w, kd_t, tau, kl_norm, ignore_index, mean, components, tf32) -> _Opts:
+def _opts_from(ce_w, kd_w, lg_w, kd_t, tau, kl_norm, ignore_index, mean, components, tf32, eps=0.0,
+               none=False) -> _Opts:
     return _Opts(float(ce_w), float(kd_w), float(lg_w), float(kd_t), float(tau), bool(kl_norm),
-                 int(ignore_index), bool(mean), bool(components), bool(tf32))
+                 int(ignore_index), bool(mean) and not none, bool(components), bool(tf32), float(eps), bool(none))
 
 
-def _fwd_impl(x, w1, b1, a, w2, b2, t, y, ce_weight, kd_weight, logit_weight, kd_temperature,
-              logit_temperature, kl_norm, ignore_index, mean, components, tf32, needs):
+def _teacher_arg(t, tf, tw, tb):
+    return t if t is not None else (tf, tw, tb)
+
+
+def _fwd_impl(x, w1, b1, a, w2, b2, t, y, tf, tw, tb, ce_weight, kd_weight, logit_weight, kd_temperature,
+              logit_temperature, kl_norm, ignore_index, mean, components, tf32, eps, none, needs):
     o = _opts_from(ce_weight, kd_weight, logit_weight, kd_temperature, logit_temperature, kl_norm,
-                   ignore_index, mean, components, tf32)
+                   ignore_index, mean, components, tf32, eps, none)
     with _no_autocast(x.device), _on_device(x.device):
-        return tuple(_forward(x, w1, b1, a, w2, b2, t, y, o, needs))
+        return tuple(_forward(x, w1, b1, a, w2, b2, _teacher_arg(t, tf, tw, tb), y, o, needs))
 
 
 def _bwd_impl(grad, x, w1, b1, a, w2, b2, y, n_valid, state, n_classes, ce_weight, kd_weight, logit_weight,
-              kd_temperature, logit_temperature, kl_norm, ignore_index, mean, tf32, needs):
+              kd_temperature, logit_temperature, kl_norm, ignore_index, mean, tf32, eps, none, needs):
     o = _opts_from(ce_weight, kd_weight, logit_weight, kd_temperature, logit_temperature, kl_norm,
-                   ignore_index, mean, False, tf32)
+                   ignore_index, mean, False, tf32, eps, none)
     with _no_autocast(x.device), _on_device(x.device):
         return _backward(grad, x, w1, b1, a, w2, b2, y, n_valid, list(state), o, needs, n_classes)
 
@@ -778,32 +929,48 @@ def _scale_impl(grads, g):
         _scale_grads(grads, g)
 
 
+def _regrad_impl(grads, g, x, w1, b1, a, w2, b2, t, y, tf, tw, tb, ce_weight, kd_weight, logit_weight,
+                 kd_temperature, logit_temperature, kl_norm, ignore_index, mean, tf32, eps, none, needs):
+    """The chunked plan with a per-row grad_output: one more pass with the row weights folded into dz,
+    writing the gradients into ``grads`` (the ones the forward stored)."""
+    o = _opts_from(ce_weight, kd_weight, logit_weight, kd_temperature, logit_temperature, kl_norm,
+                   ignore_index, mean, False, tf32, eps, none)
+    with _no_autocast(x.device), _on_device(x.device):
+        _forward(x, w1, b1, a, w2, b2, _teacher_arg(t, tf, tw, tb), y, o, needs,
+                 row_weight=g.to(F32).contiguous(), out_grads=list(grads))
+
+
 @torch.library.custom_op("dhkd::dual_head_kd_fwd", mutates_args=())
 def _fwd_op(x: Tensor, w1: Tensor, b1: Optional[Tensor], a: Optional[Tensor], w2: Tensor,
-            b2: Optional[Tensor], t: Tensor, y: Tensor, ce_weight: float, kd_weight: float,
-            logit_weight: float, kd_temperature: float, logit_temperature: float, kl_norm: bool,
-            ignore_index: int, mean: bool, components: bool, tf32: bool, needs: List[bool]
+            b2: Optional[Tensor], t: Optional[Tensor], y: Tensor, tf: Optional[Tensor], tw: Optional[Tensor],
+            tb: Optional[Tensor], ce_weight: float, kd_weight: float, logit_weight: float, kd_temperature: float,
+            logit_temperature: float, kl_norm: bool, ignore_index: int, mean: bool, components: bool,
+            tf32: bool, eps: float, none: bool, needs: List[bool]
             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _fwd_impl(x, w1, b1, a, w2, b2, t, y, ce_weight, kd_weight, logit_weight, kd_temperature,
-                     logit_temperature, kl_norm, ignore_index, mean, components, tf32, needs)
+    return _fwd_impl(x, w1, b1, a, w2, b2, t, y, tf, tw, tb, ce_weight, kd_weight, logit_weight, kd_temperature,
+                     logit_temperature, kl_norm, ignore_index, mean, components, tf32, eps, none, needs)
 
 
 @_fwd_op.register_fake
-def _fwd_fake(x, w1, b1, a, w2, b2, t, y, ce_weight, kd_weight, logit_weight, kd_temperature,
-              logit_temperature, kl_norm, ignore_index, mean, components, tf32, needs):
+def _fwd_fake(x, w1, b1, a, w2, b2, t, y, tf, tw, tb, ce_weight, kd_weight, logit_weight, kd_temperature,
+              logit_temperature, kl_norm, ignore_index, mean, components, tf32, eps, none, needs):
     o = _opts_from(ce_weight, kd_weight, logit_weight, kd_temperature, logit_temperature, kl_norm,
-                   ignore_index, mean, components, tf32)
-    wk = _work(x, w1, a, t.shape[0], t.shape[1], o, needs)
+                   ignore_index, mean, components, tf32, eps, none)
+    n, c = y.shape[0], w1.shape[0]
+    wk = _work(x, w1, a, n, c, o, needs, _teacher_arg(t, tf, tw, tb))
     plan = make_plan(wk, x.device)
-    n, c = wk.n, wk.c
     e = x.new_empty((0,), dtype=F32)
-    head = [x.new_empty((), dtype=F32), x.new_empty((3,), dtype=F32), x.new_empty((), dtype=torch.int64),
-            x.new_empty((), dtype=torch.int64)]
+    if o.none:
+        head = [x.new_empty((n,), dtype=F32), x.new_empty((3, n), dtype=F32), x.new_empty((n,), dtype=torch.bool),
+                x.new_empty((), dtype=torch.int64)]
+    else:
+        head = [x.new_empty((), dtype=F32), x.new_empty((3,), dtype=F32), x.new_empty((), dtype=torch.int64),
+                x.new_empty((), dtype=torch.int64)]
     if plan.resident:
         if n == 0 or not (wk.main or wk.aux):
             return tuple(head + [e.clone() for _ in range(6)])
-        colsum1 = plan.engine == "cublas" and wk.need[2]
-        colsum2 = plan.engine == "cublas" and wk.need[5]
+        colsum1 = plan.engine == "cublas" and wk.need[2] and not o.none
+        colsum2 = plan.engine == "cublas" and wk.need[5] and not o.none
         p = triton.cdiv(n, _epi_config(n, c, colsum1 or colsum2, x.device)[0])
         state = [x.new_empty((n, c)) if wk.g_main else e.clone(),
                  x.new_empty((n, c)) if wk.g_aux else e.clone(),
@@ -819,10 +986,11 @@ def _fwd_fake(x, w1, b1, a, w2, b2, t, y, ce_weight, kd_weight, logit_weight, kd
 def _bwd_op(grad: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], a: Optional[Tensor], w2: Tensor,
             b2: Optional[Tensor], y: Tensor, n_valid: Tensor, state: List[Tensor], n_classes: int,
             ce_weight: float, kd_weight: float, logit_weight: float, kd_temperature: float,
-            logit_temperature: float, kl_norm: bool, ignore_index: int, mean: bool, tf32: bool,
-            needs: List[bool]) -> List[Tensor]:
+            logit_temperature: float, kl_norm: bool, ignore_index: int, mean: bool, tf32: bool, eps: float,
+            none: bool, needs: List[bool]) -> List[Tensor]:
     return _bwd_impl(grad, x, w1, b1, a, w2, b2, y, n_valid, state, n_classes, ce_weight, kd_weight,
-                     logit_weight, kd_temperature, logit_temperature, kl_norm, ignore_index, mean, tf32, needs)
+                     logit_weight, kd_temperature, logit_temperature, kl_norm, ignore_index, mean, tf32, eps,
+                     none, needs)
 
 
 @_bwd_op.register_fake
@@ -843,27 +1011,49 @@ def _scale_fake(grads, g):
     return None
 
 
+@torch.library.custom_op("dhkd::regrad_", mutates_args=("grads",))
+def _regrad_op(grads: List[Tensor], g: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], a: Optional[Tensor],
+               w2: Tensor, b2: Optional[Tensor], t: Optional[Tensor], y: Tensor, tf: Optional[Tensor],
+               tw: Optional[Tensor], tb: Optional[Tensor], ce_weight: float, kd_weight: float,
+               logit_weight: float, kd_temperature: float, logit_temperature: float, kl_norm: bool,
+               ignore_index: int, mean: bool, tf32: bool, eps: float, none: bool, needs: List[bool]) -> None:
+    _regrad_impl(grads, g, x, w1, b1, a, w2, b2, t, y, tf, tw, tb, ce_weight, kd_weight, logit_weight,
+                 kd_temperature, logit_temperature, kl_norm, ignore_index, mean, tf32, eps, none, needs)
+
+
+@_regrad_op.register_fake
+def _regrad_fake(grads, g, *args):
+    return None
+
+
 # The custom ops run their fake implementation on ``meta`` tensors; ``simulate`` swaps in the real
 # implementations (same host code, launches recorded instead of run) through this table.
-_OPS = {"bwd": _bwd_op, "scale": _scale_op}
+_OPS = {"bwd": _bwd_op, "scale": _scale_op, "regrad": _regrad_op}
 
 _DOUBLE_BACKWARD = ("fused_dual_head_kd_loss (backend='{}') has no second derivative: its backward ran with "
                     "create_graph=True (double backward, e.g. a gradient penalty). Use backend='reference' "
                     "(plain PyTorch autograd) for higher-order gradients.")
 
+_N_FWD_ARGS = 24  # tensors (11), scalars (12), needs
+
 
 def _setup_context(ctx, inputs, output):
-    x, w1, b1, a, w2, b2, t, y = inputs[:8]
-    scalars = inputs[8:18]
-    needs = inputs[18]
+    x, w1, b1, a, w2, b2, t, y, tf, tw, tb = inputs[:11]
+    scalars = inputs[11:23]
+    needs = inputs[23]
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the non-differentiable outputs
     o = _opts_from(*scalars)
-    wk = _work(x, w1, a, t.shape[0], t.shape[1], o, needs)
+    wk = _work(x, w1, a, y.shape[0], w1.shape[0], o, needs, _teacher_arg(t, tf, tw, tb))
     ctx.resident = make_plan(wk, x.device).resident
-    ctx.n_classes = t.shape[1]
-    ctx.save_for_backward(x, w1, b1, a, w2, b2, y, output[3], *output[4:10])
-    ctx.opts = tuple(scalars[:8]) + (scalars[9],)
+    ctx.n_classes = w1.shape[0]
+    ctx.none = o.none
+    if ctx.resident or not o.none:
+        ctx.save_for_backward(x, w1, b1, a, w2, b2, y, output[3], *output[4:10])
+    else:  # a per-row grad_output of the chunked plan recomputes from the inputs
+        ctx.save_for_backward(x, w1, b1, a, w2, b2, y, output[3], *output[4:10], t, tf, tw, tb)
+    # scalars for the backward ops: everything but return_components
+    ctx.opts = tuple(scalars[:8]) + tuple(scalars[9:12])
     ctx.needs = list(needs)
 
 
@@ -873,19 +1063,28 @@ def _autograd_backward(ctx, g, *_unused):
     if not ctx.resident and getattr(ctx, "consumed", False):
         from .chunked import SECOND_BACKWARD
         raise RuntimeError(SECOND_BACKWARD.format("triton") + " (the chunked plan of large problems)")
-    x, w1, b1, a, w2, b2, y, n_valid, *state = ctx.saved_tensors
+    saved = ctx.saved_tensors
+    x, w1, b1, a, w2, b2, y, n_valid = saved[:8]
+    state = list(saved[8:14])
     if g is None:
         g = torch.zeros((), dtype=F32, device=x.device)
     needs = ctx.needs
     if ctx.resident:
         grads = _OPS["bwd"](g, x, w1, b1, a, w2, b2, y, n_valid, state, ctx.n_classes, *ctx.opts, needs)
     else:
-        # the chunked plan's gradients were computed in the forward: scaled in place, once
+        # the chunked plan's gradients were computed in the forward: scaled in place, once, by a scalar
+        # grad_output (or the expanded scalar of .sum()); a per-row one recomputes them with its weights
         ctx.consumed = True
-        grads = list(state)
-        _OPS["scale"]([gr for gr, need in zip(grads, needs) if need and gr.numel()], g.to(F32))
+        grads = state
+        live = [gr for gr, need in zip(grads, needs) if need and gr.numel()]
+        g0, per_row = _grad_output(g)
+        if per_row:
+            t, tf, tw, tb = saved[14:18]
+            _OPS["regrad"](grads, g0, x, w1, b1, a, w2, b2, t, y, tf, tw, tb, *ctx.opts, needs)
+        else:
+            _OPS["scale"](live, g0.to(F32))
     out = [gr if need else None for gr, need in zip(grads, needs)]
-    return tuple(out) + (None,) * 13
+    return tuple(out) + (None,) * (_N_FWD_ARGS - 6)
 
 
 _fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -908,7 +1107,7 @@ class _DirectFn(torch.autograd.Function):
 @contextlib.contextmanager
 def _direct():
     saved = dict(_OPS)
-    _OPS.update(bwd=_bwd_impl, scale=_scale_impl, fwd=_DirectFn.apply)
+    _OPS.update(bwd=_bwd_impl, scale=_scale_impl, regrad=_regrad_impl, fwd=_DirectFn.apply)
     try:
         yield
     finally:
@@ -953,11 +1152,13 @@ def operand_dtype(mats, device_type: str) -> torch.dtype:
 
 def dual_head_kd_loss(features, head_weight, head_bias, aux_weight, aux_bias, teacher_logits, labels, *,
                       aux_features, ce_weight, kd_weight, logit_weight, kd_temperature, logit_temperature,
-                      logit_loss, ignore_index, reduction, return_components):
-    """Run the Triton path; returns (loss, terms[3], correct, n_valid). Inputs must be validated.
+                      logit_loss, ignore_index, reduction, return_components, label_smoothing=0.0):
+    """Run the Triton path; returns (loss, terms, correct, n_valid). Inputs must be validated.
+    ``teacher_logits`` is the (N, C) tensor or a ``TeacherHead`` (its product runs inside).
 
     Raises TypeError for float64 features/weights/biases (use backend="torch" for float64).
     """
+    from . import TeacherHead
     operands = {"features": features, "head_weight": head_weight, "head_bias": head_bias,
                 "aux_weight": aux_weight, "aux_bias": aux_bias, "aux_features": aux_features}
     for name, v in operands.items():
@@ -970,6 +1171,15 @@ def dual_head_kd_loss(features, head_weight, head_bias, aux_weight, aux_bias, te
         raise TypeError(f"backend='triton' cannot run matmuls in {cdt}")
     x, w1, w2 = (m.to(cdt) for m in (features, head_weight, aux_weight))
     a = None if aux_features is None else aux_features.to(cdt)
+    t = tf = tw = tb = None
+    if isinstance(teacher_logits, TeacherHead):
+        tdt = operand_dtype([teacher_logits.features, teacher_logits.weight], features.device.type)
+        if tdt not in _OPERAND_DTYPES:
+            tdt = cdt  # a float64 teacher head is computed in the student's operand dtype
+        tf, tw = teacher_logits.features.to(tdt), teacher_logits.weight.to(tdt)
+        tb = None if teacher_logits.bias is None else teacher_logits.bias.to(tdt).contiguous()
+    else:
+        t = teacher_logits
     # the kernels index labels and biases with unit stride: strided or expanded views are copied
     # (N + 2C elements); gradients reach the original views through autograd
     labels = labels.contiguous()
@@ -977,10 +1187,11 @@ def dual_head_kd_loss(features, head_weight, head_bias, aux_weight, aux_bias, te
     aux_bias = None if aux_bias is None else aux_bias.contiguous()
     grad_on = torch.is_grad_enabled()
     needs = [grad_on and v is not None and v.requires_grad for v in (x, w1, head_bias, a, w2, aux_bias)]
-    out = _OPS.get("fwd", _fwd_op)(x, w1, head_bias, a, w2, aux_bias, teacher_logits, labels, float(ce_weight),
-                  float(kd_weight), float(logit_weight), float(kd_temperature), float(logit_temperature),
-                  logit_loss == "binary_kl_norm", int(ignore_index), reduction == "mean",
-                  bool(return_components), _TF32_OVERRIDE or _tf32_enabled(), needs)
+    out = _OPS.get("fwd", _fwd_op)(
+        x, w1, head_bias, a, w2, aux_bias, t, labels, tf, tw, tb, float(ce_weight), float(kd_weight),
+        float(logit_weight), float(kd_temperature), float(logit_temperature), logit_loss == "binary_kl_norm",
+        int(ignore_index), reduction == "mean", bool(return_components), _TF32_OVERRIDE or _tf32_enabled(),
+        float(label_smoothing), reduction == "none", needs)
     loss, terms, correct, n_valid = out[:4]
     return loss, terms.detach(), correct, n_valid
 
@@ -1001,12 +1212,14 @@ _TF32_OVERRIDE = None
 
 
 def simulate(n: int, d: int, c: int, *, dtype: str = "bf16", da: Optional[int] = None, bias: bool = True,
-             backward: bool = True, requires_grad=None, device: str = "meta", **opts):
+             backward: bool = True, requires_grad=None, device: str = "meta", teacher_width: Optional[int] = None,
+             **opts):
     """Run the real host code of one ``fused_dual_head_kd_loss(..., backend="triton")`` forward
     (+ backward) on ``meta`` tensors: nothing is computed, every launch is recorded. Returns
     (cost.Record, Plan). ``requires_grad``: the inputs that ask for gradients (default all of
-    them when ``backward``). Loss options default to all three terms on (the benchmarks' CE + KD +
-    BinaryKL-Norm); ``dtype`` "tf32" is fp32 with TF32 matmuls."""
+    them when ``backward``); ``teacher_width`` D_t: the teacher as features + head instead of logits.
+    Loss options default to all three terms on (the benchmarks' CE + KD + BinaryKL-Norm); ``dtype``
+    "tf32" is fp32 with TF32 matmuls. With reduction="none" the backward is that of ``.sum()``."""
     from ..functional import fused_dual_head_kd_loss
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}[dtype]
     dev = torch.device(device)
@@ -1020,23 +1233,31 @@ def simulate(n: int, d: int, c: int, *, dtype: str = "bf16", da: Optional[int] =
         leaves["aux_features"] = None
     if not bias:
         leaves["head_bias"] = leaves["aux_bias"] = None
+    head = {}
     t = torch.empty(n, c, dtype=dt, device=dev)
+    if teacher_width:
+        t = None
+        head = dict(teacher_features=torch.empty(n, teacher_width, dtype=dt, device=dev),
+                    teacher_weight=torch.empty(c, teacher_width, dtype=dt, device=dev),
+                    teacher_bias=torch.empty(c, dtype=dt, device=dev) if bias else None)
     y = torch.empty(n, dtype=torch.int64, device=dev)
     kw = dict(ce_weight=1.0, kd_weight=1.0, logit_weight=1.0, kd_temperature=4.0, logit_temperature=2.0,
               logit_loss="binary_kl_norm", ignore_index=-100, reduction="mean", return_components=False)
     kw.update(opts)
     o = _opts_from(kw["ce_weight"], kw["kd_weight"], kw["logit_weight"], kw["kd_temperature"],
                    kw["logit_temperature"], kw["logit_loss"] == "binary_kl_norm", kw["ignore_index"],
-                   kw["reduction"] == "mean", kw["return_components"], dtype == "tf32")
+                   kw["reduction"] == "mean", kw["return_components"], dtype == "tf32",
+                   kw.get("label_smoothing", 0.0), kw["reduction"] == "none")
     x, a = leaves["features"], leaves["aux_features"]
     needs = [backward and v is not None and v.requires_grad for v in
              (x, leaves["head_weight"], leaves["head_bias"], a, leaves["aux_weight"], leaves["aux_bias"])]
-    plan = make_plan(_work(x, leaves["head_weight"], a, n, c, o, needs), dev)
+    teacher = t if t is not None else (head["teacher_features"], head["teacher_weight"], head["teacher_bias"])
+    plan = make_plan(_work(x, leaves["head_weight"], a, n, c, o, needs, teacher), dev)
     with cost.record() as rec, torch.set_grad_enabled(backward), _direct(), _tf32(dtype == "tf32"):
         loss = fused_dual_head_kd_loss(x, leaves["head_weight"], leaves["head_bias"], leaves["aux_weight"],
-                                       leaves["aux_bias"], t, y, aux_features=a, backend="triton", **kw)
+                                       leaves["aux_bias"], t, y, aux_features=a, backend="triton", **head, **kw)
         if isinstance(loss, tuple):
             loss = loss[0]
         if backward and loss.requires_grad:
-            loss.backward()
+            (loss.sum() if loss.dim() else loss).backward()
     return rec, plan
