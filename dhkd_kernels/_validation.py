@@ -44,7 +44,7 @@ def _choice(name: str, value, choices: tuple) -> None:
 def validate(features, head_weight, head_bias, aux_weight, aux_bias, teacher_logits, labels, *,
              aux_features, ce_weight, kd_weight, logit_weight, kd_temperature, logit_temperature,
              logit_loss, ignore_index, reduction, backend, teacher_features=None, teacher_weight=None,
-             teacher_bias=None, label_smoothing=0.0) -> None:
+             teacher_bias=None, label_smoothing=0.0, return_components=False) -> None:
     """Check every argument of ``fused_dual_head_kd_loss``; raise ValueError/TypeError naming the culprit."""
     _tensor("features", features, 2)
     n, d = features.shape
@@ -111,6 +111,8 @@ def validate(features, head_weight, head_bias, aux_weight, aux_bias, teacher_log
     _choice("logit_loss", logit_loss, LOGIT_LOSSES)
     _choice("reduction", reduction, REDUCTIONS)
     _choice("backend", backend, BACKENDS)
+    if not isinstance(return_components, bool):
+        raise TypeError(f"return_components must be a bool, got {type(return_components).__name__}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not -2**63 <= int(ignore_index) < 2**63:

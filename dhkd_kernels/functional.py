@@ -19,7 +19,8 @@ def set_label_check(enabled: bool) -> None:
 
     CPU labels are always checked (a ValueError naming the first bad label). On CUDA nothing
     synchronises by default: a valid row (label != ignore_index) whose label is outside [0, C) makes
-    the loss and every gradient NaN on the triton and torch backends."""
+    the loss, the weight and bias gradients and that row's feature gradient NaN on the triton and torch
+    backends."""
     global _CHECK_LABELS
     _CHECK_LABELS = bool(enabled)
 
@@ -125,7 +126,8 @@ def fused_dual_head_kd_loss(
              logit_weight=logit_weight, kd_temperature=kd_temperature,
              logit_temperature=logit_temperature, logit_loss=logit_loss, ignore_index=ignore_index,
              reduction=reduction, backend=backend, teacher_features=teacher_features,
-             teacher_weight=teacher_weight, teacher_bias=teacher_bias, label_smoothing=label_smoothing)
+             teacher_weight=teacher_weight, teacher_bias=teacher_bias, label_smoothing=label_smoothing,
+             return_components=return_components)
     opts = dict(ce_weight=float(ce_weight), kd_weight=float(kd_weight), logit_weight=float(logit_weight),
                 kd_temperature=float(kd_temperature), logit_temperature=float(logit_temperature),
                 logit_loss=logit_loss, ignore_index=int(ignore_index), reduction=reduction,

@@ -24,7 +24,8 @@ Rows not in V do not influence anything: their features and teacher logits are r
 before any arithmetic, so garbage (NaN included) in padding rows never reaches a result. A teacher
 logit of -inf marks a class masked out for that row: its teacher probability is 0 in KD, with
 0 log 0 = 0 as in ``F.kl_div``, and it contributes nothing (value and gradient 0) to BinaryKL and
-BinaryKL-Norm. Other non-finite teacher logits (+inf, NaN) in valid rows give a NaN loss.
+BinaryKL-Norm. A valid row whose teacher logits are all -inf has no teacher distribution: its KD
+is NaN. Other non-finite teacher logits (+inf, NaN) in valid rows give a NaN loss.
 
 BinaryKL-Norm: the official DHKD code writes it as 0.5 log(0.5/d) + 0.5 log(0.5/(1-d)) with
 d = sig((z2 - t)/tau) clamped to [1e-8, 1 - 1e-8]. The clamp zeroes the gradient once |z2 - t| passes
@@ -108,7 +109,9 @@ def softmax_kd(z1: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.T
     pt = log_pt.exp()
     # t = -inf: pt = 0 and log pt = -inf; the product is 0 (its limit), not NaN (a NaN t stays NaN)
     per_class = torch.where(torch.isneginf(t), torch.zeros_like(pt), pt * (log_pt - log_ps))
-    return temperature**2 * per_class.sum(-1)
+    kd = temperature**2 * per_class.sum(-1)
+    # a row whose teacher logits are all -inf has no teacher distribution: NaN, as on every backend
+    return torch.where(torch.isneginf(t).all(-1), torch.full_like(kd, float("nan")), kd)
 
 
 def _masked_classes(z2: torch.Tensor, t: torch.Tensor):
@@ -171,8 +174,10 @@ def dual_head_kd_loss(
     z1 is the label: a count, or per row) and ``n_valid`` (|V|).
     """
     if teacher_logits is None:
+        tdt = _operand_dtype([teacher_features, teacher_weight], teacher_features.device.type)
         with torch.no_grad():
-            teacher_logits = F.linear(teacher_features, teacher_weight, teacher_bias)
+            teacher_logits = F.linear(teacher_features.to(tdt), teacher_weight.to(tdt),
+                                      None if teacher_bias is None else teacher_bias.to(tdt))
     mats = [features, head_weight, aux_weight] + ([aux_features] if aux_features is not None else [])
     cdt = _operand_dtype(mats, features.device.type)
     features, head_weight, aux_weight = (m.to(cdt) for m in (features, head_weight, aux_weight))

@@ -491,8 +491,10 @@ def test_custom_ops_fake_match_real_for_transposed_inputs(device, monkeypatch, p
     torch.library.opcheck(torch.ops.dhkd.dual_head_kd_fwd.default, fwd_args, test_utils=("test_faketensor",))
     out = torch.ops.dhkd.dual_head_kd_fwd(*fwd_args)
     if plan_name != "chunked":
+        o = dhk._opts_from(*scalars, True, False)
+        plan = dhk.make_plan(dhk._work(x, w1, a, 5, 9, o, [True] * 6, t), torch.device(device))
         bwd_args = (torch.tensor(1.0, device=device), x, w1, b1, a, w2, b2, y, out[3], list(out[4:10]), 9) \
-            + scalars + (False, 0.0, False, [True] * 6)
+            + scalars + (False, 0.0, False, [True] * 6, dhk.plan_to_list(plan))
         torch.library.opcheck(torch.ops.dhkd.dual_head_kd_bwd.default, bwd_args, test_utils=("test_faketensor",))
 
 

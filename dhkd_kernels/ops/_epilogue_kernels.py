@@ -18,7 +18,8 @@ of the (N, C) problem, stored with row strides ``stride_z1`` / ``stride_z2``.
         elementwise logit loss of z2 summed per row, and its gradient
             dz2 = lg_w (tau/2) tanh((z2 - t)/(2 tau))   [BinaryKL-Norm]
             dz2 = lg_w tau (sig(z2/tau) - sig(t/tau))    [BinaryKL]
-        written over z2. dz is unscaled (no grad_output, no 1/|V|): the GEMMs apply the scale in fp32.
+        written over z2. dz carries no grad_output and no 1/|V| (the products apply them), except the per-row
+        weights of ROW_W (the chunked plan's recompute for a per-row grad_output).
     Per row it writes ce, kd, the logit-loss sum (added to the previous value with acc_logit, for class
     slabs) and correct into ``rows`` (4, N); with COLSUM1/COLSUM2 the column sums of dz1/dz2 over its
     rows into ``cs`` (programs, W), reduced by ``colsum_kernel`` into the bias gradients.
@@ -76,6 +77,36 @@ def _tanh_abs(u):
     u2 = u * u
     series = u * (1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0 + u2 * (-17.0 / 315.0))))
     return tl.where(u < 0.1, series, (1.0 - e) / (1.0 + e))
+
+
+@triton.jit
+def _log1p(u):
+    """log(1 + u) accurate for small u (Kahan: the rounding of 1 + u is divided out)."""
+    w = 1.0 + u
+    return tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
+
+
+@triton.jit
+def _binary_kl(zs, ts):
+    """KL(Bern(sig(ts)) || Bern(sig(zs))) elementwise, accurate for small gaps d = zs - ts too.
+
+    In the frame where ts >= 0 (KL(s||p) = KL(1-s||1-p) allows flipping both signs), with a = sig(-ts)
+    <= 1/2: KL = log1p(a expm1(-d)) + a d. |d| < 0.05: series for expm1(-d) + d and log1p(u) - u (they
+    cancel to a (1 - a) d^2 / 2 otherwise); |d| < 1: that closed form; beyond: the softplus form."""
+    flip = ts < 0
+    tf = tl.where(flip, -ts, ts)
+    dl = tl.where(flip, ts - zs, zs - ts)
+    a = _sigmoid(-tf)
+    g1 = dl * dl * (0.5 - dl * (1.0 / 6.0 - dl * (1.0 / 24.0 - dl * (1.0 / 120.0 - dl * (1.0 / 720.0)))))
+    u = a * (g1 - dl)  # a expm1(-d)
+    h = -u * u * (0.5 - u * (1.0 / 3.0 - u * (0.25 - u * (0.2 - u * (1.0 / 6.0)))))  # log1p(u) - u
+    small = a * g1 + h
+    mid = _log1p(a * (tl.exp(-dl) - 1.0)) + a * dl
+    sp_z = tl.maximum(-zs, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(zs)))
+    sp_t = tl.maximum(-ts, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(ts)))
+    large = sp_z - sp_t + (zs - ts) * _sigmoid(-ts)
+    ad = tl.abs(dl)
+    return tl.where(ad < 0.05, small, tl.where(ad < 1.0, mid, large))
 
 
 @triton.jit
@@ -241,9 +272,7 @@ def epilogue_kernel(
                 else:
                     zs = z2 * inv_tau
                     ts = t_ * inv_tau
-                    sp_z = tl.maximum(-zs, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(zs)))
-                    sp_t = tl.maximum(-ts, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(ts)))
-                    val = sp_z - sp_t + (zs - ts) * _sigmoid(-ts)
+                    val = _binary_kl(zs, ts)
                 lg += tl.sum(tl.where(live, val, 0.0), 1)
                 if GRAD_AUX:
                     if KL_NORM:

@@ -67,9 +67,14 @@ def main_head(z, t, y, o, *, kd_stats, grad_ce, grad_kd):
     del lp
     if kd_stats:
         log_ps = F.log_softmax(z.mul_(1.0 / T), dim=-1)
-        pt = F.softmax(t / T, dim=-1)
-        # kl_div's xlogy(pt, pt) - pt log_ps is 0 for a masked class (pt = 0), NaN for a NaN teacher
-        kd = (T * T) * F.kl_div(log_ps, pt, reduction="none").sum(-1)
+        log_pt = F.log_softmax(t / T, dim=-1)
+        pt = log_pt.exp()
+        # subtract first, then weight (no cancellation between two large sums for nearly equal
+        # distributions); a masked class (t = -inf) contributes 0 log 0 = 0, a NaN teacher stays NaN
+        per_class = log_pt.sub_(log_ps).mul_(pt).masked_fill_(torch.isneginf(t), 0.0)
+        kd = (T * T) * per_class.sum(-1)
+        kd = torch.where(torch.isneginf(t).all(-1), float("nan"), kd)  # no teacher distribution at all
+        del per_class
         if grad_kd:
             g = log_ps.exp_().sub_(pt).mul_(kd_w * T)
             dz = g if dz is None else dz.add_(g)
@@ -80,9 +85,11 @@ _LN2 = 0.6931471805599453
 
 
 def _log_cosh(a):
-    """log cosh(a) for a >= 0: log1p(2 sinh(a/2)^2) (exact to rounding, small a included) up to 20,
-    a - log 2 beyond (where e^(-2a) is below fp32's and fp64's resolution of the result)."""
-    small = torch.sinh(a.clamp(max=20.0).mul_(0.5)).square_().mul_(2.0).log1p_()
+    """log cosh(a) for a >= 0: log1p(cosh a - 1) with cosh a - 1 = expm1(a)^2 / (2 (1 + expm1(a)))
+    (exact to rounding, small a included; vectorized expm1 where sinh is not) up to 20, a - log 2 beyond
+    (where e^(-2a) is below fp32's and fp64's resolution of the result)."""
+    em = torch.expm1(a.clamp(max=20.0))
+    small = em.square().div_(em.add(1.0).mul_(2.0)).log1p_()
     return torch.where(a > 20.0, a - _LN2, small)
 
 
@@ -127,7 +134,7 @@ def _teacher_rows(teacher, s, e, edt):
 
 
 def _run(features, head_weight, head_bias, aux_features, aux_weight, aux_bias, teacher, labels, opts, *,
-         need_grad, row_weight=None):
+         need_grad, row_weight=None, needs=(True,) * 6):
     """One pass over the row chunks: per-row terms (3, N) (rows outside V 0, bad labels NaN), the
     per-row correct flags, |V|, and with ``need_grad`` the gradients of
     sum_i w_i (ce_w CE_i + kd_w KD_i + lg_w L_i) with w_i = row_weight[i] (or 1) times 1/|V| for "mean"."""
@@ -152,7 +159,10 @@ def _run(features, head_weight, head_bias, aux_features, aux_weight, aux_bias, t
     row_factor = torch.where(bad_all, float("nan"), valid_all.to(edt))
     scale = (1.0 / n_valid.clamp(min=1).to(edt)) if opts["reduction"] == "mean" \
         else torch.ones((), dtype=edt, device=dev)
-    grad_factor = row_factor * scale if row_weight is None else row_factor * scale * row_weight.to(edt)
+    if row_weight is None:
+        grad_factor = row_factor * scale
+    else:  # 0 at the rows outside V, even where the caller's grad_output holds NaN or inf
+        grad_factor = row_factor * scale * torch.where(valid_all, row_weight.to(edt), 0.0)
     vcol = valid_all.unsqueeze(-1)
     zero = torch.zeros((), dtype=mdt, device=dev)
     b1 = None if head_bias is None else head_bias.to(edt)
@@ -165,12 +175,15 @@ def _run(features, head_weight, head_bias, aux_features, aux_weight, aux_bias, t
     if need_grad:
         gx = torch.empty(features.shape, dtype=mdt, device=dev)
         ga = None if shared else torch.empty(aux_x.shape, dtype=mdt, device=dev)
-        # weight gradients accumulate over row chunks in fp32 (fp64) when there are several
-        wdt = mdt if n <= rows else edt
-        gw1 = torch.zeros(head_weight.shape, dtype=wdt, device=dev)
-        gw2 = torch.zeros(aux_weight.shape, dtype=wdt, device=dev)
-        gb1 = torch.zeros(c, dtype=edt, device=dev)
-        gb2 = torch.zeros(c, dtype=edt, device=dev)
+        # weight gradients accumulate over row chunks in fp32 (fp64) when there are several; with one
+        # chunk they are written once (no zero fill)
+        one = n <= rows
+        wdt = mdt if one else edt
+        alloc = torch.empty if one else torch.zeros
+        gw1 = alloc(head_weight.shape, dtype=wdt, device=dev)
+        gw2 = alloc(aux_weight.shape, dtype=wdt, device=dev)
+        gb1 = alloc(c, dtype=edt, device=dev)
+        gb2 = alloc(c, dtype=edt, device=dev)
 
     for s in range(0, n, rows):
         e = min(n, s + rows)
@@ -206,23 +219,37 @@ def _run(features, head_weight, head_bias, aux_features, aux_weight, aux_bias, t
             if dz is None:
                 continue
             dz.mul_(row_scale)
-            head_gb += dz.sum(0)
+            head = 0 if w is head_weight else 1
+            need_w, need_b = needs[1 + 3 * head], needs[2 + 3 * head]
+            need_in = needs[0] if to_x else needs[3]
+            if need_b:
+                if one:
+                    torch.sum(dz, 0, out=head_gb)
+                else:
+                    head_gb += dz.sum(0)
             dzm = dz.to(mdt)
-            if n <= rows:
-                torch.mm(dzm.t(), feats, out=head_gw)
-            elif head_gw.dtype == mdt:
-                head_gw.addmm_(dzm.t(), feats)
-            else:  # 16-bit operands, fp32 accumulator: one C x D product in the operand dtype
-                head_gw.add_(dzm.t() @ feats)
-            prod = (dzm @ w).to(edt)
-            if to_x:
-                gx_rows = prod if gx_rows is None else gx_rows.add_(prod)
-            else:
-                ga[s:e] = prod
+            if need_w:  # only the products whose input asked for a gradient
+                if one:
+                    torch.mm(dzm.t(), feats, out=head_gw)
+                elif head_gw.dtype == mdt:
+                    head_gw.addmm_(dzm.t(), feats)
+                else:  # 16-bit operands, fp32 accumulator: one C x D product in the operand dtype
+                    head_gw.add_(dzm.t() @ feats)
+            if need_in:
+                prod = (dzm @ w).to(edt)
+                if to_x:
+                    gx_rows = prod if gx_rows is None else gx_rows.add_(prod)
+                else:
+                    ga[s:e] = prod
         gx[s:e] = 0 if gx_rows is None else gx_rows
-        if not shared and dz2 is None:
+        if not shared and (dz2 is None or not needs[3]):
             ga[s:e] = 0
     if need_grad:
+        if one:  # single chunk: a head with no dz (or no rows) left its uninitialised gradients unwritten
+            for dz_done, gw, gb in ((main and g_main, gw1, gb1), (aux and g_aux, gw2, gb2)):
+                if n == 0 or not dz_done:
+                    gw.zero_()
+                    gb.zero_()
         grads = (gx, ga, gw1.to(head_weight.dtype), None if head_bias is None else gb1.to(head_bias.dtype),
                  gw2.to(aux_weight.dtype), None if aux_bias is None else gb2.to(aux_bias.dtype))
     return per_row, correct, n_valid, scale, grads
@@ -238,9 +265,10 @@ class ChunkedDualHeadKD(torch.autograd.Function):
         teacher = teacher_logits if teacher_logits is not None else \
             TeacherHead(teacher_features, teacher_weight, teacher_bias)
         need_grad = any(ctx.needs_input_grad[:6])
+        needs = tuple(ctx.needs_input_grad[:6])
         per_row, correct, n_valid, scale, grads = _run(
             features, head_weight, head_bias, aux_features, aux_weight, aux_bias, teacher, labels, opts,
-            need_grad=need_grad)
+            need_grad=need_grad, needs=needs)
         weights = (opts["ce_weight"], opts["kd_weight"], opts["logit_weight"])
         none = opts["reduction"] == "none"
         terms = per_row if none else per_row.sum(-1) * scale
@@ -250,10 +278,15 @@ class ChunkedDualHeadKD(torch.autograd.Function):
                 loss = loss + w * terms[k]
         correct_out = correct if none else correct.sum()
         if need_grad:
-            ctx.save_for_backward(*grads)
             ctx.opts = opts
-            if none:  # a non-uniform grad_output recomputes with per-row weights
-                ctx.inputs = (features, head_weight, head_bias, aux_features, aux_weight, aux_bias, teacher, labels)
+            ctx.needs = needs
+            ctx.n_grads = len(grads)
+            if none:  # a non-uniform grad_output recomputes with per-row weights: keep the inputs, under
+                # autograd's version checks (an in-place change before the backward raises)
+                ctx.save_for_backward(*grads, features, head_weight, head_bias, aux_features, aux_weight, aux_bias,
+                                      teacher_logits, labels, teacher_features, teacher_weight, teacher_bias)
+            else:
+                ctx.save_for_backward(*grads)
         ctx.mark_non_differentiable(terms, correct_out, n_valid)
         return loss, terms, correct_out, n_valid
 
@@ -262,14 +295,19 @@ class ChunkedDualHeadKD(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError(_DOUBLE_BACKWARD)
         needs = ctx.needs_input_grad
-        stored = ctx.saved_tensors
-        if grad_loss.dim() == 0 or grad_loss.stride(0) == 0:
+        saved = ctx.saved_tensors
+        stored = saved[:ctx.n_grads]
+        if grad_loss.dim() == 0 or grad_loss.numel() <= 1 or grad_loss.stride(0) == 0:
             # a scalar, or the expanded scalar of .sum(): the stored gradients times one number (new
             # tensors, so the call can be back-propagated again: retain_graph=True, gradcheck)
-            g0 = grad_loss if grad_loss.dim() == 0 else grad_loss.as_strided((), ())
+            g0 = grad_loss if grad_loss.dim() == 0 else (
+                grad_loss.as_strided((), ()) if grad_loss.numel() else grad_loss.new_zeros(()))
             grads = [None if gr is None else gr * g0.to(gr.dtype) for gr in stored]
         else:  # per-row weights (reduction="none"): one more pass with the weights folded into dz
-            grads = list(_run(*ctx.inputs, ctx.opts, need_grad=True, row_weight=grad_loss)[4])
+            (x, w1, b1, a, w2, b2, t, y, tf, tw, tb) = saved[ctx.n_grads:]
+            teacher = t if t is not None else TeacherHead(tf, tw, tb)
+            grads = list(_run(x, w1, b1, a, w2, b2, teacher, y, ctx.opts, need_grad=True, row_weight=grad_loss,
+                              needs=ctx.needs)[4])
         gx, ga, gw1, gb1, gw2, gb2 = grads
         out = [g if (g is not None and needs[k]) else None for k, g in enumerate((gx, gw1, gb1, ga, gw2, gb2))]
         return tuple(out) + (None,) * 6

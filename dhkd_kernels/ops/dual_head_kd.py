@@ -197,6 +197,8 @@ class Work:
     tensor_cores: bool  # 16-bit operands, or fp32 with TF32
     t_width: int = 0    # D_t when the teacher comes as features + head (its product runs inside)
     t_elem: int = 2
+    fp16: bool = False
+    none: bool = False
 
     @property
     def t_main(self) -> bool:
@@ -223,6 +225,18 @@ class Work:
         return f + 2 * self.n * self.c * self.t_width * int(self.teacher_product)
 
 
+def plan_to_list(plan: Plan) -> List[int]:
+    """The plan as ints, to travel with the autograd context into the backward ops (the backward must
+    run the forward's plan whatever the settings are by then)."""
+    return [int(plan.resident), int(plan.engine == "cublas"), plan.rows, plan.slab, int(plan.mode == "rows"),
+            plan.extra_bytes]
+
+
+def plan_from_list(v) -> Plan:
+    return Plan("cublas" if v[1] else "triton", bool(v[0]), int(v[2]), int(v[3]), int(v[5]),
+                mode="rows" if v[4] else "slabs")
+
+
 def _epi_config(r: int, w: int, colsum: bool, device) -> Tuple[int, int, int]:
     """(BLOCK_R, BLOCK_C, warps) of ``epilogue_kernel`` over a block of r rows x w classes."""
     if _interpreted(device):
@@ -244,7 +258,7 @@ def _resident_bytes(wk: Work, engine: str, device) -> int:
     total = n * c * e * (int(wk.main) + int(wk.aux)) + 5 * n * 4 + n * c * wk.t_elem * int(wk.teacher_product)
     if engine == "cublas" and wk.grad:
         br = _epi_config(n, c, True, device)[0]
-        parts = triton.cdiv(n, br) * c * 4
+        parts = 0 if wk.none else triton.cdiv(n, br) * c * 4  # reduction="none": dZ^T g instead
         total += parts * (int(wk.g_main and need_b1) + int(wk.g_aux and need_b2))
         if (wk.g_main and need_w1) or (wk.shared and wk.g_aux and need_w2):
             total += n * d * e
@@ -252,6 +266,8 @@ def _resident_bytes(wk: Work, engine: str, device) -> int:
             total += n * da * e
         if not wk.f32:
             total += 4 * (n * d * int(need_x) + n * da * int(need_a and not wk.shared))
+        if wk.fp16:
+            total += 4 * c * max(d * int(need_w1), da * int(need_w2))  # fp16: the fp32 dW of one head
     return total
 
 
@@ -269,6 +285,8 @@ def make_plan(wk: Work, device: torch.device) -> Plan:
         return Plan(engine, True, wk.n, wk.c, need)
     n, c, d, da, e = wk.n, wk.c, wk.d, wk.da, wk.elem
     need_x, need_w1, need_b1, need_a, need_w2, need_b2 = wk.need
+    th, te = wk.t_width > 0, wk.t_elem
+    rows_mode = th and wk.t_main and wk.aux
     fixed = 5 * n * 4 + 16
     if wk.grad:
         if (wk.g_main and need_w1) or (wk.shared and wk.g_aux and need_w2):
@@ -277,22 +295,34 @@ def make_plan(wk: Work, device: torch.device) -> Plan:
             fixed += n * da * e
         if not wk.f32:
             fixed += 4 * (n * d * int(need_x) + n * da * int(need_a and not wk.shared))
-        fixed += 4 * c * int(wk.g_main and need_b1) + PARTIAL_BYTES * int(need_b1 or need_b2)
+        # fp32 bias accumulators over row chunks, and the column-sum partials live at once
+        fixed += 4 * c * (int(need_b1) + int(need_b2 and rows_mode))
+        n_partials = (int(need_b1) + int(need_b2)) if rows_mode else int(need_b1 or need_b2)
+        fixed += n_partials * min(PARTIAL_BYTES, 4 * n * c)
     room = max(budget - fixed, 0)
     granule_r, granule_c = (4, 16) if _interpreted(device) else (64, 128)
-    th, te = wk.t_width > 0, wk.t_elem
-    if th and wk.t_main and wk.aux:
+    if rows_mode:
         # the main head needs the teacher too: both heads in row chunks, so that the teacher's product
         # runs once (dW2 then accumulates over chunks like dW1)
         per_row = c * (2 * e + te)
         rows = min(n, max(granule_r, room // per_row // granule_r * granule_r))
         return Plan("cublas", False, rows, c, fixed + rows * per_row, mode="rows")
-    per_row = c * (e + te * int(th and wk.t_main))
-    rows = min(n, max(granule_r, room // max(per_row, 1) // granule_r * granule_r)) if wk.main else n
+    # class slabs of the aux head: its logits and (teacher head) the teacher's block, n x slab each
     per_col = n * (e + te * int(th))
     slab = min(c, max(granule_c, room // max(per_col, 1) // granule_c * granule_c)) if wk.aux else c
-    zbuf = max(rows * per_row * int(wk.main), _round16(slab) * per_col * int(wk.aux))
-    return Plan("cublas", False, rows, slab, fixed + zbuf)
+    slab_z = n * _round16(slab) * e * int(wk.aux)
+    slab_t = n * _round16(slab) * te * int(th and wk.aux)
+    # row chunks of the main head share the logits buffer; a teacher block only with the aux head off
+    per_row_z, per_row_t = c * e, c * te * int(th and wk.t_main)
+    if wk.main:
+        # the buffers are allocated once: the rows must fit beside the slab phase's teacher buffer
+        room_rows = max(room - max(slab_t, 0), 0) if not wk.t_main else room
+        rows = min(n, max(granule_r, room_rows // max(per_row_z + per_row_t, 1) // granule_r * granule_r))
+    else:
+        rows = n
+    zbuf = max(rows * per_row_z * int(wk.main), slab_z)
+    tbuf = max(rows * per_row_t * int(wk.main), slab_t)
+    return Plan("cublas", False, rows, slab, fixed + zbuf + tbuf)
 
 
 # ----------------------------------------------------------------------------- launches
@@ -455,12 +485,12 @@ def _work(x, w1, a, n: int, c: int, o: _Opts, needs, teacher=None) -> Work:
                 bool(o.kd_w) or o.components, aux, g_main, g_aux,
                 (need_x, need_w1 and g_main, need_b1 and g_main, need_a, need_w2 and g_aux, need_b2 and g_aux),
                 x.dtype == F32, x.dtype != F32 or o.tf32,
-                teacher[1].shape[1] if th else 0, teacher[0].element_size() if th else 2)
+                teacher[1].shape[1] if th else 0, teacher[0].element_size() if th else 2, x.dtype == torch.float16, o.none)
 
 
 # ----------------------------------------------------------------------------- forward
 
-def _forward(x, w1, b1, a, w2, b2, t, y, o: _Opts, needs, row_weight=None, out_grads=None):
+def _forward(x, w1, b1, a, w2, b2, t, y, o: _Opts, needs, row_weight=None, out_grads=None, plan=None):
     """Returns loss, terms, correct, n_valid and the six state tensors for the backward: resident:
     (dz1, dz2, cs1, cs2, -, -); chunked: the gradients for a grad_output of 1 (gx, gw1, gb1, ga, gw2,
     gb2). ``t`` is the teacher logits tensor or (features, weight, bias). Empty tensors fill unused
@@ -469,7 +499,8 @@ def _forward(x, w1, b1, a, w2, b2, t, y, o: _Opts, needs, row_weight=None, out_g
     dev = x.device
     n, c = y.shape[0], w1.shape[0]
     wk = _work(x, w1, a, n, c, o, needs, t)
-    plan = make_plan(wk, dev)
+    if plan is None:
+        plan = make_plan(wk, dev)
     loss = _buffer((), F32, dev)
     terms = _buffer((3,), F32, dev)
     correct = torch.empty((), dtype=torch.int64, device=dev)
@@ -495,8 +526,8 @@ def _forward(x, w1, b1, a, w2, b2, t, y, o: _Opts, needs, row_weight=None, out_g
     return (loss, terms, correct, n_valid, *state)
 
 
-def _teacher_kind(t) -> str:
-    return "bf16" if t[0].dtype == torch.bfloat16 else ("fp16" if t[0].dtype == torch.float16 else "tf32")
+def _teacher_kind(t, tf32: bool) -> str:
+    return _kind(t[0].dtype, tf32)
 
 
 def _forward_resident(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows):
@@ -509,7 +540,7 @@ def _forward_resident(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows):
     if isinstance(t, (tuple, list)):
         if wk.teacher_product:
             tbuf = _buffer((n, c), t[0].dtype, dev)
-            _teacher_block(t, 0, n, 0, c, tbuf, _teacher_kind(t))
+            _teacher_block(t, 0, n, 0, c, tbuf, _teacher_kind(t, o.tf32))
             t = tbuf
         else:
             t = _f32_placeholder(dev).view(1, 0)
@@ -591,7 +622,7 @@ def _forward_chunked(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows, n_valid, nee
         accx = gx if (need_x and (wk.g_main or (wk.shared and wk.g_aux))) else None
         acca = ga if (need_a and wk.g_aux) else None
     te = th[0].dtype if th is not None else None
-    tkind = _teacher_kind(th) if th is not None else ""
+    tkind = _teacher_kind(th, o.tf32) if th is not None else ""
 
     def teacher(r0, rc, c0, cc, buf):
         """The teacher block for the epilogue and its (row, class) origin."""
@@ -718,12 +749,11 @@ def _finish_chunked(wk, o, y, n_valid, state):
 
 # ----------------------------------------------------------------------------- backward
 
-def _backward(g, x, w1, b1, a, w2, b2, y, n_valid, state, o: _Opts, needs, c: int):
+def _backward(g, x, w1, b1, a, w2, b2, y, n_valid, state, o: _Opts, needs, c: int, plan: Plan):
     """Gradients [dx, dw1, db1, da, dw2, db2] of ``g * loss`` from the resident plan's dz (an empty
-    tensor where no gradient was asked)."""
+    tensor where no gradient was asked), with the engine the forward ran."""
     dev = x.device
     wk = _work(x, w1, a, x.shape[0], c, o, needs)
-    plan = make_plan(wk, dev)
     shared = wk.shared
     dz1 = state[0] if wk.g_main else None
     dz2 = state[1] if wk.g_aux else None
@@ -731,6 +761,8 @@ def _backward(g, x, w1, b1, a, w2, b2, y, n_valid, state, o: _Opts, needs, c: in
     cs2 = state[3] if state[3].dim() == 2 else None
     kind = _kind(x.dtype, o.tf32)
     g, row_g = _grad_output(g)
+    if row_g:
+        g = _row_weights(g, y, o.ignore_index)
     refs = (x, w1, b1, None if shared else a, w2, b2)
     grads = [_buffer(r.shape, r.dtype, dev) if (nd and r is not None) else None for r, nd in zip(refs, needs)]
     filled = set()
@@ -752,12 +784,27 @@ def _backward(g, x, w1, b1, a, w2, b2, y, n_valid, state, o: _Opts, needs, c: in
 
 def _grad_output(g: Tensor):
     """(g, per_row): a scalar, the expanded scalar of ``.sum()`` (stride 0, read as a scalar), or
-    per-row weights (N,) fp32 contiguous (reduction="none")."""
+    per-row weights (N,) (reduction="none"; see _row_weights)."""
     if g.dim() == 0:
         return g, False
-    if g.numel() <= 1 or g.stride(0) == 0:
+    if g.numel() == 0:
+        return torch.zeros((), dtype=F32, device=g.device), False
+    if g.numel() == 1 or g.stride(0) == 0:
         return g.as_strided((), ()), False
-    return g.contiguous(), True
+    return g, True
+
+
+def _row_weights(g: Tensor, y: Tensor, ignore_index: int) -> Tensor:
+    """Per-row grad_output as fp32, 0 at the rows outside V: a NaN or inf there (a grad_output the
+    caller never meant for padding) must not reach a gradient through 0 x NaN."""
+    from ..reference import valid_rows
+    info = torch.iinfo(y.dtype)
+    if info.min <= ignore_index <= info.max:
+        cost.note("torch:ne", "torch", (), 0, y.numel() * (y.element_size() + 1))
+    if g.dtype != F32:
+        cost.note("torch:_to_copy", "torch", (), 0, g.numel() * (g.element_size() + 4))
+    cost.note("torch:where", "torch", (), 0, g.numel() * 9)
+    return torch.where(valid_rows(y, ignore_index), g.to(F32), 0.0)
 
 
 def _backward_triton(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, grads, kind, row_g=False):
@@ -833,20 +880,29 @@ def _backward_cublas(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, cs1, cs2, gx,
     shared = wk.shared
     filled = set()
     ii = o.ignore_index
-    # dW = dZ^T (s X) over the valid rows: X scaled and masked once (N x D, cheap next to dZ)
+    # dW = dZ^T (s X) over the valid rows: X scaled and masked once (N x D, cheap next to dZ). fp16: s X
+    # would fall into fp16's subnormals (s = 1/|V|), so X is only masked (and weighted per row for
+    # reduction="none"), the product is taken in fp32 and scaled before the cast
+    fp16 = dt == torch.float16
     xs = as_ = None
     if (dz1 is not None and gw1 is not None) or (shared and dz2 is not None and gw2 is not None):
         xs = _buffer((n, d), dt, dev)
-        _scale(x, xs, y, g, n_valid, mask_rows=True, mean=o.mean, ignore_index=ii, row_g=row_g)
+        _scale(x, xs, y, g if (row_g or not fp16) else None, n_valid, mask_rows=True, mean=o.mean and not fp16,
+               ignore_index=ii, row_g=row_g)
     if not shared and dz2 is not None and gw2 is not None:
         as_ = _buffer((n, da), dt, dev)
-        _scale(a, as_, y, g, n_valid, mask_rows=True, mean=o.mean, ignore_index=ii, row_g=row_g)
-    if dz1 is not None and gw1 is not None:
-        _mm(dz1.t(), xs, gw1, kind=kind)
-        filled.add(1)
-    if dz2 is not None and gw2 is not None:
-        _mm(dz2.t(), xs if shared else as_, gw2, kind=kind)
-        filled.add(4)
+        _scale(a, as_, y, g if (row_g or not fp16) else None, n_valid, mask_rows=True, mean=o.mean and not fp16,
+               ignore_index=ii, row_g=row_g)
+    for dz, gw, feats, k in ((dz1, gw1, xs, 1), (dz2, gw2, xs if shared else as_, 4)):
+        if dz is None or gw is None:
+            continue
+        if fp16:
+            tmp = _buffer(gw.shape, F32, dev)
+            _mm(dz.t(), feats, tmp, kind=kind)
+            _scale(tmp, gw, y, None if row_g else g, n_valid, mask_rows=False, mean=o.mean, ignore_index=ii)
+        else:
+            _mm(dz.t(), feats, gw, kind=kind)
+        filled.add(k)
     # dX = s (dZ1 W1 + dZ2 W2) in an fp32 accumulator (gx itself for fp32), scaled and cast once
     pairs_x = ([(dz1, w1)] if dz1 is not None else []) + ([(dz2, w2)] if (shared and dz2 is not None) else [])
     for grad, pairs, name in ((gx, pairs_x, 0), (ga, [(dz2, w2)] if dz2 is not None else [], 3)):
@@ -860,7 +916,7 @@ def _backward_cublas(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, cs1, cs2, gx,
     h1 = dz1 is not None and gb1 is not None
     h2 = dz2 is not None and gb2 is not None
     if o.none:  # reduction="none": db = dZ^T g (the forward made no column-sum partials)
-        gcol = (g if row_g else g.expand(n)).to(dt).reshape(n, 1)
+        gcol = _cast(g if row_g else g.expand(n), dt).reshape(n, 1)
         for dz, gb, k in ((dz1, gb1, 2), (dz2, gb2, 5)):
             if dz is not None and gb is not None:
                 _mm(dz.t(), gcol, gb.view(-1, 1), kind=kind)
@@ -917,11 +973,12 @@ def _fwd_impl(x, w1, b1, a, w2, b2, t, y, tf, tw, tb, ce_weight, kd_weight, logi
 
 
 def _bwd_impl(grad, x, w1, b1, a, w2, b2, y, n_valid, state, n_classes, ce_weight, kd_weight, logit_weight,
-              kd_temperature, logit_temperature, kl_norm, ignore_index, mean, tf32, eps, none, needs):
+              kd_temperature, logit_temperature, kl_norm, ignore_index, mean, tf32, eps, none, needs, plan):
     o = _opts_from(ce_weight, kd_weight, logit_weight, kd_temperature, logit_temperature, kl_norm,
                    ignore_index, mean, False, tf32, eps, none)
     with _no_autocast(x.device), _on_device(x.device):
-        return _backward(grad, x, w1, b1, a, w2, b2, y, n_valid, list(state), o, needs, n_classes)
+        return _backward(grad, x, w1, b1, a, w2, b2, y, n_valid, list(state), o, needs, n_classes,
+                         plan_from_list(plan))
 
 
 def _scale_impl(grads, g):
@@ -930,14 +987,15 @@ def _scale_impl(grads, g):
 
 
 def _regrad_impl(grads, g, x, w1, b1, a, w2, b2, t, y, tf, tw, tb, ce_weight, kd_weight, logit_weight,
-                 kd_temperature, logit_temperature, kl_norm, ignore_index, mean, tf32, eps, none, needs):
-    """The chunked plan with a per-row grad_output: one more pass with the row weights folded into dz,
-    writing the gradients into ``grads`` (the ones the forward stored)."""
+                 kd_temperature, logit_temperature, kl_norm, ignore_index, mean, components, tf32, eps, none,
+                 needs, plan):
+    """The chunked plan with a per-row grad_output: one more pass of the forward's plan with the row
+    weights folded into dz, writing the gradients into ``grads`` (the ones the forward stored)."""
     o = _opts_from(ce_weight, kd_weight, logit_weight, kd_temperature, logit_temperature, kl_norm,
-                   ignore_index, mean, False, tf32, eps, none)
+                   ignore_index, mean, components, tf32, eps, none)
     with _no_autocast(x.device), _on_device(x.device):
         _forward(x, w1, b1, a, w2, b2, _teacher_arg(t, tf, tw, tb), y, o, needs,
-                 row_weight=g.to(F32).contiguous(), out_grads=list(grads))
+                 row_weight=_row_weights(g, y, o.ignore_index), out_grads=list(grads), plan=plan_from_list(plan))
 
 
 @torch.library.custom_op("dhkd::dual_head_kd_fwd", mutates_args=())
@@ -987,15 +1045,15 @@ def _bwd_op(grad: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], a: Option
             b2: Optional[Tensor], y: Tensor, n_valid: Tensor, state: List[Tensor], n_classes: int,
             ce_weight: float, kd_weight: float, logit_weight: float, kd_temperature: float,
             logit_temperature: float, kl_norm: bool, ignore_index: int, mean: bool, tf32: bool, eps: float,
-            none: bool, needs: List[bool]) -> List[Tensor]:
+            none: bool, needs: List[bool], plan: List[int]) -> List[Tensor]:
     return _bwd_impl(grad, x, w1, b1, a, w2, b2, y, n_valid, state, n_classes, ce_weight, kd_weight,
                      logit_weight, kd_temperature, logit_temperature, kl_norm, ignore_index, mean, tf32, eps,
-                     none, needs)
+                     none, needs, plan)
 
 
 @_bwd_op.register_fake
 def _bwd_fake(grad, x, w1, b1, a, w2, b2, y, n_valid, state, n_classes, *scalars_and_needs):
-    needs = scalars_and_needs[-1]
+    needs = scalars_and_needs[-2]
     refs = (x, w1, b1, None if a is None else a, w2, b2)
     return [r.new_empty(r.shape) if (need and r is not None) else x.new_empty((0,), dtype=F32)
             for r, need in zip(refs, needs)]
@@ -1016,9 +1074,11 @@ def _regrad_op(grads: List[Tensor], g: Tensor, x: Tensor, w1: Tensor, b1: Option
                w2: Tensor, b2: Optional[Tensor], t: Optional[Tensor], y: Tensor, tf: Optional[Tensor],
                tw: Optional[Tensor], tb: Optional[Tensor], ce_weight: float, kd_weight: float,
                logit_weight: float, kd_temperature: float, logit_temperature: float, kl_norm: bool,
-               ignore_index: int, mean: bool, tf32: bool, eps: float, none: bool, needs: List[bool]) -> None:
+               ignore_index: int, mean: bool, components: bool, tf32: bool, eps: float, none: bool,
+               needs: List[bool], plan: List[int]) -> None:
     _regrad_impl(grads, g, x, w1, b1, a, w2, b2, t, y, tf, tw, tb, ce_weight, kd_weight, logit_weight,
-                 kd_temperature, logit_temperature, kl_norm, ignore_index, mean, tf32, eps, none, needs)
+                 kd_temperature, logit_temperature, kl_norm, ignore_index, mean, components, tf32, eps, none,
+                 needs, plan)
 
 
 @_regrad_op.register_fake
@@ -1045,15 +1105,18 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the non-differentiable outputs
     o = _opts_from(*scalars)
     wk = _work(x, w1, a, y.shape[0], w1.shape[0], o, needs, _teacher_arg(t, tf, tw, tb))
-    ctx.resident = make_plan(wk, x.device).resident
+    plan = make_plan(wk, x.device)  # what the forward just ran (same inputs, same settings)
+    ctx.resident = plan.resident
+    ctx.plan = plan_to_list(plan)
     ctx.n_classes = w1.shape[0]
     ctx.none = o.none
     if ctx.resident or not o.none:
         ctx.save_for_backward(x, w1, b1, a, w2, b2, y, output[3], *output[4:10])
     else:  # a per-row grad_output of the chunked plan recomputes from the inputs
         ctx.save_for_backward(x, w1, b1, a, w2, b2, y, output[3], *output[4:10], t, tf, tw, tb)
-    # scalars for the backward ops: everything but return_components
+    # scalars for the backward op (everything but return_components) and the recompute (all)
     ctx.opts = tuple(scalars[:8]) + tuple(scalars[9:12])
+    ctx.all_opts = tuple(scalars)
     ctx.needs = list(needs)
 
 
@@ -1066,11 +1129,12 @@ def _autograd_backward(ctx, g, *_unused):
     saved = ctx.saved_tensors
     x, w1, b1, a, w2, b2, y, n_valid = saved[:8]
     state = list(saved[8:14])
-    if g is None:
+    if g is None:  # the loss itself got no gradient: zero gradients
         g = torch.zeros((), dtype=F32, device=x.device)
+        cost.note("torch:zeros", "torch", (), 0, 4)
     needs = ctx.needs
     if ctx.resident:
-        grads = _OPS["bwd"](g, x, w1, b1, a, w2, b2, y, n_valid, state, ctx.n_classes, *ctx.opts, needs)
+        grads = _OPS["bwd"](g, x, w1, b1, a, w2, b2, y, n_valid, state, ctx.n_classes, *ctx.opts, needs, ctx.plan)
     else:
         # the chunked plan's gradients were computed in the forward: scaled in place, once, by a scalar
         # grad_output (or the expanded scalar of .sum()); a per-row one recomputes them with its weights
@@ -1080,7 +1144,7 @@ def _autograd_backward(ctx, g, *_unused):
         g0, per_row = _grad_output(g)
         if per_row:
             t, tf, tw, tb = saved[14:18]
-            _OPS["regrad"](grads, g0, x, w1, b1, a, w2, b2, t, y, tf, tw, tb, *ctx.opts, needs)
+            _OPS["regrad"](grads, g0, x, w1, b1, a, w2, b2, t, y, tf, tw, tb, *ctx.all_opts, needs, ctx.plan)
         else:
             _OPS["scale"](live, g0.to(F32))
     out = [gr if need else None for gr, need in zip(grads, needs)]
@@ -1140,6 +1204,23 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
         return None
 
 
+def _cast(v: Tensor, dtype: torch.dtype) -> Tensor:
+    """v in ``dtype``; a cast that copies is reported to the cost model, and so is the cast of its
+    gradient back to v's dtype that autograd will run in the backward."""
+    if v.dtype != dtype:
+        nbytes = v.numel() * (v.element_size() + torch.finfo(dtype).bits // 8)
+        cost.note("torch:_to_copy", "torch", (), 0, nbytes)
+        if v.requires_grad and torch.is_grad_enabled():
+            cost.note("torch:_to_copy (backward, autograd)", "torch", (), 0, nbytes)
+    return v.to(dtype)
+
+
+def _contiguous(v: Tensor) -> Tensor:
+    if not v.is_contiguous():
+        cost.note("torch:clone", "torch", (), 0, 2 * v.numel() * v.element_size())
+    return v.contiguous()
+
+
 def operand_dtype(mats, device_type: str) -> torch.dtype:
     """The one dtype of the matmul operands: autocast's under autocast, else their promoted dtype."""
     cdt = _autocast_dtype(device_type)
@@ -1169,22 +1250,22 @@ def dual_head_kd_loss(features, head_weight, head_bias, aux_weight, aux_bias, te
     cdt = operand_dtype(mats, features.device.type)
     if cdt not in _OPERAND_DTYPES:
         raise TypeError(f"backend='triton' cannot run matmuls in {cdt}")
-    x, w1, w2 = (m.to(cdt) for m in (features, head_weight, aux_weight))
-    a = None if aux_features is None else aux_features.to(cdt)
+    x, w1, w2 = (_cast(m, cdt) for m in (features, head_weight, aux_weight))
+    a = None if aux_features is None else _cast(aux_features, cdt)
     t = tf = tw = tb = None
     if isinstance(teacher_logits, TeacherHead):
         tdt = operand_dtype([teacher_logits.features, teacher_logits.weight], features.device.type)
         if tdt not in _OPERAND_DTYPES:
             tdt = cdt  # a float64 teacher head is computed in the student's operand dtype
-        tf, tw = teacher_logits.features.to(tdt), teacher_logits.weight.to(tdt)
-        tb = None if teacher_logits.bias is None else teacher_logits.bias.to(tdt).contiguous()
+        tf, tw = _cast(teacher_logits.features, tdt), _cast(teacher_logits.weight, tdt)
+        tb = None if teacher_logits.bias is None else _contiguous(_cast(teacher_logits.bias, tdt))
     else:
         t = teacher_logits
     # the kernels index labels and biases with unit stride: strided or expanded views are copied
     # (N + 2C elements); gradients reach the original views through autograd
-    labels = labels.contiguous()
-    head_bias = None if head_bias is None else head_bias.contiguous()
-    aux_bias = None if aux_bias is None else aux_bias.contiguous()
+    labels = _contiguous(labels)
+    head_bias = None if head_bias is None else _contiguous(head_bias)
+    aux_bias = None if aux_bias is None else _contiguous(aux_bias)
     grad_on = torch.is_grad_enabled()
     needs = [grad_on and v is not None and v.requires_grad for v in (x, w1, head_bias, a, w2, aux_bias)]
     out = _OPS.get("fwd", _fwd_op)(
