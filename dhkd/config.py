@@ -72,8 +72,13 @@ class LossConfig:
     kd_temperature: float = 4.0
     logit_temperature: float = 2.0
     logit_loss: str = "binary_kl_norm"         # binary_kl_norm | binary_kl
-    logit_weight_off_epoch: int | None = None  # logit weight is 0 from this (0-based) epoch on
-    ga: bool = False                           # gradient alignment (method dhkd)
+    logit_weight_off_epoch: int | None = None  # logit weight is 0 once the 1-based epoch >= this (official
+                                               # ImageNet rule: 50 -> epochs 1-49 use the logit loss)
+    ga: bool = False                           # gradient alignment (method dhkd): the official one, in
+                                               # parameter space over all student parameters
+    ga_space: str = "params"                   # params (official) | features (projects at the backbone output)
+    numerics: str = "exact"                    # exact (dhkd_kernels) | official (the official code's clamped
+                                               # formulas through autograd, dhkd/official.py; backend reference)
     label_smoothing: float = 0.0
     backend: str = "auto"                      # auto | triton | torch | reference
 
@@ -338,6 +343,13 @@ def validate_config(cfg: Config) -> None:
     _choice("loss.backend", loss.backend, ("auto", "triton", "torch", "reference"))
     if not 0 <= loss.label_smoothing < 1:
         raise ConfigError(f"loss.label_smoothing must be in [0, 1), got {loss.label_smoothing}")
+    _choice("loss.ga_space", loss.ga_space, ("params", "features"))
+    _choice("loss.numerics", loss.numerics, ("exact", "official"))
+    if loss.numerics == "official" and loss.backend != "reference":
+        raise ConfigError(f"loss.numerics=official runs the official formulas through plain autograd: set "
+                          f"loss.backend=reference (got {loss.backend!r})")
+    if loss.logit_weight_off_epoch is not None:
+        _positive("loss.logit_weight_off_epoch", loss.logit_weight_off_epoch)
     if loss.ga and cfg.method != "dhkd":
         raise ConfigError(f"loss.ga=true needs method dhkd (two heads), got method {cfg.method!r}")
     if cfg.method == "kd" and loss.kd_weight == 0:
