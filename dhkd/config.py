@@ -18,8 +18,8 @@ from pathlib import Path
 import yaml
 
 METHODS = ("ce", "kd", "binary_kl", "ce_binary_kl", "dhkd")
-DATASETS = ("mnist1d", "cifar100", "imagenet", "synthetic")
-NUM_CLASSES = {"mnist1d": 10, "cifar100": 100, "imagenet": 1000}
+DATASETS = ("mnist1d", "mnist1d100", "cifar100", "imagenet", "synthetic")
+NUM_CLASSES = {"mnist1d": 10, "mnist1d100": 100, "cifar100": 100, "imagenet": 1000}
 
 
 ON_OFF_KEYS = ("train.amp",)  # string fields with an "off" choice: an unquoted YAML off is False
@@ -48,7 +48,7 @@ class TeacherConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "mnist1d"           # mnist1d | cifar100 | imagenet | synthetic
+    dataset: str = "mnist1d"           # mnist1d | mnist1d100 (dhkd.mnist1d100) | cifar100 | imagenet | synthetic
     root: str | None = None            # dataset directory (cifar100: holds cifar-100-python/; imagenet: train/, val/)
     num_classes: int | None = None     # default 10 / 100 / 1000 by dataset (imagenet: any ImageFolder
                                        # class count, e.g. a 100-class subset); required for synthetic
@@ -57,7 +57,8 @@ class DataConfig:
     workers: int = 4
     pin_memory: bool = True
     image_size: int = 224              # imagenet / synthetic crop size
-    mnist1d_samples: int = 5000        # total generated, 80% train / 20% test
+    mnist1d_samples: int = 5000        # total generated; mnist1d: 80% train / 20% test, mnist1d100:
+                                       # per class 60% train / 15% val (evaluated) / 25% test
     mnist1d_seed: int = 42
     synthetic_shape: list[int] = field(default_factory=lambda: [3, 224, 224])
     synthetic_train_samples: int = 1024
