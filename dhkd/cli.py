@@ -192,7 +192,8 @@ def main(argv=None) -> int:
                    help="mnist1d: the 10-class head-collapse experiment; mnist1d100: one head vs two heads, "
                         "100 classes (configs/mnist1d100/experiment.yaml)")
     p.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, fewer signals, no lr grid (CI smoke run)")
-    p.add_argument("--out", default=None, help="run directory (default runs/<name>_experiment, --quick: runs/<name>_quick)")
+    p.add_argument("--out", default=None,
+                   help="run directory (default runs/<name>_experiment, with --quick runs/<name>_quick)")
     p.add_argument("--seeds", type=_positive_int, default=None, help="student seeds per method (default 5; --quick 1)")
     p.add_argument("--jobs", type=_positive_int, default=1, help="runs trained in parallel processes (default 1)")
     p.set_defaults(func=_experiment)
