@@ -504,7 +504,7 @@ def write_report(out, plan: Plan, results: dict, chosen: dict, *, teacher: dict,
            "epoch's training split. W cos: cos(∂CE/∂W, ∂L/∂W) on the main head's W, last epoch (for two-head arms "
            "L evaluated on the main head: the conflict the aux head avoids); W conflict: the fraction of classes "
            "whose row cosine is < 0; feat cos: the same two losses at the backbone output, each on the head it "
-           "trains. non-finite: steps with a non-finite loss, summed over seeds. GA: fraction of steps projected.",
+           "trains. non-finite: steps with a non-finite loss, summed over seeds. GA: fraction of all training steps that projected.",
            "", "| arm | train | NC1 | ETF absdev | max \\|z\\|/τ | max gap/τ | W cos | W conflict | feat cos | "
            "non-finite | GA |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm in plan.arms:
@@ -517,7 +517,7 @@ def write_report(out, plan: Plan, results: dict, chosen: dict, *, teacher: dict,
         md.append(f"| {arm['name']} | {col('train_acc', 2)} | {col('nc1')} | {col('etf_absdev')} | "
                   f"{col('max_abs_z_main_tau', 1)} | {col('max_abs_gap_tau', 1)} | {col('w_cos')} | "
                   f"{col('w_row_conflict')} | {col('feat_cos')} | {ev} ({runs_ev}/{len(v)} runs) | "
-                  f"{col('ga_projected')} |")
+                  f"{col('ga_projected_mean')} |")
     if plan.lr_grid:
         md += ["", "## Learning-rate choice (seed 0, last-epoch val top-1, %)", "",
                "| arm | " + " | ".join(f"lr {lr:g}" for lr in plan.lr_grid) + " | chosen |",
