@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=K -m dhkd train ...     (DDP; docs/distributed.md)
     dhkd eval  --checkpoint FILE --config FILE [section.key=value ...]
     dhkd demo  [--out DIR] [--epochs N]
-    dhkd experiment mnist1d [--quick] [--out DIR] [--seeds N] [--jobs J]
+    dhkd experiment {mnist1d,mnist1d100} [--quick] [--out DIR] [--seeds N] [--jobs J]
     dhkd bench --report BENCH.json [...] [--out DIR] [--no-charts]   (a checkout's benchmarks/report.py)
     dhkd bench-data [--root DIR] [--backends ...] [--workers 0 2] [--device cpu|cuda]   (input pipeline img/s)
 
@@ -101,10 +101,13 @@ def _positive_int(text: str) -> int:
 
 
 def _experiment(args) -> int:
-    """The MNIST-1D head-collapse experiment (``dhkd.experiments.mnist1d``); prints its tables."""
-    from .experiments.mnist1d import run_experiment
-    out = Path(args.out or ("runs/mnist1d_quick" if args.quick else "runs/mnist1d_experiment"))
-    argv = ["dhkd experiment mnist1d"] + (["--quick"] if args.quick else []) + ["--out", str(out)] + \
+    """The MNIST-1D experiments (``dhkd.experiments.mnist1d``, ``.mnist1d100``); prints their tables."""
+    if args.name == "mnist1d100":
+        from .experiments.mnist1d100 import run_experiment
+    else:
+        from .experiments.mnist1d import run_experiment
+    out = Path(args.out or f"runs/{args.name}_{'quick' if args.quick else 'experiment'}")
+    argv = [f"dhkd experiment {args.name}"] + (["--quick"] if args.quick else []) + ["--out", str(out)] + \
         ([f"--seeds {args.seeds}"] if args.seeds is not None else []) + [f"--jobs {args.jobs}"]
     run_experiment(out, quick=args.quick, seeds=args.seeds, jobs=args.jobs, command=" ".join(argv))
     print((out / "results.md").read_text(encoding="utf-8"))
@@ -164,10 +167,13 @@ def main(argv=None) -> int:
     p.add_argument("--verbose", action="store_true", help="print every run's per-epoch lines instead of the bar")
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("experiment", help="the MNIST-1D head-collapse experiment (tables, plots, results.md)")
-    p.add_argument("name", choices=["mnist1d"], help="which experiment")
-    p.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, 5000 signals (CI smoke run)")
-    p.add_argument("--out", default=None, help="run directory (default runs/mnist1d_experiment)")
+    p = sub.add_parser("experiment", help="the MNIST-1D head experiments (tables, plots, results.md)")
+    p.add_argument("name", choices=["mnist1d", "mnist1d100"],
+                   help="mnist1d: the 10-class head-collapse experiment; mnist1d100: one head vs two heads, "
+                        "100 classes (configs/mnist1d100/experiment.yaml)")
+    p.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, fewer signals, no lr grid (CI smoke run)")
+    p.add_argument("--out", default=None,
+                   help="run directory (default runs/<name>_experiment, with --quick runs/<name>_quick)")
     p.add_argument("--seeds", type=_positive_int, default=None, help="student seeds per method (default 5; --quick 1)")
     p.add_argument("--jobs", type=_positive_int, default=1, help="runs trained in parallel processes (default 1)")
     p.set_defaults(func=_experiment)

@@ -19,9 +19,9 @@ from pathlib import Path
 import yaml
 
 METHODS = ("ce", "kd", "binary_kl", "ce_binary_kl", "dhkd")
-DATASETS = ("mnist1d", "cifar100", "imagenet", "synthetic")
+DATASETS = ("mnist1d", "mnist1d100", "cifar100", "imagenet", "synthetic")
 IMAGE_BACKENDS = ("torchvision", "gpu-decode", "dali")
-NUM_CLASSES = {"mnist1d": 10, "cifar100": 100, "imagenet": 1000}
+NUM_CLASSES = {"mnist1d": 10, "mnist1d100": 100, "cifar100": 100, "imagenet": 1000}
 
 
 ON_OFF_KEYS = ("train.amp",)  # string fields with an "off" choice: an unquoted YAML off is False
@@ -84,7 +84,7 @@ class TeacherConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "mnist1d"           # mnist1d | cifar100 | imagenet | synthetic
+    dataset: str = "mnist1d"           # mnist1d | mnist1d100 (dhkd.mnist1d100) | cifar100 | imagenet | synthetic
     root: str | None = None            # dataset directory (cifar100: holds cifar-100-python/; imagenet: train/, val/)
     num_classes: int | None = None     # default 10 / 100 / 1000 by dataset (imagenet: any ImageFolder
                                        # class count, e.g. a 100-class subset); required for synthetic
@@ -97,7 +97,8 @@ class DataConfig:
     prefetch: int = 2                  # batches prepared ahead (per worker; dali: pipeline queue depth)
     bad_images: str = "error"          # an unreadable image file: error (naming it) | skip (count, log)
     image_size: int = 224              # imagenet / synthetic crop size
-    mnist1d_samples: int = 5000        # total generated, 80% train / 20% test
+    mnist1d_samples: int = 5000        # total generated; mnist1d: 80% train / 20% test, mnist1d100:
+                                       # per class 60% train / 15% val (evaluated) / 25% test
     mnist1d_seed: int = 42
     synthetic_shape: list[int] = field(default_factory=lambda: [3, 224, 224])
     synthetic_train_samples: int = 1024
@@ -112,8 +113,13 @@ class LossConfig:
     kd_temperature: float = 4.0
     logit_temperature: float = 2.0
     logit_loss: str = "binary_kl_norm"         # binary_kl_norm | binary_kl
-    logit_weight_off_epoch: int | None = None  # logit weight is 0 from this (0-based) epoch on
-    ga: bool = False                           # gradient alignment (method dhkd)
+    logit_weight_off_epoch: int | None = None  # logit weight is 0 once the 1-based epoch >= this (official
+                                               # ImageNet rule: 50 -> epochs 1-49 use the logit loss)
+    ga: bool = False                           # gradient alignment (method dhkd): the official one, in
+                                               # parameter space over all student parameters
+    ga_space: str = "params"                   # params (official) | features (projects at the backbone output)
+    numerics: str = "exact"                    # exact (dhkd_kernels) | official (the official code's clamped
+                                               # formulas through autograd, dhkd/official.py; backend reference)
     label_smoothing: float = 0.0
     backend: str = "auto"                      # auto | triton | torch | reference
 
@@ -437,6 +443,13 @@ def _validate(cfg: Config) -> None:
     _choice("loss.backend", loss.backend, ("auto", "triton", "torch", "reference"))
     if not 0 <= loss.label_smoothing < 1:
         _bad(f"loss.label_smoothing must be in [0, 1), got {loss.label_smoothing}")
+    _choice("loss.ga_space", loss.ga_space, ("params", "features"))
+    _choice("loss.numerics", loss.numerics, ("exact", "official"))
+    if loss.numerics == "official" and loss.backend != "reference":
+        _bad(f"loss.numerics=official runs the official formulas through plain autograd: set "
+             f"loss.backend=reference (got {loss.backend!r})")
+    if loss.logit_weight_off_epoch is not None:
+        _positive("loss.logit_weight_off_epoch", loss.logit_weight_off_epoch)
     if loss.ga and cfg.method != "dhkd":
         _bad(f"loss.ga=true needs method dhkd (two heads), got method {cfg.method!r}")
     if cfg.method == "kd" and loss.kd_weight == 0:

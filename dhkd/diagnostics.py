@@ -40,6 +40,13 @@ gradient cosine
     arXiv:2411.08937) argues that these two losses conflict in a shared linear classifier but not in
     the backbone. A negative cosine means the two losses pull the backbone in conflicting directions;
     this is the quantity gradient alignment tests, removing the conflicting component when it is < 0.
+head gradient cosine
+    ``cos(dL_a/dW, dL_b/dW)`` on the weights W (C, d) of one linear head, e.g. CE and BinaryKL on a
+    shared head: the classifier-level conflict the DHKD paper's neural-collapse argument is about.
+    With G = dL/dz (N, C) and the head's inputs H (N, d), dL/dW = G^T H, so a loss's gradient on row
+    w_c is the G-weighted sum of the features. CE's G sums to 0 over the classes of each sample (softmax
+    ignores a common shift of the logits), a per-class sigmoid loss's G need not: the common-mode part of
+    a logit-level gradient is invisible to CE, and orthogonal to its gradient when H is.
 """
 from __future__ import annotations
 
@@ -51,6 +58,7 @@ import torch
 __all__ = [
     "backbone_gradient_cosine",
     "gradient_cosine",
+    "head_gradient_cosine",
     "head_report",
     "nc1",
     "pairwise_cosine_stats",
@@ -267,6 +275,33 @@ def backbone_gradient_cosine(
     g_prob = torch.autograd.grad(loss_prob.reshape(()), targets, retain_graph=True, allow_unused=True)
     g_logit = torch.autograd.grad(loss_logit.reshape(()), targets, retain_graph=True, allow_unused=True)
     return gradient_cosine(list(g_prob), list(g_logit))
+
+
+def head_gradient_cosine(loss_a: torch.Tensor, loss_b: torch.Tensor, head_weight: torch.Tensor) -> dict:
+    """Cosines between two losses' gradients on a linear head's weight matrix W (C, d).
+
+    Returns ``{"cos": cos(vec dL_a/dW, vec dL_b/dW), "row_cos_mean": mean_c cos(dL_a/dw_c, dL_b/dw_c),
+    "row_conflict_frac": the fraction of classes c whose row cosine is < 0}``. A row (or a whole
+    gradient) that is zero for either loss has cosine 0. Differentiates with ``torch.autograd.grad(...,
+    retain_graph=True)``, so the caller can still ``backward()``; no ``.grad`` is touched. A loss that
+    does not reach W counts as a zero gradient.
+    """
+    w = head_weight
+    _check_float_tensor("head_weight", w, 2)
+    if not w.requires_grad:
+        raise ValueError("head_weight does not require grad")
+    grads = []
+    for name, loss in (("loss_a", loss_a), ("loss_b", loss_b)):
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError(f"{name} must be a scalar tensor")
+        if not loss.requires_grad:
+            raise ValueError(f"{name} does not require grad (computed under no_grad or detached?)")
+        g, = torch.autograd.grad(loss.reshape(()), [w], retain_graph=True, allow_unused=True)
+        grads.append(torch.zeros_like(w, dtype=_F64) if g is None else g.detach().to(_F64))
+    a, b = grads
+    rows = (_unit_rows(a) * _unit_rows(b)).sum(1)
+    return {"cos": gradient_cosine(a, b), "row_cos_mean": rows.mean().item(),
+            "row_conflict_frac": (rows < 0).double().mean().item()}
 
 
 def head_report(

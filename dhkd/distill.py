@@ -7,24 +7,30 @@ features and t the teacher's logits:
     ce            ce_weight CE(W1 f, y)                                        (no teacher)
     kd            ce_weight CE(W1 f, y) + kd_weight KD_T(W1 f, t)
     binary_kl     logit_weight L_tau(W1 f, t)                                  (one head)
-    ce_binary_kl  ce_weight CE(W1 f, y) + logit_weight L_tau(W1 f, t)         (one head: collapses)
+    ce_binary_kl  ce_weight CE(W1 f, y) + logit_weight L_tau(W1 f, t)         (one head, both losses)
     dhkd          ce_weight CE(W1 f, y) + kd_weight KD_T(W1 f, t) + logit_weight L_tau(W2 a, t)
                   with a = f (linear aux head) or the aux MLP's hidden output.
 
 L is BinaryKL-Norm or BinaryKL (``loss.logit_loss``). Single-head methods pass W1 as both the head and
 the auxiliary weights; the fused loss then returns the summed gradient. Weights of terms a method does
-not use are ignored. ``loss.logit_weight_off_epoch`` sets the logit weight to 0 from that epoch on.
+not use are ignored. ``loss.logit_weight_off_epoch`` = E sets the logit weight to 0 once the 1-based
+epoch is >= E (the official ImageNet rule: E = 50 trains epochs 1-49 with the logit loss).
+``loss.numerics: official`` computes every term with the official code's clamped formulas
+(``dhkd.official``) through autograd instead of ``fused_dual_head_kd_loss``.
 
 Label smoothing eps replaces CE by (1 - eps) CE + eps U with U = -mean_c log softmax(z1)_c. The fused
 loss has no smoothing term, so U comes from a second fused call: with zero teacher logits and T = 1 its
 KD term is KD = U - log C, hence U = KD + log C (same gradient).
 
-Gradient alignment (``loss.ga``, method dhkd): with G_p = dL_prob/df and G_l = dL_logit/df, the
-gradients of the probability-level terms (CE, KD) and of the logit term w.r.t. the backbone's output
-features (N, D), if <G_l, G_p> < 0 (one inner product over the micro-batch) G_l is replaced by its
-projection onto the normal plane of G_p, G_l - <G_l, G_p>/|G_p|^2 G_p. The heads (and the aux MLP)
-keep their own gradients; the backbone receives G_p + G_l. Two backward passes through the heads, one
-through the backbone.
+Gradient alignment (``loss.ga``, method dhkd), the official algorithm (``loss.ga_space: params``): with
+g0 = d(prob-level terms: CE, KD)/dtheta and g1 = d(logit term)/dtheta flattened over all student
+parameters theta (backbone, both heads, the aux MLP), if <g1, g0> < 0 then g1 <- g1 - <g1, g0>/|g0|^2 g0;
+the parameters receive g0 + g1. One forward, two backward passes through the whole student. Each
+micro-batch projects its own gradients (with ``train.accum_steps`` > 1 or several processes the
+projection acts on micro-batch gradients, which are then summed/averaged).
+``loss.ga_space: features`` projects the same way at the backbone output instead: G_p = dL_prob/df and
+G_l = dL_logit/df (N, D) with one inner product over the micro-batch; the heads keep their own gradients
+and the backbone receives G_p + G_l (two backward passes through the heads, one through the backbone).
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ from torch import nn
 from dhkd_kernels import fused_dual_head_kd_loss
 
 from .config import METHODS, LossConfig
+from .official import official_dual_head_loss
 
 SINGLE_HEAD = ("ce", "kd", "binary_kl", "ce_binary_kl")
 
@@ -60,7 +67,8 @@ class Distiller(nn.Module):
     ``forward_train(images, labels, epoch)`` -> ``(None, losses)``: ``losses["loss"]`` is the total
     (with graph), the other entries are detached: ``ce``, ``kd``, ``logit`` (unweighted), ``correct``
     and ``n_valid`` (main-head top-1 count). ``train_step`` also runs the backward pass(es) (gradient
-    alignment needs its own). ``forward(images)`` is inference with the main head.
+    alignment needs its own). ``forward(images)`` is inference with the main head. Both take
+    ``teacher_logits=`` (N, C) to use precomputed teacher logits instead of running the teacher.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, loss: LossConfig, method: str,
@@ -85,10 +93,10 @@ class Distiller(nn.Module):
         return self.method == "dhkd"
 
     def loss_weights(self, epoch: int) -> tuple[float, float, float]:
-        """(ce, kd, logit) weights of this method at ``epoch`` (0-based)."""
+        """(ce, kd, logit) weights of this method at ``epoch`` (0-based, so the 1-based epoch is epoch + 1)."""
         c = self.cfg
         logit = c.logit_weight
-        if c.logit_weight_off_epoch is not None and epoch >= c.logit_weight_off_epoch:
+        if c.logit_weight_off_epoch is not None and epoch + 1 >= c.logit_weight_off_epoch:
             logit = 0.0
         return {"ce": (c.ce_weight, 0.0, 0.0), "kd": (c.ce_weight, c.kd_weight, 0.0),
                 "binary_kl": (0.0, 0.0, logit), "ce_binary_kl": (c.ce_weight, 0.0, logit),
@@ -129,6 +137,7 @@ class Distiller(nn.Module):
         else:
             w2, b2, af = w1, b1, None
         c = self.cfg
+        loss_fn = official_dual_head_loss if c.numerics == "official" else fused_dual_head_kd_loss
         if c.backend == "reference":  # plain autograd in the weights' dtype, outside autocast (A/B)
             f = f.to(w1.dtype)
             af = None if af is None else af.to(w2.dtype)
@@ -136,7 +145,7 @@ class Distiller(nn.Module):
         else:  # the fused loss casts its matmul operands to the autocast dtype, loss math in fp32
             context = self.autocast()
         with context:
-            return fused_dual_head_kd_loss(
+            return loss_fn(
                 f, w1, b1, w2, b2, t, labels, aux_features=af, ce_weight=ce, kd_weight=kd,
                 logit_weight=logit, kd_temperature=1.0 if smoothing_only else c.kd_temperature,
                 logit_temperature=c.logit_temperature, logit_loss=c.logit_loss, backend=c.backend,
@@ -165,9 +174,15 @@ class Distiller(nn.Module):
         return main, logit, comps
 
     # ---------------------------------------------------------------- API
-    def forward_train(self, images: torch.Tensor, labels: torch.Tensor, epoch: int = 0):
+    def _teacher(self, images, teacher_logits):
+        if teacher_logits is not None:
+            return teacher_logits.detach()
+        return self.teacher_logits(images, self.student.head.out_features)
+
+    def forward_train(self, images: torch.Tensor, labels: torch.Tensor, epoch: int = 0, *,
+                      teacher_logits: torch.Tensor | None = None):
         """(None, losses) for one batch: ``losses["loss"]`` has a graph, the rest are detached."""
-        t = self.teacher_logits(images, self.student.head.out_features)
+        t = self._teacher(images, teacher_logits)
         with self.autocast():
             f = self.features(images)
         a = self._aux(f)
@@ -176,14 +191,21 @@ class Distiller(nn.Module):
         return None, comps
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int = 0,
-                   scale: float = 1.0) -> dict:
-        """Forward + backward of ``scale * loss`` (grads accumulate); returns detached losses."""
+                   scale: float = 1.0, *, teacher_logits: torch.Tensor | None = None) -> dict:
+        """Forward + backward of ``scale * loss`` (grads accumulate); returns detached losses.
+
+        With gradient alignment also ``ga_conflict`` (1.0 when this step projected) and, in parameter
+        space, ``ga_cos`` = cos(g0, g1) before the projection; with GA or ``grad_probe``, ``grad_cos`` =
+        cos(G_p, G_l) at the backbone output (unprojected).
+        """
         if not (self.cfg.ga or self.grad_probe):
-            _, out = self.forward_train(images, labels, epoch)
+            _, out = self.forward_train(images, labels, epoch, teacher_logits=teacher_logits)
             (out["loss"] * scale).backward()
             out["loss"] = out["loss"].detach()
             return out
-        t = self.teacher_logits(images, self.student.head.out_features)
+        t = self._teacher(images, teacher_logits)
+        if self.cfg.ga and self.cfg.ga_space == "params":
+            return self._step_params(images, labels, epoch, scale, t)
         with self.autocast():
             f = self.features(images)
         fd = f.detach().requires_grad_(True)
@@ -210,6 +232,46 @@ class Distiller(nn.Module):
             g = g_p
         f.backward(g.to(f.dtype))
         comps["loss"] = total
+        return comps
+
+    def _step_params(self, images, labels, epoch, scale, t) -> dict:
+        """The official gradient alignment: project g1 (logit term) off g0 (CE, KD) over all student
+        parameters when <g1, g0> < 0, then accumulate g0 + g1 into ``.grad``."""
+        with self.autocast():
+            f = self.features(images)
+        a = self._aux(f)
+        prob, logit, comps = self._prob_and_logit(f, a, t, labels, epoch, split=True)
+        comps["loss"] = prob.detach()
+        if logit is None:  # logit weight 0 this epoch: nothing to align
+            (prob * scale).backward()
+            return comps
+        comps["loss"] = comps["loss"] + logit.detach()
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        g0 = torch.autograd.grad(prob * scale, params + [f], retain_graph=True, allow_unused=True)
+        g1 = torch.autograd.grad(logit * scale, params + [f], allow_unused=True)
+        acc = torch.promote_types(params[0].dtype, torch.float32)
+
+        def dots(xs, ys):
+            terms = [(x.to(acc) * y.to(acc)).sum() for x, y in zip(xs, ys) if x is not None and y is not None]
+            return torch.stack(terms).sum() if terms else torch.zeros((), dtype=acc, device=f.device)
+
+        dot, n0, n1 = dots(g0[:-1], g1[:-1]), dots(g0[:-1], g0[:-1]), dots(g1[:-1], g1[:-1])
+        comps["ga_cos"] = dot / (n0.sqrt() * n1.sqrt()).clamp_min(1e-30)
+        fp, fl = dots(g0[-1:], g1[-1:]), dots(g0[-1:], g0[-1:]).sqrt() * dots(g1[-1:], g1[-1:]).sqrt()
+        comps["grad_cos"] = fp / fl.clamp_min(1e-30)
+        conflict = dot < 0
+        comps["ga_conflict"] = conflict.float()
+        coef = torch.where(conflict, dot / n0.clamp_min(1e-30), torch.zeros_like(dot))
+        for p, a0, a1 in zip(params, g0[:-1], g1[:-1]):  # g0 + (g1 - coef g0)
+            if a0 is None and a1 is None:
+                continue
+            g = torch.zeros_like(p, dtype=acc)
+            if a0 is not None:
+                g = g + (1 - coef) * a0.to(acc)
+            if a1 is not None:
+                g = g + a1.to(acc)
+            g = g.to(p.dtype)
+            p.grad = g if p.grad is None else p.grad + g
         return comps
 
 

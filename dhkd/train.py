@@ -583,9 +583,10 @@ class Trainer:
             n_seen += sum(b[1].shape[0] for b in batches)
             if "grad_cos" in stats:
                 grad_cos.append(stats["grad_cos"])
-            for k in ("loss", *terms, "smooth", "grad_cos", "ga_conflict"):
+            for k in ("loss", *terms, "smooth", "grad_cos", "ga_cos", "ga_conflict"):
                 if k in stats:
                     win[k] = win.get(k, 0) + stats[k]
+            win["nonfinite_steps"] = win.get("nonfinite_steps", 0) + (~torch.isfinite(stats["loss"])).float()
             win_steps += 1
             if bar is not None:
                 bar.update(1)
@@ -596,6 +597,7 @@ class Trainer:
                                                                          device=self.device) for k in keys]))
                     win = dict(zip(keys, vals / self.world_size))
                 means = {k: float(v) / win_steps for k, v in win.items()}  # synchronizes the device
+                means["nonfinite_steps"] = int(round(means["nonfinite_steps"] * win_steps))
                 loss = means.pop("loss")
                 dt = time.perf_counter() - win_t0
                 row = {"kind": "train", "epoch": epoch + 1, "step": self.step,
@@ -603,7 +605,7 @@ class Trainer:
                        "img_per_s": win_images / dt, "data_time_s": win_data / win_steps, **means}
                 if self.distiller.method in ("binary_kl", "ce_binary_kl", "dhkd"):
                     row["logit_weight"] = self.distiller.loss_weights(epoch)[2]
-                if not math.isfinite(loss):
+                if not math.isfinite(loss) and self.cfg.loss.numerics != "official":  # official: logged, counted
                     raise FloatingPointError(f"loss is {loss} at epoch {epoch + 1}, step {self.step}")
                 self.metrics.write(row)
                 if bar is not None:

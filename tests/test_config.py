@@ -9,13 +9,19 @@ from dhkd.config import ConfigError, Config, load_config, parse_override
 from dhkd.train import Trainer
 from tests.trainer_helpers import CONFIGS, FAST, dhkd_cache  # noqa: F401
 
-SHIPPED = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))
+PLANS = ("mnist1d100/experiment.yaml",)  # experiment plans (dhkd.experiments.mnist1d100.load_plan), not run configs
+SHIPPED = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml")
+                 if p.relative_to(CONFIGS).as_posix() not in PLANS)
 
 
 def tiny(path: str) -> list[str]:
     """Overrides that run a shipped image config on a few synthetic samples with a random teacher."""
     if path.startswith("mnist1d/"):
         return ["train.epochs=1", "train.max_steps_per_epoch=2"]
+    if path.startswith("mnist1d100/"):  # 1000 signals (data.root: the test's folder), a random teacher
+        return ["data.mnist1d_samples=1000", "data.batch_size=50", "teacher.checkpoint=null",
+                "teacher.train_config=null", "teacher.random_init=true", "train.epochs=1",
+                "train.max_steps_per_epoch=1", "train.eval_teacher=false"]
     size = 32 if path.startswith("cifar100/") else 64
     classes = 100 if path.startswith("cifar100/") else 1000
     return ["data.dataset=synthetic", f"data.num_classes={classes}", f"data.synthetic_shape=[3,{size},{size}]",
@@ -32,6 +38,7 @@ def test_all_expected_configs_ship():
     assert "imagenet/r34_r18_dhkd_large_batch.yaml" in SHIPPED
     assert "imagenet/r50_mv1_dhkd.yaml" in SHIPPED
     assert len([p for p in SHIPPED if p.startswith("cifar100/")]) >= 10
+    assert "mnist1d100/dhkd.yaml" in SHIPPED and (CONFIGS / PLANS[0]).is_file()
 
 
 @pytest.mark.parametrize("path", SHIPPED)
@@ -47,7 +54,8 @@ def test_shipped_config_parses(path):
 
 @pytest.mark.parametrize("path", [p for p in SHIPPED if not p.startswith("mnist1d/")])
 def test_image_config_builds_and_steps(path, tmp_path):
-    cfg = load_config(CONFIGS / path, FAST + tiny(path))
+    root = [f"data.root={tmp_path / 'data'}"] if path.startswith("mnist1d100/") else []
+    cfg = load_config(CONFIGS / path, FAST + tiny(path) + root)
     trainer = Trainer(cfg, tmp_path, log=lambda m: None)
     assert trainer.optimizer.param_groups and trainer.scheduler is not None
     data = trainer.data

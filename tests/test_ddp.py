@@ -29,7 +29,7 @@ RUNS = {
     "accum": ["train.global_batch=64", "data.batch_size=16"],        # 2 micro-batches: no_sync, then sync
     "ga": ["loss.ga=true", "data.batch_size=16", "train.accum_steps=2"],  # two backward passes
     "kd": ["method=kd", "loss.kd_weight=1.0"],                         # single head: aux head unwrapped
-    "head_off": ["loss.logit_weight_off_epoch=1", "train.epochs=2"],   # aux head idle in epoch 2
+    "head_off": ["loss.logit_weight_off_epoch=2", "train.epochs=2"],   # aux head idle in (1-based) epoch 2
     "synthetic": ["method=ce", "data.dataset=synthetic", "data.synthetic_shape=[40]", "data.num_classes=10",
                   "data.synthetic_train_samples=256", "data.synthetic_val_samples=203"],  # uneven shards
 }

@@ -7,6 +7,7 @@ import torch
 from dhkd.diagnostics import (
     backbone_gradient_cosine,
     gradient_cosine,
+    head_gradient_cosine,
     head_report,
     nc1,
     pairwise_cosine_stats,
@@ -367,3 +368,55 @@ def test_head_report_bad_input():
         head_report(w[0])
     with pytest.raises(ValueError, match="labels"):
         head_report(w, features=torch.ones(4, 3))
+
+
+# ---------------------------------------------------------------- head gradient cosine
+
+def test_head_gradient_cosine_hand_computed_rows():
+    """L_a = <A, W>, L_b = <B, W>: the gradients are A and B. Rows: parallel, opposite, orthogonal."""
+    w = torch.zeros(3, 2, dtype=F64, requires_grad=True)
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=F64)
+    b = torch.tensor([[2.0, 0.0], [0.0, -1.0], [1.0, -1.0]], dtype=F64)
+    out = head_gradient_cosine((a * w).sum(), (b * w).sum(), w)
+    assert out["cos"] == pytest.approx(1 / (2 * math.sqrt(7)), abs=1e-12)  # <A,B> = 1, |A|^2 = 4, |B|^2 = 7
+    assert out["row_cos_mean"] == pytest.approx(0.0, abs=1e-12)              # (1 - 1 + 0) / 3
+    assert out["row_conflict_frac"] == pytest.approx(1 / 3, abs=1e-12)
+    assert w.grad is None
+
+
+@pytest.mark.parametrize("teacher, expected", [("agrees", 1.0), ("inverts", -1.0), ("raises_all", 0.0)])
+@pytest.mark.parametrize("logit_loss", ["binary_kl", "binary_kl_norm"])
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_head_gradient_cosine_of_ce_and_a_logit_loss_on_one_head(teacher, expected, logit_loss, backend):
+    """Two classes, features H = I, W = 0, b = 0 (all logits 0), labels (0, 1). CE's logit gradient is
+    (softmax(0) - e_y)/N = (1/4) [[-1, 1], [1, -1]] and dL/dW = G^T H = G^T. At z = 0 the logit losses
+    have dL/dz = tau (sig(0) - sig(t/tau))/N (BinaryKL) and -(tau/2) tanh(t/(2 tau))/N (BinaryKL-Norm),
+    both odd in t with the sign of -t. A teacher that agrees with the labels, t = a [[1, -1], [-1, 1]], gives a G proportional to
+    CE's (cos +1), one that inverts them the opposite (cos -1), one that raises every logit,
+    t = a [[1, 1], [1, 1]], a common-mode G = -k [[1, 1], [1, 1]] that CE cannot see (cos 0)."""
+    from dhkd_kernels import fused_dual_head_kd_loss
+    h = torch.eye(2, dtype=F64)
+    w = torch.zeros(2, 2, dtype=F64, requires_grad=True)
+    b = torch.zeros(2, dtype=F64)
+    y = torch.tensor([0, 1])
+    pattern = {"agrees": [[1.0, -1.0], [-1.0, 1.0]], "inverts": [[-1.0, 1.0], [1.0, -1.0]],
+               "raises_all": [[1.0, 1.0], [1.0, 1.0]]}[teacher]
+    t = 3.0 * torch.tensor(pattern, dtype=F64)
+    common = dict(kd_weight=0.0, logit_temperature=2.0, logit_loss=logit_loss, backend=backend)
+    ce = fused_dual_head_kd_loss(h, w, b, w, b, t, y, ce_weight=1.0, logit_weight=0.0, **common)
+    logit = fused_dual_head_kd_loss(h, w, b, w, b, t, y, ce_weight=0.0, logit_weight=1.0, **common)
+    out = head_gradient_cosine(ce, logit, w)
+    assert out["cos"] == pytest.approx(expected, abs=1e-12)
+    assert out["row_cos_mean"] == pytest.approx(expected, abs=1e-12)
+    assert out["row_conflict_frac"] == (1.0 if expected < 0 else 0.0)
+
+
+def test_head_gradient_cosine_unreached_weight_and_bad_inputs():
+    w = torch.ones(2, 3, dtype=F64, requires_grad=True)
+    other = torch.ones(3, dtype=F64, requires_grad=True)
+    out = head_gradient_cosine((w * w).sum(), other.sum(), w)
+    assert out == {"cos": 0.0, "row_cos_mean": 0.0, "row_conflict_frac": 0.0}
+    with pytest.raises(ValueError, match="does not require grad"):
+        head_gradient_cosine((w * w).sum(), (w * w).sum().detach(), w)
+    with pytest.raises(ValueError, match="head_weight does not require grad"):
+        head_gradient_cosine(other.sum(), other.sum(), torch.ones(2, 3))

@@ -3,6 +3,7 @@ and every method lowers its loss on MNIST-1D."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -83,18 +84,120 @@ def test_loss_and_grads_equal_reference(method, loss, aux_head):
     assert int(out["correct"]) == int((ref_model.student(x).argmax(1) == y).sum())
 
 
-def test_logit_weight_schedule():
+def test_logit_weight_off_epoch_is_the_official_one_based_rule():
+    """off_epoch 50: alpha = 0 once the 1-based epoch >= 50, so 1-based epochs 1-49 (0-based 0-48) keep it."""
     d, _ = make("dhkd", logit_weight=0.1, logit_weight_off_epoch=50)
-    assert d.loss_weights(49) == (1.0, 0.0, 0.1)
-    assert d.loss_weights(50) == (1.0, 0.0, 0.0)
+    on = [e for e in range(100) if d.loss_weights(e)[2] == 0.1]
+    assert on == list(range(49))
+    assert all(d.loss_weights(e) == (1.0, 0.0, 0.0) for e in range(49, 100))
     x, y = batch()
-    _, out = d.forward_train(x, y, epoch=50)
+    _, out = d.forward_train(x, y, epoch=49)
     torch.testing.assert_close(out["loss"], out["ce"], rtol=1e-12, atol=1e-12)
+    _, out = d.forward_train(x, y, epoch=48)
+    torch.testing.assert_close(out["loss"], out["ce"] + 0.1 * out["logit"], rtol=1e-12, atol=1e-12)
+
+
+def test_logit_weight_off_epoch_in_the_trainer_log(tmp_path, dhkd_cache):  # noqa: F811
+    cfg = load_config(CONFIGS / "mnist1d/dhkd.yaml", FAST + [
+        "train.epochs=3", "train.eval_teacher=false", "train.log_every=1000", "loss.logit_weight=0.5",
+        "loss.logit_weight_off_epoch=3", "train.max_steps_per_epoch=2"])
+    trainer = Trainer(cfg, tmp_path, log=lambda m: None)
+    trainer.fit()
+    rows = [r for r in trainer.metrics.rows() if r["kind"] == "train"]
+    assert [(r["epoch"], r["logit_weight"]) for r in rows] == [(1, 0.5), (2, 0.5), (3, 0.0)]
+    assert rows[-1]["logit"] > 0 and math.isclose(rows[-1]["loss"], rows[-1]["ce"], rel_tol=1e-5)
+
+
+def parameter_space_ga_oracle(d: Distiller, x, y, t):
+    """The official gradient alignment written out by hand on a copy: g0, g1 flattened over all student
+    parameters, g1 projected off g0 when they conflict; returns ({name: grad}, <g1, g0>, cos)."""
+    ref = copy.deepcopy(d)
+    s = ref.student
+    f, a = s.forward_features(x)
+    l_prob = F.cross_entropy(s.head(f), y)
+    l_logit = reference.binary_kl_norm(s.aux_logits(f, a), t, 2.0).mean()
+    names = [n for n, _ in s.named_parameters()]
+    params = list(s.parameters())
+    flat = []
+    for loss in (l_prob, l_logit):
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        flat.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)]))
+    g0, g1 = flat
+    dot = g1 @ g0
+    cos = dot / (g0.norm() * g1.norm())
+    if dot < 0:
+        g1 = g1 - dot / (g0 @ g0) * g0
+    total = g0 + g1
+    out, k = {}, 0
+    for n, p in zip(names, params):
+        out[n] = total[k:k + p.numel()].view_as(p)
+        k += p.numel()
+    return out, dot, cos
+
+
+def conflicting_teacher(d: Distiller, x, y, sign: float):
+    """Teacher logits that agree (sign=+1) or disagree (sign=-1) with the labels: the aux head's logits
+    plus sign * 8 on the label. A linear aux head starts as a copy of the main head, so the logit term pulls
+    the backbone along (+1) or against (-1) CE."""
+    s = d.student
+    with torch.no_grad():
+        if s.aux_mlp is None:
+            s.aux_head.weight.copy_(s.head.weight)
+            s.aux_head.bias.copy_(s.head.bias)
+        f, a = s.forward_features(x)
+        return s.aux_logits(f, a) + sign * 8.0 * F.one_hot(y, 10).double()
 
 
 @pytest.mark.parametrize("aux_head", ["linear", "mlp"])
-def test_gradient_alignment_projects_conflicting_backbone_gradient(aux_head):
+@pytest.mark.parametrize("sign", [-1.0, 1.0])
+def test_gradient_alignment_is_the_official_parameter_space_projection(aux_head, sign):
     d, _ = make("dhkd", aux_head=aux_head, ga="true")
+    d.eval()  # no dropout: the oracle's forward is the same function
+    x, y = batch(64)
+    t = conflicting_teacher(d, x, y, sign)
+    expected, dot, cos = parameter_space_ga_oracle(d, x, y, t)
+    assert (dot < 0) == (sign < 0), float(dot)  # both branches of the projection are exercised
+    out = d.train_step(x, y, teacher_logits=t)
+    for n, p in d.student.named_parameters():
+        torch.testing.assert_close(p.grad, expected[n], rtol=1e-8, atol=1e-12, msg=n)
+    torch.testing.assert_close(out["ga_cos"], cos, rtol=1e-8, atol=1e-12)
+    assert float(out["ga_conflict"]) == float(sign < 0)
+
+
+def test_gradient_alignment_accumulates_into_existing_grads_with_scale():
+    d, _ = make("dhkd", ga="true")
+    d.eval()
+    x, y = batch(64)
+    t = conflicting_teacher(d, x, y, -1.0)
+    expected, _, _ = parameter_space_ga_oracle(d, x, y, t)
+    for p in d.student.parameters():
+        p.grad = torch.ones_like(p)
+    d.train_step(x, y, scale=0.25, teacher_logits=t)
+    for n, p in d.student.named_parameters():
+        torch.testing.assert_close(p.grad, 1 + 0.25 * expected[n], rtol=1e-8, atol=1e-12, msg=n)
+
+
+def test_parameter_and_feature_space_alignment_differ_on_a_conflict():
+    """The two variants agree without a conflict and differ with one: the official projection also moves
+    the heads' gradients, the feature-space one never does."""
+    d, _ = make("dhkd", ga="true")
+    d.eval()
+    x, y = batch(64)
+    t = conflicting_teacher(d, x, y, -1.0)
+    feat = copy.deepcopy(d)
+    feat.cfg = copy.deepcopy(d.cfg)
+    feat.cfg.ga_space = "features"
+    out_p = d.train_step(x, y, teacher_logits=t)
+    out_f = feat.train_step(x, y, teacher_logits=t)
+    assert float(out_p["ga_conflict"]) == 1.0
+    gp, gf = d.student.head.weight.grad, feat.student.head.weight.grad
+    assert (gp - gf).norm() > 0.01 * gf.norm()
+    torch.testing.assert_close(out_p["grad_cos"], out_f["grad_cos"], rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("aux_head", ["linear", "mlp"])
+def test_feature_space_alignment_projects_conflicting_backbone_gradient(aux_head):
+    d, _ = make("dhkd", aux_head=aux_head, ga="true", ga_space="features")
     x, y = batch(64)
     ref = copy.deepcopy(d)
     torch.manual_seed(3)
@@ -127,19 +230,23 @@ def test_gradient_alignment_projects_conflicting_backbone_gradient(aux_head):
     torch.testing.assert_close(out["loss"], (l_prob + l_logit).detach(), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("seed", [1, 2])  # seed 1: conflicting gradients, seed 2: aligned ones
-def test_gradient_alignment_changes_nothing_without_conflict(seed):
-    """Two copies, one with GA: the grads agree with plain DHKD exactly when <g_logit, g_ce> >= 0."""
+@pytest.mark.parametrize("space", ["params", "features"])
+@pytest.mark.parametrize("sign", [-1.0, 1.0])  # -1: conflicting gradients, +1: aligned ones
+def test_gradient_alignment_changes_nothing_without_conflict(space, sign):
+    """Two copies, one with GA: the grads agree with plain DHKD exactly when there is no conflict."""
     d_plain, _ = make("dhkd")
+    d_plain.eval()
+    x, y = batch(64)
+    t = conflicting_teacher(d_plain, x, y, sign)
     d_ga = copy.deepcopy(d_plain)
     d_ga.cfg = copy.deepcopy(d_plain.cfg)
-    d_ga.cfg.ga = True
-    x, y = batch(64, seed)
-    out = d_ga.train_step(x, y)
-    d_plain.train_step(x, y)
+    d_ga.cfg.ga, d_ga.cfg.ga_space = True, space
+    out = d_ga.train_step(x, y, teacher_logits=t)
+    d_plain.train_step(x, y, teacher_logits=t)
     same = all(torch.allclose(p.grad, q.grad, rtol=1e-9, atol=1e-12)
                for p, q in zip(d_plain.student.parameters(), d_ga.student.parameters()))
-    assert same == (float(out["grad_cos"]) >= 0)
+    assert float(out["ga_conflict"]) == float(sign < 0)
+    assert same == (sign > 0)
 
 
 @pytest.mark.parametrize("method, extra", [(m, []) for m in METHODS] + [

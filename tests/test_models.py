@@ -10,7 +10,7 @@ from dhkd.models import (DualHeadStudent, build_backbone, build_classifier, buil
 from dhkd.models.cifar import ZOO
 from dhkd_kernels import fused_dual_head_kd_loss
 
-MNIST1D = ["mnist1d_mlp", "mnist1d_cnn"]
+MNIST1D = ["mnist1d_mlp", "mnist1d_cnn", "mnist1d_bn_cnn", "mnist1d_bn_cnn_wide"]
 IMAGENET = ["resnet18", "resnet34", "resnet50", "mobilenet_v2"]
 CIFAR = [n for n in model_names() if n not in MNIST1D + IMAGENET]
 

@@ -490,7 +490,7 @@ def test_imagefolder_pipeline_end_to_end(tmp_path):
     c = load_config(CONFIGS / "imagenet/r34_r18_dhkd.yaml", FAST + [
         f"data.root={tmp_path / 'imnet'}", "data.backend=torchvision", "data.num_classes=2", "data.image_size=32", "data.batch_size=4",
         "data.workers=0", "teacher.weights=null", "teacher.random_init=true", "train.compile=false",
-        "train.epochs=2", "student.aux_head=mlp", "loss.ga=true", "loss.logit_weight_off_epoch=1"])
+        "train.epochs=2", "student.aux_head=mlp", "loss.ga=true", "loss.logit_weight_off_epoch=2"])
     trainer = Trainer(c, tmp_path / "run", **QUIET)
     assert trainer.channels_last and trainer.data.kind == "image"
     trainer.data.train.set_epoch(0)

@@ -323,11 +323,23 @@ def _mnist1d(cfg: Config, rank: int, world_size: int, device: torch.device, with
                 10, "signal", None, None, len(yt), len(yv))
 
 
+def _mnist1d100(cfg: Config, rank: int, world_size: int, device: torch.device, with_train: bool) -> Data:
+    from .mnist1d100 import arrays
+    d = cfg.data
+    arr = arrays(d.mnist1d_samples, d.mnist1d_seed, cache=Path(os.path.expanduser(d.root)) if d.root else None)
+    xt, yt = torch.from_numpy(arr["x"]).to(device), torch.from_numpy(arr["y"]).to(device)
+    xv, yv = torch.from_numpy(arr["x_val"]).to(device), torch.from_numpy(arr["y_val"]).to(device)
+    return Data(_tensor_loader(xt, yt, cfg, train=True, rank=rank, world_size=world_size),
+                _tensor_loader(xv, yv, cfg, train=False, rank=rank, world_size=world_size),
+                100, "signal", None, None, len(yt), len(yv))
+
+
 def build_data(cfg: Config, *, rank: int = 0, world_size: int = 1, device=None, with_train: bool = True) -> Data:
     """The ``Data`` of ``cfg.data``; FileNotFoundError naming the expected path when files are missing.
     ``with_train=False`` skips the training split of image datasets (evaluation only)."""
     device = torch.device(device or "cpu")
-    builders = {"mnist1d": _mnist1d, "cifar100": _cifar100, "imagenet": _imagenet, "synthetic": _synthetic}
+    builders = {"mnist1d": _mnist1d, "mnist1d100": _mnist1d100, "cifar100": _cifar100, "imagenet": _imagenet,
+                "synthetic": _synthetic}
     data = builders[cfg.data.dataset](cfg, rank, world_size, device, with_train)
     if data.train is not None and len(data.train) == 0:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} is larger than the {data.num_train} training "

@@ -57,3 +57,30 @@ class MNIST1DCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.forward_features(x))
+
+
+class MNIST1DBNCNN(nn.Module):
+    """Conv1d-BatchNorm1d-ReLU blocks on (N, 1, L): ``stem`` blocks of stride 1, then ``downs`` blocks of
+    stride 2, ``channels`` wide (kernel 5 for the first block, 3 after), then flattened: features
+    (N, channels * L / 2^downs), for L = 40 and 3 downs (N, 5 channels). Then ``fc = Linear(., C)``."""
+
+    def __init__(self, num_classes: int = 10, channels: int = 32, stem: int = 0, downs: int = 3,
+                 length: int = MNIST1D_LENGTH):
+        super().__init__()
+        if length % 2 ** downs:
+            raise ValueError(f"length {length} is not a multiple of 2^downs = {2 ** downs}")
+        self.num_features = channels * (length // 2 ** downs)
+        layers, c_in = [], 1
+        for k in range(stem + downs):
+            kernel = 5 if k == 0 else 3
+            layers += [nn.Conv1d(c_in, channels, kernel, stride=1 if k < stem else 2, padding=kernel // 2,
+                                 bias=False), nn.BatchNorm1d(channels), nn.ReLU(inplace=True)]
+            c_in = channels
+        self.features = nn.Sequential(*layers, nn.Flatten(1))
+        self.fc = nn.Linear(self.num_features, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(_as_signal(x).unsqueeze(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.forward_features(x))

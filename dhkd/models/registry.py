@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .cifar import ZOO as CIFAR_ZOO
-from .mnist1d import MNIST1DCNN, MNIST1DMLP
+from .mnist1d import MNIST1DBNCNN, MNIST1DCNN, MNIST1DMLP
 from .student import DualHeadStudent
 
 TIMM_PREFIX = "timm:"
@@ -47,6 +47,9 @@ def _torchvision_maker(name: str) -> Callable[..., nn.Module]:
 _SPECS: dict[str, _Spec] = {
     "mnist1d_mlp": _Spec(lambda c: MNIST1DMLP(num_classes=c), "fc", "mnist1d"),
     "mnist1d_cnn": _Spec(lambda c: MNIST1DCNN(num_classes=c), "fc", "mnist1d"),
+    # BatchNorm CNNs of the 100-class experiment: a small student and a wider, deeper teacher
+    "mnist1d_bn_cnn": _Spec(lambda c: MNIST1DBNCNN(num_classes=c, channels=32), "fc", "mnist1d"),
+    "mnist1d_bn_cnn_wide": _Spec(lambda c: MNIST1DBNCNN(num_classes=c, channels=64, stem=1), "fc", "mnist1d"),
     "resnet18": _Spec(_torchvision_maker("resnet18"), "fc", "torchvision"),
     "resnet34": _Spec(_torchvision_maker("resnet34"), "fc", "torchvision"),
     "resnet50": _Spec(_torchvision_maker("resnet50"), "fc", "torchvision"),
