@@ -105,7 +105,8 @@ def test_logit_weight_off_epoch_in_the_trainer_log(tmp_path, dhkd_cache):  # noq
     trainer.fit()
     rows = [r for r in trainer.metrics.rows() if r["kind"] == "train"]
     assert [(r["epoch"], r["logit_weight"]) for r in rows] == [(1, 0.5), (2, 0.5), (3, 0.0)]
-    assert rows[-1]["logit"] > 0 and math.isclose(rows[-1]["loss"], rows[-1]["ce"], rel_tol=1e-5)
+    assert rows[0]["logit"] > 0 and "logit" not in rows[-1]  # a switched-off term is not logged
+    assert math.isclose(rows[-1]["loss"], rows[-1]["ce"], rel_tol=1e-5)
 
 
 def parameter_space_ga_oracle(d: Distiller, x, y, t):

@@ -408,7 +408,7 @@ def test_resume_feedback_finished_and_extended_runs(tmp_path, dhkd_cache):  # no
 
 @pytest.mark.parametrize("method, extra, terms", [
     ("ce", [], {"ce"}), ("kd", [], {"ce", "kd"}), ("binary_kl", [], {"logit"}),
-    ("dhkd", ["loss.logit_weight_off_epoch=1"], {"ce", "logit"})])
+    ("dhkd", ["loss.logit_weight_off_epoch=2"], {"ce", "logit"})])
 def test_train_rows_carry_only_the_terms_of_the_loss(method, extra, terms, tmp_path, dhkd_cache):  # noqa: F811
     c = load_config(CONFIGS / f"mnist1d/{method}.yaml", FAST + ["train.epochs=2", "train.max_steps_per_epoch=1",
                                                                 "train.eval_teacher=false", *extra])
@@ -417,7 +417,7 @@ def test_train_rows_carry_only_the_terms_of_the_loss(method, extra, terms, tmp_p
     train = [r for r in rows if r["kind"] == "train"]
     assert {k for k in train[0] if k in ("ce", "kd", "logit")} == terms
     assert ("logit_weight" in train[0]) == (method != "kd" and method != "ce")
-    if extra:  # the logit weight off from epoch 2: no logit term there
+    if extra:  # the logit weight off from (1-based) epoch 2: no logit term there
         assert "logit" not in train[1] and train[1]["logit_weight"] == 0.0
 
 

@@ -324,7 +324,7 @@ def _mnist1d(cfg: Config, rank: int, world_size: int, device: torch.device, with
 
 
 def _mnist1d100(cfg: Config, rank: int, world_size: int, device: torch.device, with_train: bool) -> Data:
-    from .mnist1d100 import arrays
+    from ..mnist1d100 import arrays
     d = cfg.data
     arr = arrays(d.mnist1d_samples, d.mnist1d_seed, cache=Path(os.path.expanduser(d.root)) if d.root else None)
     xt, yt = torch.from_numpy(arr["x"]).to(device), torch.from_numpy(arr["y"]).to(device)
