@@ -779,13 +779,8 @@ def stage_markdown(d: dict) -> str:
         out += [f"- {'ok' if c['ok'] else ('skipped' if c['ok'] is None else 'FAIL')} {c['check']}: {c['detail']}"
                 for c in d["checks"]]
     if d["stage"] == "train" and d["rows"]:
-        out += ["| variant | img/s | step ms | loss ms | loss share |", "|---|---|---|---|---|"]
-        for r in d["rows"]:
-            if "error" in r:
-                out.append(f"| {r['variant']} | {r['error']} | | | |")
-            else:
-                out.append(f"| {r['variant']} | {r['images_per_s']:.0f} | {r['step_ms']:.1f} | {r['loss_ms']:.2f} | "
-                           f"{100 * r['loss_share']:.1f}% |")
+        from benchmarks.report import train_table
+        out += train_table(d["rows"])
     return "\n".join(out) + "\n"
 
 

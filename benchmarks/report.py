@@ -237,6 +237,18 @@ def _ms(cell):
     return cell.get("ms") if isinstance(cell, dict) else None
 
 
+def train_table(rows) -> list:
+    """Markdown lines of the training-step rows of gpu_check's ``train`` stage."""
+    out = ["| variant | img/s | step ms | loss fwd+bwd ms | loss share of the step |", "|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['variant']} | {r['error']} | | | |")
+        else:
+            out.append(f"| {r['variant']} | {r['images_per_s']:.0f} | {r['step_ms']:.1f} | {r['loss_ms']:.2f} | "
+                       f"{100 * r['loss_share']:.1f}% |")
+    return out
+
+
 def _show(cell, label=None) -> str:
     ms = _ms(cell)
     if ms is None:
@@ -292,14 +304,8 @@ def gpu_section(data: dict, charts_made: dict | None = None) -> str:
                 f"{c['detail']}" for c in corr["checks"]]
     train = st.get("train", {})
     if train.get("rows"):
-        out += ["", "ResNet-34 → ResNet-18 DHKD training step, batch 256, bf16 autocast, channels_last:", "",
-                "| variant | img/s | step ms | loss fwd+bwd ms | loss share of the step |", "|---|---|---|---|---|"]
-        for r in train["rows"]:
-            if "error" in r:
-                out.append(f"| {r['variant']} | {r['error']} | | | |")
-            else:
-                out.append(f"| {r['variant']} | {r['images_per_s']:.0f} | {r['step_ms']:.1f} | {r['loss_ms']:.2f} | "
-                           f"{100 * r['loss_share']:.1f}% |")
+        out += ["", "ResNet-34 → ResNet-18 DHKD training step, batch 256, bf16 autocast, channels_last:", ""]
+        out += train_table(train["rows"])
     for title, fname in (charts_made or {}).items():
         out += ["", f"![{title}]({fname})"]
     return "\n".join(out) + "\n"

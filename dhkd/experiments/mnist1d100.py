@@ -40,6 +40,7 @@ from pathlib import Path
 import yaml
 
 from ..atomic import atomic_path, atomic_write_text
+from .mnist1d import _positive_int, _str_list
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "mnist1d100"
 PROBE = 1024
@@ -58,18 +59,6 @@ class Plan:
     teacher: dict = field(default_factory=dict)
     arms: list = field(default_factory=list)
     contrasts: list = field(default_factory=list)
-
-
-def _positive_int(key, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{key} must be a positive int, got {value!r}")
-    return value
-
-
-def _str_list(key, value) -> list:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{key} must be a list of strings, got {value!r}")
-    return list(value)
 
 
 def load_plan(path=None, *, quick: bool = False, seeds: int | None = None) -> Plan:

@@ -39,6 +39,16 @@ def _tile_ids(pid, n_m, n_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _tile(pid, M, P, P_MAX, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, GROUP_M: tl.constexpr):
+    """(live, rows, cols, row mask, col mask) of program ``pid``'s tile of an (M, P) output in a grid
+    laid out for the widest problem (P_MAX); ``live`` is false past this problem's P."""
+    pid_m, pid_p = _tile_ids(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(P_MAX, BLOCK_P), GROUP_M)
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    rp = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    return pid_p < tl.cdiv(P, BLOCK_P), rm, rp, rm < M, rp < P
+
+
+@triton.jit
 def _dot(acc, a, b, DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr):
     if INTERP_BF16:
         a = a.to(tl.float32)
@@ -113,12 +123,8 @@ def _dx_tile(pid, dz_ptr, w_ptr, dz2_ptr, w2_ptr, out_ptr, g_ptr, nvalid_ptr, M,
              DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """One (BLOCK_M, BLOCK_P) tile of out = s (dz w [+ dz2 w2])."""
-    pid_m, pid_p = _tile_ids(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(P_MAX, BLOCK_P), GROUP_M)
-    if pid_p < tl.cdiv(P, BLOCK_P):
-        rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-        rp = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-        mmask = rm < M
-        pmask = rp < P
+    live, rm, rp, mmask, pmask = _tile(pid, M, P, P_MAX, BLOCK_M, BLOCK_P, GROUP_M)
+    if live:
         offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
         acc = tl.zeros((BLOCK_M, BLOCK_P), tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -183,16 +189,12 @@ def _dw_tile(pid, dz_ptr, x_ptr, y_ptr, ow_ptr, ob_ptr, g_ptr, nvalid_ptr, K, M,
              DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """One (BLOCK_M classes, BLOCK_P features) tile of dW = s dz^T x over valid rows (+ bias)."""
-    pid_m, pid_p = _tile_ids(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(P_MAX, BLOCK_P), GROUP_M)
-    if pid_p < tl.cdiv(P, BLOCK_P):
-        rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-        rp = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-        mmask = rm < M
-        pmask = rp < P
+    live, rm, rp, mmask, pmask = _tile(pid, M, P, P_MAX, BLOCK_M, BLOCK_P, GROUP_M)
+    if live:
         offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
         acc = tl.zeros((BLOCK_M, BLOCK_P), tl.float32)
         bacc = tl.zeros((BLOCK_M,), tl.float32)
-        first = pid_p == 0
+        first = tl.min(rp, 0) == 0  # the programs of the first feature tile also sum the bias
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + offs_k
             yk = tl.load(y_ptr + kk, mask=kk < K, other=ignore_index).to(tl.int64)
