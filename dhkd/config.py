@@ -417,8 +417,15 @@ def _validate(cfg: Config) -> None:
         _bad("data.num_classes is required for the synthetic dataset")
     if d.num_classes is not None:
         _positive("data.num_classes", d.num_classes)
-        if d.dataset in ("mnist1d", "cifar100") and d.num_classes != NUM_CLASSES[d.dataset]:
+        if d.dataset in ("mnist1d", "mnist1d100", "cifar100") and d.num_classes != NUM_CLASSES[d.dataset]:
             _bad(f"data.num_classes={d.num_classes} but {d.dataset} has {NUM_CLASSES[d.dataset]}")
+    if d.dataset == "mnist1d100" and d.mnist1d_samples > 0:
+        from .mnist1d100 import split_sizes
+        try:
+            split_sizes(d.mnist1d_samples)
+        except ValueError as exc:  # too few signals per class for train / val / test
+            _bad(f"data.mnist1d_samples={d.mnist1d_samples}: {exc} (mnist1d100 needs at least 400, "
+                 f"4 per class)")
     for key in ("batch_size", "image_size", "mnist1d_samples", "synthetic_train_samples",
                 "synthetic_val_samples"):
         _positive(f"data.{key}", getattr(d, key))

@@ -5,8 +5,8 @@
 
 Checked: ``--out`` (a file, not writable), ``--resume`` without ``OUT/last.pt``, the dataset's
 directories, the teacher's checkpoint (or the config that trains it, itself checked), and whether one
-batch fits into the training set (MNIST-1D, CIFAR-100 and synthetic sizes follow from the config;
-ImageNet's is counted when its folders are read, still before the teacher is built).
+batch fits into the training set (MNIST-1D, MNIST-1D-100, CIFAR-100 and synthetic sizes follow from the
+config; ImageNet's is counted when its folders are read, still before the teacher is built).
 """
 from __future__ import annotations
 
@@ -24,6 +24,12 @@ def train_set_size(cfg: Config) -> int | None:
     d = cfg.data
     if d.dataset == "mnist1d":  # mnist1d's make_dataset: n // 10 signals per class, 80% train
         return int((d.mnist1d_samples // 10) * 10 * 0.8)
+    if d.dataset == "mnist1d100":  # dhkd.mnist1d100: per class 60% train
+        from .mnist1d100 import NUM_CLASSES, split_sizes
+        try:
+            return split_sizes(d.mnist1d_samples)["train"] * NUM_CLASSES
+        except ValueError:  # an empty split: a config problem of its own (dhkd.config)
+            return None
     if d.dataset == "synthetic":
         return d.synthetic_train_samples
     if d.dataset == "cifar100":
@@ -48,9 +54,9 @@ def batch_problem(cfg: Config, n_train: int, world_size: int = 1) -> str | None:
 def _data_problems(cfg: Config) -> list[str]:
     d = cfg.data
     if d.dataset not in ("cifar100", "imagenet") or not d.root:
-        if d.dataset == "mnist1d" and d.root and os.path.exists(expand_path(d.root)) \
+        if d.dataset in ("mnist1d", "mnist1d100") and d.root and os.path.exists(expand_path(d.root)) \
                 and not os.path.isdir(expand_path(d.root)):
-            return [f"data.root={d.root} is a file (for mnist1d it is the cache directory)"]
+            return [f"data.root={d.root} is a file (for {d.dataset} it is the cache directory)"]
         return []
     root = expand_path(d.root)
     if d.dataset == "cifar100":

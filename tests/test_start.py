@@ -77,3 +77,26 @@ def test_a_start_that_fails_later_leaves_no_out(tmp_path):
     with pytest.raises(ConfigError):
         Trainer(cfg, existing, log=lambda m: None)
     assert existing.is_dir()  # a directory it did not create stays
+
+
+def test_mnist1d100_sizes_and_classes_are_config_problems(tmp_path, capsys):
+    """MNIST-1D-100 (science) under the trainer's collected start-up checks: a wrong data.num_classes,
+    too few signals for its three splits, a batch larger than its training split, a data.root that is
+    a file; all reported together before anything runs (nothing trained, no --out)."""
+    cfg = load_config(CONFIGS / "mnist1d100/dhkd.yaml", ["data.mnist1d_samples=1000"])
+    assert train_set_size(cfg) == 600  # 10 per class: 6 train / 2 val / 2 test
+    out, teacher, root = tmp_path / "run", tmp_path / "t.pt", tmp_path / "file"
+    root.write_text("not a folder")
+    rc, err = run(capsys, "--config", CONFIGS / "mnist1d100/dhkd.yaml", "--out", out, *FAST,
+                  "data.num_classes=10", "data.batch_size=1000", "data.mnist1d_samples=1000",
+                  f"data.root={root}", f"teacher.checkpoint={teacher}")
+    text = "\n".join(err)
+    assert rc == 2 and err[0].endswith("3 problems, nothing was run:"), text
+    for expected in ("data.num_classes=10 but mnist1d100 has 100",
+                     "data.batch_size=1000 is larger than the 600 training samples of mnist1d100",
+                     "is a file (for mnist1d100 it is the cache directory)"):
+        assert expected in text
+    assert not out.exists() and not teacher.exists()
+    with pytest.raises(ConfigError, match="data.mnist1d_samples=300: .*empty split.*at least 400"):
+        load_config(CONFIGS / "mnist1d100/dhkd.yaml", ["data.mnist1d_samples=300"])
+    assert train_set_size(load_config(CONFIGS / "mnist1d100/dhkd.yaml", ["data.mnist1d_samples=400"])) == 200
