@@ -455,8 +455,19 @@ def _validate(cfg: Config) -> None:
     if loss.numerics == "official" and loss.backend != "reference":
         _bad(f"loss.numerics=official runs the official formulas through plain autograd: set "
              f"loss.backend=reference (got {loss.backend!r})")
-    if loss.logit_weight_off_epoch is not None:
-        _positive("loss.logit_weight_off_epoch", loss.logit_weight_off_epoch)
+    off = loss.logit_weight_off_epoch
+    if off is not None and off < 1:
+        _bad(f"loss.logit_weight_off_epoch is a 1-based epoch (the logit weight is 0 from that epoch on; "
+             f"1 = never used), so it must be >= 1, got {off}; a value written for the former 0-based rule "
+             f"is one more now (0 -> 1, 49 -> 50)")
+    elif off is not None and off <= cfg.train.epochs:
+        others = {"binary_kl": (), "ce_binary_kl": ("ce_weight",),
+                  "dhkd": ("ce_weight", "kd_weight")}.get(cfg.method)
+        if others is not None and loss.logit_weight and not any(getattr(loss, k) for k in others):
+            also = f", or give {' or '.join('loss.' + k for k in others)} a weight" if others else ""
+            _bad(f"loss.logit_weight_off_epoch={off}: method {cfg.method} has no loss term left from epoch "
+                 f"{off} on (its only nonzero weight is logit_weight); set it above train.epochs="
+                 f"{cfg.train.epochs} or to null{also}")
     if loss.ga and cfg.method != "dhkd":
         _bad(f"loss.ga=true needs method dhkd (two heads), got method {cfg.method!r}")
     if cfg.method == "kd" and loss.kd_weight == 0:

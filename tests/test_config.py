@@ -189,3 +189,24 @@ def test_random_init_needs_no_nulls():
     """teacher.random_init=true ignores a configured checkpoint or weights."""
     for path in ("cifar100/resnet32x4_resnet8x4_dhkd.yaml", "imagenet/r34_r18_dhkd.yaml"):
         load_config(CONFIGS / path, ["teacher.random_init=true", "teacher.checkpoint=/x.pt"])
+
+
+def test_logit_weight_off_epoch_is_checked_as_a_one_based_epoch():
+    """0 or a negative value (0 meant 'off from the start' under the former 0-based rule) is refused with
+    the 1-based meaning spelled out; an off epoch that leaves a method no loss term within train.epochs
+    (binary_kl, or dhkd / ce_binary_kl with only the logit weight) is a config problem, collected."""
+    for bad in (0, -3):
+        with pytest.raises(ConfigError, match=f"1-based epoch.*>= 1, got {bad}.*0 -> 1"):
+            load_config(CONFIGS / "mnist1d/dhkd.yaml", [f"loss.logit_weight_off_epoch={bad}"])
+    cfg = load_config(CONFIGS / "mnist1d/dhkd.yaml", ["loss.logit_weight_off_epoch=1"])
+    assert cfg.loss.logit_weight_off_epoch == 1
+    with pytest.raises(ConfigError, match="method binary_kl has no loss term left from epoch 3 on"):
+        load_config(CONFIGS / "mnist1d/binary_kl.yaml", ["train.epochs=5", "loss.logit_weight_off_epoch=3"])
+    load_config(CONFIGS / "mnist1d/binary_kl.yaml", ["train.epochs=5", "loss.logit_weight_off_epoch=6"])
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIGS / "mnist1d/dhkd.yaml", ["train.epochs=5", "loss.logit_weight_off_epoch=5",
+                                                    "loss.ce_weight=0", "train.epochz=1"])
+    assert len(info.value.problems) == 2
+    assert "loss.ce_weight or loss.kd_weight a weight" in info.value.problems[1]
+    load_config(CONFIGS / "mnist1d/dhkd.yaml", ["train.epochs=5", "loss.logit_weight_off_epoch=5",
+                                                "loss.ce_weight=0", "loss.kd_weight=1"])
