@@ -551,6 +551,20 @@ class Trainer:
         return tqdm(total=total, desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}", leave=False,
                     dynamic_ncols=True)
 
+    def _window_means(self, sums: dict, bad: list) -> dict:
+        """A log window's per-step means of ``sums`` (over all ranks) and ``nonfinite_steps``: the
+        optimizer steps of the window whose loss was not finite on this process or on any other (the
+        step's mean loss over the ranks is then not finite either). ``bad`` holds one 0/1 per step."""
+        keys = sorted(sums)
+        vals = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=self.device) for k in keys] +
+                           [torch.as_tensor(b, dtype=torch.float64, device=self.device) for b in bad])
+        if self.world_size > 1:
+            vals = self.all_reduce(vals)
+        n = len(bad)
+        means = {k: float(v) / (n * self.world_size) for k, v in zip(keys, vals[:len(keys)])}
+        means["nonfinite_steps"] = int((vals[len(keys):] > 0).sum())
+        return means
+
     def train_epoch(self, epoch: int) -> dict:
         self.student.train()
         if self.world_size > 1:  # per-rank dropout masks, a function of (seed, epoch, rank) for resume
@@ -565,7 +579,7 @@ class Trainer:
         n_seen = 0
         grad_cos = []
         win_t0, win_images, win_data, win_steps = time.perf_counter(), 0, 0.0, 0
-        win = {}
+        win, win_bad = {}, []  # window sums; per step: 1.0 where the loss was not finite
         for i in range(self.steps_per_epoch):
             batches = []
             for _ in range(self.accum):
@@ -586,18 +600,12 @@ class Trainer:
             for k in ("loss", *terms, "smooth", "grad_cos", "ga_cos", "ga_conflict"):
                 if k in stats:
                     win[k] = win.get(k, 0) + stats[k]
-            win["nonfinite_steps"] = win.get("nonfinite_steps", 0) + (~torch.isfinite(stats["loss"])).float()
+            win_bad.append((~torch.isfinite(stats["loss"])).double())
             win_steps += 1
             if bar is not None:
                 bar.update(1)
             if win_steps == log_every or i == self.steps_per_epoch - 1:
-                if self.world_size > 1:  # the window's means over all ranks
-                    keys = sorted(win)
-                    vals = self.all_reduce(torch.stack([torch.as_tensor(win[k], dtype=torch.float64,
-                                                                         device=self.device) for k in keys]))
-                    win = dict(zip(keys, vals / self.world_size))
-                means = {k: float(v) / win_steps for k, v in win.items()}  # synchronizes the device
-                means["nonfinite_steps"] = int(round(means["nonfinite_steps"] * win_steps))
+                means = self._window_means(win, win_bad)  # synchronizes the device
                 loss = means.pop("loss")
                 dt = time.perf_counter() - win_t0
                 row = {"kind": "train", "epoch": epoch + 1, "step": self.step,
@@ -612,7 +620,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{row['img_per_s']:.0f}",
                                     data=f"{1000 * row['data_time_s']:.1f}ms")
                 win_t0, win_images, win_data, win_steps = time.perf_counter(), 0, 0.0, 0
-                win = {}
+                win, win_bad = {}, []
         if bar is not None:
             bar.close()
         self.all_reduce(totals)

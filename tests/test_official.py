@@ -140,3 +140,20 @@ def test_trainer_logs_and_counts_non_finite_official_losses(tmp_path, dhkd_cache
     assert all(r["loss"] == math.inf for r in rows["official"])
     assert [r["nonfinite_steps"] for r in rows["exact"]] == [0, 0]
     assert all(math.isfinite(r["loss"]) for r in rows["exact"])
+
+
+def test_non_finite_steps_are_counted_over_all_ranks():
+    """Under torchrun the train rows average the window over the ranks (the trainer's rule); a step whose
+    loss is not finite on one rank of two is still one non-finite step (it counted as 0.5, rounded to 0:
+    the row's loss was inf with nonfinite_steps 0). Emulated: rank 0's window plus another rank's values."""
+    from dhkd.train import Trainer
+    trainer = Trainer.__new__(Trainer)
+    trainer.world_size, trainer.device = 2, torch.device("cpu")
+    other = {"loss": 3.0, "ce": 1.0, "bad": [0.0, 1.0, 0.0]}  # rank 1: a non-finite loss in step 2
+    trainer.all_reduce = lambda t: t + torch.tensor([other["ce"], other["loss"], *other["bad"]], dtype=t.dtype)
+    sums = {"loss": torch.tensor(6.0), "ce": torch.tensor(2.0)}
+    bad = [torch.tensor(0.0), torch.tensor(0.0), torch.tensor(1.0)]  # rank 0: step 3
+    means = trainer._window_means(sums, bad)
+    assert means == {"loss": 1.5, "ce": 0.5, "nonfinite_steps": 2}
+    trainer.world_size = 1
+    assert trainer._window_means(sums, bad) == {"loss": 2.0, "ce": 2.0 / 3, "nonfinite_steps": 1}
