@@ -149,3 +149,14 @@ def test_bad_plan_arguments(capsys):
     assert exc.value.code == 2 and "--jobs" in capsys.readouterr().err
     with pytest.raises(ValueError, match="diagnostics_samples"):
         load_config(CONFIGS / "mnist1d/ce.yaml", ["train.diagnostics_samples=0"])
+
+
+def test_ga_runs_the_alignment_the_results_page_measured(tmp_path):
+    """docs/results/mnist1d.md's `dhkd + ga` is the projection at the backbone output (what loss.ga meant
+    then); loss.ga=true alone became the official parameter-space GA, so the plan pins ga_space."""
+    from dhkd.experiments.mnist1d import student_runs
+    plan = load_plan(quick=True)
+    runs = [r for r in student_runs(plan, tmp_path, tmp_path / "t.pt") if r[1] == "dhkd + ga"]
+    assert runs and all(cfg.loss.ga and cfg.loss.ga_space == "features" for *_, cfg, _ in runs)
+    assert all(not cfg.loss.ga for _, name, _, cfg, _ in student_runs(plan, tmp_path, tmp_path / "t.pt")
+               if name != "dhkd + ga")
