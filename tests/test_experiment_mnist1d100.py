@@ -156,3 +156,36 @@ def test_non_finite_losses_are_events_and_training_goes_on(numerics):
     assert all(math.isfinite(r["test_acc"]) for r in run["rows"])
     assert run["rows"][-1]["max_abs_gap_tau"] > exp.GAP_OFFICIAL
     assert -1 <= run["rows"][-1]["w_cos"] <= 1 and 0 <= run["final"]["train_acc"] <= 100
+
+
+def test_one_process_per_experiment_folder(tmp_path, capsys):
+    """The folder is locked as the trainer locks a run directory: a second `dhkd experiment mnist1d100`
+    on it stops at once with one line naming the holder (exit 2), before any data or teacher work."""
+    from dhkd.rundir import LOCK_NAME, FileLock, RunDirLocked
+    out = tmp_path / "exp"
+    out.mkdir()
+    held = FileLock(out / LOCK_NAME).acquire()
+    try:
+        with pytest.raises(RunDirLocked, match="experiment folder .* is in use by process"):
+            exp.run_experiment(out, quick=True, log=lambda m: None)
+        assert main(["experiment", "mnist1d100", "--quick", "--out", str(out)]) == 2
+        assert "is in use by process" in capsys.readouterr().err
+    finally:
+        held.release()
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+
+
+def test_data_file_follows_the_plan(tmp_path):
+    """OUT/data.npz is what the workers train on, against teacher logits computed from this plan's data: a
+    folder used before with another plan (--quick, another sample count) must not keep its old signals."""
+    import numpy as np
+    path = tmp_path / "data.npz"
+    small = {"x": np.zeros((6, 40), np.float32), "y": np.arange(6)}
+    large = {"x": np.ones((12, 40), np.float32), "y": np.arange(12)}
+    exp.write_data(path, small)
+    exp.write_data(path, large)
+    with np.load(path) as f:
+        assert np.array_equal(f["x"], large["x"]) and np.array_equal(f["y"], large["y"])
+    before = path.stat().st_mtime_ns
+    exp.write_data(path, {k: v.copy() for k, v in large.items()})
+    assert path.stat().st_mtime_ns == before  # the same arrays: left as it is

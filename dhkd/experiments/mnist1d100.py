@@ -550,24 +550,47 @@ def _teacher_logits(tcfg, ckpt: Path, data: dict, path: Path) -> dict:
 
 def run_experiment(out, *, quick: bool = False, seeds: int | None = None, jobs: int = 1, plan_path=None,
                    command: str | None = None, log=print) -> dict:
-    """Data, teacher, the lr-grid runs, the seed runs, then the report; returns the summary."""
-    import numpy as np
-
-    from ..mnist1d100 import arrays
-    from ..train import train_teacher
+    """Data, teacher, the lr-grid runs, the seed runs, then the report; returns the summary. One process
+    uses ``out`` at a time (its ``.dhkd.lock``, as a run directory's): another one is refused at once."""
+    from ..rundir import LOCK_NAME, FileLock
     _positive_int("jobs", jobs)
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out / LOCK_NAME, what="experiment folder").acquire()  # RunDirLocked: another one runs here
+    try:
+        return _run_experiment(out, t0, quick=quick, seeds=seeds, jobs=jobs, plan_path=plan_path, command=command,
+                               log=log)
+    finally:
+        lock.release()
+
+
+def write_data(path: Path, raw: dict) -> None:
+    """``OUT/data.npz`` (what the worker processes train on) holding ``raw``, written atomically unless it
+    already does: a folder last used with another plan (``--quick``, another sample count) holds other
+    signals, which the teacher logits computed from ``raw`` would not match."""
+    import numpy as np
+    if path.is_file():
+        try:
+            with np.load(path) as f:
+                if set(f.files) == set(raw) and all(np.array_equal(f[k], v) for k, v in raw.items()):
+                    return
+        except (OSError, ValueError):  # unreadable: rewrite it
+            pass
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **raw)
+
+
+def _run_experiment(out: Path, t0: float, *, quick, seeds, jobs, plan_path, command, log) -> dict:
+    from ..mnist1d100 import arrays
+    from ..train import train_teacher
     plan = load_plan(plan_path, quick=quick, seeds=seeds)
     tcfg = teacher_config(plan)
     log(f"dhkd experiment mnist1d100: {plan.samples} signals, {plan.epochs} epochs, {plan.seeds} seed(s), "
         f"{len(plan.arms)} arms, lr grid {plan.lr_grid or 'none'} -> {out}")
     raw = arrays(plan.samples, tcfg.data.mnist1d_seed)
     data_path = out / "data.npz"
-    if not data_path.is_file():
-        with atomic_path(data_path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, **raw)
+    write_data(data_path, raw)
     ckpt = teacher_checkpoint(tcfg)
     if not ckpt.is_file():
         log(f"  training the teacher ({tcfg.student.name}, {tcfg.train.epochs} epochs) into {ckpt} ...")
