@@ -200,6 +200,26 @@ def _schedule_changes(saved: dict, now: dict) -> list[str]:
     return out
 
 
+def _meaning_changes(saved: dict, cfg: Config) -> list[str]:
+    """Loss settings of a checkpoint's config (``saved``) that ``cfg`` reads differently: a config written
+    before ``loss.ga_space`` existed had a 0-based ``logit_weight_off_epoch`` and a feature-space
+    ``loss.ga``. Empty when the checkpoint is newer or ``cfg`` already keeps its meaning."""
+    loss = saved.get("loss") if isinstance(saved, dict) else None
+    if not isinstance(loss, dict) or "ga_space" in loss:
+        return []
+    out = []
+    off = loss.get("logit_weight_off_epoch")
+    if isinstance(off, int) and cfg.loss.logit_weight_off_epoch == off:
+        out.append(f"loss.logit_weight_off_epoch={off} was 0-based when last.pt was written (the logit loss "
+                   f"through epoch {off}); it is 1-based now and ends it one epoch earlier: set "
+                   f"loss.logit_weight_off_epoch={off + 1} to keep the run's schedule")
+    if loss.get("ga") and cfg.loss.ga and cfg.loss.ga_space == "params":
+        out.append("loss.ga=true was the projection at the backbone output when last.pt was written; it is "
+                   "the official parameter-space alignment now: set loss.ga_space=features to go on as the "
+                   "run began")
+    return out
+
+
 class Trainer:
     """Builds everything from a ``Config`` and runs ``fit()``; see the module docstring.
 
@@ -433,6 +453,8 @@ class Trainer:
         set_rng_state(ckpt["rng"], self.device)
         self.run.finish_resume(ckpt)
         self.log(f"[dhkd] resumed from {path}: epoch {epoch}, step {self.step}")
+        for note in _meaning_changes(ckpt.get("config") or {}, self.cfg):
+            self.log(f"[dhkd] resume: {note}")
         total = self.cfg.train.epochs
         if epoch >= total:
             self.log(f"[dhkd] nothing left to train: the run has completed {epoch} of train.epochs={total} "

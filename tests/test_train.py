@@ -565,3 +565,29 @@ def test_teacher_training_waits_for_the_process_training_it(tmp_path, monkeypatc
     row = train_teacher(load_config(CONFIGS / "mnist1d/teacher.yaml"), ckpt, log=logs.append)
     assert row == {"val/acc1_main": 12.5} and logs == [f"[dhkd] waiting for process {os.getpid()}, which is "
                                                        f"training the teacher {ckpt}"]
+
+
+def test_resume_of_a_checkpoint_from_before_the_one_based_off_epoch_says_so(tmp_path):
+    """A last.pt written before the science merge (its loss config has no ga_space) meant a 0-based
+    logit_weight_off_epoch and a feature-space loss.ga; resuming it with the same values changes the run
+    silently unless told: one line each, none once the config keeps the old meaning or for a new last.pt."""
+    from dhkd.rundir import save_checkpoint
+    over = ["train.epochs=3", "train.max_steps_per_epoch=1", "teacher.checkpoint=null", "teacher.train_config=null",
+            "teacher.random_init=true", "loss.logit_weight_off_epoch=2", "loss.ga=true"]
+    out = tmp_path / "run"
+    Trainer(cfg(*over, "train.stop_after_epoch=1"), out, **QUIET).fit()
+
+    def notes(*extra):
+        logs = []
+        Trainer(cfg(*over, *extra), out, resume=True, log=logs.append).run.close()  # the start only
+        return [m for m in logs if m.startswith("[dhkd] resume:")]
+    assert notes() == []  # written by this version
+    ckpt = load_checkpoint(out / "last.pt")
+    for key in ("ga_space", "numerics"):  # what a checkpoint of the earlier LossConfig holds
+        del ckpt["config"]["loss"][key]
+    save_checkpoint(ckpt, out / "last.pt")
+    old = notes()
+    assert len(old) == 2
+    assert "was 0-based" in old[0] and "set loss.logit_weight_off_epoch=3" in old[0]
+    assert "set loss.ga_space=features" in old[1]
+    assert notes("loss.logit_weight_off_epoch=3", "loss.ga_space=features") == []
