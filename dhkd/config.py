@@ -436,8 +436,8 @@ def _validate(cfg: Config) -> None:
     _positive("data.prefetch", d.prefetch)
     _choice("data.bad_images", d.bad_images, ("error", "skip"))
     if d.bad_images == "skip" and d.backend == "dali":
-        raise ConfigError("data.bad_images=skip is not available with data.backend=dali (DALI stops on a bad "
-                          "file, and the error names it); use data.backend=torchvision or gpu-decode to skip")
+        _bad("data.bad_images=skip is not available with data.backend=dali (DALI stops on a bad "
+             "file, and the error names it); use data.backend=torchvision or gpu-decode to skip")
     if len(d.synthetic_shape) not in (1, 3) or min(d.synthetic_shape) < 1:
         _bad(f"data.synthetic_shape must be [L] or [C, H, W] of positive ints, got {d.synthetic_shape}")
 

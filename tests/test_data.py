@@ -267,3 +267,15 @@ def test_gpu_backends_on_cuda(folder, backend):
         diff = torch.stack([(x.cpu().float() - u.float()).abs().mean() for (x, _), (u, _) in zip(a, b)])
         assert diff.max() < 3, diff
     assert sum(len(y) for _, y in epoch_batches(on_gpu.val, 0)) == CLASSES * VAL_PER
+
+
+def test_dali_skip_is_one_of_the_collected_config_problems():
+    """The trainer reports every config problem at once; the dali + skip check raised on its own and ended
+    the collection, hiding the problems checked after it (loss, optim, train)."""
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIGS / "imagenet/r34_r18_dhkd.yaml", ["data.root=/x", "data.backend=dali",
+                                                             "data.bad_images=skip", "optim.lr=-1",
+                                                             "train.epochs=0"])
+    problems = info.value.problems
+    assert len(problems) == 3 and "data.bad_images=skip is not available" in problems[0]
+    assert any("optim.lr must be > 0" in p for p in problems) and any("train.epochs must be > 0" in p for p in problems)
