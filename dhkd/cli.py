@@ -205,12 +205,32 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from .atomic import DiskFullError
     from .config import ConfigError
+    from .data.images import BadImageError
     from .rundir import CheckpointError, RunDirError
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, RunDirError, DiskFullError, FileNotFoundError) as exc:
         print(f"dhkd {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except (BadImageError, FloatingPointError) as exc:  # during training: one line, what to do next
+        print(f"dhkd {args.command}: error: {_training_error(exc, getattr(args, 'out', None))}", file=sys.stderr)
+        return 2
+
+
+def _training_error(exc: BaseException, out) -> str:
+    """One line for an error that stops a run part-way: the unreadable image (also when a DataLoader
+    worker raised it, where the message is the worker's whole traceback) or the non-finite loss, and
+    what to do about it; OUT/last.pt, written at the end of every epoch, is kept."""
+    from .data.images import BadImageError
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+    msg = " ".join(lines)
+    if "Original Traceback" in msg:  # a DataLoader worker's: its last line is "module.Type: message"
+        msg = lines[-1].split(": ", 1)[-1]
+    resume = f"; {out}/last.pt keeps the last finished epoch (dhkd train ... --resume)" if out else ""
+    if isinstance(exc, BadImageError):
+        return (f"bad image {msg}: fix or remove the file, or set data.bad_images=skip (torchvision and "
+                f"gpu-decode backends){resume}")
+    return f"{msg}: the training diverged; lower optim.lr (or raise sched.warmup_epochs){resume}"
 
 
 if __name__ == "__main__":

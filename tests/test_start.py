@@ -100,3 +100,33 @@ def test_mnist1d100_sizes_and_classes_are_config_problems(tmp_path, capsys):
     with pytest.raises(ConfigError, match="data.mnist1d_samples=300: .*empty split.*at least 400"):
         load_config(CONFIGS / "mnist1d100/dhkd.yaml", ["data.mnist1d_samples=300"])
     assert train_set_size(load_config(CONFIGS / "mnist1d100/dhkd.yaml", ["data.mnist1d_samples=400"])) == 200
+
+
+def test_a_diverging_run_stops_with_one_line_and_keeps_last_pt(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, err = run(capsys, "--config", CONFIGS / "mnist1d/ce.yaml", "--out", out, *FAST, "train.epochs=3",
+                  "train.max_steps_per_epoch=3", "train.log_every=1", "optim.lr=1e30")
+    assert rc == 2 and len(err) == 1, err
+    assert "the training diverged; lower optim.lr" in err[0] and "loss is" in err[0] and str(out) in err[0]
+
+
+def test_a_bad_image_from_a_dataloader_worker_is_one_line(tmp_path):
+    import torch
+
+    from dhkd.cli import _training_error
+    from dhkd.data.images import BadImageError
+
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise BadImageError(f"{tmp_path}/n01/x{i}.JPEG: cannot decode image (truncated)")
+
+    with pytest.raises(BadImageError) as info:
+        next(iter(torch.utils.data.DataLoader(Broken(), num_workers=1)))
+    assert "Traceback" in str(info.value)  # the worker's whole traceback, as torch re-raises it
+    for exc in (info.value, BadImageError(f"{tmp_path}/n01/x0.JPEG: cannot decode image (truncated)")):
+        line = _training_error(exc, tmp_path / "run")
+        assert "\n" not in line and line.startswith(f"bad image {tmp_path}/n01/x0.JPEG: cannot decode image")
+        assert "data.bad_images=skip" in line and f"{tmp_path / 'run'}/last.pt" in line
