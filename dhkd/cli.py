@@ -3,7 +3,7 @@
     dhkd train --config FILE --out DIR [--resume [auto]] [section.key=value ...]
     torchrun --nproc_per_node=K -m dhkd train ...     (DDP; docs/distributed.md)
     dhkd eval  --checkpoint FILE --config FILE [section.key=value ...]
-    dhkd demo  [--out DIR] [--epochs N]
+    dhkd demo  [--out DIR] [--epochs N] [--seeds N] [--verbose]
     dhkd experiment {mnist1d,mnist1d100} [--quick] [--out DIR] [--seeds N] [--jobs J]
     dhkd bench --report BENCH.json [...] [--out DIR] [--no-charts]   (a checkout's benchmarks/report.py)
     dhkd bench-data [--root DIR] [--backends ...] [--workers 0 2] [--device cpu|cuda]   (input pipeline img/s)
