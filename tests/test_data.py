@@ -279,3 +279,17 @@ def test_dali_skip_is_one_of_the_collected_config_problems():
     problems = info.value.problems
     assert len(problems) == 3 and "data.bad_images=skip is not available" in problems[0]
     assert any("optim.lr must be > 0" in p for p in problems) and any("train.epochs must be > 0" in p for p in problems)
+
+
+def test_data_root_expands_like_the_preflight(folder, tmp_path, monkeypatch):
+    """data.root with $VAR and {cache}: the loaders read the folder the start-up checks looked at."""
+    from dhkd.preflight import start_problems
+    monkeypatch.setenv("DHKD_TEST_ROOT", str(folder.parent))
+    cfg = config(f"$DHKD_TEST_ROOT/{folder.name}", "torchvision")
+    assert start_problems(cfg, tmp_path / "run") == []
+    data = build_data(cfg)
+    assert data.num_train == len(image_list(str(folder / "train")).samples)
+    monkeypatch.setenv("DHKD_CACHE", str(tmp_path / "cache"))
+    c = load_config(CONFIGS / "mnist1d/ce.yaml", ["data.root='{cache}/m1d'", "data.mnist1d_samples=400"])
+    build_data(c)
+    assert list((tmp_path / "cache" / "m1d").glob("*.npz"))

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_path
-from ..config import Config, cache_dir
+from ..config import Config, cache_dir, expand_path
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -220,7 +220,7 @@ def _tensor_loader(x, y, cfg: Config, *, train: bool, rank: int, world_size: int
 
 def _cifar100(cfg: Config, rank: int, world_size: int, device: torch.device, with_train: bool) -> Data:
     from torchvision import datasets, transforms
-    root = os.path.expanduser(cfg.data.root)
+    root = expand_path(cfg.data.root)
     expected = os.path.join(root, "cifar-100-python")
     if not os.path.isdir(expected):
         raise FileNotFoundError(
@@ -242,7 +242,7 @@ def _cifar100(cfg: Config, rank: int, world_size: int, device: torch.device, wit
 def _imagenet(cfg: Config, rank: int, world_size: int, device: torch.device, with_train: bool) -> Data:
     from .images import check_same_classes, image_list
     d = cfg.data
-    root = os.path.expanduser(d.root)
+    root = expand_path(d.root)
     for split in ("train", "val") if with_train else ("val",):
         if not os.path.isdir(os.path.join(root, split)):
             raise FileNotFoundError(
@@ -314,7 +314,7 @@ def _synthetic(cfg: Config, rank: int, world_size: int, device: torch.device, wi
 
 def _mnist1d(cfg: Config, rank: int, world_size: int, device: torch.device, with_train: bool) -> Data:
     d = cfg.data
-    cache = Path(os.path.expanduser(d.root)) if d.root else None
+    cache = Path(expand_path(d.root)) if d.root else None
     arr = mnist1d_arrays(d.mnist1d_samples, d.mnist1d_seed, cache)
     xt, yt = torch.from_numpy(arr["x"]).to(device), torch.from_numpy(arr["y"]).to(device)
     xv, yv = torch.from_numpy(arr["x_test"]).to(device), torch.from_numpy(arr["y_test"]).to(device)
@@ -326,7 +326,7 @@ def _mnist1d(cfg: Config, rank: int, world_size: int, device: torch.device, with
 def _mnist1d100(cfg: Config, rank: int, world_size: int, device: torch.device, with_train: bool) -> Data:
     from ..mnist1d100 import arrays
     d = cfg.data
-    arr = arrays(d.mnist1d_samples, d.mnist1d_seed, cache=Path(os.path.expanduser(d.root)) if d.root else None)
+    arr = arrays(d.mnist1d_samples, d.mnist1d_seed, cache=Path(expand_path(d.root)) if d.root else None)
     xt, yt = torch.from_numpy(arr["x"]).to(device), torch.from_numpy(arr["y"]).to(device)
     xv, yv = torch.from_numpy(arr["x_val"]).to(device), torch.from_numpy(arr["y_val"]).to(device)
     return Data(_tensor_loader(xt, yt, cfg, train=True, rank=rank, world_size=world_size),
