@@ -57,6 +57,21 @@ def _dot(acc, a, b, DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr):
 
 
 @triton.jit
+def _head_dot(acc, f_ptr, w_ptr, K, stride_fn, stride_fk, stride_wc, stride_wk, rows, cols, rmask, cmask, offs_k,
+              DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + f[rows] w[cols]^T over the K features: one head's logits tile."""
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        kmask = kk < K
+        ft = tl.load(f_ptr + rows[:, None] * stride_fn + kk[None, :] * stride_fk,
+                     mask=rmask[:, None] & kmask[None, :], other=0.0)
+        wt = tl.load(w_ptr + cols[None, :] * stride_wc + kk[:, None] * stride_wk,
+                     mask=cmask[None, :] & kmask[:, None], other=0.0)
+        acc = _dot(acc, ft, wt, DOT_PRECISION, INTERP_BF16)
+    return acc
+
+
+@triton.jit
 def logits_kernel(
     # pointers: x (N, D), w1 (C, D), a (N, Da), w2 (C, Da); outputs z1, z2 (N, C) row-major buffers
     x_ptr, w1_ptr, a_ptr, w2_ptr, z1_ptr, z2_ptr,
@@ -92,23 +107,11 @@ def logits_kernel(
             acc2 = _dot(acc2, xt, w2t, DOT_PRECISION, INTERP_BF16)
     else:
         if MAIN:
-            for k0 in range(0, D, BLOCK_K):
-                kk = k0 + offs_k
-                kmask = kk < D
-                xt = tl.load(x_ptr + rows[:, None] * stride_xn + kk[None, :] * stride_xd,
-                             mask=rmask[:, None] & kmask[None, :], other=0.0)
-                w1t = tl.load(w1_ptr + cols[None, :] * stride_w1c + kk[:, None] * stride_w1d,
-                              mask=cmask[None, :] & kmask[:, None], other=0.0)
-                acc1 = _dot(acc1, xt, w1t, DOT_PRECISION, INTERP_BF16)
+            acc1 = _head_dot(acc1, x_ptr, w1_ptr, D, stride_xn, stride_xd, stride_w1c, stride_w1d, rows, cols,
+                             rmask, cmask, offs_k, DOT_PRECISION, INTERP_BF16, BLOCK_K)
         if AUX:
-            for k0 in range(0, DA, BLOCK_K):
-                kk = k0 + offs_k
-                kmask = kk < DA
-                at = tl.load(a_ptr + rows[:, None] * stride_an + kk[None, :] * stride_ad,
-                             mask=rmask[:, None] & kmask[None, :], other=0.0)
-                w2t = tl.load(w2_ptr + cols[None, :] * stride_w2c + kk[:, None] * stride_w2d,
-                              mask=cmask[None, :] & kmask[:, None], other=0.0)
-                acc2 = _dot(acc2, at, w2t, DOT_PRECISION, INTERP_BF16)
+            acc2 = _head_dot(acc2, a_ptr, w2_ptr, DA, stride_an, stride_ad, stride_w2c, stride_w2d, rows, cols,
+                             rmask, cmask, offs_k, DOT_PRECISION, INTERP_BF16, BLOCK_K)
     omask = rmask[:, None] & cmask[None, :]
     if MAIN:
         _store_rounded(z1_ptr + rows[:, None] * stride_z1 + cols[None, :], acc1, omask, INTERP_BF16)
