@@ -305,16 +305,16 @@ def loss_step(inp, fn):
 
 def fused_fn(engine=None, backend="triton"):
     from dhkd_kernels import fused_dual_head_kd_loss
-    from dhkd_kernels.ops import dual_head_kd as dhk
+    from dhkd_kernels.ops import _plan
 
     def fn(*args, aux_features=None):
-        saved = dhk._ENGINE
+        saved = _plan._ENGINE
         try:
             if engine:
-                dhk._ENGINE = engine
+                _plan._ENGINE = engine
             return fused_dual_head_kd_loss(*args, aux_features=aux_features, backend=backend, **OPTS)
         finally:
-            dhk._ENGINE = saved
+            _plan._ENGINE = saved
     return fn
 
 
@@ -382,18 +382,19 @@ def _variants(n, d, c, dtname):
 
 def _plan_of(n, d, c, dtname, engine=None):
     import torch
+    from dhkd_kernels.ops import _plan
     from dhkd_kernels.ops import dual_head_kd as dhk
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtname]
     o = dhk._opts_from(1.0, 1.0, 1.0, 4.0, 2.0, True, -100, True, False, False)
     x = torch.empty(n, d, dtype=dt, device="meta")
     w = torch.empty(c, d, dtype=dt, device="meta")
-    saved = dhk._ENGINE
+    saved = _plan._ENGINE
     try:
         if engine:
-            dhk._ENGINE = engine
+            _plan._ENGINE = engine
         return dhk.make_plan(dhk._work(x, w, None, n, c, o, [True] * 6), torch.device("meta"))
     finally:
-        dhk._ENGINE = saved
+        _plan._ENGINE = saved
 
 
 def stage_headline(st: StageOutput, args) -> None:
@@ -537,22 +538,22 @@ def _with_plan(engine, budget, tf32):
     import contextlib
 
     import torch
-    from dhkd_kernels.ops import dual_head_kd as dhk
+    from dhkd_kernels.ops import _plan
 
     @contextlib.contextmanager
     def ctx():
-        saved = dhk._ENGINE, dhk.MEMORY_BUDGET_BYTES
+        saved = _plan._ENGINE, _plan.MEMORY_BUDGET_BYTES
         saved_tf32 = torch.backends.cuda.matmul.allow_tf32 if torch.cuda.is_available() else None
         try:
             if engine:
-                dhk._ENGINE = engine
+                _plan._ENGINE = engine
             if budget:
-                dhk.MEMORY_BUDGET_BYTES = budget
+                _plan.MEMORY_BUDGET_BYTES = budget
             if saved_tf32 is not None:
                 torch.backends.cuda.matmul.allow_tf32 = tf32
             yield
         finally:
-            dhk._ENGINE, dhk.MEMORY_BUDGET_BYTES = saved
+            _plan._ENGINE, _plan.MEMORY_BUDGET_BYTES = saved
             if saved_tf32 is not None:
                 torch.backends.cuda.matmul.allow_tf32 = saved_tf32
     return ctx()
@@ -894,7 +895,8 @@ def plan_only(args) -> int:
     import torch
     import triton
     from dhkd_kernels import compile_report, cost
-    from dhkd_kernels.ops import dual_head_kd as dhk
+    from dhkd_kernels.ops import _launch
+    from dhkd_kernels.simulate import simulate
     from triton.runtime.driver import driver
 
     keys = set()
@@ -907,7 +909,7 @@ def plan_only(args) -> int:
     driver.set_active(compile_report._stand_in_driver(90))
     old_hook = triton.knobs.runtime.jit_cache_hook
     triton.knobs.runtime.jit_cache_hook = hook
-    dhk._COMPILE_ON_META = lambda name, kernel: None
+    _launch._COMPILE_ON_META = lambda name, kernel: None
     report = {}
     try:
         def count(run_cases):
@@ -923,7 +925,7 @@ def plan_only(args) -> int:
             for name, n, d, c, dtname in headline_cases():
                 for _, eng in _variants(n, d, c, dtname):
                     with _with_plan(eng, None, False):
-                        rec, _ = dhk.simulate(n, d, c, dtype=dtname)
+                        rec, _ = simulate(n, d, c, dtype=dtname)
                     secs += T_CASE + CALLS_PER_CASE * rec.estimate_s()
                 floor = cost.floor_estimate_s(n, c, d, kind="bf16")
                 secs += T_CASE + CALLS_PER_CASE * floor
@@ -941,21 +943,21 @@ def plan_only(args) -> int:
                 sim_dtype = "tf32" if tf32 else dtname
                 o = {k: v for k, v in opts.items()}
                 with _with_plan(engine, budget, tf32):
-                    dhk.simulate(shape["n"], shape["d"], shape["c"], dtype=sim_dtype, da=shape.get("da"), **o)
+                    simulate(shape["n"], shape["d"], shape["c"], dtype=sim_dtype, da=shape.get("da"), **o)
         n_corr = count(correctness)
         report["correctness"] = dict(compiles=n_corr, inductor_graphs=0,
                                      estimate_s=T_STAGE_START + n_corr * T_TRITON_COMPILE
                                      + len(correctness_cases()) * 2 * T_CASE)
 
         def train():
-            dhk.simulate(BATCH_TRAIN, 512, 1000, dtype="bf16", kd_weight=0.0)
+            simulate(BATCH_TRAIN, 512, 1000, dtype="bf16", kd_weight=0.0)
         n_train = count(train)
         report["train"] = dict(compiles=n_train, inductor_graphs=2,
                                estimate_s=T_STAGE_START + n_train * T_TRITON_COMPILE + 2 * T_INDUCTOR_MODEL
                                + 4 * 20 * 0.05)
     finally:
         triton.knobs.runtime.jit_cache_hook = old_hook
-        dhk._COMPILE_ON_META = None
+        _launch._COMPILE_ON_META = None
         driver._active = previous
     ok = True
     total = 0.0

@@ -3,7 +3,7 @@ Triton kernel the loss launches, specialized exactly as at run time.
 
     python -m dhkd_kernels compile-report [--arch 90] [--json OUT.json] [--shapes imagenet-r18,...]
 
-How: the real host code (``dual_head_kd.simulate``) runs forward + backward on ``meta`` tensors under
+How: the real host code (``dhkd_kernels.simulate``) runs forward + backward on ``meta`` tensors under
 a stand-in Triton driver that reports an sm_<arch> target. Every launch goes through
 ``JITFunction.warmup`` with the launch's own arguments, so the specialization (16-divisible sizes and
 pointers, sizes equal to 1, dtypes, constexprs, num_warps/num_stages) is the one a GPU run would
@@ -90,7 +90,8 @@ def collect(shapes=SHAPE_NAMES, dtypes=DTYPES, arch: int = 90) -> list:
     from triton.runtime.driver import driver
 
     from . import cost
-    from .ops import dual_head_kd as dhk
+    from .ops import _launch
+    from .simulate import simulate
 
     by_name = {name: (n, d, c) for name, n, d, c in cost.SHAPES}
     seen = {}
@@ -112,15 +113,15 @@ def collect(shapes=SHAPE_NAMES, dtypes=DTYPES, arch: int = 90) -> list:
     where_now = [None]
     previous = driver._active  # no default driver exists on a machine without a GPU
     driver.set_active(_stand_in_driver(arch))
-    dhk._COMPILE_ON_META = on_compile
+    _launch._COMPILE_ON_META = on_compile
     try:
         for shape in shapes:
             n, d, c = by_name[shape]
             for dtype in dtypes:
                 where_now[0] = f"{shape}/{dtype}"
-                dhk.simulate(n, d, c, dtype=dtype)
+                simulate(n, d, c, dtype=dtype)
     finally:
-        dhk._COMPILE_ON_META = None
+        _launch._COMPILE_ON_META = None
         driver._active = previous
     out = []
     for key, rec in seen.items():

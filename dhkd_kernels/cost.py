@@ -135,12 +135,11 @@ def floor_estimate_s(n: int, c: int, d: int, da: Optional[int] = None, *, kind: 
 def _main(argv=None) -> int:
     import argparse
 
-    from .ops import dual_head_kd as dhk
     p = argparse.ArgumentParser(description="Cost-model estimates of fused_dual_head_kd_loss "
                                 "(forward+backward) at the benchmark shapes; estimates, not measurements.")
     p.add_argument("--gpu", default="H200", choices=sorted(GPUS))
     args = p.parse_args(argv)
-    print(estimate_table(args.gpu, dhk))
+    print(estimate_table(args.gpu))
     return 0
 
 
@@ -151,10 +150,9 @@ SHAPES = (  # name, N, D, C: the GPU benchmark shapes (benchmarks/shapes.py)
 )
 
 
-def estimate_table(gpu: str = "H200", dhk=None) -> str:
+def estimate_table(gpu: str = "H200") -> str:
     """Markdown table of the model's forward+backward estimate per benchmark shape (bf16, all terms on)."""
-    if dhk is None:
-        from .ops import dual_head_kd as dhk
+    from .simulate import simulate
     spec = GPUS[gpu]
     lines = [f"Cost-model estimate on {spec['name']} (bf16, CE + KD + BinaryKL-Norm, forward+backward; "
              f"assumed efficiencies: cuBLAS {EFFICIENCY['cublas']:.0%}, Triton GEMM "
@@ -164,7 +162,7 @@ def estimate_table(gpu: str = "H200", dhk=None) -> str:
              "floor est. ms | est. / floor | extra MiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, n, d, c in SHAPES:
-        rec, plan = dhk.simulate(n, d, c, dtype="bf16")
+        rec, plan = simulate(n, d, c, dtype="bf16")
         est = rec.estimate_s(gpu)
         floor = floor_estimate_s(n, c, d, gpu=gpu)
         lines.append(f"| {name} | {n}x{d}x{c} | {plan.describe()} | {rec.n_launches} | "
@@ -177,7 +175,7 @@ def estimate_table(gpu: str = "H200", dhk=None) -> str:
               "extra MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, n, d, c in SHAPES[-2:]:
         for dt in (4096, 8192):
-            rec, plan = dhk.simulate(n, d, c, dtype="bf16", teacher_width=dt, kd_weight=0.0)
+            rec, plan = simulate(n, d, c, dtype="bf16", teacher_width=dt, kd_weight=0.0)
             est = rec.estimate_s(gpu)
             fl = (floor_flops(n, c, d) + 2 * n * c * dt)
             floor = fl / (spec["bf16"] * EFFICIENCY["cublas"])

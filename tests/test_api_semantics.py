@@ -203,7 +203,7 @@ def test_second_backward_through_one_call():
     """backend='torch' and the resident Triton plans keep what they need: a call can be
     back-propagated twice (retain_graph=True). The chunked Triton plan scales its stored gradients in
     place (no second set of LLM-sized gradients) and says so instead of returning wrong ones."""
-    from dhkd_kernels.ops import dual_head_kd as dhk
+    from dhkd_kernels.ops import _plan
     inputs = make_inputs(9, 4, 7, seed=50)
     for backend in ("torch", "triton"):
         x = inputs["features"]
@@ -211,13 +211,13 @@ def test_second_backward_through_one_call():
         (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
         (g2,) = torch.autograd.grad(loss, x)
         assert torch.equal(g1, g2), backend
-    saved = dhk.MEMORY_BUDGET_BYTES, dhk._ENGINE
+    saved = _plan.MEMORY_BUDGET_BYTES, _plan._ENGINE
     try:
-        dhk.MEMORY_BUDGET_BYTES, dhk._ENGINE = 2048, "cublas"
+        _plan.MEMORY_BUDGET_BYTES, _plan._ENGINE = 2048, "cublas"
         inputs = make_inputs(40, 6, 45, seed=50)
         loss = _call(inputs, backend="triton")
         torch.autograd.grad(loss, inputs["features"], retain_graph=True)
         with pytest.raises(RuntimeError, match="retain_graph"):
             torch.autograd.grad(loss, inputs["features"])
     finally:
-        dhk.MEMORY_BUDGET_BYTES, dhk._ENGINE = saved
+        _plan.MEMORY_BUDGET_BYTES, _plan._ENGINE = saved

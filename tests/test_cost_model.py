@@ -15,7 +15,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import shapes as bench_shapes
 from dhkd_kernels import cost
+from dhkd_kernels.ops import _plan
 from dhkd_kernels.ops import dual_head_kd as dhk
+from dhkd_kernels.simulate import simulate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHAPES = {name: (n, d, c) for name, n, d, c in cost.SHAPES}
@@ -44,7 +46,7 @@ def test_floor_flops_launches_memory_no_sync(name, dtype):
     dW product per head, no recomputation), launches stay within their bound, nothing synchronises,
     and the extra memory stays under the default 512 MiB."""
     n, d, c = SHAPES[name]
-    rec, plan = dhk.simulate(n, d, c, dtype=dtype)
+    rec, plan = simulate(n, d, c, dtype=dtype)
     assert rec.matmul_flops == cost.floor_flops(n, c, d) == 12 * n * c * d
     assert not rec.syncs
     assert rec.n_launches <= _bound(plan, n, c, dtype), (plan, rec.by_kernel())
@@ -56,7 +58,7 @@ def test_floor_flops_launches_memory_no_sync(name, dtype):
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_no_gradient_runs_only_the_forward_products(name):
     n, d, c = SHAPES[name]
-    rec, plan = dhk.simulate(n, d, c, backward=False)
+    rec, plan = simulate(n, d, c, backward=False)
     assert rec.matmul_flops == cost.floor_flops(n, c, d, backward=False) == 4 * n * c * d
     assert not any(x.kernel in ("dx_kernel", "dw_kernel", "scale_kernel") for x in rec.launches)
 
@@ -65,13 +67,13 @@ def test_no_gradient_runs_only_the_forward_products(name):
 def test_floor_with_separate_aux_features_and_partial_grads(name):
     n, d, c = SHAPES[name]
     da = d // 2
-    rec, _ = dhk.simulate(n, d, c, da=da)
+    rec, _ = simulate(n, d, c, da=da)
     assert rec.matmul_flops == cost.floor_flops(n, c, d, da) == 6 * n * c * (d + da)
     # only the weights train (frozen features): forward products plus the two dW products
-    rec, _ = dhk.simulate(n, d, c, requires_grad=("head_weight", "aux_weight"))
+    rec, _ = simulate(n, d, c, requires_grad=("head_weight", "aux_weight"))
     assert rec.matmul_flops == 4 * n * c * d + 4 * n * c * d
     # only the aux head's loss: the main head's product never runs
-    rec, _ = dhk.simulate(n, d, c, ce_weight=0.0, kd_weight=0.0)
+    rec, _ = simulate(n, d, c, ce_weight=0.0, kd_weight=0.0)
     assert rec.matmul_flops == 6 * n * c * d
 
 
@@ -94,8 +96,8 @@ def test_mixed_dtypes_report_their_casts():
 def test_memory_budget_is_configurable(monkeypatch):
     n, d, c = SHAPES["llm-128k"]
     for mib in (300, 512, 1024):
-        monkeypatch.setattr(dhk, "MEMORY_BUDGET_BYTES", mib * 2**20)
-        rec, plan = dhk.simulate(n, d, c)
+        monkeypatch.setattr(_plan, "MEMORY_BUDGET_BYTES", mib * 2**20)
+        rec, plan = simulate(n, d, c)
         assert plan.extra_bytes <= mib * 2**20
         assert rec.matmul_flops == 12 * n * c * d
 
@@ -132,7 +134,7 @@ def test_every_torch_launch_is_reported(name, dtype, opts):
     sum (the seed gradient of loss.backward(), the .sum() of per-row losses) are not the op's."""
     n, d, c = SHAPES[name]
     with _CountOps() as mode:
-        rec, _ = dhk.simulate(n, d, c, dtype=dtype, **opts)
+        rec, _ = simulate(n, d, c, dtype=dtype, **opts)
     ops = [o for o in mode.ops if o not in ("ones_like", "sum")]
     reported = [x for x in rec.launches if x.engine in ("cublas", "torch")]
     assert len(ops) == len(reported), (sorted(ops), sorted(x.kernel for x in reported))

@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from dhkd_kernels import cost, fused_dual_head_kd_loss
+from dhkd_kernels.ops import _launch, _plan
 from dhkd_kernels.ops import dual_head_kd as dhk
+from dhkd_kernels.simulate import simulate
 from tests.helpers import cast_inputs, make_inputs, rel_err
 
 ARGS = ("features", "head_weight", "head_bias", "aux_weight", "aux_bias", "teacher_logits", "labels")
@@ -19,12 +21,12 @@ CASES = [("reference", None), ("torch", None), ("triton", "triton"), ("triton", 
 @pytest.fixture(params=CASES, ids=[f"{b}-{p}" if p else b for b, p in CASES])
 def backend(request, monkeypatch):
     name, plan = request.param
-    monkeypatch.setattr(dhk, "_POISON", True)
+    monkeypatch.setattr(_launch, "_POISON", True)
     if plan == "chunked":
-        monkeypatch.setattr(dhk, "MEMORY_BUDGET_BYTES", 3000)
-        monkeypatch.setattr(dhk, "_ENGINE", "cublas")
+        monkeypatch.setattr(_plan, "MEMORY_BUDGET_BYTES", 3000)
+        monkeypatch.setattr(_plan, "_ENGINE", "cublas")
     elif plan:
-        monkeypatch.setattr(dhk, "_ENGINE", plan)
+        monkeypatch.setattr(_plan, "_ENGINE", plan)
     return name
 
 
@@ -83,7 +85,7 @@ def test_teacher_head_plan_runs_the_teacher_product_once():
     for name, n, d, c in cost.SHAPES[-2:]:
         for dt in (4096, 8192):
             for kd in (0.0, 1.0):
-                rec, plan = dhk.simulate(n, d, c, teacher_width=dt, kd_weight=kd)
+                rec, plan = simulate(n, d, c, teacher_width=dt, kd_weight=kd)
                 assert rec.matmul_flops == cost.floor_flops(n, c, d) + 2 * n * c * dt, (name, dt, kd, plan)
                 assert plan.extra_bytes <= 512 * 2**20 and not rec.syncs
                 if kd:

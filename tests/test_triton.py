@@ -17,6 +17,8 @@ from tests.helpers import (GRAD_NAMES, assert_matches_reference, cast_inputs, lo
                            reference_in, rel_err)
 
 dhk = pytest.importorskip("dhkd_kernels.ops.dual_head_kd")
+_plan = pytest.importorskip("dhkd_kernels.ops._plan")
+_launch = pytest.importorskip("dhkd_kernels.ops._launch")
 
 ARGS = ("features", "head_weight", "head_bias", "aux_weight", "aux_bias", "teacher_logits", "labels")
 PLANS = ("triton", "cublas", "chunked")
@@ -30,7 +32,7 @@ def cuda_only(test):
 
 @pytest.fixture(autouse=True)
 def _poison_and_strict_fp32(monkeypatch):
-    monkeypatch.setattr(dhk, "_POISON", True)
+    monkeypatch.setattr(_launch, "_POISON", True)
     if torch.cuda.is_available():
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     yield
@@ -38,10 +40,10 @@ def _poison_and_strict_fp32(monkeypatch):
 
 def use_plan(monkeypatch, plan: str) -> None:
     if plan == "chunked":
-        monkeypatch.setattr(dhk, "MEMORY_BUDGET_BYTES", CHUNKED_BUDGET)
-        monkeypatch.setattr(dhk, "_ENGINE", "cublas")
+        monkeypatch.setattr(_plan, "MEMORY_BUDGET_BYTES", CHUNKED_BUDGET)
+        monkeypatch.setattr(_plan, "_ENGINE", "cublas")
     else:
-        monkeypatch.setattr(dhk, "_ENGINE", plan)
+        monkeypatch.setattr(_plan, "_ENGINE", plan)
 
 
 @pytest.fixture(params=PLANS)
@@ -257,13 +259,13 @@ def test_plan_rule_and_memory_bound():
         x = torch.empty(n, d, dtype=dtype, device=meta)
         w = torch.empty(c, d, dtype=dtype, device=meta)
         wk = dhk._work(x, w, None, n, c, o, kw.get("needs", [True] * 6))
-        saved = dhk.MEMORY_BUDGET_BYTES
+        saved = _plan.MEMORY_BUDGET_BYTES
         try:
             if budget:
-                dhk.MEMORY_BUDGET_BYTES = budget
+                _plan.MEMORY_BUDGET_BYTES = budget
             return dhk.make_plan(wk, meta)
         finally:
-            dhk.MEMORY_BUDGET_BYTES = saved
+            _plan.MEMORY_BUDGET_BYTES = saved
 
     assert plan_for(1024, 512, 1000).describe() == "resident/triton"
     assert plan_for(1024, 512, 1000, dtype=torch.float32).engine == "cublas"  # IEEE fp32: no tensor cores
@@ -452,6 +454,14 @@ def test_argmax_ties_take_first_index(device):
 
 # ------------------------------------------------------------------ torch.compile and registration
 
+def _plan_arg(case):
+    """The plan argument the entry point would pass with these op arguments (tensors, scalars, needs)."""
+    x, w1, a, t, y = case[0], case[1], case[3], case[6], case[7]
+    o = dhk._opts_from(*case[11:23])
+    wk = dhk._work(x, w1, a, y.shape[0], w1.shape[0], o, case[23], t if t is not None else case[8:11])
+    return dhk.plan_to_list(dhk.make_plan(wk, x.device))
+
+
 @pytest.mark.parametrize("plan_name", PLANS)
 def test_custom_op_registration_opcheck(device, monkeypatch, plan_name):
     use_plan(monkeypatch, plan_name)
@@ -467,6 +477,7 @@ def test_custom_op_registration_opcheck(device, monkeypatch, plan_name):
     head = (torch.randn(5, 6, generator=g), torch.randn(9, 6, generator=g), torch.randn(9, generator=g))
     teacher_head = args[:6] + (None, args[7]) + head + args[11:]
     for case in (args, nothing_to_do, per_row, teacher_head):
+        case = case + (_plan_arg(case),)
         torch.library.opcheck(torch.ops.dhkd.dual_head_kd_fwd.default, case,
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
                                           "test_aot_dispatch_dynamic"))
@@ -487,12 +498,13 @@ def test_custom_ops_fake_match_real_for_transposed_inputs(device, monkeypatch, p
     assert x.stride() == (1, 5)
     t, y = inputs["teacher_logits"], inputs["labels"]
     scalars = (1.0, 0.5, 1.0, 4.0, 2.0, True, -100, True)
-    fwd_args = (x, w1, b1, a, w2, b2, t, y, None, None, None) + scalars + (True, False, 0.0, False, [True] * 6)
+    o = dhk._opts_from(*scalars, True, False)
+    plan = dhk.make_plan(dhk._work(x, w1, a, 5, 9, o, [True] * 6, t), torch.device(device))
+    fwd_args = (x, w1, b1, a, w2, b2, t, y, None, None, None) + scalars + (True, False, 0.0, False, [True] * 6,
+                                                                            dhk.plan_to_list(plan))
     torch.library.opcheck(torch.ops.dhkd.dual_head_kd_fwd.default, fwd_args, test_utils=("test_faketensor",))
     out = torch.ops.dhkd.dual_head_kd_fwd(*fwd_args)
     if plan_name != "chunked":
-        o = dhk._opts_from(*scalars, True, False)
-        plan = dhk.make_plan(dhk._work(x, w1, a, 5, 9, o, [True] * 6, t), torch.device(device))
         bwd_args = (torch.tensor(1.0, device=device), x, w1, b1, a, w2, b2, y, out[3], list(out[4:10]), 9) \
             + scalars + (False, 0.0, False, [True] * 6, dhk.plan_to_list(plan))
         torch.library.opcheck(torch.ops.dhkd.dual_head_kd_bwd.default, bwd_args, test_utils=("test_faketensor",))
@@ -639,11 +651,11 @@ def test_gpu_cuda_graph_capture():
     """The op captures in a CUDA graph (no host sync, no data-dependent host logic): replaying the
     graph on new input values gives the eager result, for each plan."""
     for plan_name, budget in (("triton", None), ("cublas", None), ("chunked", 256 * 1024)):
-        saved = dhk._ENGINE, dhk.MEMORY_BUDGET_BYTES
+        saved = _plan._ENGINE, _plan.MEMORY_BUDGET_BYTES
         try:
-            dhk._ENGINE = "cublas" if plan_name == "chunked" else plan_name
+            _plan._ENGINE = "cublas" if plan_name == "chunked" else plan_name
             if budget:
-                dhk.MEMORY_BUDGET_BYTES = budget
+                _plan.MEMORY_BUDGET_BYTES = budget
             inputs = make_inputs(64, 32, 300, device="cuda", dtype=torch.bfloat16, ignore_frac=0.1, seed=31)
             static = cast_inputs(inputs)
             args = [static[k] for k in ARGS]
@@ -681,7 +693,7 @@ def test_gpu_cuda_graph_capture():
             for k in ("features", "head_weight", "aux_weight"):
                 assert torch.equal(static[k].grad, ref_grads[k]), (plan_name, k)
         finally:
-            dhk._ENGINE, dhk.MEMORY_BUDGET_BYTES = saved
+            _plan._ENGINE, _plan.MEMORY_BUDGET_BYTES = saved
 
 
 # ------------------------------------------------------------------ GPU compilation without a GPU

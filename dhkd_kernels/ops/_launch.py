@@ -1,0 +1,205 @@
+"""Launches of the Triton backend: every kernel and cuBLAS product goes through a helper here that
+reports it to :mod:`dhkd_kernels.cost` (kernel, grid, FLOPs, bytes), and output buffers are made here
+(NaN-poisoned with ``set_debug_poison``). On ``meta`` tensors nothing runs: launches are only recorded,
+or compiled for the current target when ``_COMPILE_ON_META`` is set (``dhkd_kernels.compile_report``).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from .. import cost
+from . import _epilogue_kernels as E
+from ._plan import F32, _interpreted, _kind
+
+_POISON = os.environ.get("DHKD_DEBUG_POISON", "0") == "1"
+_HAS_MM_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")
+
+def set_debug_poison(enabled: bool) -> None:
+    """Fill kernel outputs with NaN before the kernels write them (debug/tests): unwritten = NaN."""
+    global _POISON
+    _POISON = bool(enabled)
+
+
+def _buffer(shape, dtype, device) -> Tensor:
+    """Uninitialised output buffer (NaN-filled when poisoning, which costs one fill kernel)."""
+    if _POISON and device.type != "meta":
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _f32_placeholder(device) -> Tensor:
+    """An fp32 pointer for a slot the kernel does not read (one specialization whatever is absent)."""
+    return torch.empty(0, dtype=F32, device=device)
+
+
+def _empty(device) -> Tensor:
+    return torch.empty(0, dtype=F32, device=device)
+
+
+def _dot_precision(dtype: torch.dtype, tf32: bool) -> str:
+    """"ieee" only for fp32 with TF32 off; 16-bit operands keep Triton's default ("tf32", unused)."""
+    return "ieee" if (dtype == torch.float32 and not tf32) else "tf32"
+
+
+def _interp_bf16(dtype: torch.dtype, device: torch.device) -> bool:
+    return dtype == torch.bfloat16 and _interpreted(device)
+
+
+# ----------------------------------------------------------------------------- launches
+
+def _launch(kernel, grid, *args, name: str, engine: str = "triton", flops: int = 0, nbytes: int = 0,
+            kind: str = "", **meta):
+    """Launch a Triton kernel and report it. On ``meta`` tensors (cost simulation, compile report)
+    nothing runs: the launch is only recorded, or compiled for the current target when
+    ``_COMPILE_ON_META`` is set (the run-time specialization, see ``dhkd_kernels.compile_report``)."""
+    cost.note(name, engine, grid, flops, nbytes, kind)
+    dev = next(a.device for a in args if isinstance(a, Tensor))
+    if dev.type == "meta":
+        if _COMPILE_ON_META is not None:
+            _COMPILE_ON_META(name, kernel.warmup(*args, grid=grid, **meta))
+        return
+    kernel[grid](*args, **meta)
+
+
+_COMPILE_ON_META = None  # set by dhkd_kernels.compile_report
+
+
+def _opts(warps: int, stages: int, device) -> dict:
+    return {} if _interpreted(device) else dict(num_warps=warps, num_stages=stages)
+
+
+def _mm(a: Tensor, b: Tensor, out: Tensor, *, beta: int = 0, kind: str) -> None:
+    """out (+)= a @ b on cuBLAS (CPU BLAS in the tests); fp32 ``out`` with 16-bit operands accumulates
+    in fp32 (``addmm.dtype_out``; on CPU, where that overload is missing, through fp32 copies)."""
+    m, k = a.shape
+    p = b.shape[1]
+    nbytes = (m * k + k * p) * a.element_size() + m * p * out.element_size() * (1 + int(beta != 0))
+    cost.note("cublas:addmm" if beta else "cublas:mm", "cublas", (), 2 * m * k * p, nbytes, kind)
+    if out.dtype == a.dtype:
+        if beta:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+    elif out.device.type != "cpu" and _HAS_MM_DTYPE:
+        torch.ops.aten.addmm.dtype_out(out, a, b, out.dtype, beta=beta, alpha=1, out=out)
+    else:
+        if beta:
+            out.addmm_(a.to(out.dtype), b.to(out.dtype))
+        else:
+            torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)
+
+
+def _scale(src: Tensor, out: Tensor, y: Tensor, g: Optional[Tensor], n_valid: Tensor, *, mask_rows: bool,
+           mean: bool, ignore_index: int, row_g: bool = False) -> None:
+    """out = s src (rows not in V zeroed with ``mask_rows``), s = g / max(|V|, 1) (mean) on the device.
+    The flags are runtime arguments: one compiled specialization serves every use with these dtypes."""
+    m, p = src.shape
+    if m == 0 or p == 0:
+        return
+    dev = src.device
+    bm, bp = (16, 16) if _interpreted(dev) else (32, 128)
+    _launch(E.scale_kernel, (triton.cdiv(m, bm), triton.cdiv(p, bp)),
+            src, out, y, g if g is not None else _f32_placeholder(dev), n_valid, m, p,
+            src.stride(0), src.stride(1), out.stride(0), out.stride(1), ignore_index,
+            int(mask_rows), int(g is not None), int(mean),
+            name="scale_kernel", nbytes=m * p * (src.element_size() + out.element_size()),
+            ROW_G=row_g, INTERP_BF16=_interp_bf16(out.dtype, dev), BLOCK_M=bm, BLOCK_P=bp, **_opts(4, 1, dev))
+
+
+def _epilogue(wk, o, z1, z2, t, y, b1, b2, rows, cs1, cs2, *, r0, R, c0, W, main, aux, g_ce, g_kd, g_aux,
+              acc_logit, colsum1, colsum2, br, bc, warps, t_row0=0, t_col0=0, w=None):
+    """``epilogue_kernel`` over rows [r0, r0 + R) x classes [c0, c0 + W); ``t`` is the teacher logits
+    tensor or the block of them computed inside (starting at row t_row0, class t_col0)."""
+    dev = t.device
+    dummy = rows
+    g_main = g_ce or g_kd
+    zb = wk.elem * (int(main) * (1 + 2 * int(g_main)) + int(aux) * (1 + int(g_aux)))
+    tb = t.element_size() * (int(wk.kd_stats and main) + int(aux or g_kd))
+    nbytes = R * W * (zb + tb) + triton.cdiv(R, br) * W * 4 * (int(colsum1) + int(colsum2)) + R * 24
+    _launch(E.epilogue_kernel, (triton.cdiv(R, br),),
+            z1 if z1 is not None else dummy, z2 if z2 is not None else dummy, t, y,
+            b1 if b1 is not None else dummy, b2 if b2 is not None else dummy, rows,
+            cs1 if cs1 is not None else dummy, cs2 if cs2 is not None else dummy,
+            w if w is not None else dummy,
+            wk.n, wk.c, R, W, r0, c0,
+            z1.stride(0) if z1 is not None else 0, z2.stride(0) if z2 is not None else 0,
+            t.stride(0), t.stride(1), t_row0, t_col0,
+            o.ce_w, o.kd_w * o.kd_t, 1.0 / o.kd_t, o.kd_t * o.kd_t, o.lg_w, 1.0 / o.tau, o.tau * o.tau, o.eps,
+            o.ignore_index, int(acc_logit),
+            name="epilogue_kernel", nbytes=nbytes,
+            MAIN=main, KD_STATS=main and wk.kd_stats, AUX=aux, GRAD_CE=g_ce, GRAD_KD=g_kd, GRAD_AUX=g_aux,
+            KL_NORM=o.kl_norm, HAS_B1=b1 is not None and main, HAS_B2=b2 is not None and aux,
+            COLSUM1=colsum1, COLSUM2=colsum2, ROW_W=w is not None,
+            INTERP_BF16=_interp_bf16(z1.dtype if z1 is not None else z2.dtype, dev),
+            BLOCK_R=br, BLOCK_C=bc, **_opts(warps, 1, dev))
+
+
+def _teacher_block(th, r0, rc, c0, cc, out, kind):
+    """out (rc, cc) = rows [r0, r0 + rc) x classes [c0, c0 + cc) of the teacher logits, from its
+    features and head (cuBLAS; the bias, if any, in the same product)."""
+    tf, tw, tb = th
+    xf, wt = tf[r0:r0 + rc], tw[c0:c0 + cc].t()
+    if tb is None:
+        _mm(xf, wt, out, kind=kind)
+        return
+    cost.note("cublas:addmm", "cublas", (), 2 * rc * cc * tf.shape[1],
+              (rc + cc) * tf.shape[1] * tf.element_size() + rc * cc * out.element_size(), kind)
+    torch.addmm(tb[c0:c0 + cc], xf, wt, out=out)
+
+
+def _finalize(wk, o, rows, y, loss, terms, correct, n_valid, per_row):
+    dev = y.device
+    _launch(E.finalize_kernel, (1,), rows, y, loss, terms, correct, n_valid,
+            per_row if per_row is not None else rows,
+            wk.n, o.ce_w, o.kd_w, o.lg_w, o.ignore_index, int(per_row is not None), int(o.mean),
+            name="finalize_kernel", nbytes=wk.n * (16 + y.element_size()),
+            CE_IN=bool(o.ce_w), KD_IN=bool(o.kd_w), LG_IN=bool(o.lg_w), HAVE_MAIN=wk.main, HAVE_AUX=wk.aux,
+            BLOCK=16 if _interpreted(dev) else 1024,
+            **_opts(4, 1, dev))
+
+
+def _colsum(cs1, cs2, out1, out2, P, W, g, n_valid, *, acc, heads, mean):
+    """Bias gradients from the epilogue's column-sum partials: heads 1, 2 or 3 (both)."""
+    dev = n_valid.device
+    block = 16 if _interpreted(dev) else 512
+    any_cs = cs1 if cs1 is not None else cs2
+    any_out = out1 if out1 is not None else out2
+    _launch(E.colsum_kernel, (triton.cdiv(W, block), 2 if heads == 3 else 1),
+            cs1 if cs1 is not None else any_cs, cs2 if cs2 is not None else any_cs,
+            out1 if out1 is not None else any_out, out2 if out2 is not None else any_out,
+            g if g is not None else _f32_placeholder(dev), n_valid, P, W, int(acc), 1 if heads == 2 else 0,
+            int(g is not None), int(mean),
+            name="colsum_kernel", nbytes=(P * W * 4 + W * 8) * (2 if heads == 3 else 1),
+            BLOCK=block, **_opts(4, 1, dev))
+
+
+def _teacher_kind(t, tf32: bool) -> str:
+    return _kind(t[0].dtype, tf32)
+
+
+def _zero(g: Tensor) -> None:
+    g.zero_()
+    cost.note("torch:zero_", "torch", (), 0, g.numel() * g.element_size())
+
+
+
+def _cast(v: Tensor, dtype: torch.dtype) -> Tensor:
+    """v in ``dtype``; a cast that copies is reported to the cost model, and so is the cast of its
+    gradient back to v's dtype that autograd will run in the backward."""
+    if v.dtype != dtype:
+        nbytes = v.numel() * (v.element_size() + torch.finfo(dtype).bits // 8)
+        cost.note("torch:_to_copy", "torch", (), 0, nbytes)
+        if v.requires_grad and torch.is_grad_enabled():
+            cost.note("torch:_to_copy (backward, autograd)", "torch", (), 0, nbytes)
+    return v.to(dtype)
+
+
+def _contiguous(v: Tensor) -> Tensor:
+    if not v.is_contiguous():
+        cost.note("torch:clone", "torch", (), 0, 2 * v.numel() * v.element_size())
+    return v.contiguous()

@@ -1,0 +1,322 @@
+"""The plan of one call of the Triton backend: which engine, resident or chunked, and how large the
+chunks are, decided from shapes, dtypes and flags only (never from data), within the memory budget.
+
+* *resident*: both heads' logits (and the backward's buffers) fit the budget; the forward stores the
+  logits whole, the epilogue writes dz over them, dz waits for the backward. Engine "triton" (matmul
+  work below ``TRITON_MAX_FLOPS``, tensor cores): 5 launches; engine "cublas": the six products on
+  cuBLAS.
+* *chunked*: the logits do not fit; always cuBLAS, the auxiliary head in class slabs over all rows and
+  the main head in row chunks (mode "slabs"), or both heads in row chunks when a teacher head feeds both
+  (mode "rows").
+
+Memory bound: ``plan.extra_bytes`` (extra device memory beyond inputs and their gradients) is at most
+the budget (``set_memory_budget``, env ``DHKD_MEMORY_BUDGET_MB``, 512 MiB by default), except when even
+the smallest chunk does not fit it (then extra_bytes says so).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+
+F32 = torch.float32
+
+MEMORY_BUDGET_BYTES = int(float(os.environ.get("DHKD_MEMORY_BUDGET_MB", "512")) * 2**20)
+TRITON_MAX_FLOPS = 64e9
+PARTIAL_BYTES = 16 * 2**20  # bound on the column-sum partials of one epilogue launch
+_ENGINE = os.environ.get("DHKD_ENGINE", "auto")
+
+def set_engine(kind: str) -> None:
+    """Force the resident plan's engine: "triton", "cublas" or "auto" (the size rule, default).
+    The chunked plan always runs on cuBLAS."""
+    global _ENGINE
+    if kind not in ("auto", "triton", "cublas"):
+        raise ValueError(f"kind must be 'auto', 'triton' or 'cublas', got {kind!r}")
+    _ENGINE = kind
+
+
+def set_memory_budget(nbytes: int) -> None:
+    """Bound on the op's extra device memory (bytes); larger problems are chunked to fit it."""
+    global MEMORY_BUDGET_BYTES
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 1:
+        raise ValueError(f"nbytes must be a positive int, got {nbytes!r}")
+    MEMORY_BUDGET_BYTES = nbytes
+
+
+@contextlib.contextmanager
+def settings(*, engine: Optional[str] = None, memory_budget: Optional[int] = None):
+    """Temporarily force the engine and/or the memory budget (bytes), as ``set_engine`` and
+    ``set_memory_budget`` would; restored on exit (tests, benchmarks)."""
+    global _ENGINE, MEMORY_BUDGET_BYTES
+    saved = _ENGINE, MEMORY_BUDGET_BYTES
+    try:
+        if engine is not None:
+            set_engine(engine)
+        if memory_budget is not None:
+            set_memory_budget(memory_budget)
+        yield
+    finally:
+        _ENGINE, MEMORY_BUDGET_BYTES = saved
+
+
+def _interpreted(device: torch.device) -> bool:
+    return device.type == "cpu"
+
+
+_SM_COUNT = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132 if device.type == "meta" else 2
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _kind(dtype: torch.dtype, tf32: bool) -> str:
+    if dtype == torch.float32:
+        return "tf32" if tf32 else "fp32"
+    return "bf16" if dtype == torch.bfloat16 else "fp16"
+
+
+def _round16(v: int) -> int:
+    return -(-v // 16) * 16
+
+
+def _pow2(v: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(v), 1))))
+
+
+# ----------------------------------------------------------------------------- the plan
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How one call runs (see the module docstring). ``rows``: main-head rows per chunk; ``slab``:
+    auxiliary-head classes per slab (both the whole problem when resident)."""
+
+    engine: str
+    resident: bool
+    rows: int
+    slab: int
+    extra_bytes: int
+    mode: str = "slabs"  # chunked: "slabs" (aux head in class slabs, main in row chunks) or "rows" (both in rows)
+
+    def describe(self) -> str:
+        if self.resident:
+            return f"resident/{self.engine}"
+        if self.mode == "rows":
+            return f"chunked/cublas (both heads in rows of {self.rows})"
+        return f"chunked/cublas (rows {self.rows}, slab {self.slab})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Work:
+    """What a call computes: the terms (stats), the gradients, and the shapes."""
+
+    n: int
+    c: int
+    d: int
+    da: int
+    elem: int
+    shared: bool
+    main: bool          # z1 needed (CE or KD term computed)
+    kd_stats: bool
+    aux: bool           # z2 needed (logit-level term computed)
+    g_main: bool        # dz1 needed (some input gets a gradient through the main head)
+    g_aux: bool
+    need: Tuple[bool, bool, bool, bool, bool, bool]   # x, w1, b1, a, w2, b2
+    f32: bool
+    tensor_cores: bool  # 16-bit operands, or fp32 with TF32
+    t_width: int = 0    # D_t when the teacher comes as features + head (its product runs inside)
+    t_elem: int = 2
+    fp16: bool = False
+    none: bool = False
+
+    @property
+    def t_main(self) -> bool:
+        """The main head's epilogue reads the teacher (KD)."""
+        return self.main and self.kd_stats
+
+    @property
+    def teacher_product(self) -> bool:
+        return self.t_width > 0 and (self.t_main or self.aux)
+
+    @property
+    def grad(self) -> bool:
+        return self.g_main or self.g_aux
+
+    def flops(self) -> int:
+        per1 = 2 * self.n * self.c * self.d
+        per2 = 2 * self.n * self.c * self.da
+        f = per1 * self.main + per2 * self.aux
+        need_x, need_w1, _, need_a, need_w2, _ = self.need
+        if self.g_main:
+            f += per1 * (int(need_x) + int(need_w1 or self.need[2]))
+        if self.g_aux:
+            f += per2 * (int(need_x if self.shared else need_a) + int(need_w2 or self.need[5]))
+        return f + 2 * self.n * self.c * self.t_width * int(self.teacher_product)
+
+
+def plan_to_list(plan: Plan) -> List[int]:
+    """The plan as ints, to travel with the autograd context into the backward ops (the backward must
+    run the forward's plan whatever the settings are by then)."""
+    return [int(plan.resident), int(plan.engine == "cublas"), plan.rows, plan.slab, int(plan.mode == "rows"),
+            plan.extra_bytes]
+
+
+def plan_from_list(v) -> Plan:
+    return Plan("cublas" if v[1] else "triton", bool(v[0]), int(v[2]), int(v[3]), int(v[5]),
+                mode="rows" if v[4] else "slabs")
+
+
+def _epi_config(r: int, w: int, colsum: bool, device) -> Tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_C, warps) of ``epilogue_kernel`` over a block of r rows x w classes."""
+    if _interpreted(device):
+        return 4, 16, 1
+    # at least 4 rows with column sums: 2-row tiles with both column sums spilled 16 bytes (fp32, sm_90)
+    br = _pow2(r // (2 * _sm_count(device)), 4 if colsum else 2, 16)
+    if colsum:
+        while br < 64 and triton.cdiv(r, br) * w * 4 > PARTIAL_BYTES:
+            br *= 2
+    # 2048-element tiles over 8 warps: 8 fp32 values per thread per live tile, which keeps the
+    # heaviest variant (CE + KD + logit gradients and both column sums) free of spills on sm_90
+    bc = min(_pow2(w, 16, 1024), max(64, 2048 // br))
+    return br, bc, max(2, min(8, br * bc // 256))
+
+
+def _resident_bytes(wk: Work, engine: str, device) -> int:
+    n, c, d, da, e = wk.n, wk.c, wk.d, wk.da, wk.elem
+    need_x, need_w1, need_b1, need_a, need_w2, need_b2 = wk.need
+    total = n * c * e * (int(wk.main) + int(wk.aux)) + 5 * n * 4 + n * c * wk.t_elem * int(wk.teacher_product)
+    if engine == "cublas" and wk.grad:
+        br = _epi_config(n, c, True, device)[0]
+        parts = 0 if wk.none else triton.cdiv(n, br) * c * 4  # reduction="none": dZ^T g instead
+        total += parts * (int(wk.g_main and need_b1) + int(wk.g_aux and need_b2))
+        if (wk.g_main and need_w1) or (wk.shared and wk.g_aux and need_w2):
+            total += n * d * e
+        if not wk.shared and wk.g_aux and need_w2:
+            total += n * da * e
+        if not wk.f32:
+            total += 4 * (n * d * int(need_x) + n * da * int(need_a and not wk.shared))
+        if wk.fp16:
+            total += 4 * c * max(d * int(need_w1), da * int(need_w2))  # fp16: the fp32 dW of one head
+    return total
+
+
+def make_plan(wk: Work, device: torch.device) -> Plan:
+    """The plan of one call: resident when its buffers fit the budget (engine by the size rule),
+    otherwise chunked on cuBLAS with the largest chunks the budget allows."""
+    budget = MEMORY_BUDGET_BYTES
+    if _ENGINE != "auto":
+        engine = _ENGINE
+    else:
+        # Triton GEMMs only on tensor cores (16-bit, or fp32 with TF32): IEEE fp32 goes to cuBLAS
+        engine = "triton" if (wk.flops() < TRITON_MAX_FLOPS and wk.tensor_cores) else "cublas"
+    need = _resident_bytes(wk, engine, device)
+    if need <= budget or (wk.n * wk.c) == 0:
+        return Plan(engine, True, wk.n, wk.c, need)
+    n, c, d, da, e = wk.n, wk.c, wk.d, wk.da, wk.elem
+    need_x, need_w1, need_b1, need_a, need_w2, need_b2 = wk.need
+    th, te = wk.t_width > 0, wk.t_elem
+    rows_mode = th and wk.t_main and wk.aux
+    fixed = 5 * n * 4 + 16
+    if wk.grad:
+        if (wk.g_main and need_w1) or (wk.shared and wk.g_aux and need_w2):
+            fixed += n * d * e
+        if not wk.shared and wk.g_aux and need_w2:
+            fixed += n * da * e
+        if not wk.f32:
+            fixed += 4 * (n * d * int(need_x) + n * da * int(need_a and not wk.shared))
+        # fp32 bias accumulators over row chunks, and the column-sum partials live at once
+        fixed += 4 * c * (int(need_b1) + int(need_b2 and rows_mode))
+        n_partials = (int(need_b1) + int(need_b2)) if rows_mode else int(need_b1 or need_b2)
+        fixed += n_partials * min(PARTIAL_BYTES, 4 * n * c)
+    room = max(budget - fixed, 0)
+    granule_r, granule_c = (4, 16) if _interpreted(device) else (64, 128)
+    if rows_mode:
+        # the main head needs the teacher too: both heads in row chunks, so that the teacher's product
+        # runs once (dW2 then accumulates over chunks like dW1)
+        per_row = c * (2 * e + te)
+        rows = min(n, max(granule_r, room // per_row // granule_r * granule_r))
+        return Plan("cublas", False, rows, c, fixed + rows * per_row, mode="rows")
+    # class slabs of the aux head: its logits and (teacher head) the teacher's block, n x slab each
+    per_col = n * (e + te * int(th))
+    slab = min(c, max(granule_c, room // max(per_col, 1) // granule_c * granule_c)) if wk.aux else c
+    slab_z = n * _round16(slab) * e * int(wk.aux)
+    slab_t = n * _round16(slab) * te * int(th and wk.aux)
+    # row chunks of the main head share the logits buffer; a teacher block only with the aux head off
+    per_row_z, per_row_t = c * e, c * te * int(th and wk.t_main)
+    if wk.main:
+        # the buffers are allocated once: the rows must fit beside the slab phase's teacher buffer
+        room_rows = max(room - max(slab_t, 0), 0) if not wk.t_main else room
+        rows = min(n, max(granule_r, room_rows // max(per_row_z + per_row_t, 1) // granule_r * granule_r))
+    else:
+        rows = n
+    zbuf = max(rows * per_row_z * int(wk.main), slab_z)
+    tbuf = max(rows * per_row_t * int(wk.main), slab_t)
+    return Plan("cublas", False, rows, slab, fixed + zbuf + tbuf)
+
+
+# ----------------------------------------------------------------------------- options
+
+@dataclasses.dataclass(frozen=True)
+class _Opts:
+    ce_w: float
+    kd_w: float
+    lg_w: float
+    kd_t: float
+    tau: float
+    kl_norm: bool
+    ignore_index: int
+    mean: bool
+    components: bool
+    tf32: bool
+    eps: float = 0.0     # label smoothing of the CE term
+    none: bool = False   # reduction="none": per-row losses, per-row grad_output
+
+
+def _work(x, w1, a, n: int, c: int, o: _Opts, needs, teacher=None) -> Work:
+    shared = a is None
+    need_x, need_w1, need_b1, need_a, need_w2, need_b2 = (bool(v) for v in needs)
+    if shared:
+        need_a = False
+    main = bool(o.ce_w) or bool(o.kd_w) or o.components
+    aux = bool(o.lg_w) or o.components
+    g_main = (bool(o.ce_w) or bool(o.kd_w)) and (need_x or need_w1 or need_b1)
+    g_aux = bool(o.lg_w) and ((need_x and shared) or need_a or need_w2 or need_b2)
+    th = isinstance(teacher, (tuple, list))
+    return Work(n, c, x.shape[1], (x if shared else a).shape[1], x.element_size(), shared, main,
+                bool(o.kd_w) or o.components, aux, g_main, g_aux,
+                (need_x, need_w1 and g_main, need_b1 and g_main, need_a, need_w2 and g_aux, need_b2 and g_aux),
+                x.dtype == F32, x.dtype != F32 or o.tf32,
+                teacher[1].shape[1] if th else 0, teacher[0].element_size() if th else 2, x.dtype == torch.float16, o.none)
+
+
+def _opts_from(ce_w, kd_w, lg_w, kd_t, tau, kl_norm, ignore_index, mean, components, tf32, eps=0.0,
+               none=False) -> _Opts:
+    return _Opts(float(ce_w), float(kd_w), float(lg_w), float(kd_t), float(tau), bool(kl_norm),
+                 int(ignore_index), bool(mean) and not none, bool(components), bool(tf32), float(eps), bool(none))
+
+
+
+_PLAN_CACHE: dict = {}
+_PLAN_CACHE_SIZE = 512
+
+
+def plan_for(wk: Work, device: torch.device) -> Plan:
+    """``make_plan`` through a cache keyed by everything the plan depends on: the work (shapes, dtypes,
+    terms, gradients), the device kind and its SM count, the engine setting and the memory budget.
+    A changed shape, flag or setting is a new key; it never reuses another call's plan."""
+    key = (wk, device.type, _sm_count(device), _ENGINE, MEMORY_BUDGET_BYTES)
+    plan = _PLAN_CACHE.get(key)
+    if plan is None:
+        if len(_PLAN_CACHE) >= _PLAN_CACHE_SIZE:
+            _PLAN_CACHE.clear()
+        plan = _PLAN_CACHE[key] = make_plan(wk, device)
+    return plan

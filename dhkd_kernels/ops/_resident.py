@@ -1,0 +1,248 @@
+"""The resident plan: forward (logits of both heads stored whole, the epilogue writes dz over them) and
+backward (dX, dW and bias gradients from the stored dz) on the Triton or the cuBLAS engine."""
+from __future__ import annotations
+
+import torch
+import triton
+from torch import Tensor
+
+from .. import cost
+from . import _gemm_kernels as G
+from ._launch import (_buffer, _cast, _colsum, _dot_precision, _empty, _epilogue, _f32_placeholder, _interp_bf16,
+                      _launch, _mm, _opts, _scale, _teacher_block, _teacher_kind, _zero)
+from ._plan import F32, Plan, _epi_config, _interpreted, _kind, _Opts, _sm_count, _work
+
+def _forward_resident(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows):
+    dev = x.device
+    n, c, dt = wk.n, wk.c, x.dtype
+    a_ = x if wk.shared else a
+    kind = _kind(dt, o.tf32)
+    if n == 0 or not (wk.main or wk.aux):
+        return [None] * 6
+    if isinstance(t, (tuple, list)):
+        if wk.teacher_product:
+            tbuf = _buffer((n, c), t[0].dtype, dev)
+            _teacher_block(t, 0, n, 0, c, tbuf, _teacher_kind(t, o.tf32))
+            t = tbuf
+        else:
+            t = _f32_placeholder(dev).view(1, 0)
+    z1 = _buffer((n, c), dt, dev) if wk.main else None
+    z2 = _buffer((n, c), dt, dev) if wk.aux else None
+    if plan.engine == "triton":
+        interp = _interpreted(dev)
+        bm, bn, bk = (16, 16, 16) if interp else (64, 128, 64 if wk.elem <= 2 else 32)
+        flops = 2 * n * c * (wk.d * int(wk.main) + wk.da * int(wk.aux))
+        nbytes = (n * wk.d + c * wk.d) * wk.elem * int(wk.main) + (n * wk.da + c * wk.da) * wk.elem * int(wk.aux) \
+            - (n * wk.d * wk.elem if (wk.shared and wk.main and wk.aux) else 0) \
+            + n * c * wk.elem * (int(wk.main) + int(wk.aux))
+        _launch(G.logits_kernel, (triton.cdiv(n, bm) * triton.cdiv(c, bn),),
+                x, w1, a_, w2, z1 if z1 is not None else z2, z2 if z2 is not None else z1,
+                n, c, wk.d, wk.da,
+                x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), a_.stride(0), a_.stride(1),
+                w2.stride(0), w2.stride(1), c, c,
+                name="logits_kernel", engine="triton-gemm", flops=flops, nbytes=nbytes, kind=kind,
+                MAIN=wk.main, AUX=wk.aux, SHARED=wk.shared, DOT_PRECISION=_dot_precision(dt, o.tf32),
+                INTERP_BF16=_interp_bf16(dt, dev), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+                **_opts(4, 4 if wk.elem <= 2 else 3, dev))
+    else:
+        if wk.main:
+            _mm(x, w1.t(), z1, kind=kind)
+        if wk.aux:
+            _mm(a_, w2.t(), z2, kind=kind)
+    need_x, need_w1, need_b1, need_a, need_w2, need_b2 = wk.need
+    # bias gradients of the cuBLAS engine from column-sum partials (reduction="none" weights its rows
+    # by grad_output, which the backward does with a product instead)
+    colsum1 = plan.engine == "cublas" and need_b1 and not o.none
+    colsum2 = plan.engine == "cublas" and need_b2 and not o.none
+    br, bc, warps = _epi_config(n, c, colsum1 or colsum2, dev)
+    p = triton.cdiv(n, br)
+    cs1 = _buffer((p, c), F32, dev) if colsum1 else None
+    cs2 = _buffer((p, c), F32, dev) if colsum2 else None
+    _epilogue(wk, o, z1, z2, t, y, b1, b2, rows, cs1, cs2, r0=0, R=n, c0=0, W=c, main=wk.main, aux=wk.aux,
+              g_ce=wk.g_main and bool(o.ce_w), g_kd=wk.g_main and bool(o.kd_w), g_aux=wk.g_aux,
+              acc_logit=False, colsum1=colsum1, colsum2=colsum2, br=br, bc=bc, warps=warps)
+    return [z1 if wk.g_main else None, z2 if wk.g_aux else None, cs1, cs2, None, None]
+
+
+# ----------------------------------------------------------------------------- backward
+
+def _backward(g, x, w1, b1, a, w2, b2, y, n_valid, state, o: _Opts, needs, c: int, plan: Plan):
+    """Gradients [dx, dw1, db1, da, dw2, db2] of ``g * loss`` from the resident plan's dz (an empty
+    tensor where no gradient was asked), with the engine the forward ran."""
+    dev = x.device
+    wk = _work(x, w1, a, x.shape[0], c, o, needs)
+    shared = wk.shared
+    dz1 = state[0] if wk.g_main else None
+    dz2 = state[1] if wk.g_aux else None
+    cs1 = state[2] if state[2].dim() == 2 else None
+    cs2 = state[3] if state[3].dim() == 2 else None
+    kind = _kind(x.dtype, o.tf32)
+    g, row_g = _grad_output(g)
+    if row_g:
+        g = _row_weights(g, y, o.ignore_index)
+    refs = (x, w1, b1, None if shared else a, w2, b2)
+    grads = [_buffer(r.shape, r.dtype, dev) if (nd and r is not None) else None for r, nd in zip(refs, needs)]
+    filled = set()
+    if wk.n > 0 and (dz1 is not None or dz2 is not None):
+        if plan.engine == "triton":
+            filled = _backward_triton(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, grads, kind, row_g)
+        else:
+            filled = _backward_cublas(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, cs1, cs2, *grads, kind, row_g)
+    out = []
+    for k, gr in enumerate(grads):
+        if gr is None:
+            out.append(_empty(dev))
+            continue
+        if k not in filled:  # no term reaches this input: its gradient is zero
+            _zero(gr)
+        out.append(gr)
+    return out
+
+
+def _grad_output(g: Tensor):
+    """(g, per_row): a scalar, the expanded scalar of ``.sum()`` (stride 0, read as a scalar), or
+    per-row weights (N,) (reduction="none"; see _row_weights)."""
+    if g.dim() == 0:
+        return g, False
+    if g.numel() == 0:
+        return torch.zeros((), dtype=F32, device=g.device), False
+    if g.numel() == 1 or g.stride(0) == 0:
+        return g.as_strided((), ()), False
+    return g, True
+
+
+def _row_weights(g: Tensor, y: Tensor, ignore_index: int) -> Tensor:
+    """Per-row grad_output as fp32, 0 at the rows outside V: a NaN or inf there (a grad_output the
+    caller never meant for padding) must not reach a gradient through 0 x NaN."""
+    from ..reference import valid_rows
+    info = torch.iinfo(y.dtype)
+    if info.min <= ignore_index <= info.max:
+        cost.note("torch:ne", "torch", (), 0, y.numel() * (y.element_size() + 1))
+    if g.dtype != F32:
+        cost.note("torch:_to_copy", "torch", (), 0, g.numel() * (g.element_size() + 4))
+    cost.note("torch:where", "torch", (), 0, g.numel() * 9)
+    return torch.where(valid_rows(y, ignore_index), g.to(F32), 0.0)
+
+
+def _backward_triton(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, grads, kind, row_g=False):
+    """dX/dA in one launch of ``dx_kernel``, dW (and biases) of both heads in one of ``dw_kernel``."""
+    dev = x.device
+    n, c, d, da, dt = wk.n, wk.c, wk.d, wk.da, x.dtype
+    gx, gw1, gb1, ga, gw2, gb2 = grads
+    shared = wk.shared
+    a_ = x if shared else a
+    interp = _interpreted(dev)
+    prec = _dot_precision(dt, o.tf32)
+    ib = _interp_bf16(dt, dev)
+    bk = 16 if interp else (64 if wk.elem <= 2 else 32)
+    filled = set()
+    # problems of dx_kernel: (out, [(dz, w), ...], width)
+    probs = []
+    x_pairs = ([(dz1, w1)] if dz1 is not None else []) + ([(dz2, w2)] if (shared and dz2 is not None) else [])
+    if gx is not None and x_pairs:
+        probs.append((gx, x_pairs, d, 0))
+    if ga is not None and dz2 is not None:
+        probs.append((ga, [(dz2, w2)], da, 3))
+    if probs:
+        (o1, pairs1, p1, _), *rest = probs
+        o2, pairs2, p2 = (rest[0][0], rest[0][1], rest[0][2]) if rest else (o1, pairs1, p1)
+        (dza, wa), (dzb, wb) = pairs1[0], (pairs1[1] if len(pairs1) > 1 else pairs2[0])
+        two = bool(rest)
+        bm = 16 if interp else (64 if triton.cdiv(n, 128) * triton.cdiv(max(p1, p2), 128) < _sm_count(dev) else 128)
+        bp = 16 if interp else 128
+        flops = sum(2 * n * c * w * len(pr) for _, pr, w, _ in probs)
+        nbytes = sum((n * c + c * w) * wk.elem * len(pr) + n * w * wk.elem for _, pr, w, _ in probs)
+        _launch(G.dx_kernel, (triton.cdiv(n, bm) * triton.cdiv(max(p1, p2), bp), 2 if two else 1),
+                dza, dzb, wa, wb, o1, o2, g, n_valid, n, c, p1, p2,
+                dza.stride(0), dzb.stride(0), wa.stride(0), wa.stride(1), wb.stride(0), wb.stride(1),
+                o1.stride(0), o1.stride(1), o2.stride(0), o2.stride(1), int(row_g), int(o.mean),
+                name="dx_kernel", engine="triton-gemm", flops=flops, nbytes=nbytes, kind=kind,
+                SUM2=len(pairs1) > 1, TWO=two, HAS_G=True, DOT_PRECISION=prec,
+                INTERP_BF16=ib, BLOCK_M=bm, BLOCK_P=bp, BLOCK_K=bk, GROUP_M=8,
+                **_opts(4 if bm == 64 else 8, 3, dev))
+        filled |= {k for _, _, _, k in probs}
+    # heads of dw_kernel: (dz, features, weight grad, bias grad, width)
+    heads = []
+    if dz1 is not None and (gw1 is not None or gb1 is not None):
+        heads.append((1, dz1, x, gw1 if gw1 is not None else _buffer(w1.shape, dt, dev), gb1, d))
+    if dz2 is not None and (gw2 is not None or gb2 is not None):
+        heads.append((2, dz2, a_, gw2 if gw2 is not None else _buffer(w2.shape, dt, dev), gb2, da))
+    if heads:
+        h_a, h_b = heads[0], heads[-1]
+        which = 3 if len(heads) == 2 else h_a[0]
+        bm, bp = (16, 16) if interp else (128, 128)
+        pmax = max(h[5] for h in heads)
+        flops = sum(2 * n * c * h[5] for h in heads)
+        nbytes = sum((n * c + n * h[5] + c * h[5]) * wk.elem for h in heads)
+        _, dza, xa, owa, oba, pa = h_a
+        _, dzb, xb, owb, obb, pb = h_b
+        _launch(G.dw_kernel, (triton.cdiv(c, bm) * triton.cdiv(pmax, bp), len(heads)),
+                dza, dzb, xa, xb, y, owa, owb, oba if oba is not None else owa, obb if obb is not None else owb,
+                g, n_valid, n, c, pa, pb, o.ignore_index,
+                dza.stride(0), dzb.stride(0), xa.stride(0), xa.stride(1), xb.stride(0), xb.stride(1),
+                owa.stride(0), owa.stride(1), owb.stride(0), owb.stride(1),
+                name="dw_kernel", engine="triton-gemm", flops=flops, nbytes=nbytes, kind=kind,
+                HEADS=which, BIAS1=oba is not None, BIAS2=obb is not None, HAS_G=True, ROW_G=row_g,
+                MEAN=o.mean, DOT_PRECISION=prec, INTERP_BF16=ib, BLOCK_M=bm, BLOCK_P=bp, BLOCK_K=bk,
+                GROUP_M=8, **_opts(8, 3, dev))
+        for h, _, _, gw, gb, _ in heads:
+            filled |= {k for k, gr in ((3 * h - 2, gw), (3 * h - 1, gb)) if gr is not None}
+    return filled
+
+
+def _backward_cublas(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, cs1, cs2, gx, gw1, gb1, ga, gw2, gb2, kind,
+                     row_g=False):
+    dev = x.device
+    n, d, da, dt = wk.n, wk.d, wk.da, x.dtype
+    shared = wk.shared
+    filled = set()
+    ii = o.ignore_index
+    # dW = dZ^T (s X) over the valid rows: X scaled and masked once (N x D, cheap next to dZ). fp16: s X
+    # would fall into fp16's subnormals (s = 1/|V|), so X is only masked (and weighted per row for
+    # reduction="none"), the product is taken in fp32 and scaled before the cast
+    fp16 = dt == torch.float16
+    xs = as_ = None
+    if (dz1 is not None and gw1 is not None) or (shared and dz2 is not None and gw2 is not None):
+        xs = _buffer((n, d), dt, dev)
+        _scale(x, xs, y, g if (row_g or not fp16) else None, n_valid, mask_rows=True, mean=o.mean and not fp16,
+               ignore_index=ii, row_g=row_g)
+    if not shared and dz2 is not None and gw2 is not None:
+        as_ = _buffer((n, da), dt, dev)
+        _scale(a, as_, y, g if (row_g or not fp16) else None, n_valid, mask_rows=True, mean=o.mean and not fp16,
+               ignore_index=ii, row_g=row_g)
+    for dz, gw, feats, k in ((dz1, gw1, xs, 1), (dz2, gw2, xs if shared else as_, 4)):
+        if dz is None or gw is None:
+            continue
+        if fp16:
+            tmp = _buffer(gw.shape, F32, dev)
+            _mm(dz.t(), feats, tmp, kind=kind)
+            _scale(tmp, gw, y, None if row_g else g, n_valid, mask_rows=False, mean=o.mean, ignore_index=ii)
+        else:
+            _mm(dz.t(), feats, gw, kind=kind)
+        filled.add(k)
+    # dX = s (dZ1 W1 + dZ2 W2) in an fp32 accumulator (gx itself for fp32), scaled and cast once
+    pairs_x = ([(dz1, w1)] if dz1 is not None else []) + ([(dz2, w2)] if (shared and dz2 is not None) else [])
+    for grad, pairs, name in ((gx, pairs_x, 0), (ga, [(dz2, w2)] if dz2 is not None else [], 3)):
+        if grad is None or not pairs:
+            continue
+        acc = grad if wk.f32 else _buffer(grad.shape, F32, dev)
+        for i, (dz, w) in enumerate(pairs):
+            _mm(dz, w, acc, beta=int(i > 0), kind=kind)
+        _scale(acc, grad, y, g, n_valid, mask_rows=False, mean=o.mean, ignore_index=ii, row_g=row_g)
+        filled.add(name)
+    h1 = dz1 is not None and gb1 is not None
+    h2 = dz2 is not None and gb2 is not None
+    if o.none:  # reduction="none": db = dZ^T g (the forward made no column-sum partials)
+        gcol = _cast(g if row_g else g.expand(n), dt).reshape(n, 1)
+        for dz, gb, k in ((dz1, gb1, 2), (dz2, gb2, 5)):
+            if dz is not None and gb is not None:
+                _mm(dz.t(), gcol, gb.view(-1, 1), kind=kind)
+                filled.add(k)
+        return filled
+    if h1 or h2:
+        p = cs1.shape[0] if h1 else cs2.shape[0]
+        _colsum(cs1 if h1 else None, cs2 if h2 else None, gb1 if h1 else None, gb2 if h2 else None, p, wk.c,
+                g, n_valid, acc=False, heads=3 if (h1 and h2) else (1 if h1 else 2), mean=o.mean)
+        filled |= ({2} if h1 else set()) | ({5} if h2 else set())
+    return filled
+
