@@ -12,7 +12,7 @@ from .. import cost
 from . import _epilogue_kernels as E
 from ._launch import (_buffer, _colsum, _epilogue, _f32_placeholder, _launch, _mm, _opts, _scale, _teacher_block,
                       _teacher_kind, _zero)
-from ._plan import F32, _epi_config, _interpreted, _kind, _round16
+from ._plan import F32, _epi_config, _interpreted, _kind, _ld
 
 def _forward_chunked(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows, n_valid, needs, row_weight=None,
                      out_grads=None):
@@ -64,15 +64,17 @@ def _forward_chunked(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows, n_valid, nee
         return buf, r0, c0
 
     if rows_mode:
-        per = plan.rows * c
+        ldc = _ld(c)
+        per = plan.rows * ldc
         zbuf = _buffer((2 * per,), dt, dev)
         tbuf = _buffer((per,), te, dev)
         for r0 in range(0, n, plan.rows):
             rc = min(plan.rows, n - r0)
-            z1, z2 = zbuf[: rc * c].view(rc, c), zbuf[per: per + rc * c].view(rc, c)
+            z1 = zbuf[: rc * ldc].view(rc, ldc)[:, :c]
+            z2 = zbuf[per: per + rc * ldc].view(rc, ldc)[:, :c]
             _mm(x[r0:r0 + rc], w1.t(), z1, kind=kind)
             _mm(a_[r0:r0 + rc], w2.t(), z2, kind=kind)
-            tb_, tr0, tc0 = teacher(r0, rc, 0, c, tbuf[: rc * c].view(rc, c))
+            tb_, tr0, tc0 = teacher(r0, rc, 0, c, tbuf[: rc * ldc].view(rc, ldc)[:, :c])
             cs_on1, cs_on2 = bool(need_b1), bool(need_b2)
             br, bc, warps = _epi_config(plan.rows, c, cs_on1 or cs_on2, dev)
             p = triton.cdiv(rc, br)
@@ -99,10 +101,10 @@ def _forward_chunked(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows, n_valid, nee
                 _mm(z2, w2, acca[r0:r0 + rc], kind=kind)
         return [gx, gw1, gb1, ga, gw2, gb2, accx, acca, gb1_acc, gb2_acc]
 
-    slab_cols = _round16(plan.slab)
-    zbuf = _buffer((max(plan.rows * c * int(wk.main), n * slab_cols * int(wk.aux)),), dt, dev)
+    ldc, slab_cols = _ld(c), _ld(plan.slab)
+    zbuf = _buffer((max(plan.rows * ldc * int(wk.main), n * slab_cols * int(wk.aux)),), dt, dev)
     need_t = th is not None and (wk.aux or wk.t_main)
-    tbuf = _buffer((max(plan.rows * c * int(wk.t_main), n * slab_cols * int(wk.aux)),), te, dev) if need_t else None
+    tbuf = _buffer((max(plan.rows * ldc * int(wk.t_main), n * slab_cols * int(wk.aux)),), te, dev) if need_t else None
     x_acc_started = False
     if wk.aux:
         dxa = accx if wk.shared else acca  # where dz2 W2 goes
@@ -110,10 +112,10 @@ def _forward_chunked(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows, n_valid, nee
             sc = min(plan.slab, c - s0)
             # row stride rounded up to 16 elements: every slab, the last included, has aligned rows
             # (and the epilogue one specialization for all of them)
-            z2 = zbuf[: n * _round16(sc)].view(n, _round16(sc))[:, :sc]
+            z2 = zbuf[: n * _ld(sc)].view(n, _ld(sc))[:, :sc]
             _mm(a_, w2[s0:s0 + sc].t(), z2, kind=kind)
             tb_, tr0, tc0 = teacher(0, n, s0, sc, None if tbuf is None else
-                                    tbuf[: n * _round16(sc)].view(n, _round16(sc))[:, :sc])
+                                    tbuf[: n * _ld(sc)].view(n, _ld(sc))[:, :sc])
             colsum2 = bool(need_b2)
             br, bc, warps = _epi_config(n, plan.slab, colsum2, dev)  # one config for every slab
             cs2 = _buffer((triton.cdiv(n, br), sc), F32, dev) if colsum2 else None
@@ -133,9 +135,9 @@ def _forward_chunked(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows, n_valid, nee
     if wk.main:
         for r0 in range(0, n, plan.rows):
             rc = min(plan.rows, n - r0)
-            z1 = zbuf[: rc * c].view(rc, c)
+            z1 = zbuf[: rc * ldc].view(rc, ldc)[:, :c]
             _mm(x[r0:r0 + rc], w1.t(), z1, kind=kind)
-            tb_, tr0, tc0 = (teacher(r0, rc, 0, c, tbuf[: rc * c].view(rc, c)) if (need_t and wk.t_main)
+            tb_, tr0, tc0 = (teacher(r0, rc, 0, c, tbuf[: rc * ldc].view(rc, ldc)[:, :c]) if (need_t and wk.t_main)
                              else (t if th is None else _f32_placeholder(dev).view(1, 0), 0, 0))
             colsum1 = bool(need_b1)
             br, bc, warps = _epi_config(plan.rows, c, colsum1, dev)  # one config for every chunk

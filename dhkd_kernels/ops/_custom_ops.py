@@ -13,7 +13,7 @@ from torch import Tensor
 from .. import cost
 from ._chunked_cublas import _finish_chunked, _forward_chunked, _scale_grads
 from ._launch import _buffer, _empty, _finalize
-from ._plan import F32, _epi_config, _opts_from, _Opts, _work, plan_from_list
+from ._plan import F32, _epi_config, _ld, _opts_from, _Opts, _work, plan_from_list
 from ._resident import _backward, _forward_resident, _grad_output, _row_weights
 
 # ----------------------------------------------------------------------------- forward
@@ -136,8 +136,8 @@ def _fwd_fake(x, w1, b1, a, w2, b2, t, y, tf, tw, tb, ce_weight, kd_weight, logi
         colsum1 = plan.engine == "cublas" and wk.need[2] and not o.none
         colsum2 = plan.engine == "cublas" and wk.need[5] and not o.none
         p = triton.cdiv(n, _epi_config(n, c, colsum1 or colsum2, x.device)[0])
-        state = [x.new_empty((n, c)) if wk.g_main else e.clone(),
-                 x.new_empty((n, c)) if wk.g_aux else e.clone(),
+        state = [x.new_empty_strided((n, c), (_ld(c), 1)) if wk.g_main else e.clone(),
+                 x.new_empty_strided((n, c), (_ld(c), 1)) if wk.g_aux else e.clone(),
                  x.new_empty((p, c), dtype=F32) if colsum1 else e.clone(),
                  x.new_empty((p, c), dtype=F32) if colsum2 else e.clone(), e.clone(), e.clone()]
     else:

@@ -182,7 +182,9 @@ def epilogue_kernel(
             cmask = cols < W
             gcols = col0 + cols
             m2d = valid[:, None] & cmask[None, :]
-            z = tl.load(z1_ptr + lrows[:, None] * stride_z1 + cols[None, :], mask=m2d, other=0.0).to(tl.float32)
+            # loads masked by the buffer's padded width (a multiple of 16: 128-bit loads), values by W
+            z = tl.load(z1_ptr + lrows[:, None] * stride_z1 + cols[None, :],
+                        mask=valid[:, None] & (cols < stride_z1)[None, :], other=0.0).to(tl.float32)
             if HAS_B1:
                 z += tl.load(b1_ptr + gcols, mask=cmask, other=0.0).to(tl.float32)[None, :]
             z = tl.where(m2d, z, 0.0)
@@ -230,19 +232,26 @@ def epilogue_kernel(
 
     # -------------------------------------------------------------------- pass 2: dz1, logit loss, dz2
     lg = tl.zeros((BLOCK_R,), tl.float32)
+    # dz is written over the buffer's whole padded width (zeros past W): the Triton GEMMs read dz
+    # without a class mask, and the stores are 128-bit
+    w_out = W
+    if GRAD_MAIN:
+        w_out = stride_z1
+    elif GRAD_AUX:
+        w_out = stride_z2
     if GRAD_MAIN or AUX:
-        for c0 in range(0, W, BLOCK_C):
+        for c0 in range(0, w_out, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
             cmask = cols < W
             gcols = col0 + cols
             m2d = valid[:, None] & cmask[None, :]
-            out2d = rmask[:, None] & cmask[None, :]
+            out2d = rmask[:, None] & (cols < w_out)[None, :]
             if GRAD_KD or AUX:
                 t = tl.load(t_ptr + t_rows + (gcols - t_col0)[None, :] * stride_tc,
                             mask=m2d, other=0.0).to(tl.float32)
             if GRAD_MAIN:
                 zp = z1_ptr + lrows[:, None] * stride_z1 + cols[None, :]
-                z = tl.load(zp, mask=m2d, other=0.0).to(tl.float32)
+                z = tl.load(zp, mask=valid[:, None] & (cols < stride_z1)[None, :], other=0.0).to(tl.float32)
                 if HAS_B1:
                     z += tl.load(b1_ptr + gcols, mask=cmask, other=0.0).to(tl.float32)[None, :]
                 g = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
@@ -257,10 +266,10 @@ def epilogue_kernel(
                 g = tl.where(m2d, g, 0.0) * row_nan[:, None]
                 _store_rounded(zp, g, out2d, INTERP_BF16)
                 if COLSUM1:
-                    tl.store(cs1_ptr + pid * W + cols, tl.sum(tl.where(out2d, g, 0.0), 0), mask=cmask)
+                    tl.store(cs1_ptr + pid * W + cols, tl.sum(tl.where(m2d, g, 0.0), 0), mask=cmask)
             if AUX:
                 zp2 = z2_ptr + lrows[:, None] * stride_z2 + cols[None, :]
-                z2 = tl.load(zp2, mask=m2d, other=0.0).to(tl.float32)
+                z2 = tl.load(zp2, mask=valid[:, None] & (cols < stride_z2)[None, :], other=0.0).to(tl.float32)
                 if HAS_B2:
                     z2 += tl.load(b2_ptr + gcols, mask=cmask, other=0.0).to(tl.float32)[None, :]
                 live = m2d & (t != neg_inf)  # -inf teacher: a masked class
@@ -283,7 +292,7 @@ def epilogue_kernel(
                     g2 = tl.where(live, g2, 0.0) * row_nan[:, None]
                     _store_rounded(zp2, g2, out2d, INTERP_BF16)
                     if COLSUM2:
-                        tl.store(cs2_ptr + pid * W + cols, tl.sum(tl.where(out2d, g2, 0.0), 0), mask=cmask)
+                        tl.store(cs2_ptr + pid * W + cols, tl.sum(tl.where(m2d, g2, 0.0), 0), mask=cmask)
 
     # ------------------------------------------------------------------------------ per-row terms
     # row indices and labels re-derived here rather than held across the loops (shorter live ranges)

@@ -112,11 +112,13 @@ def logits_kernel(
         if AUX:
             acc2 = _head_dot(acc2, a_ptr, w2_ptr, DA, stride_an, stride_ad, stride_w2c, stride_w2d, rows, cols,
                              rmask, cmask, offs_k, DOT_PRECISION, INTERP_BF16, BLOCK_K)
-    omask = rmask[:, None] & cmask[None, :]
+    # the classes past C are zeros (W masked to 0) in the buffers' padding: 128-bit stores
     if MAIN:
-        _store_rounded(z1_ptr + rows[:, None] * stride_z1 + cols[None, :], acc1, omask, INTERP_BF16)
+        _store_rounded(z1_ptr + rows[:, None] * stride_z1 + cols[None, :], acc1,
+                       rmask[:, None] & (cols < stride_z1)[None, :], INTERP_BF16)
     if AUX:
-        _store_rounded(z2_ptr + rows[:, None] * stride_z2 + cols[None, :], acc2, omask, INTERP_BF16)
+        _store_rounded(z2_ptr + rows[:, None] * stride_z2 + cols[None, :], acc2,
+                       rmask[:, None] & (cols < stride_z2)[None, :], INTERP_BF16)
 
 
 @triton.jit
@@ -125,25 +127,25 @@ def _dx_tile(pid, dz_ptr, w_ptr, dz2_ptr, w2_ptr, out_ptr, g_ptr, nvalid_ptr, M,
              SUM2: tl.constexpr, HAS_G: tl.constexpr,
              DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """One (BLOCK_M, BLOCK_P) tile of out = s (dz w [+ dz2 w2])."""
+    """One (BLOCK_M, BLOCK_P) tile of out = s (dz w [+ dz2 w2]). The K loop runs over dz's padded width
+    (its row stride, a multiple of BLOCK_K whose columns past K the epilogue zeroed): the dz tiles need
+    no class mask, so they load as aligned 128-bit vectors and pipeline like the W tiles."""
     live, rm, rp, mmask, pmask = _tile(pid, M, P, P_MAX, BLOCK_M, BLOCK_P, GROUP_M)
     if live:
         offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
         acc = tl.zeros((BLOCK_M, BLOCK_P), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(0, stride_dz, BLOCK_K):
             kk = k0 + offs_k
             kmask = kk < K
-            at = tl.load(dz_ptr + rm[:, None] * stride_dz + kk[None, :], mask=mmask[:, None] & kmask[None, :],
-                         other=0.0)
+            at = tl.load(dz_ptr + rm[:, None] * stride_dz + kk[None, :], mask=mmask[:, None], other=0.0)
             bt = tl.load(w_ptr + kk[:, None] * stride_wk + rp[None, :] * stride_wp,
                          mask=kmask[:, None] & pmask[None, :], other=0.0)
             acc = _dot(acc, at, bt, DOT_PRECISION, INTERP_BF16)
         if SUM2:
-            for k0 in range(0, K, BLOCK_K):
+            for k0 in range(0, stride_dz2, BLOCK_K):
                 kk = k0 + offs_k
                 kmask = kk < K
-                at = tl.load(dz2_ptr + rm[:, None] * stride_dz2 + kk[None, :],
-                             mask=mmask[:, None] & kmask[None, :], other=0.0)
+                at = tl.load(dz2_ptr + rm[:, None] * stride_dz2 + kk[None, :], mask=mmask[:, None], other=0.0)
                 bt = tl.load(w2_ptr + kk[:, None] * stride_w2k + rp[None, :] * stride_w2p,
                              mask=kmask[:, None] & pmask[None, :], other=0.0)
                 acc = _dot(acc, at, bt, DOT_PRECISION, INTERP_BF16)
@@ -202,8 +204,10 @@ def _dw_tile(pid, dz_ptr, x_ptr, y_ptr, ow_ptr, ob_ptr, g_ptr, nvalid_ptr, K, M,
             kk = k0 + offs_k
             yk = tl.load(y_ptr + kk, mask=kk < K, other=ignore_index).to(tl.int64)
             vk = (kk < K) & (yk != ignore_index)
-            at = tl.load(dz_ptr + kk[None, :] * stride_dz + rm[:, None], mask=mmask[:, None] & vk[None, :],
-                         other=0.0)
+            # classes masked by dz's padded width (a multiple of 16: aligned vector loads); the rows past
+            # M are never stored
+            at = tl.load(dz_ptr + kk[None, :] * stride_dz + rm[:, None],
+                         mask=(rm < stride_dz)[:, None] & vk[None, :], other=0.0)
             bt = tl.load(x_ptr + kk[:, None] * stride_xk + rp[None, :] * stride_xp,
                          mask=vk[:, None] & pmask[None, :], other=0.0)
             if ROW_G:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .. import cost
 from . import _epilogue_kernels as E
-from ._plan import F32, _interpreted, _kind
+from ._plan import F32, _interpreted, _kind, _ld
 
 _POISON = os.environ.get("DHKD_DEBUG_POISON", "0") == "1"
 _HAS_MM_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")
@@ -30,6 +30,11 @@ def _buffer(shape, dtype, device) -> Tensor:
     if _POISON and device.type != "meta":
         return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _logits_buffer(n: int, c: int, dtype, device) -> Tensor:
+    """An (n, c) logits/dz buffer with row stride ``_ld(c)`` (the padding columns belong to it)."""
+    return _buffer((n, _ld(c)), dtype, device)[:, :c]
 
 
 def _f32_placeholder(device) -> Tensor:

@@ -85,8 +85,12 @@ def _kind(dtype: torch.dtype, tf32: bool) -> str:
     return "bf16" if dtype == torch.bfloat16 else "fp16"
 
 
-def _round16(v: int) -> int:
-    return -(-v // 16) * 16
+LD_ALIGN = 64  # the logits/dz buffers' row stride, in elements: aligned for cuBLAS, TMA and 128-bit loads
+
+
+def _ld(c: int) -> int:
+    """Row stride of a logits/dz buffer of ``c`` classes: c rounded up to a multiple of ``LD_ALIGN``."""
+    return -(-c // LD_ALIGN) * LD_ALIGN
 
 
 def _pow2(v: int, lo: int, hi: int) -> int:
@@ -193,7 +197,7 @@ def _epi_config(r: int, w: int, colsum: bool, device) -> Tuple[int, int, int]:
 def _resident_bytes(wk: Work, engine: str, device) -> int:
     n, c, d, da, e = wk.n, wk.c, wk.d, wk.da, wk.elem
     need_x, need_w1, need_b1, need_a, need_w2, need_b2 = wk.need
-    total = n * c * e * (int(wk.main) + int(wk.aux)) + 5 * n * 4 + n * c * wk.t_elem * int(wk.teacher_product)
+    total = n * _ld(c) * (e * (int(wk.main) + int(wk.aux)) + wk.t_elem * int(wk.teacher_product)) + 5 * n * 4
     if engine == "cublas" and wk.grad:
         br = _epi_config(n, c, True, device)[0]
         parts = 0 if wk.none else triton.cdiv(n, br) * c * 4  # reduction="none": dZ^T g instead
@@ -242,16 +246,16 @@ def make_plan(wk: Work, device: torch.device) -> Plan:
     if rows_mode:
         # the main head needs the teacher too: both heads in row chunks, so that the teacher's product
         # runs once (dW2 then accumulates over chunks like dW1)
-        per_row = c * (2 * e + te)
+        per_row = _ld(c) * (2 * e + te)
         rows = min(n, max(granule_r, room // per_row // granule_r * granule_r))
         return Plan("cublas", False, rows, c, fixed + rows * per_row, mode="rows")
     # class slabs of the aux head: its logits and (teacher head) the teacher's block, n x slab each
     per_col = n * (e + te * int(th))
     slab = min(c, max(granule_c, room // max(per_col, 1) // granule_c * granule_c)) if wk.aux else c
-    slab_z = n * _round16(slab) * e * int(wk.aux)
-    slab_t = n * _round16(slab) * te * int(th and wk.aux)
+    slab_z = n * _ld(slab) * e * int(wk.aux)
+    slab_t = n * _ld(slab) * te * int(th and wk.aux)
     # row chunks of the main head share the logits buffer; a teacher block only with the aux head off
-    per_row_z, per_row_t = c * e, c * te * int(th and wk.t_main)
+    per_row_z, per_row_t = _ld(c) * e, _ld(c) * te * int(th and wk.t_main)
     if wk.main:
         # the buffers are allocated once: the rows must fit beside the slab phase's teacher buffer
         room_rows = max(room - max(slab_t, 0), 0) if not wk.t_main else room

@@ -9,8 +9,8 @@ from torch import Tensor
 from .. import cost
 from . import _gemm_kernels as G
 from ._launch import (_buffer, _cast, _colsum, _dot_precision, _empty, _epilogue, _f32_placeholder, _interp_bf16,
-                      _launch, _mm, _opts, _scale, _teacher_block, _teacher_kind, _zero)
-from ._plan import F32, Plan, _epi_config, _interpreted, _kind, _Opts, _sm_count, _work
+                      _launch, _logits_buffer, _mm, _opts, _scale, _teacher_block, _teacher_kind, _zero)
+from ._plan import F32, Plan, _epi_config, _interpreted, _kind, _ld, _Opts, _sm_count, _work
 
 def _forward_resident(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows):
     dev = x.device
@@ -21,13 +21,13 @@ def _forward_resident(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows):
         return [None] * 6
     if isinstance(t, (tuple, list)):
         if wk.teacher_product:
-            tbuf = _buffer((n, c), t[0].dtype, dev)
+            tbuf = _logits_buffer(n, c, t[0].dtype, dev)
             _teacher_block(t, 0, n, 0, c, tbuf, _teacher_kind(t, o.tf32))
             t = tbuf
         else:
             t = _f32_placeholder(dev).view(1, 0)
-    z1 = _buffer((n, c), dt, dev) if wk.main else None
-    z2 = _buffer((n, c), dt, dev) if wk.aux else None
+    z1 = _logits_buffer(n, c, dt, dev) if wk.main else None
+    z2 = _logits_buffer(n, c, dt, dev) if wk.aux else None
     if plan.engine == "triton":
         interp = _interpreted(dev)
         bm, bn, bk = (16, 16, 16) if interp else (64, 128, 64 if wk.elem <= 2 else 32)
@@ -39,7 +39,7 @@ def _forward_resident(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows):
                 x, w1, a_, w2, z1 if z1 is not None else z2, z2 if z2 is not None else z1,
                 n, c, wk.d, wk.da,
                 x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), a_.stride(0), a_.stride(1),
-                w2.stride(0), w2.stride(1), c, c,
+                w2.stride(0), w2.stride(1), _ld(c), _ld(c),
                 name="logits_kernel", engine="triton-gemm", flops=flops, nbytes=nbytes, kind=kind,
                 MAIN=wk.main, AUX=wk.aux, SHARED=wk.shared, DOT_PRECISION=_dot_precision(dt, o.tf32),
                 INTERP_BF16=_interp_bf16(dt, dev), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
