@@ -21,8 +21,10 @@ of the (N, C) problem, stored with row strides ``stride_z1`` / ``stride_z2``.
         written over z2. dz carries no grad_output and no 1/|V| (the products apply them), except the per-row
         weights of ROW_W (the chunked plan's recompute for a per-row grad_output).
     Per row it writes ce, kd, the logit-loss sum (added to the previous value with acc_logit, for class
-    slabs) and correct into ``rows`` (4, N); with COLSUM1/COLSUM2 the column sums of dz1/dz2 over its
-    rows into ``cs`` (programs, W), reduced by ``colsum_kernel`` into the bias gradients.
+    slabs) and correct into ``rows`` (4, N). dz is written over the buffer's padded width (row stride,
+    a multiple of 64), zeros past W; loads of z are masked by that width, 128-bit vectors. The bias
+    gradients are not summed here (no per-program partials to bound the grid): the cuBLAS plans take
+    them as one product dZ^T 1, the Triton GEMM plan inside ``dw_kernel``.
     Rows not in V read as zeros (garbage, NaN included, in ignored rows never reaches a result) and get
     zero terms and gradients; a row of V whose label is outside [0, C) gets NaN terms and NaN dz.
     A teacher logit of -inf is a class masked out for that row: probability 0 in KD (0 log 0 = 0) and
@@ -33,8 +35,8 @@ of the (N, C) problem, stored with row strides ``stride_z1`` / ``stride_z2``.
 ``finalize_kernel``  one program: reduces ``rows`` over the valid rows in a fixed order into loss,
     terms (3,), correct and n_valid; with per_row also the (N,) weighted per-row losses.
 
-``colsum_kernel``  grid (cdiv(W, BLOCK), heads): sums the programs' column-sum partials in a fixed
-    order; out (+)= scale * sum (scale = grad_output / max(|V|, 1) as device scalars).
+``bias_kernel``  grid (cdiv(W, BLOCK), heads): out = scale * sum for the fp32 column sums of dz of one or
+    both heads (scale = grad_output / max(|V|, 1) as device scalars), cast to the bias dtype.
 
 ``scale_kernel``  grid (cdiv(M, BLOCK_M), cdiv(P, BLOCK_P)): out = scale * in (any strides, dtype cast),
     optionally zeroing the rows not in V (the masked, pre-scaled features of the dW products).
@@ -54,29 +56,63 @@ LN2 = tl.constexpr(0.6931471805599453)
 NROW_TERMS = 4  # rows (4, N): ce, kd, logit, correct
 
 
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
 @triton.jit
-def _sigmoid(v):
+def _exp(x, FAST: tl.constexpr):
+    """e^x. FAST (compiled code): one MUFU.EX2 of x log2(e) with flush-to-zero (results below 2^-126
+    become 0; the non-ftz form adds a subnormal fix-up of three instructions per call)."""
+    if FAST:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x * LOG2E], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
+def _log(x, FAST: tl.constexpr):
+    """log x. FAST: MUFU.LG2 (absolute error below 2^-22 on [0.5, 2]) times log 2, for arguments in
+    [1, 2] whose log is added to a larger term; otherwise libdevice's logf."""
+    if FAST:
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1) * LN2
+    else:
+        return tl.log(x)
+
+
+@triton.jit
+def _rcp(x, FAST: tl.constexpr):
+    """1 / x. FAST: MUFU.RCP without the IEEE division's range fix-ups (arguments in [1, 2] here)."""
+    if FAST:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return 1.0 / x
+
+
+@triton.jit
+def _sigmoid(v, FAST: tl.constexpr = False):
     """sig(v) without overflow: exp of a non-positive argument only."""
-    e = tl.exp(-tl.abs(v))
-    return tl.where(v >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    e = _exp(-tl.abs(v), FAST)
+    return tl.where(v >= 0, 1.0, e) * _rcp(1.0 + e, FAST)
 
 
 @triton.jit
-def _log_cosh(u):
-    """log cosh(u) for u >= 0 with small relative error everywhere: u + log(1 + e^-2u) - log 2 cancels
-    against log 2 near 0, so below 0.4 the Taylor series to u^10 is used (truncation < 4e-7 relative)."""
+def _log_cosh_e(u, e, FAST: tl.constexpr):
+    """log cosh(u) given e = e^-2u (shared with tanh)."""
     u2 = u * u
     series = u2 * (0.5 + u2 * (-1.0 / 12.0 + u2 * (1.0 / 45.0 + u2 * (-17.0 / 2520.0 + u2 * (31.0 / 14175.0)))))
-    return tl.where(u < 0.4, series, u + tl.log(1.0 + tl.exp(-2.0 * u)) - LN2)
+    return tl.where(u < 0.4, series, u + _log(1.0 + e, FAST) - LN2)
 
 
 @triton.jit
-def _tanh_abs(u):
-    """tanh(u) for u >= 0: (1 - e^-2u) / (1 + e^-2u), and its series below 0.1 where 1 - e^-2u cancels."""
-    e = tl.exp(-2.0 * u)
+def _tanh_abs_e(u, e, FAST: tl.constexpr):
+    """tanh(u) for u >= 0 given e = e^-2u: (1 - e) / (1 + e), and its series below 0.1 where 1 - e
+    cancels."""
     u2 = u * u
     series = u * (1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0 + u2 * (-17.0 / 315.0))))
-    return tl.where(u < 0.1, series, (1.0 - e) / (1.0 + e))
+    return tl.where(u < 0.1, series, (1.0 - e) * _rcp(1.0 + e, FAST))
 
 
 @triton.jit
@@ -110,6 +146,15 @@ def _binary_kl(zs, ts):
 
 
 @triton.jit
+def _row_bcast_load(ptrs, mask, BLOCK_R: tl.constexpr):
+    """A (BLOCK_C,) vector (a bias tile) loaded as a (BLOCK_R, BLOCK_C) fp32 tile, the same in every row:
+    one (L1-cached) vector load per row in the tile's own layout, instead of a 1-D load whose layout
+    conversion goes through shared memory with a barrier at every iteration of the class loop."""
+    rows0 = tl.zeros((BLOCK_R, 1), tl.int32)
+    return tl.load(ptrs[None, :] + rows0, mask=mask[None, :] & (rows0 == 0), other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _rtne_bf16(v):
     """fp32 -> fp32 holding the round-to-nearest-even bf16 value (interpreter only, see module doc)."""
     bits = v.to(tl.uint32, bitcast=True)
@@ -124,24 +169,33 @@ def _store_rounded(ptrs, v, mask, INTERP_BF16: tl.constexpr):
     tl.store(ptrs, v.to(ptrs.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["R", "W", "acc_logit"])
+@triton.jit(do_not_specialize=["R", "W_VEC", "acc_logit"])
 def epilogue_kernel(
     # pointers: stored logits of the block (read, then overwritten with dz); teacher (N, C) or its block
     # (row/column offsets t_row0/t_col0 subtracted); labels (N,); biases (C,) (any float dtype); rows (4, N)
-    # fp32 per-row terms; cs1/cs2 (programs, W) fp32 partials; w (N,) per-row weights of dz (ROW_W)
-    z1_ptr, z2_ptr, t_ptr, y_ptr, b1_ptr, b2_ptr, rows_ptr, cs1_ptr, cs2_ptr, w_ptr,
-    # sizes: N rows and C classes of the problem; the block is rows [row0, row0 + R), classes [col0, col0 + W)
-    N, C, R, W, row0, col0,
-    # strides, in elements; the teacher block starts at row t_row0, column t_col0 of the problem
-    stride_z1, stride_z2, stride_tn, stride_tc, t_row0, t_col0,
+    # fp32 per-row terms; w (N,) per-row weights of dz (ROW_W)
+    z1_ptr, z2_ptr, t_ptr, y_ptr, b1_ptr, b2_ptr, rows_ptr, w_ptr,
+    # sizes: N rows and C classes of the problem; the block is rows [row0, row0 + R), classes
+    # [col0, col0 + W) with W = W_VEC * VEC (VEC divides W and the teacher's row stride: vector loads)
+    N, C, R, W_VEC, row0, col0,
+    # strides, in elements (the teacher's row stride is stride_tn_vec * VEC); the teacher block starts at
+    # row t_row0, column t_col0 of the problem
+    stride_z1, stride_z2, stride_tn_vec, stride_tc, t_row0, t_col0,
     # scalars: term weights and temperatures (kd_w_t = kd_w T); eps: label smoothing of CE;
     # acc_logit: add to the previous logit sums
     ce_w, kd_w_t, inv_kd_t, kd_t2, lg_w, inv_tau, tau2, eps, ignore_index, acc_logit,
     # meta-parameters: which terms (stats) and which gradients
     MAIN: tl.constexpr, KD_STATS: tl.constexpr, AUX: tl.constexpr, GRAD_CE: tl.constexpr,
     GRAD_KD: tl.constexpr, GRAD_AUX: tl.constexpr, KL_NORM: tl.constexpr, HAS_B1: tl.constexpr,
-    HAS_B2: tl.constexpr, COLSUM1: tl.constexpr, COLSUM2: tl.constexpr, ROW_W: tl.constexpr, INTERP_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_B2: tl.constexpr, ROW_W: tl.constexpr, SMOOTH: tl.constexpr, INTERP_BF16: tl.constexpr,
+    VEC: tl.constexpr, FAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    # Bytes per logit: z1 read twice and dz1 written once, the teacher read once per pass that needs it,
+    # z2 read and dz2 written once; no tensor-core work. Every row statistic is kept per lane (per
+    # (row, column-in-tile) element) across the class loop and reduced across the tile once, after
+    # it: no cross-warp reduction inside the loops.
+    W = W_VEC * VEC
+    stride_tn = stride_tn_vec * VEC
     pid = tl.program_id(0).to(tl.int64)
     lrows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     rmask = lrows < R
@@ -154,9 +208,11 @@ def epilogue_kernel(
     if ROW_W:
         row_nan = row_nan * tl.load(w_ptr + grows, mask=rmask, other=0.0).to(tl.float32)
     t_rows = (grows - t_row0)[:, None] * stride_tn
+    y32 = tl.where(valid & (~bad), y, -1).to(tl.int32)  # class ids fit in int32: cheaper compares
     neg_inf = float("-inf")
     nan = float("nan")
     GRAD_MAIN: tl.constexpr = GRAD_CE or GRAD_KD
+    offs = tl.arange(0, BLOCK_C)
 
     m1 = tl.full((BLOCK_R,), -1.0e30, tl.float32)
     log_s1 = tl.zeros((BLOCK_R,), tl.float32)
@@ -169,71 +225,86 @@ def epilogue_kernel(
     correct = tl.zeros((BLOCK_R,), tl.float32)
     if MAIN:
         # ---------------------------------------------------------------- pass 1: row statistics of z1
-        s1 = tl.zeros((BLOCK_R,), tl.float32)
-        s1n = tl.zeros((BLOCK_R,), tl.float32)
-        s1t = tl.zeros((BLOCK_R,), tl.float32)
-        zy = tl.zeros((BLOCK_R,), tl.float32)
-        zsum = tl.zeros((BLOCK_R,), tl.float32)
-        amax = tl.zeros((BLOCK_R,), tl.int64)
-        st = tl.zeros((BLOCK_R,), tl.float32)
-        kacc = tl.zeros((BLOCK_R,), tl.float32)
+        # (the main head's block is whole rows: col0 = 0, W = C). Per lane: max m, s = sum exp(z - m),
+        # sn = the same without the target, st1 = sum exp((z - m)/T), the first arg-max; teacher: max mt,
+        # st = sum exp(t/T - mt), K = sum exp(t/T - mt) ((t/T - mt) - (z - m)/T), re-anchored whenever a
+        # max moves
+        m_l = tl.full((BLOCK_R, BLOCK_C), -1.0e30, tl.float32)
+        s_l = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+        sn_l = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+        a_l = tl.zeros((BLOCK_R, BLOCK_C), tl.int32)
+        zs_l = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+        s1t_l = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+        mt_l = tl.full((BLOCK_R, BLOCK_C), -1.0e30, tl.float32)
+        st_l = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+        k_l = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
         for c0 in range(0, W, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+            cols = c0 + offs
             cmask = cols < W
-            gcols = col0 + cols
             m2d = valid[:, None] & cmask[None, :]
             # loads masked by the buffer's padded width (a multiple of 16: 128-bit loads), values by W
             z = tl.load(z1_ptr + lrows[:, None] * stride_z1 + cols[None, :],
                         mask=valid[:, None] & (cols < stride_z1)[None, :], other=0.0).to(tl.float32)
             if HAS_B1:
-                z += tl.load(b1_ptr + gcols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+                z += _row_bcast_load(b1_ptr + cols, cmask, BLOCK_R)
             z = tl.where(m2d, z, 0.0)
             zm = tl.where(cmask[None, :], z, neg_inf)
-            tmax = tl.max(zm, 1)
-            m_new = tl.maximum(m1, tmax)
-            tidx = tl.min(tl.where(zm == tmax[:, None], gcols[None, :], 2**62), 1)
-            amax = tl.where(tmax > m1, tidx, amax)
-            alpha = tl.exp(m1 - m_new)
-            e1 = tl.exp(zm - m_new[:, None])
-            is_y = gcols[None, :] == y[:, None]
-            s1 = s1 * alpha + tl.sum(e1, 1)
-            s1n = s1n * alpha + tl.sum(tl.where(is_y, 0.0, e1), 1)
-            zy += tl.sum(tl.where(is_y, z, 0.0), 1)
-            zsum += tl.sum(z, 1)  # for label smoothing (eps = 0 adds exact zeros)
+            m_new = tl.maximum(m_l, zm)
+            a_l = tl.where(zm > m_l, cols[None, :], a_l)
+            alpha = _exp(m_l - m_new, FAST)
+            e1 = _exp(zm - m_new, FAST)
+            s_l = s_l * alpha + e1
+            sn_l = sn_l * alpha + tl.where(cols[None, :] == y32[:, None], 0.0, e1)
+            if SMOOTH:
+                zs_l += z
             if KD_STATS:
-                s1t = s1t * tl.exp((m1 - m_new) * inv_kd_t) + tl.sum(tl.exp((zm - m_new[:, None]) * inv_kd_t), 1)
-                t = tl.load(t_ptr + t_rows + (gcols - t_col0)[None, :] * stride_tc,
+                s1t_l = s1t_l * _exp((m_l - m_new) * inv_kd_t, FAST) + _exp((zm - m_new) * inv_kd_t, FAST)
+                t = tl.load(t_ptr + t_rows + (cols - t_col0)[None, :] * stride_tc,
                             mask=m2d, other=0.0).to(tl.float32)
                 tt = tl.where(cmask[None, :], t * inv_kd_t, neg_inf)
-                mt_new = tl.maximum(mt, tl.max(tt, 1))
-                alpha_t = tl.exp(mt - mt_new)
-                # re-anchor K at the new maxima: K <- a (K + st ((ms' - ms) - (mt' - mt)))
-                shift = (m_new - m1) * inv_kd_t - (mt_new - mt)
-                kacc = alpha_t * (kacc + tl.where(st > 0, st * shift, 0.0))
-                st = st * alpha_t
-                e = tl.exp(tt - mt_new[:, None])
-                st += tl.sum(e, 1)
-                gap = (tt - mt_new[:, None]) - (z - m_new[:, None]) * inv_kd_t
-                kacc += tl.sum(tl.where(e > 0, e * gap, 0.0), 1)
-                mt = mt_new
-            m1 = m_new
+                mt_new = tl.maximum(mt_l, tt)
+                alpha_t = _exp(mt_l - mt_new, FAST)
+                shift = (m_new - m_l) * inv_kd_t - (mt_new - mt_l)
+                k_l = alpha_t * (k_l + tl.where(st_l > 0, st_l * shift, 0.0))
+                st_l = st_l * alpha_t
+                e = _exp(tt - mt_new, FAST)
+                st_l += e
+                k_l += tl.where(e > 0, e * ((tt - mt_new) - (z - m_new) * inv_kd_t), 0.0)
+                mt_l = mt_new
+            m_l = m_new
+        # the lanes reduced once: anchors moved to the row maxima
+        m1 = tl.max(m_l, 1)
+        sc = _exp(m_l - m1[:, None], FAST)
+        s1 = tl.sum(s_l * sc, 1)
+        s1n = tl.sum(sn_l * sc, 1)
+        amax = tl.min(tl.where(m_l == m1[:, None], a_l, 2**30), 1).to(tl.int64)
+        ok = valid & (~bad)
+        zy = tl.load(z1_ptr + lrows * stride_z1 + tl.where(ok, y, 0), mask=ok, other=0.0).to(tl.float32)
+        if HAS_B1:
+            zy += tl.load(b1_ptr + tl.where(ok, y, 0), mask=ok, other=0.0).to(tl.float32)
         # confident row (the target is the max and s1 = 1 + s1n with s1n small): log1p by its series,
         # since log(1 + x) rounds x to the fp32 spacing of 1
         log_s1 = tl.where((zy == m1) & (s1n < 1e-3), s1n * (1.0 - s1n * (0.5 - s1n * (1.0 / 3.0))), tl.log(s1))
         q = s1n / s1
         ce = (m1 - zy) + log_s1
-        # label smoothing: (1 - eps) CE + eps mean_c (-log p_c) = CE - eps (mean_c z_c - z_y)
-        ce = ce - eps * (zsum / C - zy)
+        if SMOOTH:
+            # label smoothing: (1 - eps) CE + eps mean_c (-log p_c) = CE - eps (mean_c z_c - z_y)
+            ce = ce - eps * (tl.sum(zs_l, 1) / C - zy)
         correct = tl.where(amax == y, 1.0, 0.0)
         if KD_STATS:
-            log_s1t = tl.log(s1t)
+            log_s1t = tl.log(tl.sum(s1t_l * _exp((m_l - m1[:, None]) * inv_kd_t, FAST), 1))
+            mt = tl.max(mt_l, 1)
+            at = _exp(mt_l - mt[:, None], FAST)
+            st = tl.sum(st_l * at, 1)
+            shift = (m1[:, None] - m_l) * inv_kd_t - (mt[:, None] - mt_l)
+            kacc = tl.sum(at * (k_l + tl.where(st_l > 0, st_l * shift, 0.0)), 1)
             log_st = tl.log(st)
             kd = kd_t2 * (kacc / st - log_st + log_s1t)
 
     # -------------------------------------------------------------------- pass 2: dz1, logit loss, dz2
-    lg = tl.zeros((BLOCK_R,), tl.float32)
     # dz is written over the buffer's whole padded width (zeros past W): the Triton GEMMs read dz
     # without a class mask, and the stores are 128-bit
+    lg_l = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
     w_out = W
     if GRAD_MAIN:
         w_out = stride_z1
@@ -241,7 +312,7 @@ def epilogue_kernel(
         w_out = stride_z2
     if GRAD_MAIN or AUX:
         for c0 in range(0, w_out, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+            cols = c0 + offs
             cmask = cols < W
             gcols = col0 + cols
             m2d = valid[:, None] & cmask[None, :]
@@ -253,46 +324,47 @@ def epilogue_kernel(
                 zp = z1_ptr + lrows[:, None] * stride_z1 + cols[None, :]
                 z = tl.load(zp, mask=valid[:, None] & (cols < stride_z1)[None, :], other=0.0).to(tl.float32)
                 if HAS_B1:
-                    z += tl.load(b1_ptr + gcols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+                    z += _row_bcast_load(b1_ptr + gcols, cmask, BLOCK_R)
                 g = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
                 if GRAD_CE:
-                    p1 = tl.exp((z - m1[:, None]) - log_s1[:, None])
+                    p1 = _exp((z - m1[:, None]) - log_s1[:, None], FAST)
                     # p - (1 - eps) onehot - eps/C; the target column -(1 - p_y) + eps - eps/C
-                    gce = tl.where(gcols[None, :] == y[:, None], eps - q[:, None], p1) - eps / C
+                    gce = tl.where(gcols[None, :] == y32[:, None], eps - q[:, None], p1)
+                    if SMOOTH:
+                        gce = gce - eps / C
                     g += ce_w * gce
                 if GRAD_KD:
-                    g += kd_w_t * (tl.exp((z - m1[:, None]) * inv_kd_t - log_s1t[:, None])
-                                   - tl.exp((t * inv_kd_t - mt[:, None]) - log_st[:, None]))
+                    g += kd_w_t * (_exp((z - m1[:, None]) * inv_kd_t - log_s1t[:, None], FAST)
+                                   - _exp((t * inv_kd_t - mt[:, None]) - log_st[:, None], FAST))
                 g = tl.where(m2d, g, 0.0) * row_nan[:, None]
                 _store_rounded(zp, g, out2d, INTERP_BF16)
-                if COLSUM1:
-                    tl.store(cs1_ptr + pid * W + cols, tl.sum(tl.where(m2d, g, 0.0), 0), mask=cmask)
             if AUX:
                 zp2 = z2_ptr + lrows[:, None] * stride_z2 + cols[None, :]
                 z2 = tl.load(zp2, mask=valid[:, None] & (cols < stride_z2)[None, :], other=0.0).to(tl.float32)
                 if HAS_B2:
-                    z2 += tl.load(b2_ptr + gcols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+                    z2 += _row_bcast_load(b2_ptr + gcols, cmask, BLOCK_R)
                 live = m2d & (t != neg_inf)  # -inf teacher: a masked class
                 t_ = tl.where(live, t, 0.0)
                 z2 = tl.where(live, z2, 0.0)
                 if KL_NORM:
                     u = (z2 - t_) * (0.5 * inv_tau)
-                    val = _log_cosh(tl.abs(u))
+                    ua = tl.abs(u)
+                    e2u = _exp(-2.0 * ua, FAST)  # shared by log cosh and tanh
+                    val = _log_cosh_e(ua, e2u, FAST)
                 else:
                     zs = z2 * inv_tau
                     ts = t_ * inv_tau
                     val = _binary_kl(zs, ts)
-                lg += tl.sum(tl.where(live, val, 0.0), 1)
+                lg_l += tl.where(live, val, 0.0)
                 if GRAD_AUX:
                     if KL_NORM:
-                        th = _tanh_abs(tl.abs(u))
+                        th = _tanh_abs_e(ua, e2u, FAST)
                         g2 = tl.where(u < 0, -th, th) * (0.5 * lg_w / inv_tau)
                     else:
-                        g2 = (_sigmoid(zs) - _sigmoid(ts)) * (lg_w / inv_tau)
+                        g2 = (_sigmoid(zs, FAST) - _sigmoid(ts, FAST)) * (lg_w / inv_tau)
                     g2 = tl.where(live, g2, 0.0) * row_nan[:, None]
                     _store_rounded(zp2, g2, out2d, INTERP_BF16)
-                    if COLSUM2:
-                        tl.store(cs2_ptr + pid * W + cols, tl.sum(tl.where(m2d, g2, 0.0), 0), mask=cmask)
+    lg = tl.sum(lg_l, 1)
 
     # ------------------------------------------------------------------------------ per-row terms
     # row indices and labels re-derived here rather than held across the loops (shorter live ranges)
@@ -391,34 +463,30 @@ def _scale_value(g_ptr, nvalid_ptr, has_g, mean):
     return s
 
 
-@triton.jit(do_not_specialize=["P", "W", "acc", "head0", "has_g", "mean"])
-def colsum_kernel(
-    # pointers: partials (P, W) fp32 per head; outputs (W,) per head (fp32 or the bias dtype);
+@triton.jit(do_not_specialize=["W", "head0", "has_g", "mean"])
+def bias_kernel(
+    # pointers: fp32 column sums of dz (W,) per head; outputs (W,) per head (the bias dtype);
     # grad_output () and n_valid () for the scale
-    cs1_ptr, cs2_ptr, out1_ptr, out2_ptr, g_ptr, nvalid_ptr,
-    # sizes: P partial rows, W columns; runtime flags: acc adds to the previous output, head0 = the
-    # head of grid row 0 (0 or 1; a second grid row is head 1), has_g / mean select the scale
-    P, W, acc, head0, has_g, mean,
+    sum1_ptr, sum2_ptr, out1_ptr, out2_ptr, g_ptr, nvalid_ptr,
+    # W columns; runtime flags: head0 = the head of grid row 0 (0 or 1; a second grid row is head 1),
+    # has_g / mean select the scale
+    W, head0, has_g, mean,
     BLOCK: tl.constexpr,
 ):
+    # bytes: 4 read + the bias dtype written per column and head
     cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     cmask = cols < W
     s = _scale_value(g_ptr, nvalid_ptr, has_g != 0, mean != 0)
-    cs_ptr = cs1_ptr
+    sum_ptr = sum1_ptr
     out_ptr = out1_ptr
     if tl.program_id(1) + head0 == 1:
-        cs_ptr = cs2_ptr
+        sum_ptr = sum2_ptr
         out_ptr = out2_ptr
-    total = tl.zeros((BLOCK,), tl.float32)
-    for p in range(0, P):
-        total += tl.load(cs_ptr + p * W + cols, mask=cmask, other=0.0)
-    total = total * s
-    if acc != 0:
-        total += tl.load(out_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    total = tl.load(sum_ptr + cols, mask=cmask, other=0.0) * s
     tl.store(out_ptr + cols, total.to(out_ptr.dtype.element_ty), mask=cmask)
 
 
-@triton.jit(do_not_specialize=["M", "P", "stride_im", "stride_om", "ignore_index", "mask_rows", "has_g", "mean"])
+@triton.jit(do_not_specialize=["ignore_index", "mask_rows", "has_g", "mean"])
 def scale_kernel(
     # pointers: in (M, P), out (M, P) (may be the same tensor), labels (M,), grad_output, n_valid
     in_ptr, out_ptr, y_ptr, g_ptr, nvalid_ptr,

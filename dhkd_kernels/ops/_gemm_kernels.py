@@ -199,15 +199,21 @@ def _dw_tile(pid, dz_ptr, x_ptr, y_ptr, ow_ptr, ob_ptr, g_ptr, nvalid_ptr, K, M,
         offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
         acc = tl.zeros((BLOCK_M, BLOCK_P), tl.float32)
         bacc = tl.zeros((BLOCK_M,), tl.float32)
+        # 16-bit dz: the bias is a second product dz^T 1 on the tensor cores, so that dz stays a pure
+        # shared-memory operand and its loads pipeline (a register read of the tile for a sum would make
+        # every K step wait for its copy); every program computes it, the first feature tile stores it
+        BIAS_DOT: tl.constexpr = BIAS and (not ROW_G) and (dz_ptr.dtype.element_ty != tl.float32)
+        bacc2 = tl.zeros((BLOCK_M, 16), tl.float32)
         first = tl.min(rp, 0) == 0  # the programs of the first feature tile also sum the bias
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + offs_k
             yk = tl.load(y_ptr + kk, mask=kk < K, other=ignore_index).to(tl.int64)
             vk = (kk < K) & (yk != ignore_index)
-            # classes masked by dz's padded width (a multiple of 16: aligned vector loads); the rows past
-            # M are never stored
+            # classes masked by dz's padded width (a multiple of 16: aligned vector loads; the rows past M
+            # are never stored), rows by K only: dz is 0 on the rows outside V (the epilogue wrote it),
+            # so the dz tile does not wait for the labels
             at = tl.load(dz_ptr + kk[None, :] * stride_dz + rm[:, None],
-                         mask=(rm < stride_dz)[:, None] & vk[None, :], other=0.0)
+                         mask=(rm < stride_dz)[:, None] & (kk < K)[None, :], other=0.0)
             bt = tl.load(x_ptr + kk[:, None] * stride_xk + rp[None, :] * stride_xp,
                          mask=vk[:, None] & pmask[None, :], other=0.0)
             if ROW_G:
@@ -216,11 +222,15 @@ def _dw_tile(pid, dz_ptr, x_ptr, y_ptr, ow_ptr, ob_ptr, g_ptr, nvalid_ptr, K, M,
                 if BIAS:
                     if first:
                         bacc += tl.sum(at.to(tl.float32) * gk[None, :], 1)
-            else:
-                if BIAS:
-                    if first:
-                        bacc += tl.sum(at.to(tl.float32), 1)
+            elif BIAS_DOT:
+                ones = tl.full((BLOCK_K, 16), 1.0, tl.float32).to(at.dtype)
+                bacc2 = _dot(bacc2, at, ones, DOT_PRECISION, INTERP_BF16)
+            elif BIAS:
+                if first:
+                    bacc += tl.sum(at.to(tl.float32), 1)
             acc = _dot(acc, at, bt, DOT_PRECISION, INTERP_BF16)
+        if BIAS_DOT:
+            bacc = tl.max(bacc2, 1)  # 16 equal columns
         s = _scale_value(g_ptr, nvalid_ptr, HAS_G and not ROW_G, MEAN)
         _store_rounded(ow_ptr + rm[:, None] * stride_om + rp[None, :] * stride_op, acc * s,
                        mmask[:, None] & pmask[None, :], INTERP_BF16)
