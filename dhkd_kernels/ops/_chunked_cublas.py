@@ -5,12 +5,10 @@ from __future__ import annotations
 from typing import List
 
 import torch
-import triton
 from torch import Tensor
 
-from .. import cost
 from . import _epilogue_kernels as E
-from ._launch import (_buffer, _colsum, _epilogue, _f32_placeholder, _launch, _mm, _opts, _scale, _teacher_block,
+from ._launch import (_bias, _buffer, _epilogue, _f32_placeholder, _launch, _mm, _ones, _opts, _scale, _teacher_block,
                       _teacher_kind, _zero)
 from ._plan import F32, _epi_config, _interpreted, _kind, _ld
 
@@ -30,7 +28,7 @@ def _forward_chunked(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows, n_valid, nee
     rows_mode = plan.mode == "rows"
     if wk.grad:
         _launch(E.count_kernel, (1,), y, n_valid, n, o.ignore_index, name="count_kernel",
-                nbytes=n * y.element_size(), BLOCK=16 if _interpreted(dev) else 1024, **_opts(4, 1, dev))
+                nbytes=n * y.element_size(), BLOCK=16 if _interpreted(dev) else 2048, **_opts(16, 1, dev))
         if (wk.g_main and need_w1) or (wk.shared and wk.g_aux and need_w2):
             xs = _buffer((n, d), dt, dev)
             _scale(x, xs, y, None, n_valid, mask_rows=True, mean=o.mean, ignore_index=o.ignore_index)
@@ -41,8 +39,10 @@ def _forward_chunked(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows, n_valid, nee
             accx = _buffer((n, d), F32, dev) if not wk.f32 else None
         if need_a and wk.g_aux:
             acca = _buffer((n, da), F32, dev) if not wk.f32 else None
+        # bias gradients: dZ^T 1 (dz is 0 on rows outside V) summed in fp32 by the products, scaled at the end
         gb1_acc = _buffer((c,), F32, dev) if need_b1 else None
-        gb2_acc = _buffer((c,), F32, dev) if (need_b2 and rows_mode) else None
+        gb2_acc = _buffer((c,), F32, dev) if need_b2 else None
+        ones = _ones(n if not rows_mode and wk.aux else plan.rows, dt, dev) if (need_b1 or need_b2) else None
     # every input that asked for a gradient gets one (zeros where no term reaches it)
     if out_grads is not None:  # the recompute writes into the gradients stored by the forward
         gx, gw1, gb1, ga, gw2, gb2 = (gr if (nd and r is not None) else None
@@ -75,20 +75,15 @@ def _forward_chunked(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows, n_valid, nee
             _mm(x[r0:r0 + rc], w1.t(), z1, kind=kind)
             _mm(a_[r0:r0 + rc], w2.t(), z2, kind=kind)
             tb_, tr0, tc0 = teacher(r0, rc, 0, c, tbuf[: rc * ldc].view(rc, ldc)[:, :c])
-            cs_on1, cs_on2 = bool(need_b1), bool(need_b2)
-            br, bc, warps = _epi_config(plan.rows, c, cs_on1 or cs_on2, dev)
-            p = triton.cdiv(rc, br)
-            cs1 = _buffer((p, c), F32, dev) if cs_on1 else None
-            cs2 = _buffer((p, c), F32, dev) if cs_on2 else None
-            _epilogue(wk, o, z1, z2, tb_, y, b1, b2, rows, cs1, cs2, r0=r0, R=rc, c0=0, W=c, main=True, aux=True,
+            br, bc, warps = _epi_config(plan.rows, c, wk.elem, dev)
+            _epilogue(wk, o, z1, z2, tb_, y, b1, b2, rows, r0=r0, R=rc, c0=0, W=c, main=True, aux=True,
                       g_ce=wk.g_main and bool(o.ce_w), g_kd=wk.g_main and bool(o.kd_w), g_aux=wk.g_aux,
-                      acc_logit=False, colsum1=cs_on1, colsum2=cs_on2, br=br, bc=bc, warps=warps,
-                      t_row0=tr0, t_col0=tc0, w=row_weight)
+                      acc_logit=False, br=br, bc=bc, warps=warps, t_row0=tr0, t_col0=tc0, w=row_weight)
             if not wk.grad:
                 continue
-            if cs_on1 or cs_on2:
-                _colsum(cs1, cs2, gb1_acc, gb2_acc, p, c, None, n_valid, acc=r0 > 0,
-                        heads=3 if (cs_on1 and cs_on2) else (1 if cs_on1 else 2), mean=o.mean)
+            for dz, acc in ((z1, gb1_acc), (z2, gb2_acc)):
+                if acc is not None:
+                    _mm(dz.t(), ones[:rc], acc.view(-1, 1), beta=int(r0 > 0), kind=kind)
             if need_w1:
                 _mm(z1.t(), xs[r0:r0 + rc], gw1, beta=int(r0 > 0), kind=kind)
             if need_w2:
@@ -116,17 +111,14 @@ def _forward_chunked(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows, n_valid, nee
             _mm(a_, w2[s0:s0 + sc].t(), z2, kind=kind)
             tb_, tr0, tc0 = teacher(0, n, s0, sc, None if tbuf is None else
                                     tbuf[: n * _ld(sc)].view(n, _ld(sc))[:, :sc])
-            colsum2 = bool(need_b2)
-            br, bc, warps = _epi_config(n, plan.slab, colsum2, dev)  # one config for every slab
-            cs2 = _buffer((triton.cdiv(n, br), sc), F32, dev) if colsum2 else None
-            _epilogue(wk, o, None, z2, tb_, y, None, b2, rows, None, cs2, r0=0, R=n, c0=s0, W=sc, main=False,
-                      aux=True, g_ce=False, g_kd=False, g_aux=wk.g_aux, acc_logit=s0 > 0, colsum1=False,
-                      colsum2=colsum2, br=br, bc=bc, warps=warps, t_row0=tr0, t_col0=tc0, w=row_weight)
+            br, bc, warps = _epi_config(n, plan.slab, wk.elem, dev)  # one config for every slab
+            _epilogue(wk, o, None, z2, tb_, y, None, b2, rows, r0=0, R=n, c0=s0, W=sc, main=False,
+                      aux=True, g_ce=False, g_kd=False, g_aux=wk.g_aux, acc_logit=s0 > 0,
+                      br=br, bc=bc, warps=warps, t_row0=tr0, t_col0=tc0, w=row_weight)
             if not wk.g_aux:
                 continue
-            if colsum2:
-                _colsum(None, cs2, None, gb2[s0:s0 + sc], triton.cdiv(n, br), sc, None, n_valid, acc=False,
-                        heads=2, mean=o.mean)
+            if gb2_acc is not None:
+                _mm(z2.t(), ones, gb2_acc[s0:s0 + sc].view(-1, 1), kind=kind)
             if need_w2:
                 _mm(z2.t(), xs if wk.shared else as_, gw2[s0:s0 + sc], kind=kind)
             if dxa is not None:
@@ -139,18 +131,14 @@ def _forward_chunked(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows, n_valid, nee
             _mm(x[r0:r0 + rc], w1.t(), z1, kind=kind)
             tb_, tr0, tc0 = (teacher(r0, rc, 0, c, tbuf[: rc * ldc].view(rc, ldc)[:, :c]) if (need_t and wk.t_main)
                              else (t if th is None else _f32_placeholder(dev).view(1, 0), 0, 0))
-            colsum1 = bool(need_b1)
-            br, bc, warps = _epi_config(plan.rows, c, colsum1, dev)  # one config for every chunk
-            cs1 = _buffer((triton.cdiv(rc, br), c), F32, dev) if colsum1 else None
-            _epilogue(wk, o, z1, None, tb_, y, b1, None, rows, cs1, None, r0=r0, R=rc, c0=0, W=c, main=True,
+            br, bc, warps = _epi_config(plan.rows, c, wk.elem, dev)  # one config for every chunk
+            _epilogue(wk, o, z1, None, tb_, y, b1, None, rows, r0=r0, R=rc, c0=0, W=c, main=True,
                       aux=False, g_ce=wk.g_main and bool(o.ce_w), g_kd=wk.g_main and bool(o.kd_w), g_aux=False,
-                      acc_logit=False, colsum1=colsum1, colsum2=False, br=br, bc=bc, warps=warps,
-                      t_row0=tr0, t_col0=tc0, w=row_weight)
+                      acc_logit=False, br=br, bc=bc, warps=warps, t_row0=tr0, t_col0=tc0, w=row_weight)
             if not wk.g_main:
                 continue
-            if colsum1:
-                _colsum(cs1, None, gb1_acc, None, triton.cdiv(rc, br), c, None, n_valid, acc=r0 > 0, heads=1,
-                        mean=o.mean)
+            if gb1_acc is not None:
+                _mm(z1.t(), ones[:rc], gb1_acc.view(-1, 1), beta=int(r0 > 0), kind=kind)
             if need_w1:
                 _mm(z1.t(), xs[r0:r0 + rc], gw1, beta=int(r0 > 0), kind=kind)
             if need_x:
@@ -159,18 +147,18 @@ def _forward_chunked(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows, n_valid, nee
 
 
 def _finish_chunked(wk, o, y, n_valid, state):
-    """dX (dA) from their accumulators times 1/|V| (and cast); the biases accumulated in fp32 over
-    row chunks; zeros for the gradients no term reaches."""
+    """dX (dA) and the biases from their fp32 accumulators times 1/|V| (and cast); zeros for the
+    gradients no term reaches."""
     gx, gw1, gb1, ga, gw2, gb2, accx, acca, gb1_acc, gb2_acc = state
     need_x, need_w1, need_b1, need_a, need_w2, need_b2 = wk.need
     fed = [accx is not None, need_w1, need_b1, acca is not None, need_w2, need_b2]
     for g, acc in ((gx, accx), (ga, acca)):
         if g is not None and acc is not None:
             _scale(acc, g, y, None, n_valid, mask_rows=False, mean=o.mean, ignore_index=o.ignore_index)
-    for g, acc in ((gb1, gb1_acc), (gb2, gb2_acc)):
-        if g is not None and acc is not None:
-            g.copy_(acc)
-            cost.note("torch:copy_", "torch", (), 0, g.numel() * 6)
+    b1_on, b2_on = gb1 is not None and need_b1, gb2 is not None and need_b2
+    if b1_on or b2_on:
+        _bias(gb1_acc if b1_on else None, gb2_acc if b2_on else None, gb1 if b1_on else None,
+              gb2 if b2_on else None, None, n_valid, mean=o.mean)
     for g, ok in zip((gx, gw1, gb1, ga, gw2, gb2), fed):
         if g is not None and not ok:
             _zero(g)

@@ -7,13 +7,12 @@ import contextlib
 from typing import List, Optional, Tuple
 
 import torch
-import triton
 from torch import Tensor
 
 from .. import cost
 from ._chunked_cublas import _finish_chunked, _forward_chunked, _scale_grads
 from ._launch import _buffer, _empty, _finalize
-from ._plan import F32, _epi_config, _ld, _opts_from, _Opts, _work, plan_from_list
+from ._plan import F32, _ld, _opts_from, _Opts, _work, plan_from_list
 from ._resident import _backward, _forward_resident, _grad_output, _row_weights
 
 # ----------------------------------------------------------------------------- forward
@@ -60,7 +59,9 @@ def _on_device(device: torch.device):
 
 
 def _no_autocast(device: torch.device):
-    if device.type == "meta":
+    """Autocast off inside the op (the entry point already cast the operands); a no-op context when
+    autocast is not on (building a torch.autocast context costs tens of microseconds)."""
+    if device.type == "meta" or not torch.is_autocast_enabled(device.type):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, enabled=False)
 
@@ -133,13 +134,9 @@ def _fwd_fake(x, w1, b1, a, w2, b2, t, y, tf, tw, tb, ce_weight, kd_weight, logi
     if plan.resident:
         if n == 0 or not (wk.main or wk.aux):
             return tuple(head + [e.clone() for _ in range(6)])
-        colsum1 = plan.engine == "cublas" and wk.need[2] and not o.none
-        colsum2 = plan.engine == "cublas" and wk.need[5] and not o.none
-        p = triton.cdiv(n, _epi_config(n, c, colsum1 or colsum2, x.device)[0])
         state = [x.new_empty_strided((n, c), (_ld(c), 1)) if wk.g_main else e.clone(),
                  x.new_empty_strided((n, c), (_ld(c), 1)) if wk.g_aux else e.clone(),
-                 x.new_empty((p, c), dtype=F32) if colsum1 else e.clone(),
-                 x.new_empty((p, c), dtype=F32) if colsum2 else e.clone(), e.clone(), e.clone()]
+                 e.clone(), e.clone(), e.clone(), e.clone()]
     else:
         refs = (x, w1, b1, a, w2, b2)
         state = [r.new_empty(r.shape) if (need and r is not None) else e.clone() for r, need in zip(refs, needs)]
@@ -227,6 +224,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _autograd_backward(ctx, g, *_unused):
+    ops = _IMPLS if getattr(ctx, "direct", False) else _OPS
     if torch.is_grad_enabled():
         raise RuntimeError(_DOUBLE_BACKWARD.format("triton"))
     if not ctx.resident and getattr(ctx, "consumed", False):
@@ -240,7 +238,7 @@ def _autograd_backward(ctx, g, *_unused):
         cost.note("torch:zeros", "torch", (), 0, 4)
     needs = ctx.needs
     if ctx.resident:
-        grads = _OPS["bwd"](g, x, w1, b1, a, w2, b2, y, n_valid, state, ctx.n_classes, *ctx.opts, needs, ctx.plan)
+        grads = ops["bwd"](g, x, w1, b1, a, w2, b2, y, n_valid, state, ctx.n_classes, *ctx.opts, needs, ctx.plan)
     else:
         # the chunked plan's gradients were computed in the forward: scaled in place, once, by a scalar
         # grad_output (or the expanded scalar of .sum()); a per-row one recomputes them with its weights
@@ -250,9 +248,9 @@ def _autograd_backward(ctx, g, *_unused):
         g0, per_row = _grad_output(g)
         if per_row:
             t, tf, tw, tb = saved[14:18]
-            _OPS["regrad"](grads, g0, x, w1, b1, a, w2, b2, t, y, tf, tw, tb, *ctx.all_opts, needs, ctx.plan)
+            ops["regrad"](grads, g0, x, w1, b1, a, w2, b2, t, y, tf, tw, tb, *ctx.all_opts, needs, ctx.plan)
         else:
-            _OPS["scale"](live, g0.to(F32))
+            ops["scale"](live, g0.to(F32))
     out = [gr if need else None for gr, need in zip(grads, needs)]
     return tuple(out) + (None,) * (_N_FWD_ARGS - 6)
 
@@ -261,17 +259,34 @@ _fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 class _DirectFn(torch.autograd.Function):
-    """The custom op's autograd without its dispatch (``simulate`` on meta tensors only)."""
+    """Eager mode: the custom op's forward, context and backward through a plain autograd.Function,
+    calling the implementations directly. The ``torch.library`` dispatch of the two ops (its autograd
+    wrapper rebuilds the 25-argument schema's defaults on every call, the backward op dispatches again)
+    cost about 480 us of host time per forward+backward at imagenet-r18 on the 2-core CPU
+    (``python -m dhkd_kernels host-overhead``, 2026-12-02), several times the kernels' own time there.
+    torch.compile traces the custom ops instead (:func:`forward_fn`), which keep the op opaque to
+    dynamo and inductor and give it a fake implementation."""
 
     @staticmethod
     def forward(ctx, *inputs):
         out = _fwd_impl(*inputs)
         _setup_context(ctx, inputs, out)
+        ctx.direct = True
         return out
 
     @staticmethod
     def backward(ctx, g, *unused):
         return _autograd_backward(ctx, g, *unused)
+
+
+_IMPLS = {"bwd": _bwd_impl, "scale": _scale_impl, "regrad": _regrad_impl}
+
+
+def forward_fn(compiling: bool):
+    """The forward to call: the custom op under torch.compile, the autograd.Function otherwise."""
+    if "fwd" in _OPS:
+        return _OPS["fwd"]
+    return _fwd_op if compiling else _DirectFn.apply
 
 
 @contextlib.contextmanager

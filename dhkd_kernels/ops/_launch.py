@@ -5,19 +5,38 @@ or compiled for the current target when ``_COMPILE_ON_META`` is set (``dhkd_kern
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
 import torch
-import triton
 from torch import Tensor
 
 from .. import cost
 from . import _epilogue_kernels as E
-from ._plan import F32, _interpreted, _kind, _ld
+from ._plan import F32, cdiv, _interpreted, _kind, _ld
 
 _POISON = os.environ.get("DHKD_DEBUG_POISON", "0") == "1"
-_HAS_MM_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")
+
+
+def _torch_version(v: str = torch.__version__):
+    return tuple(int(x) for x in v.split("+")[0].split(".")[:2])
+
+
+def accumulate_mode(version=None, device_type: str = "cuda") -> str:
+    """How ``_mm`` accumulates a 16-bit product into an fp32 ``out``:
+    "dtype_out": cuBLAS writes fp32 directly (``aten.addmm.dtype_out``; torch >= 2.10 on CUDA: the
+    overload is missing before 2.8 and refuses 16-bit operands with an fp32 out on 2.8-2.9);
+    "round16": the product in the operand dtype (cuBLAS accumulates in fp32 and rounds the result once,
+    as eager PyTorch's own product does), then added in fp32: one extra read and write of the output;
+    "fp32_copies": CPU (the tests' BLAS), operands copied to fp32."""
+    if device_type == "cpu":
+        return "fp32_copies"
+    version = _torch_version() if version is None else tuple(version)
+    return "dtype_out" if version >= (2, 10) else "round16"
+
+
+_ACCUMULATE = {dev: accumulate_mode(device_type=dev) for dev in ("cuda", "cpu", "meta")}
 
 def set_debug_poison(enabled: bool) -> None:
     """Fill kernel outputs with NaN before the kernels write them (debug/tests): unwritten = NaN."""
@@ -58,40 +77,77 @@ def _interp_bf16(dtype: torch.dtype, device: torch.device) -> bool:
 # ----------------------------------------------------------------------------- launches
 
 def _launch(kernel, grid, *args, name: str, engine: str = "triton", flops: int = 0, nbytes: int = 0,
-            kind: str = "", **meta):
+            kind: str = "", width: int = 0, **meta):
     """Launch a Triton kernel and report it. On ``meta`` tensors (cost simulation, compile report)
     nothing runs: the launch is only recorded, or compiled for the current target when
     ``_COMPILE_ON_META`` is set (the run-time specialization, see ``dhkd_kernels.compile_report``)."""
-    cost.note(name, engine, grid, flops, nbytes, kind)
+    if cost.recording():
+        cost.note(name, engine, grid, flops, nbytes, kind, meta=cost.launch_key(name, meta), width=width)
     dev = next(a.device for a in args if isinstance(a, Tensor))
     if dev.type == "meta":
         if _COMPILE_ON_META is not None:
-            _COMPILE_ON_META(name, kernel.warmup(*args, grid=grid, **meta))
+            _COMPILE_ON_META(name, kernel.warmup(*args, grid=grid, **meta), cost.launch_key(name, meta))
         return
-    kernel[grid](*args, **meta)
+    if not _SKIP:
+        kernel[grid](*args, **meta)
 
 
 _COMPILE_ON_META = None  # set by dhkd_kernels.compile_report
+_SKIP = False  # set by skip_launches(): host code only (dhkd_kernels.host_overhead)
+
+
+@contextlib.contextmanager
+def skip_launches():
+    """Run the host code with every kernel launch and cuBLAS product skipped (host-overhead measurement)."""
+    global _SKIP
+    saved, _SKIP = _SKIP, True
+    try:
+        yield
+    finally:
+        _SKIP = saved
 
 
 def _opts(warps: int, stages: int, device) -> dict:
     return {} if _interpreted(device) else dict(num_warps=warps, num_stages=stages)
 
 
+def _aligned(t: Tensor) -> bool:
+    """A matrix cuBLAS can feed to its TMA/wgmma kernels: a unit stride and a leading dimension of a
+    multiple of 16 bytes (a vector or a one-column matrix counts as aligned)."""
+    if t.dim() < 2 or min(t.shape) <= 1:
+        return True
+    ld = t.stride(0) if t.stride(1) == 1 else (t.stride(1) if t.stride(0) == 1 else 0)
+    return ld * t.element_size() % 16 == 0
+
+
 def _mm(a: Tensor, b: Tensor, out: Tensor, *, beta: int = 0, kind: str) -> None:
-    """out (+)= a @ b on cuBLAS (CPU BLAS in the tests); fp32 ``out`` with 16-bit operands accumulates
-    in fp32 (``addmm.dtype_out``; on CPU, where that overload is missing, through fp32 copies)."""
+    """out (+)= a @ b on cuBLAS (CPU BLAS in the tests); an fp32 ``out`` with 16-bit operands as
+    :func:`accumulate_mode` says for this torch."""
     m, k = a.shape
     p = b.shape[1]
     nbytes = (m * k + k * p) * a.element_size() + m * p * out.element_size() * (1 + int(beta != 0))
-    cost.note("cublas:addmm" if beta else "cublas:mm", "cublas", (), 2 * m * k * p, nbytes, kind)
+    if p == 1:  # a matrix-vector product (dZ^T 1: bias gradients): memory-bound, not tensor-core work
+        cost.note("cublas:gemv", "cublas", (), 0, nbytes, kind)
+    else:
+        cost.note("cublas:addmm" if beta else "cublas:mm", "cublas", (), 2 * m * k * p, nbytes, kind,
+                  aligned=all(_aligned(t) for t in (a, b, out)))
+    mode = _ACCUMULATE.get(out.device.type, "dtype_out")
+    if _SKIP:
+        return
     if out.dtype == a.dtype:
         if beta:
             out.addmm_(a, b)
         else:
             torch.mm(a, b, out=out)
-    elif out.device.type != "cpu" and _HAS_MM_DTYPE:
+    elif mode == "dtype_out":
         torch.ops.aten.addmm.dtype_out(out, a, b, out.dtype, beta=beta, alpha=1, out=out)
+    elif mode == "round16":
+        prod = torch.mm(a, b)
+        cost.note("torch:add_" if beta else "torch:copy_", "torch", (), 0, m * p * (a.element_size() + 8))
+        if beta:
+            out.add_(prod)
+        else:
+            out.copy_(prod)
     else:
         if beta:
             out.addmm_(a.to(out.dtype), b.to(out.dtype))
@@ -107,8 +163,9 @@ def _scale(src: Tensor, out: Tensor, y: Tensor, g: Optional[Tensor], n_valid: Te
     if m == 0 or p == 0:
         return
     dev = src.device
-    bm, bp = (16, 16) if _interpreted(dev) else (32, 128)
-    _launch(E.scale_kernel, (triton.cdiv(m, bm), triton.cdiv(p, bp)),
+    # sizes and row strides specialized (multiples of 16: 128-bit accesses); 8 x 128 tiles over 4 warps
+    bm, bp = (16, 16) if _interpreted(dev) else (8, 128)
+    _launch(E.scale_kernel, (cdiv(m, bm), cdiv(p, bp)),
             src, out, y, g if g is not None else _f32_placeholder(dev), n_valid, m, p,
             src.stride(0), src.stride(1), out.stride(0), out.stride(1), ignore_index,
             int(mask_rows), int(g is not None), int(mean),
@@ -116,32 +173,38 @@ def _scale(src: Tensor, out: Tensor, y: Tensor, g: Optional[Tensor], n_valid: Te
             ROW_G=row_g, INTERP_BF16=_interp_bf16(out.dtype, dev), BLOCK_M=bm, BLOCK_P=bp, **_opts(4, 1, dev))
 
 
-def _epilogue(wk, o, z1, z2, t, y, b1, b2, rows, cs1, cs2, *, r0, R, c0, W, main, aux, g_ce, g_kd, g_aux,
-              acc_logit, colsum1, colsum2, br, bc, warps, t_row0=0, t_col0=0, w=None):
+def _epilogue(wk, o, z1, z2, t, y, b1, b2, rows, *, r0, R, c0, W, main, aux, g_ce, g_kd, g_aux,
+              acc_logit, br, bc, warps, t_row0=0, t_col0=0, w=None):
     """``epilogue_kernel`` over rows [r0, r0 + R) x classes [c0, c0 + W); ``t`` is the teacher logits
     tensor or the block of them computed inside (starting at row t_row0, class t_col0)."""
     dev = t.device
     dummy = rows
     g_main = g_ce or g_kd
+    # the largest vector (<= 16 bytes of teacher) dividing the block width, the teacher's row stride and
+    # column offset: W and the teacher's row stride reach the kernel as multiples of it (vector loads of
+    # the teacher and the biases); 1 for an odd C
+    unread = t.numel() == 0  # no teacher term: only the width matters
+    vec = 8 if unread else (16 // t.element_size() if t.stride(1) == 1 else 1)
+    while vec > 1 and (W % vec or (not unread and (t.stride(0) % vec or (c0 - t_col0) % vec))):
+        vec //= 2
     zb = wk.elem * (int(main) * (1 + 2 * int(g_main)) + int(aux) * (1 + int(g_aux)))
     tb = t.element_size() * (int(wk.kd_stats and main) + int(aux or g_kd))
-    nbytes = R * W * (zb + tb) + triton.cdiv(R, br) * W * 4 * (int(colsum1) + int(colsum2)) + R * 24
-    _launch(E.epilogue_kernel, (triton.cdiv(R, br),),
+    nbytes = R * W * (zb + tb) + R * 24
+    _launch(E.epilogue_kernel, (cdiv(R, br),),
             z1 if z1 is not None else dummy, z2 if z2 is not None else dummy, t, y,
             b1 if b1 is not None else dummy, b2 if b2 is not None else dummy, rows,
-            cs1 if cs1 is not None else dummy, cs2 if cs2 is not None else dummy,
             w if w is not None else dummy,
-            wk.n, wk.c, R, W, r0, c0,
+            wk.n, wk.c, R, W // vec, r0, c0,
             z1.stride(0) if z1 is not None else 0, z2.stride(0) if z2 is not None else 0,
-            t.stride(0), t.stride(1), t_row0, t_col0,
+            t.stride(0) // vec, t.stride(1), t_row0, t_col0,
             o.ce_w, o.kd_w * o.kd_t, 1.0 / o.kd_t, o.kd_t * o.kd_t, o.lg_w, 1.0 / o.tau, o.tau * o.tau, o.eps,
             o.ignore_index, int(acc_logit),
             name="epilogue_kernel", nbytes=nbytes,
             MAIN=main, KD_STATS=main and wk.kd_stats, AUX=aux, GRAD_CE=g_ce, GRAD_KD=g_kd, GRAD_AUX=g_aux,
             KL_NORM=o.kl_norm, HAS_B1=b1 is not None and main, HAS_B2=b2 is not None and aux,
-            COLSUM1=colsum1, COLSUM2=colsum2, ROW_W=w is not None,
+            ROW_W=w is not None, SMOOTH=o.eps != 0.0, VEC=vec, FAST=not _interpreted(dev),
             INTERP_BF16=_interp_bf16(z1.dtype if z1 is not None else z2.dtype, dev),
-            BLOCK_R=br, BLOCK_C=bc, **_opts(warps, 1, dev))
+            BLOCK_R=br, BLOCK_C=bc, width=max(z.stride(0) for z in (z1, z2) if z is not None), **_opts(warps, 1, dev))
 
 
 def _teacher_block(th, r0, rc, c0, cc, out, kind):
@@ -154,7 +217,8 @@ def _teacher_block(th, r0, rc, c0, cc, out, kind):
         return
     cost.note("cublas:addmm", "cublas", (), 2 * rc * cc * tf.shape[1],
               (rc + cc) * tf.shape[1] * tf.element_size() + rc * cc * out.element_size(), kind)
-    torch.addmm(tb[c0:c0 + cc], xf, wt, out=out)
+    if not _SKIP:
+        torch.addmm(tb[c0:c0 + cc], xf, wt, out=out)
 
 
 def _finalize(wk, o, rows, y, loss, terms, correct, n_valid, per_row):
@@ -164,22 +228,31 @@ def _finalize(wk, o, rows, y, loss, terms, correct, n_valid, per_row):
             wk.n, o.ce_w, o.kd_w, o.lg_w, o.ignore_index, int(per_row is not None), int(o.mean),
             name="finalize_kernel", nbytes=wk.n * (16 + y.element_size()),
             CE_IN=bool(o.ce_w), KD_IN=bool(o.kd_w), LG_IN=bool(o.lg_w), HAVE_MAIN=wk.main, HAVE_AUX=wk.aux,
-            BLOCK=16 if _interpreted(dev) else 1024,
-            **_opts(4, 1, dev))
+            BLOCK=16 if _interpreted(dev) else 2048,
+            **_opts(16, 1, dev))  # one program: 16 warps keep enough loads in flight
 
 
-def _colsum(cs1, cs2, out1, out2, P, W, g, n_valid, *, acc, heads, mean):
-    """Bias gradients from the epilogue's column-sum partials: heads 1, 2 or 3 (both)."""
+def _ones(n: int, dtype, device) -> Tensor:
+    """An (n, 1) column of ones: dZ^T 1 is a bias gradient as one cuBLAS product reading dz once."""
+    cost.note("torch:fill_", "torch", (), 0, n * torch.finfo(dtype).bits // 8)
+    return torch.ones((n, 1), dtype=dtype, device=device)
+
+
+def _bias(sum1, sum2, out1, out2, g, n_valid, *, mean):
+    """Bias gradients of one or both heads in one launch: out_h = s sum_h (fp32 column sums of dz),
+    s = grad_output / max(|V|, 1) (grad_output 1 when ``g`` is None; no 1/|V| unless ``mean``)."""
     dev = n_valid.device
-    block = 16 if _interpreted(dev) else 512
-    any_cs = cs1 if cs1 is not None else cs2
-    any_out = out1 if out1 is not None else out2
-    _launch(E.colsum_kernel, (triton.cdiv(W, block), 2 if heads == 3 else 1),
-            cs1 if cs1 is not None else any_cs, cs2 if cs2 is not None else any_cs,
-            out1 if out1 is not None else any_out, out2 if out2 is not None else any_out,
-            g if g is not None else _f32_placeholder(dev), n_valid, P, W, int(acc), 1 if heads == 2 else 0,
+    block = 16 if _interpreted(dev) else 1024
+    s_any = sum1 if sum1 is not None else sum2
+    o_any = out1 if out1 is not None else out2
+    heads = int(sum1 is not None) + int(sum2 is not None)
+    w = s_any.shape[0]
+    _launch(E.bias_kernel, (cdiv(w, block), heads),
+            sum1 if sum1 is not None else s_any, sum2 if sum2 is not None else s_any,
+            out1 if out1 is not None else o_any, out2 if out2 is not None else o_any,
+            g if g is not None else _f32_placeholder(dev), n_valid, w, int(sum1 is None),
             int(g is not None), int(mean),
-            name="colsum_kernel", nbytes=(P * W * 4 + W * 8) * (2 if heads == 3 else 1),
+            name="bias_kernel", nbytes=w * (4 + o_any.element_size()) * heads,
             BLOCK=block, **_opts(4, 1, dev))
 
 

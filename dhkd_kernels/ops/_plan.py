@@ -21,13 +21,11 @@ import os
 from typing import List, Optional, Tuple
 
 import torch
-import triton
 
 F32 = torch.float32
 
 MEMORY_BUDGET_BYTES = int(float(os.environ.get("DHKD_MEMORY_BUDGET_MB", "512")) * 2**20)
-TRITON_MAX_FLOPS = 64e9
-PARTIAL_BYTES = 16 * 2**20  # bound on the column-sum partials of one epilogue launch
+TRITON_MAX_FLOPS = 128e9  # see docs/kernels.md: the cuBLAS plan's launches and copies against Triton's GEMM efficiency
 _ENGINE = os.environ.get("DHKD_ENGINE", "auto")
 
 def set_engine(kind: str) -> None:
@@ -93,8 +91,13 @@ def _ld(c: int) -> int:
     return -(-c // LD_ALIGN) * LD_ALIGN
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) in plain Python (``triton.cdiv`` goes through Triton's JIT machinery on the host)."""
+    return -(-a // b)
+
+
 def _pow2(v: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(v), 1))))
+    return max(lo, min(hi, 1 << (max(int(v), 1) - 1).bit_length()))
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -179,19 +182,34 @@ def plan_from_list(v) -> Plan:
                 mode="rows" if v[4] else "slabs")
 
 
-def _epi_config(r: int, w: int, colsum: bool, device) -> Tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_C, warps) of ``epilogue_kernel`` over a block of r rows x w classes."""
+def _epi_config(r: int, w: int, elem: int, device) -> Tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_C, warps) of ``epilogue_kernel`` over a block of r rows x w classes of ``elem``-byte
+    logits: rows per program chosen for at least two programs per SM while r allows (one row per
+    program at the least); tiles of 16 bytes of logits per thread over 8 warps (2048 16-bit or 1024
+    fp32 elements: one 128-bit load per thread and tile, and the lane-wise statistics of the heaviest
+    variant, CE + KD + logit gradients, stay in registers)."""
     if _interpreted(device):
         return 4, 16, 1
-    # at least 4 rows with column sums: 2-row tiles with both column sums spilled 16 bytes (fp32, sm_90)
-    br = _pow2(r // (2 * _sm_count(device)), 4 if colsum else 2, 16)
-    if colsum:
-        while br < 64 and triton.cdiv(r, br) * w * 4 > PARTIAL_BYTES:
-            br *= 2
-    # 2048-element tiles over 8 warps: 8 fp32 values per thread per live tile, which keeps the
-    # heaviest variant (CE + KD + logit gradients and both column sums) free of spills on sm_90
-    bc = min(_pow2(w, 16, 1024), max(64, 2048 // br))
-    return br, bc, max(2, min(8, br * bc // 256))
+    tile = 256 * 16 // elem
+    br = _pow2(r // (2 * _sm_count(device)), 1, 16)
+    bc = min(_pow2(w, 16, 1024), max(64, tile // br))
+    return br, bc, max(2, min(8, br * bc * elem // 512))  # 16 bytes of logits per thread
+
+
+LOGITS_TILES = ((64, 128), (64, 64), (64, 32))   # (BLOCK_M, BLOCK_N): 4 warps, one warpgroup
+DX_TILES = ((128, 128), (64, 128), (64, 64), (64, 32))
+DW_TILES = ((128, 128), (128, 64), (64, 64), (64, 32))
+
+
+def _gemm_tiles(m: int, p: int, copies: int, device, tiles) -> Tuple[int, int]:
+    """The largest output tile of ``tiles`` (largest first) that still gives every SM a program: one full
+    wave at least, where the problem allows it (else the tile with the most programs). ``copies``:
+    problems sharing the grid (the second grid axis)."""
+    sms = _sm_count(device)
+    for bm, bp in tiles:
+        if cdiv(m, bm) * cdiv(p, bp) * copies >= sms:
+            return bm, bp
+    return tiles[-1]
 
 
 def _resident_bytes(wk: Work, engine: str, device) -> int:
@@ -199,9 +217,8 @@ def _resident_bytes(wk: Work, engine: str, device) -> int:
     need_x, need_w1, need_b1, need_a, need_w2, need_b2 = wk.need
     total = n * _ld(c) * (e * (int(wk.main) + int(wk.aux)) + wk.t_elem * int(wk.teacher_product)) + 5 * n * 4
     if engine == "cublas" and wk.grad:
-        br = _epi_config(n, c, True, device)[0]
-        parts = 0 if wk.none else triton.cdiv(n, br) * c * 4  # reduction="none": dZ^T g instead
-        total += parts * (int(wk.g_main and need_b1) + int(wk.g_aux and need_b2))
+        # bias gradients: an fp32 column sum per head and a column of ones (or of grad_output)
+        total += (4 * c + n * e) * (int(wk.g_main and need_b1) + int(wk.g_aux and need_b2))
         if (wk.g_main and need_w1) or (wk.shared and wk.g_aux and need_w2):
             total += n * d * e
         if not wk.shared and wk.g_aux and need_w2:
@@ -211,6 +228,14 @@ def _resident_bytes(wk: Work, engine: str, device) -> int:
         if wk.fp16:
             total += 4 * c * max(d * int(need_w1), da * int(need_w2))  # fp16: the fp32 dW of one head
     return total
+
+
+def _balanced(total: int, most: int, granule: int) -> int:
+    """The chunk size, at most ``most``, that splits ``total`` into as few chunks as ``most`` does but
+    of nearly equal sizes (rounded up to ``granule``): the last chunk fills the GPU like the others."""
+    if most >= total:
+        return most
+    return min(most, cdiv(cdiv(total, cdiv(total, most)), granule) * granule)
 
 
 def make_plan(wk: Work, device: torch.device) -> Plan:
@@ -237,21 +262,20 @@ def make_plan(wk: Work, device: torch.device) -> Plan:
             fixed += n * da * e
         if not wk.f32:
             fixed += 4 * (n * d * int(need_x) + n * da * int(need_a and not wk.shared))
-        # fp32 bias accumulators over row chunks, and the column-sum partials live at once
-        fixed += 4 * c * (int(need_b1) + int(need_b2 and rows_mode))
-        n_partials = (int(need_b1) + int(need_b2)) if rows_mode else int(need_b1 or need_b2)
-        fixed += n_partials * min(PARTIAL_BYTES, 4 * n * c)
+        # fp32 bias accumulators (dZ^T 1 summed over the chunks) and their column of ones
+        fixed += (4 * c + n * e) * (int(need_b1) + int(need_b2))
     room = max(budget - fixed, 0)
     granule_r, granule_c = (4, 16) if _interpreted(device) else (64, 128)
     if rows_mode:
         # the main head needs the teacher too: both heads in row chunks, so that the teacher's product
         # runs once (dW2 then accumulates over chunks like dW1)
         per_row = _ld(c) * (2 * e + te)
-        rows = min(n, max(granule_r, room // per_row // granule_r * granule_r))
+        rows = _balanced(n, min(n, max(granule_r, room // per_row // granule_r * granule_r)), granule_r)
         return Plan("cublas", False, rows, c, fixed + rows * per_row, mode="rows")
     # class slabs of the aux head: its logits and (teacher head) the teacher's block, n x slab each
     per_col = n * (e + te * int(th))
-    slab = min(c, max(granule_c, room // max(per_col, 1) // granule_c * granule_c)) if wk.aux else c
+    slab = _balanced(c, min(c, max(granule_c, room // max(per_col, 1) // granule_c * granule_c)), granule_c) \
+        if wk.aux else c
     slab_z = n * _ld(slab) * e * int(wk.aux)
     slab_t = n * _ld(slab) * te * int(th and wk.aux)
     # row chunks of the main head share the logits buffer; a teacher block only with the aux head off
@@ -259,7 +283,8 @@ def make_plan(wk: Work, device: torch.device) -> Plan:
     if wk.main:
         # the buffers are allocated once: the rows must fit beside the slab phase's teacher buffer
         room_rows = max(room - max(slab_t, 0), 0) if not wk.t_main else room
-        rows = min(n, max(granule_r, room_rows // max(per_row_z + per_row_t, 1) // granule_r * granule_r))
+        rows = _balanced(n, min(n, max(granule_r, room_rows // max(per_row_z + per_row_t, 1) // granule_r * granule_r)),
+                         granule_r)
     else:
         rows = n
     zbuf = max(rows * per_row_z * int(wk.main), slab_z)

@@ -3,14 +3,14 @@ backward (dX, dW and bias gradients from the stored dz) on the Triton or the cuB
 from __future__ import annotations
 
 import torch
-import triton
 from torch import Tensor
 
 from .. import cost
 from . import _gemm_kernels as G
-from ._launch import (_buffer, _cast, _colsum, _dot_precision, _empty, _epilogue, _f32_placeholder, _interp_bf16,
-                      _launch, _logits_buffer, _mm, _opts, _scale, _teacher_block, _teacher_kind, _zero)
-from ._plan import F32, Plan, _epi_config, _interpreted, _kind, _ld, _Opts, _sm_count, _work
+from ._launch import (_bias, _buffer, _cast, _dot_precision, _empty, _epilogue, _f32_placeholder, _interp_bf16,
+                      _launch, _logits_buffer, _mm, _ones, _opts, _scale, _teacher_block, _teacher_kind, _zero)
+from ._plan import (DW_TILES, DX_TILES, F32, LOGITS_TILES, Plan, _epi_config, _gemm_tiles, _interpreted, _kind,
+                    _ld, _Opts, _work, cdiv)
 
 def _forward_resident(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows):
     dev = x.device
@@ -30,12 +30,13 @@ def _forward_resident(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows):
     z2 = _logits_buffer(n, c, dt, dev) if wk.aux else None
     if plan.engine == "triton":
         interp = _interpreted(dev)
-        bm, bn, bk = (16, 16, 16) if interp else (64, 128, 64 if wk.elem <= 2 else 32)
+        bm, bn, bk = (16, 16, 16) if interp else (*_gemm_tiles(n, c, 1, dev, LOGITS_TILES),
+                                                  64 if wk.elem <= 2 else 32)
         flops = 2 * n * c * (wk.d * int(wk.main) + wk.da * int(wk.aux))
         nbytes = (n * wk.d + c * wk.d) * wk.elem * int(wk.main) + (n * wk.da + c * wk.da) * wk.elem * int(wk.aux) \
             - (n * wk.d * wk.elem if (wk.shared and wk.main and wk.aux) else 0) \
             + n * c * wk.elem * (int(wk.main) + int(wk.aux))
-        _launch(G.logits_kernel, (triton.cdiv(n, bm) * triton.cdiv(c, bn),),
+        _launch(G.logits_kernel, (cdiv(n, bm) * cdiv(c, bn),),
                 x, w1, a_, w2, z1 if z1 is not None else z2, z2 if z2 is not None else z1,
                 n, c, wk.d, wk.da,
                 x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), a_.stride(0), a_.stride(1),
@@ -49,19 +50,11 @@ def _forward_resident(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows):
             _mm(x, w1.t(), z1, kind=kind)
         if wk.aux:
             _mm(a_, w2.t(), z2, kind=kind)
-    need_x, need_w1, need_b1, need_a, need_w2, need_b2 = wk.need
-    # bias gradients of the cuBLAS engine from column-sum partials (reduction="none" weights its rows
-    # by grad_output, which the backward does with a product instead)
-    colsum1 = plan.engine == "cublas" and need_b1 and not o.none
-    colsum2 = plan.engine == "cublas" and need_b2 and not o.none
-    br, bc, warps = _epi_config(n, c, colsum1 or colsum2, dev)
-    p = triton.cdiv(n, br)
-    cs1 = _buffer((p, c), F32, dev) if colsum1 else None
-    cs2 = _buffer((p, c), F32, dev) if colsum2 else None
-    _epilogue(wk, o, z1, z2, t, y, b1, b2, rows, cs1, cs2, r0=0, R=n, c0=0, W=c, main=wk.main, aux=wk.aux,
+    br, bc, warps = _epi_config(n, c, wk.elem, dev)
+    _epilogue(wk, o, z1, z2, t, y, b1, b2, rows, r0=0, R=n, c0=0, W=c, main=wk.main, aux=wk.aux,
               g_ce=wk.g_main and bool(o.ce_w), g_kd=wk.g_main and bool(o.kd_w), g_aux=wk.g_aux,
-              acc_logit=False, colsum1=colsum1, colsum2=colsum2, br=br, bc=bc, warps=warps)
-    return [z1 if wk.g_main else None, z2 if wk.g_aux else None, cs1, cs2, None, None]
+              acc_logit=False, br=br, bc=bc, warps=warps)
+    return [z1 if wk.g_main else None, z2 if wk.g_aux else None, None, None, None, None]
 
 
 # ----------------------------------------------------------------------------- backward
@@ -74,8 +67,6 @@ def _backward(g, x, w1, b1, a, w2, b2, y, n_valid, state, o: _Opts, needs, c: in
     shared = wk.shared
     dz1 = state[0] if wk.g_main else None
     dz2 = state[1] if wk.g_aux else None
-    cs1 = state[2] if state[2].dim() == 2 else None
-    cs2 = state[3] if state[3].dim() == 2 else None
     kind = _kind(x.dtype, o.tf32)
     g, row_g = _grad_output(g)
     if row_g:
@@ -87,7 +78,7 @@ def _backward(g, x, w1, b1, a, w2, b2, y, n_valid, state, o: _Opts, needs, c: in
         if plan.engine == "triton":
             filled = _backward_triton(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, grads, kind, row_g)
         else:
-            filled = _backward_cublas(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, cs1, cs2, *grads, kind, row_g)
+            filled = _backward_cublas(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, *grads, kind, row_g)
     out = []
     for k, gr in enumerate(grads):
         if gr is None:
@@ -148,11 +139,10 @@ def _backward_triton(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, grads, kind, 
         o2, pairs2, p2 = (rest[0][0], rest[0][1], rest[0][2]) if rest else (o1, pairs1, p1)
         (dza, wa), (dzb, wb) = pairs1[0], (pairs1[1] if len(pairs1) > 1 else pairs2[0])
         two = bool(rest)
-        bm = 16 if interp else (64 if triton.cdiv(n, 128) * triton.cdiv(max(p1, p2), 128) < _sm_count(dev) else 128)
-        bp = 16 if interp else 128
+        bm, bp = (16, 16) if interp else _gemm_tiles(n, max(p1, p2), 2 if two else 1, dev, DX_TILES)
         flops = sum(2 * n * c * w * len(pr) for _, pr, w, _ in probs)
         nbytes = sum((n * c + c * w) * wk.elem * len(pr) + n * w * wk.elem for _, pr, w, _ in probs)
-        _launch(G.dx_kernel, (triton.cdiv(n, bm) * triton.cdiv(max(p1, p2), bp), 2 if two else 1),
+        _launch(G.dx_kernel, (cdiv(n, bm) * cdiv(max(p1, p2), bp), 2 if two else 1),
                 dza, dzb, wa, wb, o1, o2, g, n_valid, n, c, p1, p2,
                 dza.stride(0), dzb.stride(0), wa.stride(0), wa.stride(1), wb.stride(0), wb.stride(1),
                 o1.stride(0), o1.stride(1), o2.stride(0), o2.stride(1), int(row_g), int(o.mean),
@@ -170,13 +160,13 @@ def _backward_triton(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, grads, kind, 
     if heads:
         h_a, h_b = heads[0], heads[-1]
         which = 3 if len(heads) == 2 else h_a[0]
-        bm, bp = (16, 16) if interp else (128, 128)
         pmax = max(h[5] for h in heads)
+        bm, bp = (16, 16) if interp else _gemm_tiles(c, pmax, len(heads), dev, DW_TILES)
         flops = sum(2 * n * c * h[5] for h in heads)
         nbytes = sum((n * c + n * h[5] + c * h[5]) * wk.elem for h in heads)
         _, dza, xa, owa, oba, pa = h_a
         _, dzb, xb, owb, obb, pb = h_b
-        _launch(G.dw_kernel, (triton.cdiv(c, bm) * triton.cdiv(pmax, bp), len(heads)),
+        _launch(G.dw_kernel, (cdiv(c, bm) * cdiv(pmax, bp), len(heads)),
                 dza, dzb, xa, xb, y, owa, owb, oba if oba is not None else owa, obb if obb is not None else owb,
                 g, n_valid, n, c, pa, pb, o.ignore_index,
                 dza.stride(0), dzb.stride(0), xa.stride(0), xa.stride(1), xb.stride(0), xb.stride(1),
@@ -184,13 +174,13 @@ def _backward_triton(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, grads, kind, 
                 name="dw_kernel", engine="triton-gemm", flops=flops, nbytes=nbytes, kind=kind,
                 HEADS=which, BIAS1=oba is not None, BIAS2=obb is not None, HAS_G=True, ROW_G=row_g,
                 MEAN=o.mean, DOT_PRECISION=prec, INTERP_BF16=ib, BLOCK_M=bm, BLOCK_P=bp, BLOCK_K=bk,
-                GROUP_M=8, **_opts(8, 3, dev))
+                GROUP_M=8, **_opts(8 if bm == 128 else 4, 3, dev))
         for h, _, _, gw, gb, _ in heads:
             filled |= {k for k, gr in ((3 * h - 2, gw), (3 * h - 1, gb)) if gr is not None}
     return filled
 
 
-def _backward_cublas(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, cs1, cs2, gx, gw1, gb1, ga, gw2, gb2, kind,
+def _backward_cublas(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, gx, gw1, gb1, ga, gw2, gb2, kind,
                      row_g=False):
     dev = x.device
     n, d, da, dt = wk.n, wk.d, wk.da, x.dtype
@@ -232,17 +222,18 @@ def _backward_cublas(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, cs1, cs2, gx,
         filled.add(name)
     h1 = dz1 is not None and gb1 is not None
     h2 = dz2 is not None and gb2 is not None
-    if o.none:  # reduction="none": db = dZ^T g (the forward made no column-sum partials)
-        gcol = _cast(g if row_g else g.expand(n), dt).reshape(n, 1)
-        for dz, gb, k in ((dz1, gb1, 2), (dz2, gb2, 5)):
-            if dz is not None and gb is not None:
-                _mm(dz.t(), gcol, gb.view(-1, 1), kind=kind)
-                filled.add(k)
-        return filled
     if h1 or h2:
-        p = cs1.shape[0] if h1 else cs2.shape[0]
-        _colsum(cs1 if h1 else None, cs2 if h2 else None, gb1 if h1 else None, gb2 if h2 else None, p, wk.c,
-                g, n_valid, acc=False, heads=3 if (h1 and h2) else (1 if h1 else 2), mean=o.mean)
+        # db = s dZ^T 1 summed in fp32 by one product per head (a per-row grad_output weights the column
+        # instead), then scaled and cast for both heads in one launch
+        col = _cast(g, dt).reshape(n, 1) if row_g else _ones(n, dt, dev)
+        sums = []
+        for dz, on in ((dz1, h1), (dz2, h2)):
+            acc = _buffer((wk.c,), F32, dev) if on else None
+            if on:
+                _mm(dz.t(), col, acc.view(-1, 1), kind=kind)
+            sums.append(acc)
+        _bias(sums[0], sums[1], gb1 if h1 else None, gb2 if h2 else None, None if row_g else g, n_valid,
+              mean=o.mean)
         filled |= ({2} if h1 else set()) | ({5} if h2 else set())
     return filled
 
