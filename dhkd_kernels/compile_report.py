@@ -82,6 +82,92 @@ def _resources(cubin: bytes) -> dict:
     return dict(regs=found.get("REG", -1), stack=found.get("STACK", -1), local=found.get("LOCAL", -1))
 
 
+_INSTR = re.compile(r"^\s+/\*([0-9a-f]+)\*/\s+(?:@!?U?P[0-7T] )?([A-Z][A-Z0-9_.]*)(.*?);", re.M)
+_BRANCH_TARGET = re.compile(r"0x([0-9a-f]+)")
+_LOAD_WIDTH = {"128": 128, "64": 64, "U16": 16, "S16": 16, "U8": 8, "S8": 8}
+
+
+def _sass(cubin: bytes) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        return subprocess.run([_cuobjdump(), "-sass", path], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(path)
+
+
+def _width(op: str) -> int:
+    """Bits per thread of a global load/store opcode (LDG.E.128 -> 128, LDG.E -> 32, LDG.E.U16 -> 16)."""
+    for suffix, bits in _LOAD_WIDTH.items():
+        if op.endswith("." + suffix):
+            return bits
+    return 32
+
+
+def sass_metrics(sass: str) -> dict:
+    """What the SASS says: its loops (a backward branch closes one: [target, branch]) with their
+    instruction counts, the global load and store widths (whole kernel, and loads inside loops),
+    cp.async (LDGSTS) and TMA (UTMALDG) loads, and barriers inside loops."""
+    instrs = [(int(a, 16), op, rest) for a, op, rest in _INSTR.findall(sass)]
+    loops = []
+    for addr, op, rest in instrs:
+        if op == "BRA":
+            m = _BRANCH_TARGET.search(rest)
+            if m and int(m.group(1), 16) < addr:
+                loops.append((int(m.group(1), 16), addr))
+    outer = [lp for lp in loops if not any(o != lp and o[0] <= lp[0] and lp[1] <= o[1] for o in loops)]
+
+    def in_loop(addr):
+        return any(lo <= addr <= hi for lo, hi in outer)
+
+    loads, stores, loop_loads = {}, {}, {}
+    for addr, op, _ in instrs:
+        if op.startswith("LDG."):
+            w = _width(op)
+            loads[w] = loads.get(w, 0) + 1
+            if in_loop(addr):
+                loop_loads[w] = loop_loads.get(w, 0) + 1
+        elif op.startswith("STG."):
+            w = _width(op)
+            stores[w] = stores.get(w, 0) + 1
+    return dict(loop_instructions=[(hi - lo) // 16 + 1 for lo, hi in sorted(outer)], loads=loads,
+                loop_loads=loop_loads, stores=stores,
+                ldgsts=sum(op.startswith("LDGSTS") for _, op, _ in instrs),
+                tma=sum(op.startswith("UTMALDG") for _, op, _ in instrs),
+                loop_barriers=sum(op.startswith("BAR") and in_loop(a) for a, op, _ in instrs))
+
+
+def _loop_bodies(ir: str) -> list:
+    """The bodies of the scf.for loops of a TTGIR module (text between each ``scf.for`` and its brace)."""
+    bodies = []
+    for m in re.finditer(r"scf\.for\b", ir):
+        start = ir.rindex("{", m.start(), ir.index("\n", m.end()))  # the brace that ends the loop's line
+        depth, i = 0, start
+        while i < len(ir):
+            if ir[i] == "{":
+                depth += 1
+            elif ir[i] == "}":
+                depth -= 1
+                if depth == 0:
+                    break
+            i += 1
+        bodies.append(ir[start:i])
+    return bodies
+
+
+def pipelining(ttgir: str):
+    """For a kernel with dot products: True when every K loop that holds a dot takes its operands from
+    asynchronous copies (cp.async or TMA) into shared memory, with no register tile stored to shared
+    memory inside the loop (a synchronous operand load) and no wait for all outstanding dots
+    (``pendings = 0``) inside it; None for a kernel without dots."""
+    dot_loops = [b for b in _loop_bodies(ttgir) if re.search(r"warp_group_dot |tt\.dot ", b)]
+    if not dot_loops:
+        return None
+    return all(("async_copy_global_to_local" in b or "async_tma_copy" in b)
+               and not re.search(r"ttg\.local_alloc %", b) and "pendings = 0" not in b for b in dot_loops)
+
+
 def collect(shapes=SHAPE_NAMES, dtypes=DTYPES, arch: int = 90) -> list:
     """One record per distinct compiled kernel: name, where it was launched (shape, dtype), its
     constexprs and launch options, and the resources read from the cubin."""
@@ -97,8 +183,9 @@ def collect(shapes=SHAPE_NAMES, dtypes=DTYPES, arch: int = 90) -> list:
     seen = {}
     where = {}
 
-    def on_compile(name, kernel):
+    def on_compile(name, kernel, launch_key):
         key = hashlib.sha1(kernel.asm["cubin"]).hexdigest()
+        keys.setdefault(key, set()).add(launch_key)
         if key not in seen:
             ptx = kernel.asm.get("ptx", "")
             md = kernel.metadata
@@ -106,11 +193,18 @@ def collect(shapes=SHAPE_NAMES, dtypes=DTYPES, arch: int = 90) -> list:
             consts = {names[k[0]] if isinstance(k, tuple) else str(k): v
                       for k, v in (getattr(kernel.src, "constants", None) or getattr(kernel.src, "constexprs", {})).items()}
             seen[key] = dict(kernel=name, num_warps=md.num_warps, num_stages=md.num_stages,
-                             shared=int(md.shared), wgmma="wgmma" in ptx, **_resources(kernel.asm["cubin"]))
+                             shared=int(md.shared), wgmma="wgmma" in ptx, **_resources(kernel.asm["cubin"]),
+                             pipelined=pipelining(kernel.asm.get("ttgir", "")),
+                             **sass_metrics(_sass(kernel.asm["cubin"])))
             seen[key]["constexprs"] = {k: v for k, v in consts.items() if isinstance(v, (bool, int, str))}
+            cx = seen[key]["constexprs"]
+            if name == "epilogue_kernel":  # SASS instructions per thread per logit, summed over the passes
+                per_thread = cx["BLOCK_R"] * cx["BLOCK_C"] / (md.num_warps * 32)
+                seen[key]["instr_per_logit"] = round(sum(seen[key]["loop_instructions"]) / per_thread, 1)
         where.setdefault(key, []).append(where_now[0])
 
     where_now = [None]
+    keys = {}
     previous = driver._active  # no default driver exists on a machine without a GPU
     driver.set_active(_stand_in_driver(arch))
     _launch._COMPILE_ON_META = on_compile
@@ -120,28 +214,45 @@ def collect(shapes=SHAPE_NAMES, dtypes=DTYPES, arch: int = 90) -> list:
             for dtype in dtypes:
                 where_now[0] = f"{shape}/{dtype}"
                 simulate(n, d, c, dtype=dtype)
+                if shape.startswith("llm"):  # the teacher as hidden states + LM head (cost table 2)
+                    where_now[0] = f"{shape}/{dtype}/teacher-head"
+                    simulate(n, d, c, dtype=dtype, teacher_width=4096, kd_weight=0.0)
     finally:
         _launch._COMPILE_ON_META = None
         driver._active = previous
     out = []
     for key, rec in seen.items():
-        rec = dict(rec, launched_at=sorted(set(where[key])), id=key[:12])
+        rec = dict(rec, launched_at=sorted(set(where[key])), id=key[:12],
+                   launch_keys=sorted(keys[key]))
         out.append(rec)
     return out
 
 
+def _widths(d: dict) -> str:
+    return " ".join(f"{k}:{v}" for k, v in sorted(((int(k), v) for k, v in d.items()), reverse=True)) or "-"
+
+
 def markdown(records: list, arch: int = 90) -> str:
-    lines = [f"Compile report, sm_{arch}, run-time specialization (`python -m dhkd_kernels compile-report`):", "",
-             "| kernel | config | warps/stages | registers | stack (spill) B | shared KiB | wgmma | launched at |",
-             "|---|---|---|---|---|---|---|---|"]
+    import triton
+    lines = [f"Compile report, sm_{arch}, triton {triton.__version__}, run-time specialization "
+             "(`python -m dhkd_kernels compile-report`). Loads: global loads by bits per thread (bits:count, "
+             "whole kernel / inside loops); cp.async: LDGSTS count; pipelined: every dot loop fed by async "
+             "copies with no full wait inside; instr/logit: SASS instructions per thread per logit in the "
+             "epilogue's class loops.", "",
+             "| kernel | config | warps/stages | registers | stack (spill) B | shared KiB | wgmma | loads | "
+             "loads in loops | cp.async | pipelined | instr/logit | launched at |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: (r["kernel"], str(r["launched_at"]))):
         cfg = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items() if k.startswith("BLOCK") or k in
                         ("HEADS", "SUM2", "TWO", "MAIN", "AUX", "SHARED", "KD_STATS", "GRAD_CE", "GRAD_KD",
-                         "GRAD_AUX", "COLSUM1", "COLSUM2"))
+                         "GRAD_AUX", "VEC"))
         at = r["launched_at"]
         at_s = ", ".join(at[:3]) + (f" (+{len(at) - 3})" if len(at) > 3 else "")
+        pipe = {True: "yes", False: "**no**", None: "-"}[r.get("pipelined")]
         lines.append(f"| {r['kernel']} | {cfg} | {r['num_warps']}/{r['num_stages']} | {r['regs']} | {r['stack']} | "
-                     f"{r['shared'] / 1024:.0f} | {'yes' if r['wgmma'] else 'no'} | {at_s} |")
+                     f"{r['shared'] / 1024:.0f} | {'yes' if r['wgmma'] else 'no'} | {_widths(r['loads'])} | "
+                     f"{_widths(r['loop_loads'])} | {r['ldgsts']} | {pipe} | {r.get('instr_per_logit', '-')} | "
+                     f"{at_s} |")
     return "\n".join(lines)
 
 
@@ -149,6 +260,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--json", default=None, help="write the records as JSON here")
+    p.add_argument("--facts", action="store_true",
+                   help="write the compiled facts the cost model reads (dhkd_kernels/compiled/sm<arch>-triton-<v>.json)")
     p.add_argument("--shapes", default=",".join(SHAPE_NAMES))
     p.add_argument("--dtypes", default=",".join(DTYPES))
     args = p.parse_args(argv)
@@ -156,6 +269,13 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(records, f, indent=1)
+    if args.facts:
+        from .compiled_model import facts_from_records, facts_path
+        path = facts_path(arch=args.arch)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(facts_from_records(records), f, indent=1, sort_keys=True)
+        os.replace(path + ".tmp", path)
     print(markdown(records, args.arch))
     bad = [r for r in records if r["stack"] != 0 or r["local"] != 0]
     if bad:

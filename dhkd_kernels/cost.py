@@ -52,6 +52,16 @@ class Launch:
     hbm_bytes: int = 0
     kind: str = ""
     sync: bool = False
+    meta: str = ""        # Triton launches: their specialization (``launch_key``), to find the compiled facts
+    width: int = 0        # epilogue: the classes each row walks (its loops' trip count x BLOCK_C)
+    aligned: bool = True  # cuBLAS: every operand's leading dimension a multiple of 16 bytes
+
+    @property
+    def programs(self) -> int:
+        p = 1
+        for g in self.grid:
+            p *= g
+        return p
 
     def estimate_s(self, gpu: str = "H200") -> float:
         spec = GPUS[gpu]
@@ -108,11 +118,23 @@ def record():
         _ACTIVE.remove(rec)
 
 
+def recording() -> bool:
+    return bool(_ACTIVE)
+
+
+def launch_key(name: str, meta: dict) -> str:
+    """A Triton launch's specialization as text: the kernel and its meta-parameters (constexprs,
+    num_warps, num_stages), the key under which the compile report stores its compiled facts."""
+    return name + "|" + ",".join(f"{k}={v}" for k, v in sorted(meta.items())
+                                 if isinstance(v, (bool, int, float, str)))
+
+
 def note(kernel: str, engine: str, grid=(), flops: int = 0, hbm_bytes: int = 0, kind: str = "",
-         sync: bool = False) -> None:
+         sync: bool = False, meta: str = "", width: int = 0, aligned: bool = True) -> None:
     """Report one launch to the active records (no-op without one)."""
     if _ACTIVE:
-        entry = Launch(kernel, engine, tuple(int(g) for g in grid), int(flops), int(hbm_bytes), kind, sync)
+        entry = Launch(kernel, engine, tuple(int(g) for g in grid), int(flops), int(hbm_bytes), kind, sync,
+                       meta, int(width), bool(aligned))
         for rec in _ACTIVE:
             rec.launches.append(entry)
 
@@ -150,38 +172,66 @@ SHAPES = (  # name, N, D, C: the GPU benchmark shapes (benchmarks/shapes.py)
 )
 
 
+def _v2(rec: "Record", facts, gpu: str):
+    """Model v2's estimate (seconds) of a record, or None where a launch's compiled facts are missing."""
+    from .compiled_model import estimate_s
+    try:
+        return estimate_s(rec, facts, gpu)
+    except KeyError:
+        return None
+
+
+def _fmt(v, scale: float = 1e3, digits: int = 3) -> str:
+    return "n/a" if v is None else f"{v * scale:.{digits}f}"
+
+
 def estimate_table(gpu: str = "H200") -> str:
-    """Markdown table of the model's forward+backward estimate per benchmark shape (bf16, all terms on)."""
+    """Markdown tables of both models' forward+backward estimates per benchmark shape (bf16, all terms on):
+    v1 (FLOPs and bytes at assumed efficiencies) beside v2 (read from the compiled kernels)."""
+    import triton
+
+    from .compiled_model import breakdown, load_facts
     from .simulate import simulate
     spec = GPUS[gpu]
-    lines = [f"Cost-model estimate on {spec['name']} (bf16, CE + KD + BinaryKL-Norm, forward+backward; "
-             f"assumed efficiencies: cuBLAS {EFFICIENCY['cublas']:.0%}, Triton GEMM "
-             f"{EFFICIENCY['triton-gemm']:.0%}, memory {MEM_EFF:.0%}, {LAUNCH_S * 1e6:.0f} us per launch). "
-             "**Estimates, not measurements.**", "",
-             "| shape | N x D x C | plan | launches | matmul TFLOP | floor TFLOP | HBM GB | est. ms | "
-             "floor est. ms | est. / floor | extra MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    try:
+        facts = load_facts()
+    except FileNotFoundError:
+        facts = {}
+    lines = [f"Cost-model estimates on {spec['name']} (bf16, CE + KD + BinaryKL-Norm, forward+backward). "
+             f"v1: FLOPs and bytes at assumed efficiencies (cuBLAS {EFFICIENCY['cublas']:.0%}, Triton GEMM "
+             f"{EFFICIENCY['triton-gemm']:.0%}, memory {MEM_EFF:.0%}, {LAUNCH_S * 1e6:.0f} us per launch); v2: read "
+             f"from the sm_90 code triton {triton.__version__} compiles (dhkd_kernels/compiled_model.py). "
+             "**Estimates, not measurements.** The floor is the aligned GEMM floor at cuBLAS's assumed 80%.", "",
+             "| shape | N x D x C | plan | launches | matmul TFLOP | HBM GB | floor ms | v1 ms | v1 / floor | "
+             "v2 ms | v2 / floor | v2's largest non-GEMM kernel | extra MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, n, d, c in SHAPES:
         rec, plan = simulate(n, d, c, dtype="bf16")
-        est = rec.estimate_s(gpu)
+        est, est2 = rec.estimate_s(gpu), _v2(rec, facts, gpu)
         floor = floor_estimate_s(n, c, d, gpu=gpu)
+        top = "n/a"
+        if est2 is not None:
+            parts = {k: v for k, v in breakdown(rec, facts, gpu).items() if not k.startswith("cublas")
+                     and k not in ("logits_kernel", "dx_kernel", "dw_kernel")}
+            k = max(parts, key=parts.get)
+            top = f"{k} {parts[k] * 1e6:.0f} us"
         lines.append(f"| {name} | {n}x{d}x{c} | {plan.describe()} | {rec.n_launches} | "
-                     f"{rec.matmul_flops / 1e12:.3f} | {floor_flops(n, c, d) / 1e12:.3f} | "
-                     f"{rec.hbm_bytes / 1e9:.2f} | {est * 1e3:.3f} | {floor * 1e3:.3f} | {est / floor:.2f} | "
-                     f"{plan.extra_bytes / 2**20:.0f} |")
+                     f"{rec.matmul_flops / 1e12:.3f} | {rec.hbm_bytes / 1e9:.2f} | {floor * 1e3:.3f} | "
+                     f"{est * 1e3:.3f} | {est / floor:.2f} | {_fmt(est2)} | "
+                     f"{'n/a' if est2 is None else f'{est2 / floor:.2f}'} | {top} | {plan.extra_bytes / 2**20:.0f} |")
     lines += ["", "The teacher as last hidden states + LM head (``teacher_features``, ``teacher_weight``; "
               "the DHKD recipe, CE + BinaryKL-Norm, KD off): the floor gains one teacher product, 2 N C D_t.", "",
-              "| shape | D_t | plan | launches | matmul TFLOP | floor TFLOP | est. ms | floor est. ms | est. / floor | "
-              "extra MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "| shape | D_t | plan | launches | matmul TFLOP | floor ms | v1 ms | v1 / floor | v2 ms | v2 / floor | "
+              "extra MiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, n, d, c in SHAPES[-2:]:
         for dt in (4096, 8192):
             rec, plan = simulate(n, d, c, dtype="bf16", teacher_width=dt, kd_weight=0.0)
-            est = rec.estimate_s(gpu)
+            est, est2 = rec.estimate_s(gpu), _v2(rec, facts, gpu)
             fl = (floor_flops(n, c, d) + 2 * n * c * dt)
             floor = fl / (spec["bf16"] * EFFICIENCY["cublas"])
             lines.append(f"| {name} | {dt} | {plan.describe()} | {rec.n_launches} | {rec.matmul_flops / 1e12:.3f} | "
-                         f"{fl / 1e12:.3f} | {est * 1e3:.3f} | {floor * 1e3:.3f} | {est / floor:.2f} | "
-                         f"{plan.extra_bytes / 2**20:.0f} |")
+                         f"{floor * 1e3:.3f} | {est * 1e3:.3f} | {est / floor:.2f} | {_fmt(est2)} | "
+                         f"{'n/a' if est2 is None else f'{est2 / floor:.2f}'} | {plan.extra_bytes / 2**20:.0f} |")
     return "\n".join(lines)
 
 
