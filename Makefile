@@ -5,6 +5,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.dhkd-installed
 
+TRITON36 := $(VENV)/triton36
+
 .PHONY: install demo test bench
 
 $(STAMP): setup.py
@@ -21,10 +23,16 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
+# the GPU image's Triton beside the installed one, for the sm_90 compile checks (tests/test_compile_report.py)
+$(TRITON36)/.installed: $(STAMP)
+	@echo "[make] installing triton 3.6.0 into $(TRITON36) for the compile checks"
+	$(BIN)/python -m pip install -q --no-deps --target $(TRITON36) triton==3.6.0
+	touch $@
+
 demo: $(STAMP)
 	$(BIN)/dhkd demo
 
-test: $(STAMP)
+test: $(STAMP) $(TRITON36)/.installed
 	$(BIN)/python -m pytest -q
 	$(BIN)/python -m pytest -q benchmarks/ --benchmark-only
 

@@ -45,6 +45,11 @@ if ROOT not in sys.path:
 STAGES = ("headline", "correctness", "train")
 BUDGET_S = {"headline": 150.0, "correctness": 95.0, "train": 115.0}  # 360 s in all
 TOTAL_BUDGET_S = 360.0
+GRACE_S = 45.0           # a stage is killed this long after its budget (its start-up and last write)
+CALL_LIMIT_S = 540.0     # one device call (600 s) less a minute for the transfers and the machine's start
+# what one full run can take: every stage's kill timeout, plus this process's own start-up
+WORST_CASE_S = sum(BUDGET_S.values()) + GRACE_S * len(STAGES) + 15.0
+assert WORST_CASE_S <= CALL_LIMIT_S, WORST_CASE_S
 OPTS = dict(ce_weight=1.0, kd_weight=1.0, logit_weight=1.0, kd_temperature=4.0, logit_temperature=2.0,
             logit_loss="binary_kl_norm")
 LEAVES = ("features", "head_weight", "head_bias", "aux_weight", "aux_bias", "aux_features")
@@ -872,12 +877,12 @@ def orchestrate(args) -> int:
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         t0 = time.time()
         try:
-            proc = subprocess.run(cmd, env=env, timeout=budget + 90)
+            proc = subprocess.run(cmd, env=env, timeout=budget + GRACE_S)
             code = proc.returncode
             statuses[name] = None if code in (0, 1) else f"crashed (exit {code})"
         except subprocess.TimeoutExpired:
             code = -9
-            statuses[name] = f"killed after {budget + 90:.0f} s"
+            statuses[name] = f"killed after {budget + GRACE_S:.0f} s"
         print(f"[gpu_check] stage {name}: exit {code} after {time.time() - t0:.0f}s", flush=True)
         rc = rc or (1 if code else 0)
         combine(out, stages, statuses)

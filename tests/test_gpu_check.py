@@ -82,6 +82,13 @@ def test_stages_are_independent_a_crash_keeps_the_others(tmp_path):
     assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text and "Measured on" in text
 
 
+def test_stage_timeouts_fit_one_device_call():
+    """Every stage's kill timeout (budget + grace) plus start-up stays within one device call."""
+    gc = _module()
+    assert gc.WORST_CASE_S == sum(gc.BUDGET_S.values()) + gc.GRACE_S * len(gc.STAGES) + 15.0
+    assert gc.WORST_CASE_S <= 540.0
+
+
 def test_bad_arguments_are_refused():
     mod = _module()
     with pytest.raises(SystemExit, match="unknown stage"):
