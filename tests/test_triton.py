@@ -270,7 +270,8 @@ def test_plan_rule_and_memory_bound():
     assert plan_for(1024, 512, 1000).describe() == "resident/triton"
     assert plan_for(1024, 512, 1000, dtype=torch.float32).engine == "cublas"  # IEEE fp32: no tensor cores
     assert plan_for(1024, 512, 1000, dtype=torch.float32, tf32=True).engine == "triton"
-    assert plan_for(4096, 2048, 1000).describe() == "resident/cublas"  # 100 GFLOP > TRITON_MAX_FLOPS
+    assert plan_for(4096, 2048, 1000).describe() == "resident/triton"  # 100 GFLOP < TRITON_MAX_FLOPS
+    assert plan_for(2048, 2048, 21841).describe() == "resident/cublas"  # 1.1 TFLOP
     big = plan_for(8192, 4096, 128256)
     assert not big.resident and big.extra_bytes <= 512 * 2**20 and big.rows % 64 == 0 and big.slab % 128 == 0
     small = plan_for(8192, 4096, 128256, budget=320 * 2**20)
@@ -288,6 +289,60 @@ def test_plan_rule_and_memory_bound():
 def test_half_precision_vs_eager(device, plan, dtype):
     inputs = make_inputs(12, 16, 40, da=8, device=device, dtype=dtype, ignore_frac=0.2, seed=13)
     assert_matches_reference(inputs, backend="triton", kd_weight=0.5)
+
+
+@pytest.mark.parametrize("c", [1, 17, 1000])
+def test_padded_logit_strides_match_reference(device, plan, c):
+    """Logits/dz buffers with a row stride padded to a multiple of 64 (C = 1, 17, 1000): every plan
+    against the float64 reference, with ignored rows."""
+    inputs = make_inputs(6, 8, c, da=4, device=device, ignore_frac=0.25, seed=40 + c)
+    assert_matches_reference(inputs, backend="triton", kd_weight=0.5)
+
+
+@pytest.mark.parametrize("c", [21841, 128257])
+def test_padded_logit_strides_large_odd_c(device, monkeypatch, c):
+    """Odd class counts past the LLM vocabulary (C = 21841, 128257) on the cuBLAS engine and on the
+    chunked plan with several class slabs (the interpreter's Triton GEMMs over 10^5 classes would take
+    minutes; the Triton GEMMs' padded K loop is covered above)."""
+    inputs = make_inputs(3, 4, c, device=device, ignore_frac=0.0, seed=41)
+    use_plan(monkeypatch, "cublas")
+    assert_matches_reference(inputs, backend="triton", kd_weight=0.5)
+    monkeypatch.setattr(_plan, "MEMORY_BUDGET_BYTES", 3 * _plan._ld(c) * 4 * 2 // 3)
+    o = dhk._opts_from(1.0, 0.5, 1.0, 4.0, 2.0, True, -100, True, False, False)
+    wk = dhk._work(inputs["features"], inputs["head_weight"], None, 3, c, o, [True] * 6)
+    plan = dhk.make_plan(wk, torch.device(device))
+    assert not plan.resident and plan.slab < c, plan
+    assert_matches_reference(inputs, backend="triton", kd_weight=0.5)
+
+
+def test_dz_buffers_are_padded_and_zero_past_c(device, monkeypatch):
+    """The resident forward returns dz with row stride _ld(C), and the epilogue wrote zeros (NaN-poisoned
+    before) in the padding columns the Triton GEMMs read without a class mask."""
+    use_plan(monkeypatch, "triton")
+    n, c = 7, 70
+    inputs = make_inputs(n, 8, c, device=device, ignore_frac=0.3, seed=42)
+    x, w1, b1, w2, b2 = (inputs[k] for k in ("features", "head_weight", "head_bias", "aux_weight", "aux_bias"))
+    args = (x, w1, b1, None, w2, b2, inputs["teacher_logits"], inputs["labels"], None, None, None,
+            1.0, 0.5, 1.0, 4.0, 2.0, True, -100, True, False, False, 0.0, False, [True] * 6)
+    out = torch.ops.dhkd.dual_head_kd_fwd(*args, _plan_arg(args))
+    ld = _plan._ld(c)
+    assert ld % 64 == 0 and ld >= c
+    for dz in out[4:6]:
+        assert dz.shape == (n, c) and dz.stride() == (ld, 1)
+        whole = dz.as_strided((n, ld), (ld, 1))
+        assert torch.isfinite(whole).all() and (whole[:, c:] == 0).all()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_bias_gradients_alone_every_plan(device, plan, reduction):
+    """Only the biases ask for gradients: dZ^T 1 (cuBLAS, chunked) or the tensor-core product inside
+    dw_kernel, with ignored rows whose features are NaN."""
+    inputs = make_inputs(9, 6, 37, device=device, ignore_frac=0.3, seed=43)
+    for k in ("features", "head_weight", "aux_weight"):
+        inputs[k] = inputs[k].detach()
+    ignored = inputs["labels"] == -100
+    inputs["features"] = inputs["features"].masked_fill(ignored[:, None], float("nan"))
+    assert_matches_reference(inputs, backend="triton", kd_weight=0.5, reduction=reduction)
 
 
 def test_fp32_accumulation_branch_by_torch_version():
