@@ -70,8 +70,9 @@ def main_head(z, t, y, o, *, kd_stats, grad_ce, grad_kd):
         log_pt = F.log_softmax(t / T, dim=-1)
         pt = log_pt.exp()
         # subtract first, then weight (no cancellation between two large sums for nearly equal
-        # distributions); a masked class (t = -inf) contributes 0 log 0 = 0, a NaN teacher stays NaN
-        per_class = log_pt.sub_(log_ps).mul_(pt).masked_fill_(torch.isneginf(t), 0.0)
+        # distributions); xlogy: wherever pt = 0 (t = -inf, or underflow) the term is 0, a NaN
+        # teacher stays NaN
+        per_class = log_pt.sub_(log_ps).mul_(pt).masked_fill_(pt == 0, 0.0)
         kd = (T * T) * per_class.sum(-1)
         kd = torch.where(torch.isneginf(t).all(-1), float("nan"), kd)  # no teacher distribution at all
         del per_class
@@ -115,11 +116,12 @@ def aux_head(z2, t, o, *, grad):
 
 
 def _logits(x, w, b, edt):
-    """x w^T + b in the epilogue dtype: the product in the operands' dtype, the bias added in edt."""
-    if b is not None and x.dtype == edt:
-        return torch.addmm(b, x, w.t())
-    z = F.linear(x, w).to(edt)
-    return z if b is None else z.add_(b)
+    """x w^T + b in the epilogue dtype: one product with the bias in the operands' dtype (accumulated
+    in fp32 and rounded once, as eager ``F.linear`` does), then widened to edt. Adding the bias after
+    rounding x w^T would round differently from eager and, for 16-bit operands, could be further from
+    the exact logits than eager's own error."""
+    z = F.linear(x, w, None if b is None else b.to(x.dtype))
+    return z if z.dtype == edt else z.to(edt)
 
 
 def _teacher_rows(teacher, s, e, edt):
@@ -165,8 +167,7 @@ def _run(features, head_weight, head_bias, aux_features, aux_weight, aux_bias, t
         grad_factor = row_factor * scale * torch.where(valid_all, row_weight.to(edt), 0.0)
     vcol = valid_all.unsqueeze(-1)
     zero = torch.zeros((), dtype=mdt, device=dev)
-    b1 = None if head_bias is None else head_bias.to(edt)
-    b2 = None if aux_bias is None else aux_bias.to(edt)
+    b1, b2 = head_bias, aux_bias
     per_row = torch.zeros(3, n, dtype=edt, device=dev)
     correct = torch.zeros(n, dtype=torch.bool, device=dev)
     aux_x = features if shared else aux_features
@@ -214,12 +215,11 @@ def _run(features, head_weight, head_bias, aux_features, aux_weight, aux_bias, t
             continue
         row_scale = grad_factor[s:e].unsqueeze(-1)
         gx_rows = None
-        for dz, w, head_gw, head_gb, feats, to_x in ((dz1, head_weight, gw1, gb1, x, True),
-                                                      (dz2, aux_weight, gw2, gb2, a, shared)):
+        for head, dz, w, head_gw, head_gb, feats, to_x in ((0, dz1, head_weight, gw1, gb1, x, True),
+                                                            (1, dz2, aux_weight, gw2, gb2, a, shared)):
             if dz is None:
                 continue
             dz.mul_(row_scale)
-            head = 0 if w is head_weight else 1
             need_w, need_b = needs[1 + 3 * head], needs[2 + 3 * head]
             need_in = needs[0] if to_x else needs[3]
             if need_b:
