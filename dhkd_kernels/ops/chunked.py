@@ -29,10 +29,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._validation import env_flag
 from ..reference import binary_kl, valid_rows
 from . import TeacherHead
 
 DEFAULT_CHUNK_ELEMENTS = 2**20
+_POISON = env_flag("DHKD_DEBUG_POISON")  # as the triton op: unwritten gradient memory reads as NaN
+
+
+def _empty(*shape, dtype, device):
+    """``torch.empty``, NaN-filled under DHKD_DEBUG_POISON=1 (or ``_POISON`` set by a test)."""
+    out = torch.empty(*shape, dtype=dtype, device=device)
+    return out.fill_(float("nan")) if _POISON else out
 
 SECOND_BACKWARD = ("fused_dual_head_kd_loss (backend='{}') computes its gradients in the forward and scales "
                    "them in place in the backward, so one call can be back-propagated once: a second "
@@ -174,13 +182,13 @@ def _run(features, head_weight, head_bias, aux_features, aux_weight, aux_bias, t
     grads = None
     rows = max(1, opts["chunk_elements"] // max(c, 1))
     if need_grad:
-        gx = torch.empty(features.shape, dtype=mdt, device=dev)
-        ga = None if shared else torch.empty(aux_x.shape, dtype=mdt, device=dev)
+        gx = _empty(features.shape, dtype=mdt, device=dev)
+        ga = None if shared else _empty(aux_x.shape, dtype=mdt, device=dev)
         # weight gradients accumulate over row chunks in fp32 (fp64) when there are several; with one
         # chunk they are written once (no zero fill)
         one = n <= rows
         wdt = mdt if one else edt
-        alloc = torch.empty if one else torch.zeros
+        alloc = _empty if one else torch.zeros
         gw1 = alloc(head_weight.shape, dtype=wdt, device=dev)
         gw2 = alloc(aux_weight.shape, dtype=wdt, device=dev)
         gb1 = alloc(c, dtype=edt, device=dev)
