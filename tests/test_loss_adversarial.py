@@ -303,10 +303,11 @@ def eager_loss(x, w1, b1, w2, b2, t, y, *, ce_weight, kd_weight, kd_temperature)
 @pytest.mark.parametrize("case", ["kd_large_c", "ce_kd_t1"])
 def test_16bit_gradients_no_worse_than_eager(backend, dtype, case):
     """Large C, small N, confident logits: every gradient's error against float64 is at most eager
-    PyTorch's own in that dtype (ratio 1.1: the error of z = round(x W^T + b), shared by both, dominates).
-    The torch path used to round x W^T before adding the bias, a different rounding than eager's."""
+    PyTorch's own in that dtype (ratio 1.1: the error of z = round(x W^T + b), shared by both, dominates)."""
     if case == "kd_large_c":
-        n, d, c, opts = 4, 8, 21841, dict(ce_weight=0.0, kd_weight=1.0, kd_temperature=1.0)
+        # the interpreter takes minutes per call at C = 21841: a smaller large C for triton on CPU
+        c = 21841 if backend != "triton" or torch.cuda.is_available() else 2053
+        n, d, opts = 4, 8, dict(ce_weight=0.0, kd_weight=1.0, kd_temperature=1.0)
         scale, tscale = 5.0, 0.0
     else:
         n, d, c, opts = 8, 16, 100, dict(ce_weight=1.0, kd_weight=1.0, kd_temperature=1.0)
@@ -322,3 +323,4 @@ def test_16bit_gradients_no_worse_than_eager(backend, dtype, case):
         mine, theirs = rel_err(got[k].grad, ref[k]), rel_err(eager[k].grad, ref[k])
         assert got[k].grad.dtype == dtype
         assert mine <= 1.1 * theirs + 1e-4, f"{k}: {mine:.3e} vs eager {theirs:.3e}"
+
