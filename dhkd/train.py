@@ -220,6 +220,22 @@ def _meaning_changes(saved: dict, cfg: Config) -> list[str]:
     return out
 
 
+def schedule_position(ckpt: dict, steps_per_epoch: int) -> int:
+    """The scheduler step at which a run resumed from ``ckpt`` goes on, in this run's steps per epoch.
+
+    The schedule's position is kept in epochs (and fractions of one): a checkpoint written after s
+    steps of S per epoch resumes at s / S epochs = round(s / S * steps_per_epoch) steps of this run,
+    whatever changed the steps per epoch (data.batch_size, world size, accum_steps,
+    max_steps_per_epoch). A checkpoint without ``steps_per_epoch`` (older format) gives S = s / epoch."""
+    step, epoch = int(ckpt["step"]), int(ckpt["epoch"])
+    saved = ckpt.get("steps_per_epoch")
+    if not saved:
+        if epoch <= 0:
+            return step
+        saved = step / epoch
+    return int(round(step * steps_per_epoch / saved))
+
+
 class Trainer:
     """Builds everything from a ``Config`` and runs ``fit()``; see the module docstring.
 
@@ -415,7 +431,7 @@ class Trainer:
         sched = self.scheduler.state_dict()
         sched["lr_lambdas"] = [None] * len(sched["lr_lambdas"])
         return {"format_version": CHECKPOINT_FORMAT, "epoch": self.epoch, "step": self.step,
-                "model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "steps_per_epoch": self.steps_per_epoch, "model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": sched, "rng": rng_state(self.device), "best_acc1": self.best_acc1,
                 "config": to_dict(self.cfg), "metrics": row or {}}
 
@@ -444,6 +460,7 @@ class Trainer:
             raise CheckpointError(f"{path} does not match this model/optimizer: {exc}") from exc
         self.epoch, self.step = epoch, int(ckpt["step"])
         saved_lr = saved_groups[0].get("lr")
+        self.scheduler.last_epoch = schedule_position(ckpt, self.steps_per_epoch)
         self.scheduler.base_lrs = [self.lr] * len(self.optimizer.param_groups)
         factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
         for group in self.optimizer.param_groups:  # this config's schedule, from the next step on
@@ -590,7 +607,7 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict:
         self.student.train()
         if self.world_size > 1:  # per-rank dropout masks, a function of (seed, epoch, rank) for resume
-            torch.manual_seed((self.cfg.train.seed * 1_000_003 + epoch) * 10_007 + self.rank)
+            torch.manual_seed(((self.cfg.train.seed * 1_000_003 + epoch) * 10_007 + self.rank) % 2**64)
         loader = self.data.train
         loader.set_epoch(epoch)
         it = iter(loader)
@@ -712,7 +729,10 @@ def evaluate_checkpoint(cfg: Config, checkpoint, *, log=print) -> dict:
     exported ``student.pt`` (main head only)."""
     from .models import build_student, read_state_dict
     device = resolve_device(cfg.train.device)
-    state = read_state_dict(checkpoint)
+    try:
+        state = read_state_dict(checkpoint)
+    except ValueError as exc:  # unreadable, or no state dict: the one line resume gives too
+        raise CheckpointError(str(exc)) from None
     trainer = Trainer.__new__(Trainer)
     trainer.cfg, trainer.device, trainer.world_size = cfg, device, 1
     trainer.amp = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and device.type == "cuda")
