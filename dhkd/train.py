@@ -32,7 +32,8 @@ from .distributed import all_reduce_mean_, barrier, broadcast_tensors, maybe_inj
 from .optim import build_optimizer, build_scheduler, scaled_lr
 from .preflight import batch_problem, check_start
 from .rundir import (CHECKPOINT_FORMAT, RUN_KEYS, CheckpointError, FileLock, MetricsLog,  # noqa: F401
-                     RunDir, RunDirError, load_checkpoint, save_checkpoint, training_settings)
+                     RunDir, RunDirError, load_checkpoint, read_checkpoint_file, save_checkpoint,
+                     training_settings)
 
 atomic_save = save_checkpoint  # the name earlier code used
 SCHEDULE_KEYS = (("train", "epochs"), ("optim", "lr"), ("optim", "base_batch"), ("sched", None))
@@ -128,7 +129,7 @@ def train_teacher(config, checkpoint: Path, *, device: str | None = None, log=pr
     lock.acquire(wait=True, on_wait=on_wait)
     try:
         if waited and checkpoint.is_file():
-            saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            saved = read_checkpoint_file(checkpoint)
             return {"val/acc1_main": saved.get("val_acc1")}
         run_dir = checkpoint.parent / f"{checkpoint.stem}_run"
         log(f"[dhkd] teacher checkpoint {checkpoint} missing: training {tcfg.student.name} in {run_dir}")
