@@ -172,7 +172,8 @@ def start_problems(cfg: Config | None, out=None, *, resume=False, world_size: in
         return problems
     problems += samples_problems(cfg) + _data_problems(cfg)
     problems += _loss_backend_problems(cfg)
-    if out is not None and check_out and resume is not True:
+    fresh = resume is False or (resume == "auto" and not (Path(out) / "last.pt").is_file()) if out else False
+    if out is not None and check_out and fresh:
         problems += _overwrite_problems(cfg, Path(out))
     gb, per_step = cfg.train.global_batch, cfg.data.batch_size * world_size
     if gb is not None and per_step > 0 and gb % per_step:

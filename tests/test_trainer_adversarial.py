@@ -81,6 +81,20 @@ def test_a_fresh_run_never_overwrites_its_input_config(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
 
 
+def test_resuming_with_the_runs_own_config_is_fine(tmp_path):
+    from dhkd.preflight import start_problems
+    out = tmp_path / "x"
+    out.mkdir()
+    (out / "config.yaml").write_text(CE.read_text())
+    cfg = load_config(out / "config.yaml", SHORT)
+    refused = [p for p in start_problems(cfg, out) if "fresh run replaces" in p]
+    assert len(refused) == 1
+    assert [p for p in start_problems(cfg, out, resume="auto") if "fresh run replaces" in p] == refused
+    (out / "last.pt").write_bytes(b"")  # resume (or auto with a checkpoint) writes no config.yaml
+    for resume in (True, "auto"):
+        assert not [p for p in start_problems(cfg, out, resume=resume) if "fresh run replaces" in p]
+
+
 # ---------------------------------------------------------------- 12. YAML hazards
 
 BOMB = "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9) if i else ', '.join(['lol'] * 9)}]\n"
