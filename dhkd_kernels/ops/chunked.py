@@ -15,8 +15,10 @@ labels are checked before the call).
 
 Memory bound, beyond inputs and gradients: about eight buffers of one chunk in the epilogue dtype
 (fp32: 8 x 4 x max(chunk_elements, C) bytes, ~32 MiB at the default 2**20 elements; docs/kernels.md
-has the measured peak), fp32 copies of one chunk's 16-bit logits, and fp32 accumulators of the
-weight gradients when there are several chunks and 16-bit weights.
+has the measured peak) and fp32 copies of one chunk's 16-bit logits. For 16-bit operands every
+gradient is held in fp32 from the forward until the backward has scaled it by grad_output (twice the
+inputs' gradient bytes; one rounding to 16 bits, after the scaling and after the sum over row chunks,
+where eager autograd rounds once too), and off CUDA the dX products read fp32 copies of the weights.
 
 Gradients of the per-element losses (s = softmax, sig = sigmoid):
     dCE/dz1       = s(z1) - onehot(y)
@@ -132,6 +134,20 @@ def _logits(x, w, b, edt):
     return z if z.dtype == edt else z.to(edt)
 
 
+_HAS_MM_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
+def _mm(a, b, edt, b_edt=None):
+    """a @ b in edt. 16-bit operands are multiplied as they are, accumulated in fp32 and not rounded
+    back to 16 bits: one mixed-precision product on CUDA, fp32 copies of the operands elsewhere
+    (``b_edt``: b's copy, when the caller reuses it)."""
+    if a.dtype == edt:
+        return a @ b
+    if a.device.type == "cuda" and _HAS_MM_DTYPE:
+        return torch.ops.aten.mm.dtype(a, b, edt)
+    return a.to(edt) @ (b.to(edt) if b_edt is None else b_edt)
+
+
 def _teacher_rows(teacher, s, e, edt):
     """Rows [s, e) of the teacher logits in the epilogue dtype: a slice of the tensor, or the product of
     the teacher head for those rows only (the (N, C) teacher logits are never formed)."""
@@ -182,17 +198,12 @@ def _run(features, head_weight, head_bias, aux_features, aux_weight, aux_bias, t
     grads = None
     rows = max(1, opts["chunk_elements"] // max(c, 1))
     if need_grad:
-        gx = _empty(features.shape, dtype=mdt, device=dev)
-        ga = None if shared else _empty(aux_x.shape, dtype=mdt, device=dev)
-        # weight gradients accumulate over row chunks in fp32 (fp64) when there are several; with one
-        # chunk they are written once (no zero fill)
-        one = n <= rows
-        wdt = mdt if one else edt
-        alloc = _empty if one else torch.zeros
-        gw1 = alloc(head_weight.shape, dtype=wdt, device=dev)
-        gw2 = alloc(aux_weight.shape, dtype=wdt, device=dev)
-        gb1 = alloc(c, dtype=edt, device=dev)
-        gb2 = alloc(c, dtype=edt, device=dev)
+        # every gradient is held in edt (fp32 for 16-bit operands) until the backward has scaled it by
+        # grad_output: one rounding to the input's dtype, after the scaling, as in eager autograd
+        gx = _empty(features.shape, dtype=edt, device=dev)
+        ga = None if shared else _empty(aux_x.shape, dtype=edt, device=dev)
+        gw, gb = [None, None], [None, None]
+        w32 = [None, None]  # edt copies of 16-bit weights for the dX products off CUDA, made once
 
     for s in range(0, n, rows):
         e = min(n, s + rows)
@@ -223,28 +234,23 @@ def _run(features, head_weight, head_bias, aux_features, aux_weight, aux_bias, t
             continue
         row_scale = grad_factor[s:e].unsqueeze(-1)
         gx_rows = None
-        for head, dz, w, head_gw, head_gb, feats, to_x in ((0, dz1, head_weight, gw1, gb1, x, True),
-                                                            (1, dz2, aux_weight, gw2, gb2, a, shared)):
+        for head, dz, w, feats, to_x in ((0, dz1, head_weight, x, True), (1, dz2, aux_weight, a, shared)):
             if dz is None:
                 continue
             dz.mul_(row_scale)
             need_w, need_b = needs[1 + 3 * head], needs[2 + 3 * head]
             need_in = needs[0] if to_x else needs[3]
             if need_b:
-                if one:
-                    torch.sum(dz, 0, out=head_gb)
-                else:
-                    head_gb += dz.sum(0)
-            dzm = dz.to(mdt)
+                part = dz.sum(0)
+                gb[head] = part if gb[head] is None else gb[head].add_(part)
+            dzm = dz.to(mdt)  # the products' operands in the operand dtype
             if need_w:  # only the products whose input asked for a gradient
-                if one:
-                    torch.mm(dzm.t(), feats, out=head_gw)
-                elif head_gw.dtype == mdt:
-                    head_gw.addmm_(dzm.t(), feats)
-                else:  # 16-bit operands, fp32 accumulator: one C x D product in the operand dtype
-                    head_gw.add_(dzm.t() @ feats)
+                part = _mm(dzm.t(), feats, edt)
+                gw[head] = part if gw[head] is None else gw[head].add_(part)
             if need_in:
-                prod = (dzm @ w).to(edt)
+                if w.dtype != edt and not (dev.type == "cuda" and _HAS_MM_DTYPE) and w32[head] is None:
+                    w32[head] = w.to(edt)
+                prod = _mm(dzm, w, edt, w32[head])
                 if to_x:
                     gx_rows = prod if gx_rows is None else gx_rows.add_(prod)
                 else:
@@ -252,14 +258,13 @@ def _run(features, head_weight, head_bias, aux_features, aux_weight, aux_bias, t
         gx[s:e] = 0 if gx_rows is None else gx_rows
         if not shared and (dz2 is None or not needs[3]):
             ga[s:e] = 0
-    if need_grad:
-        if one:  # single chunk: a head with no dz (or no rows) left its uninitialised gradients unwritten
-            for dz_done, gw, gb in ((main and g_main, gw1, gb1), (aux and g_aux, gw2, gb2)):
-                if n == 0 or not dz_done:
-                    gw.zero_()
-                    gb.zero_()
-        grads = (gx, ga, gw1.to(head_weight.dtype), None if head_bias is None else gb1.to(head_bias.dtype),
-                 gw2.to(aux_weight.dtype), None if aux_bias is None else gb2.to(aux_bias.dtype))
+    if need_grad:  # a head with no dz (no term, no rows, no gradient wanted) contributes zeros
+        gw = [torch.zeros(m.shape, dtype=edt, device=dev) if g is None and needs[1 + 3 * h] else g
+              for h, (g, m) in enumerate(zip(gw, (head_weight, aux_weight)))]
+        gb = [torch.zeros(c, dtype=edt, device=dev) if g is None and needs[2 + 3 * h] else g
+              for h, g in enumerate(gb)]
+        grads = (gx, ga, gw[0], None if head_bias is None else gb[0],
+                 gw[1], None if aux_bias is None else gb[1])
     return per_row, correct, n_valid, scale, grads
 
 
@@ -288,6 +293,8 @@ class ChunkedDualHeadKD(torch.autograd.Function):
         if need_grad:
             ctx.opts = opts
             ctx.needs = needs
+            ctx.grad_dtypes = tuple(None if m is None else m.dtype for m in (features, head_weight, head_bias,
+                                                                             aux_features, aux_weight, aux_bias))
             ctx.n_grads = len(grads)
             if none:  # a non-uniform grad_output recomputes with per-row weights: keep the inputs, under
                 # autograd's version checks (an in-place change before the backward raises)
@@ -317,7 +324,8 @@ class ChunkedDualHeadKD(torch.autograd.Function):
             grads = list(_run(x, w1, b1, a, w2, b2, teacher, y, ctx.opts, need_grad=True, row_weight=grad_loss,
                               needs=ctx.needs)[4])
         gx, ga, gw1, gb1, gw2, gb2 = grads
-        out = [g if (g is not None and needs[k]) else None for k, g in enumerate((gx, gw1, gb1, ga, gw2, gb2))]
+        out = [g.to(dt) if (g is not None and needs[k]) else None
+               for k, (g, dt) in enumerate(zip((gx, gw1, gb1, ga, gw2, gb2), ctx.grad_dtypes))]
         return tuple(out) + (None,) * 6
 
 
