@@ -137,15 +137,16 @@ def _logits(x, w, b, edt):
 _HAS_MM_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 
 
-def _mm(a, b, edt, b_edt=None):
-    """a @ b in edt. 16-bit operands are multiplied as they are, accumulated in fp32 and not rounded
-    back to 16 bits: one mixed-precision product on CUDA, fp32 copies of the operands elsewhere
-    (``b_edt``: b's copy, when the caller reuses it)."""
-    if a.dtype == edt:
-        return a @ b
-    if a.device.type == "cuda" and _HAS_MM_DTYPE:
-        return torch.ops.aten.mm.dtype(a, b, edt)
-    return a.to(edt) @ (b.to(edt) if b_edt is None else b_edt)
+def _addmm(acc, a, b, edt, b_edt=None):
+    """acc + a @ b in edt, into acc (acc None: a new a @ b). 16-bit operands are multiplied as they are,
+    accumulated in fp32 and not rounded back to 16 bits: one mixed-precision product on CUDA, fp32
+    copies of the operands elsewhere (``b_edt``: b's copy, when the caller reuses it)."""
+    if a.dtype != edt and a.device.type == "cuda" and _HAS_MM_DTYPE:
+        prod = torch.ops.aten.mm.dtype(a, b, edt)
+        return prod if acc is None else acc.add_(prod)
+    if a.dtype != edt:
+        a, b = a.to(edt), (b.to(edt) if b_edt is None else b_edt)
+    return a @ b if acc is None else acc.addmm_(a, b)
 
 
 def _teacher_rows(teacher, s, e, edt):
@@ -245,16 +246,14 @@ def _run(features, head_weight, head_bias, aux_features, aux_weight, aux_bias, t
                 gb[head] = part if gb[head] is None else gb[head].add_(part)
             dzm = dz.to(mdt)  # the products' operands in the operand dtype
             if need_w:  # only the products whose input asked for a gradient
-                part = _mm(dzm.t(), feats, edt)
-                gw[head] = part if gw[head] is None else gw[head].add_(part)
+                gw[head] = _addmm(gw[head], dzm.t(), feats, edt)
             if need_in:
                 if w.dtype != edt and not (dev.type == "cuda" and _HAS_MM_DTYPE) and w32[head] is None:
                     w32[head] = w.to(edt)
-                prod = _mm(dzm, w, edt, w32[head])
                 if to_x:
-                    gx_rows = prod if gx_rows is None else gx_rows.add_(prod)
+                    gx_rows = _addmm(gx_rows, dzm, w, edt, w32[head])
                 else:
-                    ga[s:e] = prod
+                    ga[s:e] = _addmm(None, dzm, w, edt, w32[head])
         gx[s:e] = 0 if gx_rows is None else gx_rows
         if not shared and (dz2 is None or not needs[3]):
             ga[s:e] = 0
