@@ -141,9 +141,14 @@ def _addmm(acc, a, b, edt, b_edt=None):
     """acc + a @ b in edt, into acc (acc None: a new a @ b). 16-bit operands are multiplied as they are,
     accumulated in fp32 and not rounded back to 16 bits: one mixed-precision product on CUDA, fp32
     copies of the operands elsewhere (``b_edt``: b's copy, when the caller reuses it)."""
+    global _HAS_MM_DTYPE
     if a.dtype != edt and a.device.type == "cuda" and _HAS_MM_DTYPE:
-        prod = torch.ops.aten.mm.dtype(a, b, edt)
-        return prod if acc is None else acc.add_(prod)
+        try:
+            prod = torch.ops.aten.mm.dtype(a, b, edt)
+        except (RuntimeError, NotImplementedError):  # a build without it for these dtypes: fp32 copies
+            _HAS_MM_DTYPE = False
+        else:
+            return prod if acc is None else acc.add_(prod)
     if a.dtype != edt:
         a, b = a.to(edt), (b.to(edt) if b_edt is None else b_edt)
     return a @ b if acc is None else acc.addmm_(a, b)
