@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -90,6 +91,14 @@ def _resume_value(argv: list) -> list:
     return out
 
 
+def _path(text: str) -> str:
+    """A path argument that is not empty or blank: ``--out ""`` (an unset ``$OUT``) would otherwise be
+    the current directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a path, got {text!r} (an unset variable?)")
+    return text
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -146,8 +155,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train from a YAML config")
-    p.add_argument("--config", required=True, help="YAML config file")
-    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl)")
+    p.add_argument("--config", required=True, type=_path, help="YAML config file")
+    p.add_argument("--out", required=True, type=_path, help="run directory (checkpoints, metrics.jsonl)")
     p.add_argument("--resume", choices=("last", "auto"), default=None,
                    help="'--resume': continue from OUT/last.pt; '--resume auto': continue from it if it "
                         "exists, else start fresh (for torchrun --max-restarts)")
@@ -155,13 +164,13 @@ def main(argv=None) -> int:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on the config's validation set")
-    p.add_argument("--checkpoint", required=True, help="last.pt, best.pt or an exported student.pt")
-    p.add_argument("--config", required=True, help="YAML config file of the run")
+    p.add_argument("--checkpoint", required=True, type=_path, help="last.pt, best.pt or an exported student.pt")
+    p.add_argument("--config", required=True, type=_path, help="YAML config file of the run")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("demo", help="DHKD vs CE vs KD on MNIST-1D, with one progress bar (timing: README)")
-    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    p.add_argument("--out", default="runs/demo", type=_path, help="run directory (default runs/demo)")
     p.add_argument("--epochs", type=_positive_int, default=30, help="epochs per model (default 30)")
     p.add_argument("--seeds", type=_positive_int, default=3, help="student seeds per method (default 3)")
     p.add_argument("--verbose", action="store_true", help="print every run's per-epoch lines instead of the bar")
@@ -172,7 +181,7 @@ def main(argv=None) -> int:
                    help="mnist1d: the 10-class head-collapse experiment; mnist1d100: one head vs two heads, "
                         "100 classes (configs/mnist1d100/experiment.yaml)")
     p.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, fewer signals, no lr grid (CI smoke run)")
-    p.add_argument("--out", default=None,
+    p.add_argument("--out", default=None, type=_path,
                    help="run directory (default runs/<name>_experiment, with --quick runs/<name>_quick)")
     p.add_argument("--seeds", type=_positive_int, default=None, help="student seeds per method (default 5; --quick 1)")
     p.add_argument("--jobs", type=_positive_int, default=1, help="runs trained in parallel processes (default 1)")
@@ -181,7 +190,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("bench", help="benchmark report from pytest-benchmark JSON (run from a checkout)")
     p.add_argument("--report", nargs="+", required=True, metavar="BENCH.json",
                    help="pytest-benchmark JSON file(s) written with --benchmark-json")
-    p.add_argument("--out", default="bench-report", help="folder for benchmarks.md and the PNG charts")
+    p.add_argument("--out", default="bench-report", type=_path, help="folder for benchmarks.md and the PNG charts")
     p.add_argument("--no-charts", action="store_true", help="the Markdown table only")
     p.set_defaults(func=_bench)
 
@@ -215,6 +224,22 @@ def main(argv=None) -> int:
     except (BadImageError, FloatingPointError) as exc:  # during training: one line, what to do next
         print(f"dhkd {args.command}: error: {_training_error(exc, getattr(args, 'out', None))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"dhkd {args.command}: {_interrupted(args)}", file=sys.stderr)
+        return 130
+
+
+def _interrupted(args) -> str:
+    """One line for Ctrl-C: where the last checkpoint is and how to go on."""
+    out = getattr(args, "out", None)
+    if args.command != "train" or not out:
+        return "interrupted"
+    last = Path(out) / "last.pt"
+    if not last.is_file():
+        return f"interrupted before the first epoch ended: no checkpoint in {out}; start again to train"
+    argv = ["dhkd", "train", "--config", str(args.config), "--out", str(out), "--resume",
+            *getattr(args, "overrides", [])]
+    return f"interrupted; {last} keeps the last finished epoch: resume with {shlex.join(argv)}"
 
 
 def _training_error(exc: BaseException, out) -> str:

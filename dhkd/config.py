@@ -12,11 +12,14 @@ import dataclasses
 import math
 import os
 import re
+import reprlib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from .paths import cache_dir, expand_path  # noqa: F401 (re-exported: dhkd.config.cache_dir)
 
 METHODS = ("ce", "kd", "binary_kl", "ce_binary_kl", "dhkd")
 DATASETS = ("mnist1d", "mnist1d100", "cifar100", "imagenet", "synthetic")
@@ -24,6 +27,7 @@ IMAGE_BACKENDS = ("torchvision", "gpu-decode", "dali")
 NUM_CLASSES = {"mnist1d": 10, "mnist1d100": 100, "cifar100": 100, "imagenet": 1000}
 
 
+MAX_SEED = 2**32 - 1
 ON_OFF_KEYS = ("train.amp",)  # string fields with an "off" choice: an unquoted YAML off is False
 
 
@@ -45,9 +49,79 @@ class ConfigError(ValueError):
             raise cls(problems=[f"{prefix}{p}" for p in problems])
 
 
+MAX_YAML_NODES = 10_000  # a config has ~100 values; aliases may not expand a document beyond this
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple = 2, 4, 4, 4
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 60, 60, 40
+
+
+def _show(value) -> str:
+    """``repr(value)`` bounded in length and depth, for error messages (never the whole of a huge or
+    alias-expanded value)."""
+    return _REPR.repr(value)
+
+
+class YAMLRefused(yaml.YAMLError):
+    """A YAML document this loader refuses (a duplicate key, an alias expansion past the bound); the
+    message is one line."""
+
+
+def _yaml_reason(exc: yaml.YAMLError) -> str:
+    """One line for a YAML error: its problem and where (line numbers are 1-based)."""
+    if isinstance(exc, YAMLRefused):
+        return str(exc)
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
 class ConfigLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that also reads exponent floats without a dot or exponent sign (``1e-3``,
-    ``5E4``, ``1.0e3``), which YAML 1.1 leaves as strings; YAML 1.2 and every person read them as floats."""
+    ``5E4``, ``1.0e3``), which YAML 1.1 leaves as strings; YAML 1.2 and every person read them as floats.
+
+    It refuses a key given twice in one mapping (YAML would keep the last silently) and a document
+    whose aliases expand it past ``MAX_YAML_NODES`` values (a "billion laughs" bomb) or that refers to
+    itself."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        _expanded_size(node, {}, set())
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node)
+                if key in first:
+                    raise YAMLRefused(f"duplicate key {_show(key)} at line {key_node.start_mark.line + 1} "
+                                      f"(first at line {first[key] + 1}): give each key once")
+                first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node, sizes: dict, open_: set) -> int:
+    """Values in ``node`` with every alias expanded; YAMLRefused past MAX_YAML_NODES or on a cycle.
+    Linear in the composed (unexpanded) document."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_:
+        raise YAMLRefused(f"an alias at line {node.start_mark.line + 1} refers to a value that contains it")
+    open_.add(key)
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(v, sizes, open_) for v in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, sizes, open_) + _expanded_size(v, sizes, open_) for k, v in node.value)
+    open_.discard(key)
+    if size > MAX_YAML_NODES:
+        raise YAMLRefused(f"aliases expand the document past {MAX_YAML_NODES} values (at line "
+                          f"{node.start_mark.line + 1}); write the values out instead")
+    sizes[key] = size
+    return size
 
 
 ConfigLoader.add_implicit_resolver(
@@ -180,22 +254,11 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    source: typing.ClassVar[str | None] = None  # the YAML file it was read from (not a setting)
 
     @property
     def num_classes(self) -> int:
         return self.data.num_classes if self.data.num_classes is not None else NUM_CLASSES[self.data.dataset]
-
-
-def cache_dir() -> Path:
-    """``$DHKD_CACHE`` or ``~/.cache/dhkd``."""
-    return Path(os.environ.get("DHKD_CACHE") or Path.home() / ".cache" / "dhkd")
-
-
-def expand_path(path: str | None) -> str | None:
-    """Expand ``{cache}``, ``~`` and environment variables in a configured path."""
-    if path is None:
-        return None
-    return os.path.expandvars(os.path.expanduser(path.replace("{cache}", str(cache_dir()))))
 
 
 # ---------------------------------------------------------------- typed mapping
@@ -225,27 +288,27 @@ def _coerce(value, tp, key: str):
         raise errors[0]
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
+            raise ConfigError(f"{key} must be a list, got {_show(value)}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r}")
+            raise ConfigError(f"{key} must be true or false, got {_show(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an int, got {value!r}")
+            raise ConfigError(f"{key} must be an int, got {_show(value)}")
         return value
     if tp is float:
         if isinstance(value, str) and FLOAT_TEXT.match(value.strip()):  # a quoted number: "1e-3"
             value = float(value.strip().replace("_", ""))
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
+            raise ConfigError(f"{key} must be a number, got {_show(value)}")
         return float(value)
     if tp is str:
         if isinstance(value, bool) and key in ON_OFF_KEYS:  # YAML 1.1 reads off/no/on/yes as booleans
             return "on" if value else "off"
         if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
+            raise ConfigError(f"{key} must be a string, got {_show(value)}")
         return value
     raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")  # pragma: no cover
 
@@ -256,7 +319,7 @@ def _apply(obj, mapping: dict, prefix: str, problems: list | None = None) -> Non
     own = problems is None
     problems = [] if own else problems
     if not isinstance(mapping, dict):
-        problems.append(f"{prefix.rstrip('.') or 'the config'} must be a mapping, got {mapping!r}")
+        problems.append(f"{prefix.rstrip('.') or 'the config'} must be a mapping, got {_show(mapping)}")
     else:
         hints = _hints(type(obj))
         names = [f.name for f in dataclasses.fields(obj)]
@@ -281,7 +344,7 @@ def set_key(cfg: Config, dotted: str, value, problems: list | None = None) -> No
     """Set ``section.key`` (or a top-level key such as ``method``) to a typed value."""
     parts = dotted.split(".")
     if not all(parts):
-        raise ConfigError(f"bad override key {dotted!r}")
+        raise ConfigError(f"bad override key {_show(dotted)}")
     nested: dict = value
     for p in reversed(parts):
         nested = {p: nested}
@@ -291,30 +354,44 @@ def set_key(cfg: Config, dotted: str, value, problems: list | None = None) -> No
 def parse_override(text: str) -> tuple[str, object]:
     """``"train.epochs=2"`` -> ``("train.epochs", 2)``; the value is read as YAML (``null``, ``[1, 2]``)."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.key=value")
+        raise ConfigError(f"override {_show(text)} must look like section.key=value")
     key, raw = text.split("=", 1)
     key = key.strip()
     try:
         value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc})") from None
+        raise ConfigError(f"override {_show(text)}: the value is not valid YAML ({_yaml_reason(exc)})") from None
     return key, value
 
 
-def config_from_dict(data: dict | None, overrides=(), *, partial: list | None = None) -> Config:
+def config_from_dict(data: dict | None, overrides=(), *, partial: list | None = None,
+                     source: str | None = None) -> Config:
     """The validated Config of ``data`` plus ``overrides``; ConfigError listing every bad key, value
     and inconsistency. With a ``partial`` list, problems are appended there instead and the config
-    (bad keys left at their defaults) is returned."""
+    (bad keys left at their defaults) is returned.
+
+    Each problem says where it came from: ``{source}: `` for a key of ``data`` (``source``: the file
+    it was read from), ``command line: `` for an override or a cross-field problem of an overridden
+    key."""
     problems = [] if partial is None else partial
+    from_file = "" if source is None else f"{source}: "
     cfg = Config()
-    _apply(cfg, data if data is not None else {}, "", problems)
+    found: list = []
+    _apply(cfg, data if data is not None else {}, "", found)
+    problems.extend(from_file + p for p in found)
+    overridden = []
     for item in overrides:
+        found = []
         try:
             key, value = parse_override(item) if isinstance(item, str) else item
-            set_key(cfg, key, value, problems)
+            overridden.append(key)
+            set_key(cfg, key, value, found)
         except ConfigError as exc:
-            problems.extend(exc.problems)
-    problems.extend(validation_problems(cfg))
+            found.extend(exc.problems)
+        problems.extend(f"command line: {p}" for p in found)
+    for p in validation_problems(cfg):
+        by_override = any(re.search(rf"(?<![\w.]){re.escape(k)}(?![\w.])", p) for k in overridden)
+        problems.append(("command line: " if by_override else from_file) + p)
     if partial is None:
         ConfigError.raise_for(problems)
     return cfg
@@ -322,22 +399,24 @@ def config_from_dict(data: dict | None, overrides=(), *, partial: list | None = 
 
 def load_config(path, overrides=(), *, partial: list | None = None) -> Config:
     """Read a YAML config, apply ``overrides`` ("a.b=value" strings), validate; raise ConfigError
-    listing every problem (or, with a ``partial`` list, append them to it; see ``config_from_dict``)."""
+    listing every problem, each naming the file or the command line it came from (or, with a
+    ``partial`` list, append them to it; see ``config_from_dict``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
         data = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_reason(exc)}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     problems: list = []
-    cfg = config_from_dict(data, overrides, partial=problems)
+    cfg = config_from_dict(data, overrides, partial=problems, source=str(path))
     if partial is None:
-        ConfigError.raise_for(problems, prefix=f"{path}: ")
+        ConfigError.raise_for(problems)
     else:
-        partial.extend(f"{path}: {p}" for p in problems)
+        partial.extend(problems)
+    cfg.source = str(path)
     tc = cfg.teacher.train_config
     if tc is not None and not os.path.isabs(expand_path(tc)):
         beside = path.parent / tc
@@ -367,12 +446,12 @@ def _bad(msg: str) -> None:
 
 def _choice(key, value, choices):
     if value not in choices:
-        _bad(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        _bad(f"{key} must be one of {', '.join(map(str, choices))}; got {_show(value)}")
 
 
 def _positive(key, value, *, allow_zero=False):
     if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        _bad(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+        _bad(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {_show(value)}")
 
 
 def validate_config(cfg: Config) -> None:
@@ -419,13 +498,6 @@ def _validate(cfg: Config) -> None:
         _positive("data.num_classes", d.num_classes)
         if d.dataset in ("mnist1d", "mnist1d100", "cifar100") and d.num_classes != NUM_CLASSES[d.dataset]:
             _bad(f"data.num_classes={d.num_classes} but {d.dataset} has {NUM_CLASSES[d.dataset]}")
-    if d.dataset == "mnist1d100" and d.mnist1d_samples > 0:
-        from .mnist1d100 import split_sizes
-        try:
-            split_sizes(d.mnist1d_samples)
-        except ValueError as exc:  # too few signals per class for train / val / test
-            _bad(f"data.mnist1d_samples={d.mnist1d_samples}: {exc} (mnist1d100 needs at least 400, "
-                 f"4 per class)")
     for key in ("batch_size", "image_size", "mnist1d_samples", "synthetic_train_samples",
                 "synthetic_val_samples"):
         _positive(f"data.{key}", getattr(d, key))
@@ -510,7 +582,7 @@ def _validate(cfg: Config) -> None:
             _bad(f"set train.global_batch or train.accum_steps, not both: with global_batch="
                   f"{tr.global_batch} the accumulation steps follow from it (accum_steps="
                   f"{tr.accum_steps} would be ignored)")
-        if tr.global_batch % d.batch_size:
+        if d.batch_size > 0 and tr.global_batch % d.batch_size:
             _bad(f"train.global_batch={tr.global_batch} is not a multiple of "
                   f"data.batch_size={d.batch_size}")
     if tr.max_steps_per_epoch is not None:
@@ -518,5 +590,8 @@ def _validate(cfg: Config) -> None:
     _positive("train.log_every", tr.log_every)
     _positive("train.diagnostics_samples", tr.diagnostics_samples)
     _choice("train.amp", tr.amp, ("auto", "bf16", "off"))
-    if not (tr.device in ("auto", "cpu", "cuda") or tr.device.startswith("cuda:")):
-        _bad(f"train.device must be auto, cpu, cuda or cuda:N, got {tr.device!r}")
+    if not (tr.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:[0-9]+", tr.device)):
+        _bad(f"train.device must be auto, cpu, cuda or cuda:N with N a GPU index >= 0, got {_show(tr.device)}")
+    for key, value in (("train.seed", tr.seed), ("data.mnist1d_seed", d.mnist1d_seed)):
+        if not 0 <= value <= MAX_SEED:
+            _bad(f"{key} must be an int in [0, 2**32 - 1] (what numpy's generators take), got {_show(value)}")

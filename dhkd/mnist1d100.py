@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_path
+from .paths import cache_dir
 
 NUM_CLASSES = 100
 TEMPLATE_LEN = 12
@@ -96,7 +97,6 @@ def generate(samples: int, seed: int = 42, template_seed: int = 0, num_classes: 
 
 def arrays(samples: int, seed: int = 42, template_seed: int = 0, cache: Path | None = None) -> dict:
     """``generate``'s arrays, from the cache when present (written atomically on first use)."""
-    from .config import cache_dir
     cache = Path(cache) if cache is not None else cache_dir() / "mnist1d100"
     path = cache / f"mnist1d100_n{samples}_seed{seed}_t{template_seed}.npz"
     keys = ("x", "y", "x_val", "y_val", "x_test", "y_test")

@@ -38,8 +38,11 @@ def train_set_size(cfg: Config) -> int | None:
 
 
 def batch_problem(cfg: Config, n_train: int, world_size: int = 1) -> str | None:
-    """The problem when ``n_train`` samples over ``world_size`` processes hold no full optimizer step."""
+    """The problem when ``n_train`` samples over ``world_size`` processes hold no full optimizer step
+    (None as well when the batch settings are themselves invalid: dhkd.config reports those)."""
     bs, tr = cfg.data.batch_size, cfg.train
+    if bs < 1 or tr.accum_steps < 1 or (tr.global_batch is not None and tr.global_batch < 1) or world_size < 1:
+        return None
     accum = tr.global_batch // (bs * world_size) if tr.global_batch else tr.accum_steps
     per_rank = n_train // world_size
     if per_rank // bs >= max(accum, 1):
@@ -73,6 +76,56 @@ def _data_problems(cfg: Config) -> list[str]:
     return []
 
 
+def _loss_backend_problems(cfg: Config) -> list[str]:
+    """``loss.backend=triton`` where its kernels cannot run: no triton package, or a CPU device
+    without the Triton interpreter (TRITON_INTERPRET=1)."""
+    if cfg.loss.backend != "triton":
+        return []
+    import importlib.util
+
+    import torch
+    if importlib.util.find_spec("triton") is None:
+        return ["loss.backend=triton needs the triton package, which is not installed here; use "
+                "loss.backend=auto or torch"]
+    device = cfg.train.device
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if not cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        where = "train.device=cpu" if device == "cpu" else "this machine has no CUDA device"
+        return [f"loss.backend=triton runs on CUDA, but {where}; use loss.backend=auto or torch (or set "
+                f"TRITON_INTERPRET=1 to run the kernels in the slow interpreter)"]
+    return []
+
+
+def _overwrite_problems(cfg: Config, out: Path) -> list[str]:
+    """A fresh run writes OUT/config.yaml: refuse when that file is the config being read (the
+    user's file, comments and all, would be replaced by the resolved dump)."""
+    source, target = getattr(cfg, "source", None), out / "config.yaml"
+    if source is None or not target.exists():
+        return []
+    try:
+        same = os.path.samefile(source, target)
+    except OSError:
+        return []
+    if not same:
+        return []
+    return [f"--config {source} is {target}, which a fresh run replaces with the resolved config: copy it "
+            f"elsewhere and pass the copy, or pass --resume to continue that run"]
+
+
+def samples_problems(cfg: Config) -> list[str]:
+    """A data set too small for its own splits (MNIST-1D-100: 4 signals per class)."""
+    d = cfg.data
+    if d.dataset != "mnist1d100" or d.mnist1d_samples <= 0:
+        return []
+    from .mnist1d100 import split_sizes
+    try:
+        split_sizes(d.mnist1d_samples)
+    except ValueError as exc:  # too few signals per class for train / val / test
+        return [f"data.mnist1d_samples={d.mnist1d_samples}: {exc} (mnist1d100 needs at least 400, "
+                f"4 per class)"]
+    return []
+
+
 def _teacher_problems(cfg: Config) -> list[str]:
     t = cfg.teacher
     if cfg.method == "ce" or t.name is None or t.random_init or t.checkpoint is None:
@@ -95,6 +148,8 @@ def _teacher_problems(cfg: Config) -> list[str]:
     except ConfigError as exc:
         problems.extend(exc.problems)
         tcfg = None
+    if tcfg is not None:
+        problems += samples_problems(tcfg)
     problems = [f"teacher.train_config: {p}" for p in problems]
     if tcfg is not None:
         problems += out_dir_problems(Path(ckpt).parent, label=f"teacher.checkpoint={t.checkpoint}: its folder")
@@ -115,9 +170,13 @@ def start_problems(cfg: Config | None, out=None, *, resume=False, world_size: in
             problems.append(f"--resume: no checkpoint {Path(out) / 'last.pt'}")
     if cfg is None:  # the config itself could not be read
         return problems
-    problems += _data_problems(cfg)
+    problems += samples_problems(cfg) + _data_problems(cfg)
+    problems += _loss_backend_problems(cfg)
+    fresh = resume is False or (resume == "auto" and not (Path(out) / "last.pt").is_file()) if out else False
+    if out is not None and check_out and fresh:
+        problems += _overwrite_problems(cfg, Path(out))
     gb, per_step = cfg.train.global_batch, cfg.data.batch_size * world_size
-    if gb is not None and gb % per_step:
+    if gb is not None and per_step > 0 and gb % per_step:
         problems.append(f"train.global_batch={gb} is not a multiple of data.batch_size x processes = {per_step}")
     n = train_set_size(cfg)
     bad = batch_problem(cfg, n, world_size) if n is not None else None

@@ -221,17 +221,27 @@ def save_checkpoint(obj, path) -> None:
         raise
 
 
-def load_checkpoint(path) -> dict:
-    """A trainer checkpoint (``torch.load(weights_only=True)``); CheckpointError when unusable."""
+def read_checkpoint_file(path):
+    """The object in a checkpoint file, on the CPU (``torch.load(weights_only=True)``): the one way
+    every checkpoint is read (resume, ``dhkd eval``, teachers). CheckpointError, one line, when the
+    file is missing or cannot be read."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, bad pickle, disallowed globals
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt file?): "
-                              f"{type(exc).__name__}: {first}") from exc
+        raise CheckpointError(
+            f"cannot read checkpoint {path} (truncated or corrupt file?): {type(exc).__name__}: "
+            f"{first[:200]}; a file that pickles other objects (e.g. an argparse Namespace) cannot load "
+            f"with weights_only=True: re-save just the state dict") from exc
+
+
+def load_checkpoint(path) -> dict:
+    """A trainer checkpoint (``read_checkpoint_file``); CheckpointError when unusable."""
+    path = Path(path)
+    ckpt = read_checkpoint_file(path)
     if not isinstance(ckpt, dict) or "format_version" not in ckpt:
         raise CheckpointError(f"{path} is not a dhkd trainer checkpoint (no format_version)")
     if ckpt["format_version"] != CHECKPOINT_FORMAT:

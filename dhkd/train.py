@@ -28,11 +28,13 @@ import torch
 from .config import Config, ConfigError, config_from_dict, dump_config, expand_path, load_config, to_dict
 from .data import build_data
 from .distill import build_distiller
-from .distributed import all_reduce_mean_, barrier, broadcast_tensors, maybe_inject_fault, wrap_ddp
+from .distributed import all_reduce_mean_, barrier, maybe_inject_fault, wrap_ddp
+from .evaluation import evaluate, head_diagnostics, topk_correct  # noqa: F401 (topk_correct: re-exported)
 from .optim import build_optimizer, build_scheduler, scaled_lr
 from .preflight import batch_problem, check_start
 from .rundir import (CHECKPOINT_FORMAT, RUN_KEYS, CheckpointError, FileLock, MetricsLog,  # noqa: F401
-                     RunDir, RunDirError, load_checkpoint, save_checkpoint, training_settings)
+                     RunDir, RunDirError, load_checkpoint, read_checkpoint_file, save_checkpoint,
+                     training_settings)
 
 atomic_save = save_checkpoint  # the name earlier code used
 SCHEDULE_KEYS = (("train", "epochs"), ("optim", "lr"), ("optim", "base_batch"), ("sched", None))
@@ -94,14 +96,6 @@ def set_rng_state(state: dict, device: torch.device | None = None) -> None:
             torch.cuda.set_rng_state(cuda, device)
 
 
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[torch.Tensor]:
-    """Number of rows whose label is among the top-k logits, for each k (k capped at C)."""
-    kmax = min(max(ks), logits.shape[1])
-    top = logits.topk(kmax, dim=1).indices
-    hit = top == labels.unsqueeze(1)
-    return [hit[:, :min(k, kmax)].any(1).sum() for k in ks]
-
-
 # ---------------------------------------------------------------- teacher
 
 def train_teacher(config, checkpoint: Path, *, device: str | None = None, log=print, on_epoch=None) -> dict:
@@ -128,7 +122,7 @@ def train_teacher(config, checkpoint: Path, *, device: str | None = None, log=pr
     lock.acquire(wait=True, on_wait=on_wait)
     try:
         if waited and checkpoint.is_file():
-            saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            saved = read_checkpoint_file(checkpoint)
             return {"val/acc1_main": saved.get("val_acc1")}
         run_dir = checkpoint.parent / f"{checkpoint.stem}_run"
         log(f"[dhkd] teacher checkpoint {checkpoint} missing: training {tcfg.student.name} in {run_dir}")
@@ -218,6 +212,22 @@ def _meaning_changes(saved: dict, cfg: Config) -> list[str]:
                    "the official parameter-space alignment now: set loss.ga_space=features to go on as the "
                    "run began")
     return out
+
+
+def schedule_position(ckpt: dict, steps_per_epoch: int) -> int:
+    """The scheduler step at which a run resumed from ``ckpt`` goes on, in this run's steps per epoch.
+
+    The schedule's position is kept in epochs (and fractions of one): a checkpoint written after s
+    steps of S per epoch resumes at s / S epochs = round(s / S * steps_per_epoch) steps of this run,
+    whatever changed the steps per epoch (data.batch_size, world size, accum_steps,
+    max_steps_per_epoch). A checkpoint without ``steps_per_epoch`` (older format) gives S = s / epoch."""
+    step, epoch = int(ckpt["step"]), int(ckpt["epoch"])
+    saved = ckpt.get("steps_per_epoch")
+    if not saved:
+        if epoch <= 0:
+            return step
+        saved = step / epoch
+    return int(round(step * steps_per_epoch / saved))
 
 
 class Trainer:
@@ -415,7 +425,7 @@ class Trainer:
         sched = self.scheduler.state_dict()
         sched["lr_lambdas"] = [None] * len(sched["lr_lambdas"])
         return {"format_version": CHECKPOINT_FORMAT, "epoch": self.epoch, "step": self.step,
-                "model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "steps_per_epoch": self.steps_per_epoch, "model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": sched, "rng": rng_state(self.device), "best_acc1": self.best_acc1,
                 "config": to_dict(self.cfg), "metrics": row or {}}
 
@@ -444,6 +454,7 @@ class Trainer:
             raise CheckpointError(f"{path} does not match this model/optimizer: {exc}") from exc
         self.epoch, self.step = epoch, int(ckpt["step"])
         saved_lr = saved_groups[0].get("lr")
+        self.scheduler.last_epoch = schedule_position(ckpt, self.steps_per_epoch)
         self.scheduler.base_lrs = [self.lr] * len(self.optimizer.param_groups)
         factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
         for group in self.optimizer.param_groups:  # this config's schedule, from the next step on
@@ -469,76 +480,19 @@ class Trainer:
                 self.log(f"[dhkd] resume: {'; '.join(changes)}: the lr schedule changes, the next step's lr "
                          f"goes from {saved_lr:.4g} to {new_lr:.4g}")
 
-    # -------------------------------------------------- evaluation
-    @torch.no_grad()
+    # -------------------------------------------------- evaluation (dhkd.evaluation)
     def evaluate(self, model=None) -> dict:
-        """Top-1/top-5 of the student's main and auxiliary heads (or of ``model``'s logits) on val."""
-        student = self.student
-        if getattr(self, "ddp", None) is not None:  # rank 0's BatchNorm statistics on every rank
-            broadcast_tensors(list(student.buffers()))
-        was_training = student.training
-        student.eval()
-        counts = torch.zeros(6, dtype=torch.float64, device=self.device)  # m1 m5 a1 a5 n ce_sum
-        for x, y in self.data.val:
-            x = self.data.prepare(x, self.device, self.channels_last)
-            y = y.to(self.device, non_blocking=True)
-            with self.autocast():
-                if model is not None:
-                    z1, z2 = model(x), None
-                else:
-                    f, a = student.forward_features(x)
-                    z1, z2 = student.head(f), student.aux_logits(f, a)
-            z1 = z1.float()
-            m1, m5 = topk_correct(z1, y)
-            counts[0] += m1
-            counts[1] += m5
-            if z2 is not None:
-                a1, a5 = topk_correct(z2.float(), y)
-                counts[2] += a1
-                counts[3] += a5
-            counts[4] += y.numel()
-            counts[5] += torch.nn.functional.cross_entropy(z1, y, reduction="sum").double()
-        self.all_reduce(counts)
-        student.train(was_training)
-        n = max(counts[4].item(), 1.0)
-        if model is not None:
-            return {"val/acc1": 100 * counts[0].item() / n, "val/acc5": 100 * counts[1].item() / n}
-        row = {"val/acc1_main": 100 * counts[0].item() / n, "val/acc5_main": 100 * counts[1].item() / n,
-               "val/acc1_aux": 100 * counts[2].item() / n, "val/acc5_aux": 100 * counts[3].item() / n,
-               "val/loss_ce_main": counts[5].item() / n, "val/n": int(counts[4].item())}
+        """``dhkd.evaluation.evaluate`` of this run's student (or of ``model``) on its validation set."""
         distiller = getattr(self, "distiller", None)
-        if distiller is not None and not distiller.uses_aux_head:  # an aux head no loss trained
-            del row["val/acc1_aux"], row["val/acc5_aux"]
-        return row
+        return evaluate(self.student, self.data, self.device, channels_last=self.channels_last,
+                        autocast=self.autocast, all_reduce=self.all_reduce, model=model,
+                        aux_trained=distiller is None or distiller.uses_aux_head,
+                        broadcast_buffers=getattr(self, "ddp", None) is not None)
 
-    @torch.no_grad()
     def head_diagnostics(self) -> dict:
-        """``dhkd.diagnostics.head_report`` of the main head (``diag/main/<key>``) and, for method dhkd,
-        of the auxiliary head (``diag/aux/<key>``), with NC1 on the first ``train.diagnostics_samples``
-        validation samples of this process (eval mode; each head's NC1 on its own input features)."""
-        from .diagnostics import head_report
-        student = self.student
-        was_training = student.training
-        student.eval()
-        feats, aux_feats, labels, n = [], [], [], 0
-        for x, y in self.data.val:
-            x = self.data.prepare(x, self.device, self.channels_last)
-            with self.autocast():
-                f, a = student.forward_features(x)
-            feats.append(f.float())
-            aux_feats.append(f.float() if a is None else a.float())
-            labels.append(y.to(self.device))
-            n += y.shape[0]
-            if n >= self.cfg.train.diagnostics_samples:
-                break
-        student.train(was_training)
-        k = self.cfg.train.diagnostics_samples
-        f, a, y = torch.cat(feats)[:k], torch.cat(aux_feats)[:k], torch.cat(labels)[:k]
-        c = self.cfg.num_classes
-        row = {f"diag/main/{key}": v for key, v in head_report(student.head.weight, f, y, c).items()}
-        if self.distiller.uses_aux_head:
-            row.update({f"diag/aux/{key}": v for key, v in head_report(student.aux_head.weight, a, y, c).items()})
-        return row
+        """``dhkd.evaluation.head_diagnostics`` of this run's student."""
+        return head_diagnostics(self.student, self.data, self.device, self.cfg, channels_last=self.channels_last,
+                                autocast=self.autocast, aux_trained=self.distiller.uses_aux_head)
 
     # -------------------------------------------------- training
     def train_step(self, batches, epoch: int) -> dict:
@@ -590,7 +544,7 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict:
         self.student.train()
         if self.world_size > 1:  # per-rank dropout masks, a function of (seed, epoch, rank) for resume
-            torch.manual_seed((self.cfg.train.seed * 1_000_003 + epoch) * 10_007 + self.rank)
+            torch.manual_seed(((self.cfg.train.seed * 1_000_003 + epoch) * 10_007 + self.rank) % 2**64)
         loader = self.data.train
         loader.set_epoch(epoch)
         it = iter(loader)
@@ -712,29 +666,34 @@ def evaluate_checkpoint(cfg: Config, checkpoint, *, log=print) -> dict:
     exported ``student.pt`` (main head only)."""
     from .models import build_student, read_state_dict
     device = resolve_device(cfg.train.device)
-    state = read_state_dict(checkpoint)
-    trainer = Trainer.__new__(Trainer)
-    trainer.cfg, trainer.device, trainer.world_size = cfg, device, 1
-    trainer.amp = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and device.type == "cuda")
-    trainer.data = build_data(cfg, device=device, with_train=False)
-    trainer.channels_last = cfg.train.channels_last and trainer.data.kind == "image"
+    try:
+        state = read_state_dict(checkpoint)
+    except ValueError as exc:  # unreadable, or no state dict: the one line resume gives too
+        raise CheckpointError(str(exc)) from None
+    amp = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and device.type == "cuda")
+    data = build_data(cfg, device=device, with_train=False)
+    channels_last = cfg.train.channels_last and data.kind == "image"
     student = build_student(cfg.student.name, num_classes=cfg.num_classes, aux_head=cfg.student.aux_head,
                             aux_hidden=cfg.student.aux_hidden, aux_dropout=cfg.student.aux_dropout)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
+
+    def run(net, model=None):
+        return evaluate(net.to(device), data, device, channels_last=channels_last, autocast=autocast,
+                        all_reduce=lambda t: t, model=model)
+
     if any(k.startswith("aux_") for k in state):
         try:
             student.load_state_dict(state)
         except RuntimeError as exc:
             raise CheckpointError(f"{checkpoint} does not match student {cfg.student.name}: {exc}") from exc
-        trainer.student = student.to(device)
-        result = trainer.evaluate()
-    else:
-        exported = student.export_student()
-        try:
-            exported.load_state_dict(state)
-        except RuntimeError as exc:
-            raise CheckpointError(f"{checkpoint} does not match student {cfg.student.name}: {exc}") from exc
-        trainer.student = student.to(device)
-        result = trainer.evaluate(exported.to(device).eval())
-        result = {k.replace("val/acc1", "val/acc1_main").replace("val/acc5", "val/acc5_main"): v
-                  for k, v in result.items()}
-    return result
+        return run(student)
+    exported = student.export_student()
+    try:
+        exported.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{checkpoint} does not match student {cfg.student.name}: {exc}") from exc
+    result = run(student, exported.to(device).eval())
+    return {k.replace("val/acc1", "val/acc1_main").replace("val/acc5", "val/acc5_main"): v
+            for k, v in result.items()}

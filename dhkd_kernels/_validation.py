@@ -15,6 +15,9 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def _tensor(name: str, x, ndim: int, float_: bool = True) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}; "
+                        f"call .to_dense() first")
     if float_ and x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a float16/bfloat16/float32/float64 tensor, got {x.dtype}")
     if x.dim() != ndim:
@@ -87,8 +90,7 @@ def validate(features, head_weight, head_bias, aux_weight, aux_bias, teacher_log
     else:
         _tensor("teacher_logits", teacher_logits, 2)
         _shape("teacher_logits", teacher_logits, (n, c), "(N, C)")
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    _tensor("labels", labels, labels.dim() if isinstance(labels, torch.Tensor) else 1, float_=False)
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"labels must be an int64 or int32 tensor, got {labels.dtype}")
     _shape("labels", labels, (n,), "(N,)")
@@ -130,3 +132,59 @@ def check_label_values(labels: torch.Tensor, n_classes: int, ignore_index: int) 
         raise ValueError(
             f"labels must lie in [0, C) = [0, {n_classes}) or equal ignore_index={ignore_index}; "
             f"labels[{first}] = {int(labels[first])}")
+
+
+# ---------------------------------------------------------------- environment variables
+# One rule: a variable gets the checks of its setter, and an error names the variable.
+
+def env_flag(name: str, default: bool = False) -> bool:
+    """``name`` as a switch: unset or empty -> ``default``; "0"/"1" (also false/true, no/yes, off/on)."""
+    import os
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    value = {"0": False, "1": True, "false": False, "true": True, "no": False, "yes": True,
+             "off": False, "on": True}.get(raw.lower())
+    if value is None:
+        raise ValueError(f"environment variable {name}={_short(raw)} must be 0 or 1")
+    return value
+
+
+def env_positive_number(name: str, default: float) -> float:
+    """``name`` as a finite number > 0 (unset or empty -> ``default``)."""
+    import os
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return float(default)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={_short(raw)} must be a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"environment variable {name}={_short(raw)} must be a finite number > 0")
+    return value
+
+
+def env_choice(name: str, choices: tuple, default: str) -> str:
+    """``name`` as one of ``choices`` (unset or empty -> ``default``)."""
+    import os
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if raw not in choices:
+        raise ValueError(f"environment variable {name}={_short(raw)} must be one of {', '.join(choices)}")
+    return raw
+
+
+def env_memory_budget_bytes(name: str = "DHKD_MEMORY_BUDGET_MB", default_mb: float = 512) -> int:
+    """The triton op's memory budget from ``name`` (MiB, a number > 0) in bytes, as ``set_memory_budget``
+    takes it (a positive int)."""
+    mb = env_positive_number(name, default_mb)
+    nbytes = int(mb * 2**20)
+    if nbytes < 1:
+        raise ValueError(f"environment variable {name}={mb:g} is below one byte")
+    return nbytes
+
+
+def _short(text: str, limit: int = 40) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")

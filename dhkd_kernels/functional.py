@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 from . import reference
-from ._validation import check_label_values, validate
+from ._validation import check_label_values, env_flag, validate
 from .ops import TeacherHead
 from .ops.chunked import chunked_dual_head_kd_loss
 
-_CHECK_LABELS = os.environ.get("DHKD_CHECK_LABELS", "0") == "1"
+_CHECK_LABELS = env_flag("DHKD_CHECK_LABELS")
 
 
 def set_label_check(enabled: bool) -> None:
@@ -22,7 +22,28 @@ def set_label_check(enabled: bool) -> None:
     the loss, the weight and bias gradients and that row's feature gradient NaN on the triton and torch
     backends."""
     global _CHECK_LABELS
-    _CHECK_LABELS = bool(enabled)
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    _CHECK_LABELS = enabled
+
+
+def _compiling() -> bool:
+    try:
+        return bool(torch.compiler.is_compiling())
+    except AttributeError:  # pragma: no cover (older torch)
+        return False
+
+
+def _constant(x: torch.Tensor | None, compiling: bool = False) -> torch.Tensor | None:
+    """A target with no gradient (labels, teacher): detached, and an ordinary tensor when it was made
+    under ``torch.inference_mode()`` (such tensors cannot be saved for backward; one copy of it).
+    Under torch.compile, which does not trace ``is_inference``, the tensor is only detached."""
+    if x is None:
+        return None
+    x = x.detach()
+    if not compiling and x.is_inference() and not torch.is_inference_mode_enabled():
+        x = x.clone()
+    return x
 
 
 def _triton_usable(device: torch.device) -> bool:
@@ -135,20 +156,23 @@ def fused_dual_head_kd_loss(
     float64 = any(x is not None and x.dtype == torch.float64
                   for x in (features, head_weight, head_bias, aux_weight, aux_bias, aux_features))
     backend = _resolve_backend(backend, features.device, float64)
-    if labels.device.type == "cpu" or (_CHECK_LABELS and labels.device.type == "cuda"):
+    # under torch.compile the host read would break the graph: the device-side rule applies (a bad
+    # label makes that row's loss and gradients NaN)
+    compiling = _compiling()
+    if not compiling and (labels.device.type == "cpu" or (_CHECK_LABELS and labels.device.type == "cuda")):
         check_label_values(labels, head_weight.shape[0], ignore_index)
-    if backend != "reference" and _functorch_active((features, head_weight, aux_weight, aux_features,
+    if backend != "reference" and not compiling and _functorch_active((features, head_weight, aux_weight, aux_features,
                                                      head_bias, aux_bias)):
         raise RuntimeError(
             f"fused_dual_head_kd_loss(backend={backend!r}) does not support torch.func transforms "
             "(grad, vmap, jacrev, ...): its gradients are computed by fused kernels, not by autograd "
             "formulas functorch can transform. Use backend='reference' inside torch.func, or "
             "torch.autograd.grad / loss.backward() outside it.")
+    labels = _constant(labels, compiling)
     if teacher_logits is not None:
-        teacher = teacher_logits.detach()  # a constant target on every backend
+        teacher = _constant(teacher_logits, compiling)  # a constant target on every backend
     else:
-        teacher = TeacherHead(teacher_features.detach(), teacher_weight.detach(),
-                              None if teacher_bias is None else teacher_bias.detach())
+        teacher = TeacherHead(*(_constant(v, compiling) for v in (teacher_features, teacher_weight, teacher_bias)))
     if backend == "reference":
         head = {} if teacher_logits is not None else dict(
             teacher_features=teacher.features, teacher_weight=teacher.weight, teacher_bias=teacher.bias)

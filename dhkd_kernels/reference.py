@@ -1,8 +1,9 @@
 """Plain PyTorch reference of the dual-head KD loss: the oracle every fast path is tested against.
 
 Written for clarity, not speed: it materializes both heads' (N, C) logits and lets autograd
-differentiate them. Run it in float64 for an oracle; run it in bf16/fp16 to get eager PyTorch's own
-error in that dtype.
+differentiate them. Run it in float64 for an oracle. In bf16/fp16 it follows the loss-dtype rule of
+every backend: the two products in the 16-bit dtype (autocast's under autocast), the loss math and the
+result in float32.
 
 Notation (one row i of the batch, classes c = 1..C):
     z1 = features @ head_weight.T + head_bias          main head, (N, C)
@@ -23,7 +24,7 @@ Notation (one row i of the batch, classes c = 1..C):
 Rows not in V do not influence anything: their features and teacher logits are replaced by zeros
 before any arithmetic, so garbage (NaN included) in padding rows never reaches a result. A teacher
 logit of -inf marks a class masked out for that row: its teacher probability is 0 in KD, with
-0 log 0 = 0 as in ``F.kl_div``, and it contributes nothing (value and gradient 0) to BinaryKL and
+0 log 0 = 0 as in ``F.kl_div`` (the same wherever p_t underflows to 0: xlogy), and it contributes nothing (value and gradient 0) to BinaryKL and
 BinaryKL-Norm. A valid row whose teacher logits are all -inf has no teacher distribution: its KD
 is NaN. Other non-finite teacher logits (+inf, NaN) in valid rows give a NaN loss.
 
@@ -103,12 +104,13 @@ def cross_entropy(z1: torch.Tensor, labels: torch.Tensor, label_smoothing: float
 
 
 def softmax_kd(z1: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Per-row T^2 KL(softmax(t/T) || softmax(z1/T)), (N, C) -> (N,); 0 log 0 = 0 for masked classes."""
+    """Per-row T^2 KL(softmax(t/T) || softmax(z1/T)), (N, C) -> (N,); 0 log 0 = 0 wherever p_t = 0."""
     log_ps = F.log_softmax(z1 / temperature, dim=-1)
     log_pt = F.log_softmax(t / temperature, dim=-1)
     pt = log_pt.exp()
-    # t = -inf: pt = 0 and log pt = -inf; the product is 0 (its limit), not NaN (a NaN t stays NaN)
-    per_class = torch.where(torch.isneginf(t), torch.zeros_like(pt), pt * (log_pt - log_ps))
+    # xlogy: wherever pt = 0 (t = -inf, or a probability that underflows) the term is 0, its limit,
+    # not 0 * (-inf) = NaN; a NaN teacher stays NaN
+    per_class = torch.where(pt == 0, torch.zeros_like(pt), pt * (log_pt - log_ps))
     kd = temperature**2 * per_class.sum(-1)
     # a row whose teacher logits are all -inf has no teacher distribution: NaN, as on every backend
     return torch.where(torch.isneginf(t).all(-1), torch.full_like(kd, float("nan")), kd)
@@ -161,17 +163,19 @@ def dual_head_kd_loss(
     reduction: str = "mean",
     return_components: bool = False,
 ):
-    """The dual-head KD loss through autograd, in the matmul operands' dtype.
+    """The dual-head KD loss through autograd: matmuls in the operands' dtype, loss math in fp32.
 
     Same arguments and result as :func:`dhkd_kernels.fused_dual_head_kd_loss` (no validation here).
     The operands (features, weights, aux features) are used in one dtype: the autocast dtype under
-    ``torch.autocast``, otherwise their promoted dtype (the rule of every backend); biases and teacher
-    logits are cast to it. With ``teacher_features``/``teacher_weight``/``teacher_bias`` instead of
-    ``teacher_logits`` the teacher logits are their product, without a gradient. ``reduction="none"``
-    returns the (N,) per-row weighted losses (0 for rows outside V). Components: ``ce``, ``kd``,
-    ``logit`` (unweighted, reduced like the total or per row, detached; computed even when their weight
-    is 0, so they may be NaN without affecting the loss), ``correct`` (rows of V whose first arg-max of
-    z1 is the label: a count, or per row) and ``n_valid`` (|V|).
+    ``torch.autocast``, otherwise their promoted dtype (the rule of every backend); biases are cast to
+    it, so z1 and z2 are exactly eager ``F.linear``'s. Everything after the two products (softmaxes,
+    logs, sums, the result) is float32, float64 for float64 operands. With
+    ``teacher_features``/``teacher_weight``/``teacher_bias`` instead of ``teacher_logits`` the teacher
+    logits are their product, without a gradient. ``reduction="none"`` returns the (N,) per-row weighted
+    losses (0 for rows outside V), also when every weight is 0. Components: ``ce``, ``kd``, ``logit``
+    (unweighted, reduced like the total or per row, detached; computed even when their weight is 0, so
+    they may be NaN without affecting the loss), ``correct`` (rows of V whose first arg-max of z1 is
+    the label: a count, or per row) and ``n_valid`` (|V|).
     """
     if teacher_logits is None:
         tdt = _operand_dtype([teacher_features, teacher_weight], teacher_features.device.type)
@@ -180,6 +184,18 @@ def dual_head_kd_loss(
                                       None if teacher_bias is None else teacher_bias.to(tdt))
     mats = [features, head_weight, aux_weight] + ([aux_features] if aux_features is not None else [])
     cdt = _operand_dtype(mats, features.device.type)
+    with torch.autocast(features.device.type, enabled=False):
+        return _loss(features, head_weight, head_bias, aux_weight, aux_bias, teacher_logits, labels, cdt,
+                     aux_features=aux_features, label_smoothing=label_smoothing, ce_weight=ce_weight,
+                     kd_weight=kd_weight, logit_weight=logit_weight, kd_temperature=kd_temperature,
+                     logit_temperature=logit_temperature, logit_loss=logit_loss, ignore_index=ignore_index,
+                     reduction=reduction, return_components=return_components)
+
+
+def _loss(features, head_weight, head_bias, aux_weight, aux_bias, teacher_logits, labels, cdt, *,
+          aux_features, label_smoothing, ce_weight, kd_weight, logit_weight, kd_temperature,
+          logit_temperature, logit_loss, ignore_index, reduction, return_components):
+    ldt = torch.float64 if cdt == torch.float64 else torch.float32
     features, head_weight, aux_weight = (m.to(cdt) for m in (features, head_weight, aux_weight))
     head_bias = None if head_bias is None else head_bias.to(cdt)
     aux_bias = None if aux_bias is None else aux_bias.to(cdt)
@@ -189,17 +205,17 @@ def dual_head_kd_loss(
     # rows outside V are zeroed before any arithmetic: their garbage cannot reach a result
     features = torch.where(vcol, features, zero)
     aux_features = features if aux_features is None else torch.where(vcol, aux_features.to(cdt), zero)
-    z1 = F.linear(features, head_weight, head_bias)
-    z2 = F.linear(aux_features, aux_weight, aux_bias)
-    t = torch.where(vcol, teacher_logits.to(z1.dtype), zero)
+    z1 = F.linear(features, head_weight, head_bias).to(ldt)
+    z2 = F.linear(aux_features, aux_weight, aux_bias).to(ldt)
+    t = torch.where(vcol, teacher_logits.to(ldt), torch.zeros((), dtype=ldt, device=z1.device))
     y = torch.where(valid, labels, torch.zeros_like(labels)).long()
 
     ce = cross_entropy(z1, y, label_smoothing)
     kd = softmax_kd(z1, t, kd_temperature)
     if logit_loss == "binary_kl_norm":
-        logit = binary_kl_norm(z2.to(z1.dtype), t, logit_temperature)
+        logit = binary_kl_norm(z2, t, logit_temperature)
     else:
-        logit = binary_kl(z2.to(z1.dtype), t, logit_temperature)
+        logit = binary_kl(z2, t, logit_temperature)
 
     def reduce(per_row: torch.Tensor) -> torch.Tensor:
         total = torch.where(valid, per_row, torch.zeros_like(per_row))
@@ -215,7 +231,10 @@ def dual_head_kd_loss(
     # every input stays in the graph with a zero gradient when its term has weight 0 (like
     # ``0 * term`` would, but a NaN in that term, e.g. from the teacher, cannot leak through)
     never = torch.zeros((), dtype=torch.bool, device=z1.device)
-    loss = torch.where(never, z1.sum() + z2.sum(), torch.zeros((), dtype=z1.dtype, device=z1.device))
+    if reduction == "none":
+        loss = torch.where(never, z1.sum(-1) + z2.sum(-1), torch.zeros_like(ce))
+    else:
+        loss = torch.where(never, z1.sum() + z2.sum(), torch.zeros((), dtype=ldt, device=z1.device))
     for k, w in weights.items():
         if w:
             loss = loss + w * terms[k]

@@ -93,7 +93,7 @@ class SeededDataset(torch.utils.data.Dataset):
         epoch, i = key
         image, label = self.dataset[i]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + i)
+            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2**64)
             image = self.transform(image)
         return image, label
 

@@ -220,17 +220,14 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
     """The state dict in ``path`` (plain, or under a ``model``/``state_dict`` key), on the CPU."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"checkpoint must be a path, got {type(path).__name__}")
+    from ..rundir import CheckpointError, read_checkpoint_file
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, bad pickle, disallowed globals
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(
-            f"cannot read checkpoint {path}: {type(exc).__name__}: {first}. The file may be truncated or "
-            f"corrupt, or not a PyTorch file; files that pickle other objects (for example an argparse "
-            f"Namespace) cannot load with weights_only=True: re-save just the state dict") from exc
+        obj = read_checkpoint_file(path)
+    except CheckpointError as exc:
+        raise ValueError(str(exc)) from exc.__cause__
     if isinstance(obj, dict):
         for key in ("model", "state_dict"):
             if key in obj and isinstance(obj[key], dict):

@@ -15,8 +15,10 @@ labels are checked before the call).
 
 Memory bound, beyond inputs and gradients: about eight buffers of one chunk in the epilogue dtype
 (fp32: 8 x 4 x max(chunk_elements, C) bytes, ~32 MiB at the default 2**20 elements; docs/kernels.md
-has the measured peak), fp32 copies of one chunk's 16-bit logits, and fp32 accumulators of the
-weight gradients when there are several chunks and 16-bit weights.
+has the measured peak) and fp32 copies of one chunk's 16-bit logits. For 16-bit operands every
+gradient is held in fp32 from the forward until the backward has scaled it by grad_output (twice the
+inputs' gradient bytes; one rounding to 16 bits, after the scaling and after the sum over row chunks,
+where eager autograd rounds once too), and off CUDA the dX products read fp32 copies of the weights.
 
 Gradients of the per-element losses (s = softmax, sig = sigmoid):
     dCE/dz1       = s(z1) - onehot(y)
@@ -29,10 +31,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._validation import env_flag
 from ..reference import binary_kl, valid_rows
 from . import TeacherHead
 
 DEFAULT_CHUNK_ELEMENTS = 2**20
+_POISON = env_flag("DHKD_DEBUG_POISON")  # as the triton op: unwritten gradient memory reads as NaN
+
+
+def _empty(*shape, dtype, device):
+    """``torch.empty``, NaN-filled under DHKD_DEBUG_POISON=1 (or ``_POISON`` set by a test)."""
+    out = torch.empty(*shape, dtype=dtype, device=device)
+    return out.fill_(float("nan")) if _POISON else out
 
 SECOND_BACKWARD = ("fused_dual_head_kd_loss (backend='{}') computes its gradients in the forward and scales "
                    "them in place in the backward, so one call can be back-propagated once: a second "
@@ -70,8 +80,9 @@ def main_head(z, t, y, o, *, kd_stats, grad_ce, grad_kd):
         log_pt = F.log_softmax(t / T, dim=-1)
         pt = log_pt.exp()
         # subtract first, then weight (no cancellation between two large sums for nearly equal
-        # distributions); a masked class (t = -inf) contributes 0 log 0 = 0, a NaN teacher stays NaN
-        per_class = log_pt.sub_(log_ps).mul_(pt).masked_fill_(torch.isneginf(t), 0.0)
+        # distributions); xlogy: wherever pt = 0 (t = -inf, or underflow) the term is 0, a NaN
+        # teacher stays NaN
+        per_class = log_pt.sub_(log_ps).mul_(pt).masked_fill_(pt == 0, 0.0)
         kd = (T * T) * per_class.sum(-1)
         kd = torch.where(torch.isneginf(t).all(-1), float("nan"), kd)  # no teacher distribution at all
         del per_class
@@ -115,11 +126,32 @@ def aux_head(z2, t, o, *, grad):
 
 
 def _logits(x, w, b, edt):
-    """x w^T + b in the epilogue dtype: the product in the operands' dtype, the bias added in edt."""
-    if b is not None and x.dtype == edt:
-        return torch.addmm(b, x, w.t())
-    z = F.linear(x, w).to(edt)
-    return z if b is None else z.add_(b)
+    """x w^T + b in the epilogue dtype: one product with the bias in the operands' dtype (accumulated
+    in fp32 and rounded once, as eager ``F.linear`` does), then widened to edt. Adding the bias after
+    rounding x w^T would round differently from eager and, for 16-bit operands, could be further from
+    the exact logits than eager's own error."""
+    z = F.linear(x, w, None if b is None else b.to(x.dtype))
+    return z if z.dtype == edt else z.to(edt)
+
+
+_HAS_MM_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
+def _addmm(acc, a, b, edt, b_edt=None):
+    """acc + a @ b in edt, into acc (acc None: a new a @ b). 16-bit operands are multiplied as they are,
+    accumulated in fp32 and not rounded back to 16 bits: one mixed-precision product on CUDA, fp32
+    copies of the operands elsewhere (``b_edt``: b's copy, when the caller reuses it)."""
+    global _HAS_MM_DTYPE
+    if a.dtype != edt and a.device.type == "cuda" and _HAS_MM_DTYPE:
+        try:
+            prod = torch.ops.aten.mm.dtype(a, b, edt)
+        except (RuntimeError, NotImplementedError):  # a build without it for these dtypes: fp32 copies
+            _HAS_MM_DTYPE = False
+        else:
+            return prod if acc is None else acc.add_(prod)
+    if a.dtype != edt:
+        a, b = a.to(edt), (b.to(edt) if b_edt is None else b_edt)
+    return a @ b if acc is None else acc.addmm_(a, b)
 
 
 def _teacher_rows(teacher, s, e, edt):
@@ -165,25 +197,19 @@ def _run(features, head_weight, head_bias, aux_features, aux_weight, aux_bias, t
         grad_factor = row_factor * scale * torch.where(valid_all, row_weight.to(edt), 0.0)
     vcol = valid_all.unsqueeze(-1)
     zero = torch.zeros((), dtype=mdt, device=dev)
-    b1 = None if head_bias is None else head_bias.to(edt)
-    b2 = None if aux_bias is None else aux_bias.to(edt)
+    b1, b2 = head_bias, aux_bias
     per_row = torch.zeros(3, n, dtype=edt, device=dev)
     correct = torch.zeros(n, dtype=torch.bool, device=dev)
     aux_x = features if shared else aux_features
     grads = None
     rows = max(1, opts["chunk_elements"] // max(c, 1))
     if need_grad:
-        gx = torch.empty(features.shape, dtype=mdt, device=dev)
-        ga = None if shared else torch.empty(aux_x.shape, dtype=mdt, device=dev)
-        # weight gradients accumulate over row chunks in fp32 (fp64) when there are several; with one
-        # chunk they are written once (no zero fill)
-        one = n <= rows
-        wdt = mdt if one else edt
-        alloc = torch.empty if one else torch.zeros
-        gw1 = alloc(head_weight.shape, dtype=wdt, device=dev)
-        gw2 = alloc(aux_weight.shape, dtype=wdt, device=dev)
-        gb1 = alloc(c, dtype=edt, device=dev)
-        gb2 = alloc(c, dtype=edt, device=dev)
+        # every gradient is held in edt (fp32 for 16-bit operands) until the backward has scaled it by
+        # grad_output: one rounding to the input's dtype, after the scaling, as in eager autograd
+        gx = _empty(features.shape, dtype=edt, device=dev)
+        ga = None if shared else _empty(aux_x.shape, dtype=edt, device=dev)
+        gw, gb = [None, None], [None, None]
+        w32 = [None, None]  # edt copies of 16-bit weights for the dX products off CUDA, made once
 
     for s in range(0, n, rows):
         e = min(n, s + rows)
@@ -214,44 +240,35 @@ def _run(features, head_weight, head_bias, aux_features, aux_weight, aux_bias, t
             continue
         row_scale = grad_factor[s:e].unsqueeze(-1)
         gx_rows = None
-        for dz, w, head_gw, head_gb, feats, to_x in ((dz1, head_weight, gw1, gb1, x, True),
-                                                      (dz2, aux_weight, gw2, gb2, a, shared)):
+        for head, dz, w, feats, to_x in ((0, dz1, head_weight, x, True), (1, dz2, aux_weight, a, shared)):
             if dz is None:
                 continue
             dz.mul_(row_scale)
-            head = 0 if w is head_weight else 1
             need_w, need_b = needs[1 + 3 * head], needs[2 + 3 * head]
             need_in = needs[0] if to_x else needs[3]
             if need_b:
-                if one:
-                    torch.sum(dz, 0, out=head_gb)
-                else:
-                    head_gb += dz.sum(0)
-            dzm = dz.to(mdt)
+                part = dz.sum(0)
+                gb[head] = part if gb[head] is None else gb[head].add_(part)
+            dzm = dz.to(mdt)  # the products' operands in the operand dtype
             if need_w:  # only the products whose input asked for a gradient
-                if one:
-                    torch.mm(dzm.t(), feats, out=head_gw)
-                elif head_gw.dtype == mdt:
-                    head_gw.addmm_(dzm.t(), feats)
-                else:  # 16-bit operands, fp32 accumulator: one C x D product in the operand dtype
-                    head_gw.add_(dzm.t() @ feats)
+                gw[head] = _addmm(gw[head], dzm.t(), feats, edt)
             if need_in:
-                prod = (dzm @ w).to(edt)
+                if w.dtype != edt and not (dev.type == "cuda" and _HAS_MM_DTYPE) and w32[head] is None:
+                    w32[head] = w.to(edt)
                 if to_x:
-                    gx_rows = prod if gx_rows is None else gx_rows.add_(prod)
+                    gx_rows = _addmm(gx_rows, dzm, w, edt, w32[head])
                 else:
-                    ga[s:e] = prod
+                    ga[s:e] = _addmm(None, dzm, w, edt, w32[head])
         gx[s:e] = 0 if gx_rows is None else gx_rows
         if not shared and (dz2 is None or not needs[3]):
             ga[s:e] = 0
-    if need_grad:
-        if one:  # single chunk: a head with no dz (or no rows) left its uninitialised gradients unwritten
-            for dz_done, gw, gb in ((main and g_main, gw1, gb1), (aux and g_aux, gw2, gb2)):
-                if n == 0 or not dz_done:
-                    gw.zero_()
-                    gb.zero_()
-        grads = (gx, ga, gw1.to(head_weight.dtype), None if head_bias is None else gb1.to(head_bias.dtype),
-                 gw2.to(aux_weight.dtype), None if aux_bias is None else gb2.to(aux_bias.dtype))
+    if need_grad:  # a head with no dz (no term, no rows, no gradient wanted) contributes zeros
+        gw = [torch.zeros(m.shape, dtype=edt, device=dev) if g is None and needs[1 + 3 * h] else g
+              for h, (g, m) in enumerate(zip(gw, (head_weight, aux_weight)))]
+        gb = [torch.zeros(c, dtype=edt, device=dev) if g is None and needs[2 + 3 * h] else g
+              for h, g in enumerate(gb)]
+        grads = (gx, ga, gw[0], None if head_bias is None else gb[0],
+                 gw[1], None if aux_bias is None else gb[1])
     return per_row, correct, n_valid, scale, grads
 
 
@@ -280,6 +297,8 @@ class ChunkedDualHeadKD(torch.autograd.Function):
         if need_grad:
             ctx.opts = opts
             ctx.needs = needs
+            ctx.grad_dtypes = tuple(None if m is None else m.dtype for m in (features, head_weight, head_bias,
+                                                                             aux_features, aux_weight, aux_bias))
             ctx.n_grads = len(grads)
             if none:  # a non-uniform grad_output recomputes with per-row weights: keep the inputs, under
                 # autograd's version checks (an in-place change before the backward raises)
@@ -309,7 +328,8 @@ class ChunkedDualHeadKD(torch.autograd.Function):
             grads = list(_run(x, w1, b1, a, w2, b2, teacher, y, ctx.opts, need_grad=True, row_weight=grad_loss,
                               needs=ctx.needs)[4])
         gx, ga, gw1, gb1, gw2, gb2 = grads
-        out = [g if (g is not None and needs[k]) else None for k, g in enumerate((gx, gw1, gb1, ga, gw2, gb2))]
+        out = [g.to(dt) if (g is not None and needs[k]) else None
+               for k, (g, dt) in enumerate(zip((gx, gw1, gb1, ga, gw2, gb2), ctx.grad_dtypes))]
         return tuple(out) + (None,) * 6
 
 
