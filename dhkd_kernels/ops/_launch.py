@@ -6,17 +6,17 @@ or compiled for the current target when ``_COMPILE_ON_META`` is set (``dhkd_kern
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import cost
+from .._validation import env_flag
 from . import _epilogue_kernels as E
 from ._plan import F32, cdiv, _interpreted, _kind, _ld
 
-_POISON = os.environ.get("DHKD_DEBUG_POISON", "0") == "1"
+_POISON = env_flag("DHKD_DEBUG_POISON")
 
 
 def _torch_version(v: str = torch.__version__):

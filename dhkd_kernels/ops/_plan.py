@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from typing import List, Optional, Tuple
 
 import torch
 
+from .._validation import env_choice, env_memory_budget_bytes
+
 F32 = torch.float32
 
-MEMORY_BUDGET_BYTES = int(float(os.environ.get("DHKD_MEMORY_BUDGET_MB", "512")) * 2**20)
+MEMORY_BUDGET_BYTES = env_memory_budget_bytes("DHKD_MEMORY_BUDGET_MB", 512)
 TRITON_MAX_FLOPS = 128e9  # see docs/kernels.md: the cuBLAS plan's launches and copies against Triton's GEMM efficiency
-_ENGINE = os.environ.get("DHKD_ENGINE", "auto")
+_ENGINE = env_choice("DHKD_ENGINE", ("auto", "triton", "cublas"), "auto")
 
 def set_engine(kind: str) -> None:
     """Force the resident plan's engine: "triton", "cublas" or "auto" (the size rule, default).
