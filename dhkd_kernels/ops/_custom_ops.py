@@ -12,7 +12,7 @@ from torch import Tensor
 from .. import cost
 from ._chunked_cublas import _finish_chunked, _forward_chunked, _scale_grads
 from ._launch import _buffer, _empty, _finalize
-from ._plan import F32, _ld, _opts_from, _Opts, _work, plan_from_list
+from ._plan import F32, _ld, _Opts, _work, opts_cached, plan_from_list
 from ._resident import _backward, _forward_resident, _grad_output, _row_weights
 
 # ----------------------------------------------------------------------------- forward
@@ -72,7 +72,7 @@ def _teacher_arg(t, tf, tw, tb):
 
 def _fwd_impl(x, w1, b1, a, w2, b2, t, y, tf, tw, tb, ce_weight, kd_weight, logit_weight, kd_temperature,
               logit_temperature, kl_norm, ignore_index, mean, components, tf32, eps, none, needs, plan):
-    o = _opts_from(ce_weight, kd_weight, logit_weight, kd_temperature, logit_temperature, kl_norm,
+    o = opts_cached(ce_weight, kd_weight, logit_weight, kd_temperature, logit_temperature, kl_norm,
                    ignore_index, mean, components, tf32, eps, none)
     with _no_autocast(x.device), _on_device(x.device):
         return tuple(_forward(x, w1, b1, a, w2, b2, _teacher_arg(t, tf, tw, tb), y, o, needs,
@@ -81,7 +81,7 @@ def _fwd_impl(x, w1, b1, a, w2, b2, t, y, tf, tw, tb, ce_weight, kd_weight, logi
 
 def _bwd_impl(grad, x, w1, b1, a, w2, b2, y, n_valid, state, n_classes, ce_weight, kd_weight, logit_weight,
               kd_temperature, logit_temperature, kl_norm, ignore_index, mean, tf32, eps, none, needs, plan):
-    o = _opts_from(ce_weight, kd_weight, logit_weight, kd_temperature, logit_temperature, kl_norm,
+    o = opts_cached(ce_weight, kd_weight, logit_weight, kd_temperature, logit_temperature, kl_norm,
                    ignore_index, mean, False, tf32, eps, none)
     with _no_autocast(x.device), _on_device(x.device):
         return _backward(grad, x, w1, b1, a, w2, b2, y, n_valid, list(state), o, needs, n_classes,
@@ -98,7 +98,7 @@ def _regrad_impl(grads, g, x, w1, b1, a, w2, b2, t, y, tf, tw, tb, ce_weight, kd
                  needs, plan):
     """The chunked plan with a per-row grad_output: one more pass of the forward's plan with the row
     weights folded into dz, writing the gradients into ``grads`` (the ones the forward stored)."""
-    o = _opts_from(ce_weight, kd_weight, logit_weight, kd_temperature, logit_temperature, kl_norm,
+    o = opts_cached(ce_weight, kd_weight, logit_weight, kd_temperature, logit_temperature, kl_norm,
                    ignore_index, mean, components, tf32, eps, none)
     with _no_autocast(x.device), _on_device(x.device):
         _forward(x, w1, b1, a, w2, b2, _teacher_arg(t, tf, tw, tb), y, o, needs, plan_from_list(plan),
@@ -119,7 +119,7 @@ def _fwd_op(x: Tensor, w1: Tensor, b1: Optional[Tensor], a: Optional[Tensor], w2
 @_fwd_op.register_fake
 def _fwd_fake(x, w1, b1, a, w2, b2, t, y, tf, tw, tb, ce_weight, kd_weight, logit_weight, kd_temperature,
               logit_temperature, kl_norm, ignore_index, mean, components, tf32, eps, none, needs, plan):
-    o = _opts_from(ce_weight, kd_weight, logit_weight, kd_temperature, logit_temperature, kl_norm,
+    o = opts_cached(ce_weight, kd_weight, logit_weight, kd_temperature, logit_temperature, kl_norm,
                    ignore_index, mean, components, tf32, eps, none)
     n, c = y.shape[0], w1.shape[0]
     wk = _work(x, w1, a, n, c, o, needs, _teacher_arg(t, tf, tw, tb))
@@ -206,7 +206,7 @@ def _setup_context(ctx, inputs, output):
     needs = inputs[23]
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the non-differentiable outputs
-    o = _opts_from(*scalars)
+    o = opts_cached(*scalars)
     # the plan the forward ran, decided once by the caller: settings changed since (or between tracing
     # and running a compiled graph) cannot make the backward disagree with it
     ctx.plan = list(inputs[24])

@@ -179,8 +179,17 @@ def plan_to_list(plan: Plan) -> List[int]:
 
 
 def plan_from_list(v) -> Plan:
-    return Plan("cublas" if v[1] else "triton", bool(v[0]), int(v[2]), int(v[3]), int(v[5]),
-                mode="rows" if v[4] else "slabs")
+    key = tuple(int(x) for x in v)
+    plan = _FROM_LIST.get(key)
+    if plan is None:
+        if len(_FROM_LIST) >= _PLAN_CACHE_SIZE:
+            _FROM_LIST.clear()
+        plan = _FROM_LIST[key] = Plan("cublas" if v[1] else "triton", bool(v[0]), int(v[2]), int(v[3]), int(v[5]),
+                                      mode="rows" if v[4] else "slabs")
+    return plan
+
+
+_FROM_LIST: dict = {}
 
 
 def _epi_config(r: int, w: int, elem: int, device) -> Tuple[int, int, int]:
@@ -332,6 +341,20 @@ def _opts_from(ce_w, kd_w, lg_w, kd_t, tau, kl_norm, ignore_index, mean, compone
                none=False) -> _Opts:
     return _Opts(float(ce_w), float(kd_w), float(lg_w), float(kd_t), float(tau), bool(kl_norm),
                  int(ignore_index), bool(mean) and not none, bool(components), bool(tf32), float(eps), bool(none))
+
+
+_OPTS: dict = {}
+
+
+def opts_cached(*scalars) -> _Opts:
+    """``_opts_from`` memoized on its scalars, for the op's implementations (called three to four times
+    a step with the same values; not for code torch.compile traces)."""
+    o = _OPTS.get(scalars)
+    if o is None:
+        if len(_OPTS) >= _PLAN_CACHE_SIZE:
+            _OPTS.clear()
+        o = _OPTS[scalars] = _opts_from(*scalars)
+    return o
 
 
 
