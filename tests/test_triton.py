@@ -307,11 +307,12 @@ def test_padded_logit_strides_large_odd_c(device, monkeypatch, c):
     inputs = make_inputs(3, 4, c, device=device, ignore_frac=0.0, seed=41)
     use_plan(monkeypatch, "cublas")
     assert_matches_reference(inputs, backend="triton", kd_weight=0.5)
-    monkeypatch.setattr(_plan, "MEMORY_BUDGET_BYTES", 3 * _plan._ld(c) * 4 * 2 // 3)
     o = dhk._opts_from(1.0, 0.5, 1.0, 4.0, 2.0, True, -100, True, False, False)
     wk = dhk._work(inputs["features"], inputs["head_weight"], None, 3, c, o, [True] * 6)
+    # half of what the resident plan needs: a few large class slabs (the interpreter's launches are slow)
+    monkeypatch.setattr(_plan, "MEMORY_BUDGET_BYTES", _plan._resident_bytes(wk, "cublas", torch.device(device)) // 2)
     plan = dhk.make_plan(wk, torch.device(device))
-    assert not plan.resident and plan.slab < c, plan
+    assert not plan.resident and 2 <= -(-c // plan.slab) <= 8, plan
     assert_matches_reference(inputs, backend="triton", kd_weight=0.5)
 
 

@@ -198,8 +198,8 @@ def _epi_config(r: int, w: int, elem: int, device) -> Tuple[int, int, int]:
     program at the least); tiles of 16 bytes of logits per thread over 8 warps (2048 16-bit or 1024
     fp32 elements: one 128-bit load per thread and tile, and the lane-wise statistics of the heaviest
     variant, CE + KD + logit gradients, stay in registers)."""
-    if _interpreted(device):
-        return 4, 16, 1
+    if _interpreted(device):  # small tiles exercise the tails; wide rows take wider ones (numpy per step)
+        return 4, (16 if w <= 1024 else 4096), 1
     tile = 256 * 16 // elem
     br = _pow2(r // (2 * _sm_count(device)), 1, 16)
     bc = min(_pow2(w, 16, 1024), max(64, tile // br))
