@@ -93,13 +93,13 @@ def run_jobs(jobs_list: list, jobs: int, log) -> None:
     log(f"  {len(jobs_list)} runs, {len(jobs_list) - len(todo)} already done, {jobs} process(es)")
     if not todo:
         return
+    threads = max(1, int(os.environ.get("OMP_NUM_THREADS") or 0) or (os.cpu_count() or 1) // jobs)
     if jobs == 1:
-        _init_worker(max(1, os.cpu_count() or 1))
+        _init_worker(threads)
         for k, job in enumerate(todo, 1):
             _job(job)
             log(f"  [{k}/{len(todo)}] {job['path']}")
         return
-    threads = max(1, (os.cpu_count() or 1) // jobs)
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
                                                 initializer=_init_worker, initargs=(threads,)) as pool:
         futures = [pool.submit(_job, job) for job in todo]
