@@ -98,7 +98,9 @@ def test_paired_ci_and_wins():
     assert p["mean"] == 2.0 and p["std"] == 1.0 and p["wins"] == 3 and p["n"] == 3
     half = 4.303 / math.sqrt(3)
     assert p["lo"] == pytest.approx(2.0 - half) and p["hi"] == pytest.approx(2.0 + half)
-    assert stats.excludes_zero(p) and not stats.excludes_zero(stats.paired([1.0, -1.0], [0.0, 0.0]))
+    assert not stats.excludes_zero(p)  # [-0.48, +4.48]: three seeds this spread do not exclude 0
+    q = stats.paired([4.0, 5.5, 7.0], [2.0, 3.0, 4.0])  # d = 2, 2.5, 3: CI 2.5 -+ 4.303 * 0.5 / sqrt(3)
+    assert q["lo"] == pytest.approx(2.5 - 4.303 * 0.5 / math.sqrt(3)) and stats.excludes_zero(q)
     assert math.isnan(stats.paired([1.0], [0.0])["lo"]) and stats.fmt_paired(stats.paired([], [])) == "–"
     assert stats.t975(4) == 2.776 and stats.t975(100) == 1.96
 
