@@ -34,6 +34,7 @@ from ...atomic import atomic_path, atomic_write_text
 from .plan import Plan, arm_config, load_plan
 
 MARKER = ".dhkd-experiment-terminal"
+LOOP_VERSION = 2  # bump when loop.train_run measures something new: stored runs of another version are rerun
 
 
 def slug(name: str) -> str:
@@ -75,7 +76,7 @@ def _job(job: dict) -> str:
         return job["path"]
     data, t = _worker_data(job["data_path"], job["logits_path"])
     result = train_run(cfg, job["heads"], job["spec"], data, t, refit_steps=job["refit_steps"])
-    result.update(job["meta"], config=dump_config(cfg))
+    result.update(job["meta"], config=dump_config(cfg), loop_version=LOOP_VERSION)
     atomic_write_text(Path(job["path"]), json.dumps(result))
     return job["path"]
 
@@ -83,7 +84,8 @@ def _job(job: dict) -> str:
 def _done(cfg, path) -> bool:
     from ...config import dump_config
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8")).get("config") == dump_config(cfg)
+        run = json.loads(Path(path).read_text(encoding="utf-8"))
+        return run.get("config") == dump_config(cfg) and run.get("loop_version") == LOOP_VERSION
     except (OSError, ValueError):
         return False
 
@@ -312,7 +314,8 @@ def _run(plan: Plan, out: Path, *, quick: bool, jobs: int, command, log) -> dict
                 t_all = torch.from_numpy(f["train"])
             per = int(plan.ufm.get("per_class", 20))
             idx = torch.cat([torch.nonzero(y_all == c).flatten()[:per] for c in range(int(y_all.max()) + 1)])
-            ufm = run_ufm(y_all[idx], t_all[idx], d=int(plan.ufm.get("d", 64)), steps=int(plan.ufm.get("steps", 2000)),
+            d_ufm = max(int(plan.ufm.get("d", 64)), int(t_all.shape[1]))  # a simplex ETF needs d >= C - 1
+            ufm = run_ufm(y_all[idx], t_all[idx], d=d_ufm, steps=int(plan.ufm.get("steps", 2000)),
                           lr=float(plan.ufm.get("lr", 0.5)))
         per_ds[name] = {"teacher": teacher, "chosen": chosen, "runs": runs, "ufm": ufm,
                         "wall_s": time.perf_counter() - t_ds}

@@ -13,8 +13,10 @@ the losses, gradient alignment and the official numerics; ``build_optimizer``; `
 After every epoch, in eval mode, on the whole training split: train/val/test top-1 of both heads,
 ``metrics.nc_metrics`` of each head, ``metrics.head_conflict`` on the main head (CE vs the arm's logit
 loss, default BinaryKL-Norm, also for arms that do not train it: what it would do there),
-``metrics.feature_cosine`` and ``metrics.logit_maxima``. The first non-finite step also records the
-logit maxima of its batch (train mode, BatchNorm statistics restored afterwards).
+``metrics.feature_cosine`` and ``metrics.logit_maxima`` (eval mode: after epoch 1 BatchNorm's running
+statistics can inflate them). During training, every step's logits (train mode, before the optimizer
+step, from the features the step computed: ``StepLogits``) give the epoch's ``step_max_*`` maxima, the
+quantities the official float32 losses saturate on; the first non-finite step records its batch's.
 """
 from __future__ import annotations
 
@@ -101,15 +103,35 @@ def epoch_metrics(student, cfg, heads: int, data: dict, t: torch.Tensor) -> dict
     return row
 
 
-def _batch_maxima(student, x, t, tau, two) -> dict:
-    """Logit maxima of one batch in train mode (as the step saw it); BatchNorm buffers restored."""
-    saved = {k: v.clone() for k, v in student.state_dict().items() if "running" in k or "num_batches" in k}
-    with torch.no_grad():
-        f, a = student.forward_features(x)
-        z1 = student.head(f)
-        zl = student.aux_logits(f, a) if two else z1
-    student.load_state_dict({**student.state_dict(), **saved})
-    return {"batch_" + k: v for k, v in metrics.logit_maxima(z1, zl, t, tau).items()}
+class StepLogits:
+    """Forward hooks that keep the batch features of the current training step (train mode, as the step
+    computed them), so that its logits cost one small matmul per head: ``maxima(t)`` gives
+    ``metrics.logit_maxima`` of the main head and of the head the logit loss trains (nan if none finite)."""
+
+    def __init__(self, student, distiller, tau: float, two: bool):
+        self.student, self.tau, self.two, self.seen = student, tau, two, {}
+        self.hooks = [distiller.features.register_forward_hook(self._keep("f"))]
+        if getattr(student, "aux_mlp", None) is not None:
+            self.hooks.append(student.aux_mlp.register_forward_hook(self._keep("a")))
+
+    def _keep(self, key):
+        def hook(module, inputs, output):
+            self.seen[key] = output.detach()
+        return hook
+
+    @torch.no_grad()
+    def maxima(self, t: torch.Tensor) -> dict:
+        s, f = self.student, self.seen["f"].float()
+        z1 = F.linear(f, s.head.weight, s.head.bias)
+        zl = F.linear(self.seen.get("a", f).float(), s.aux_head.weight, s.aux_head.bias) if self.two else z1
+        out = {}
+        for key, v in metrics.logit_maxima(z1, zl, t, self.tau).items():
+            out[key] = v if math.isfinite(v) else math.nan
+        return out
+
+    def close(self):
+        for h in self.hooks:
+            h.remove()
 
 
 def refit_head(student, data: dict, *, steps: int = 200, weight_decay: float = 5e-4, seed: int = 0) -> dict:
@@ -157,22 +179,27 @@ def train_run(cfg, heads: int, spec: dict, data: dict, teacher_logits: torch.Ten
     official = cfg.loss.numerics != "exact"
     tau, two = cfg.loss.logit_temperature, heads == 2
     rows, events, first_event = [], 0, None
+    step_logits = StepLogits(student, distiller, tau, two)
     for epoch in range(cfg.train.epochs):
         student.train()
         sampler.set_epoch(epoch)
         order = sampler.indices()
         total, n_ok, n_bad, broke, ga = 0.0, 0, 0, False, 0.0
+        step_max: dict = {}
         for b in range(steps):
             i = order[b * batch:(b + 1) * batch]
             out = distiller.train_step(x[i], y[i], epoch, teacher_logits=t[i])
             loss = float(out["loss"])
+            batch_max = step_logits.maxima(t[i])
+            for k, v in batch_max.items():
+                step_max[k] = max(step_max.get(k, -math.inf), v) if math.isfinite(v) else step_max.get(k, math.nan)
             if math.isfinite(loss):
                 total, n_ok = total + loss, n_ok + 1
             else:
                 n_bad += 1
                 if first_event is None:
                     first_event = {"epoch": epoch + 1, "step": b, "loss": loss,
-                                   **_batch_maxima(student, x[i], t[i], tau, two)}
+                                   **{"batch_" + k: v for k, v in batch_max.items()}}
             ga += float(out.get("ga_conflict", 0.0))
             optimizer.step()
             scheduler.step()
@@ -183,10 +210,12 @@ def train_run(cfg, heads: int, spec: dict, data: dict, teacher_logits: torch.Ten
         events += n_bad
         row = {"epoch": epoch + 1, "train_loss": total / n_ok if n_ok else math.nan, "nonfinite_steps": n_bad,
                "epoch_broken": broke, "ga_projected": ga / steps,
+               **{"step_" + k: v for k, v in step_max.items()},
                **epoch_metrics(student, cfg, heads, data, t)}
         rows.append(row)
         if log is not None:
             log(f"    epoch {epoch + 1}: train {row['train_acc']:.2f}% test {row['test_acc']:.2f}%")
+    step_logits.close()
     final = refit_head(student, data, steps=refit_steps, seed=cfg.train.seed)
     return {"rows": rows, "events": events, "first_event": first_event, "final": final,
             "cpu_s": time.process_time() - c0, "wall_s": time.perf_counter() - t0}

@@ -31,7 +31,11 @@ def summarize_run(run: dict, *, threshold: float, num_classes: int) -> dict:
     best_test = max(rows, key=lambda r: (r["test_acc"] if math.isfinite(r["test_acc"]) else -1, -r["epoch"]))
     reach = next((r["epoch"] for r in rows if r["train_acc"] >= threshold), None)
     chance2 = 200.0 / num_classes
-    collapse = next((r["epoch"] for r in rows if not r["finite_weights"] or r["test_acc"] <= chance2), None)
+    low = [not r["finite_weights"] or r["test_acc"] <= chance2 for r in rows]
+    above = [k for k, r in enumerate(rows) if not low[k]]
+    nan_at = next((r["epoch"] for r in rows if not r["finite_weights"]), None)
+    stays = next((rows[k]["epoch"] for k in range(len(rows)) if all(low[k:]) and any(j < k for j in above)), None)
+    collapse = nan_at if nan_at is not None else stays
     out = {"last": last["test_acc"], "best_val": best_val["test_acc"], "best_val_epoch": best_val["epoch"],
            "best_test": best_test["test_acc"], "best_test_epoch": best_test["epoch"], "train_last": last["train_acc"],
            "aux_last": last.get("test_acc_aux"), "terminal_epoch": reach, "epochs": len(rows),
@@ -42,8 +46,10 @@ def summarize_run(run: dict, *, threshold: float, num_classes: int) -> dict:
     for k in DIAG:
         out[k] = last.get(k, math.nan)
     for k in ("max_z_tau", "max_gap_tau", "max_abs_z_main_tau"):
-        vals = [r[k] for r in rows if math.isfinite(r.get(k, math.nan))]
-        out[k] = max(vals) if vals else math.nan
+        out[k] = last.get(k, math.nan)
+        vals = [r.get("step_" + k, math.nan) for r in rows]
+        vals = [v for v in vals if math.isfinite(v)]
+        out["step_" + k] = max(vals) if vals else math.nan
     return out
 
 
@@ -118,8 +124,8 @@ def decision_rules(plan, per_seed: dict, gate: dict) -> list:
 
 def numerics_rule(plan, per_seed: dict) -> dict:
     """Official-semantics runs: collapsed or not, and whether the statistic their loss saturates on
-    (z/tau for BinaryKL, |z - t|/tau for BinaryKL-Norm) passed 16.6 (at the first non-finite step's batch,
-    or on the training split at an epoch's end)."""
+    (z/tau for BinaryKL, |z - t|/tau for BinaryKL-Norm) passed 16.6 in a training step's batch (train mode,
+    before the optimizer step; the first non-finite step's batch included)."""
     out = {}
     for a in plan.arms:
         numerics = a["loss"].get("numerics", "exact")
@@ -129,7 +135,8 @@ def numerics_rule(plan, per_seed: dict) -> dict:
         cases = []
         for s in per_seed[a["name"]]:
             ev = s["first_event"] or {}
-            crossed = max(ev.get("batch_" + stat, -math.inf), s[stat] if math.isfinite(s[stat]) else -math.inf)
+            vals = [v for v in (ev.get("batch_" + stat), s["step_" + stat]) if v is not None and math.isfinite(v)]
+            crossed = max(vals) if vals else math.nan
             cases.append({"collapsed": s["collapse_epoch"] is not None, "collapse_epoch": s["collapse_epoch"],
                           "first_event_epoch": ev.get("epoch"), "crossed": crossed >= OFFICIAL_LIMIT, "stat": crossed})
         consistent = sum(c["collapsed"] == c["crossed"] for c in cases)
@@ -150,7 +157,7 @@ def _plots(folder: Path, name: str, plan, runs: dict) -> list:
                                   title=f"{name}: test (solid) and train (dashed) top-1, main head"))
         pngs.append(plot_diagnostics({a: rows[a] for a in main}, folder / "collapse.png",
                                      keys=("nc1", "nc2_angle_w", "nc3", "nc4"), prefix="nc",
-                                     extra_keys=("w_cos_cm", "feat_cos", "radial_l", "max_gap_tau"),
+                                     extra_keys=("w_cos_cm", "feat_cos", "radial_l", "step_max_gap_tau"),
                                      title=f"{name}: neural-collapse metrics (main solid, aux dashed) and the "
                                            "CE / BinaryKL-Norm gradients"))
         if num:
@@ -228,20 +235,23 @@ def dataset_section(name: str, plan, d: dict, folder: Path) -> tuple[list, dict]
         v = per_seed[a["name"]]
         md.append(f"| {a['name']} | " + " | ".join(fmt_mean([s[k] for s in v], 3) for k in DIAG) + " |")
     md += ["", "### Numerics and events", "",
-           f"max z/τ, max |z − t|/τ: the head the logit loss trains, max over the epochs (training split, eval "
-           f"mode); the official float32 losses are infinite past {OFFICIAL_LIMIT}. non-finite: steps, summed over "
-           "seeds (runs with any); broken: epochs cut short by a nan loss (official loop); collapse: the first "
-           "epoch with non-finite weights or test top-1 ≤ 2× chance, per seed; GA: mean fraction of steps that "
-           "projected.", "",
-           "| arm | max z/τ | max \\|z − t\\|/τ | non-finite | first event (epoch) | broken | collapse | GA |",
-           "|---|---|---|---|---|---|---|---|"]
+           "max z/τ, max |z − t|/τ: the head the logit loss trains (main head: max |z1|/τ), the max over every "
+           f"training step's batch (train mode, before the step); the official float32 losses are infinite past "
+           f"{OFFICIAL_LIMIT}; 'end': the same on the training split in eval mode at the last epoch. non-finite: "
+           "steps, summed over seeds (runs with any); broken: epochs cut short by a nan loss (official loop); "
+           "collapse: the first epoch with non-finite weights, or from which test top-1 stays ≤ 2× chance, per "
+           "seed; GA: mean fraction of steps that projected.", "",
+           "| arm | max \\|z1\\|/τ | max z/τ | max \\|z − t\\|/τ | end z/τ | end \\|z − t\\|/τ | non-finite | "
+           "first event (epoch) | broken | collapse | GA |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for a in plan.arms:
         v = per_seed[a["name"]]
         ev = sum(s["events"] for s in v)
         first = ",".join(str((s["first_event"] or {}).get("epoch", "–")) for s in v)
         coll = ",".join("–" if s["collapse_epoch"] is None else str(s["collapse_epoch"]) for s in v)
-        md.append(f"| {a['name']} | {fmt_mean([s['max_z_tau'] for s in v], 1)} | "
-                  f"{fmt_mean([s['max_gap_tau'] for s in v], 1)} | {ev} ({sum(s['events'] > 0 for s in v)}/{len(v)}) | "
+        md.append(f"| {a['name']} | {fmt_mean([s['step_max_abs_z_main_tau'] for s in v], 1)} | "
+                  f"{fmt_mean([s['step_max_z_tau'] for s in v], 1)} | {fmt_mean([s['step_max_gap_tau'] for s in v], 1)} | "
+                  f"{fmt_mean([s['max_z_tau'] for s in v], 1)} | {fmt_mean([s['max_gap_tau'] for s in v], 1)} | "
+                  f"{ev} ({sum(s['events'] > 0 for s in v)}/{len(v)}) | "
                   f"{first} | {sum(s['broken_epochs'] for s in v)} | {coll} | "
                   f"{fmt_mean([s['ga_projected'] for s in v], 3)} |")
     lrs = sorted({lr for ch in chosen.values() for lr in ch["vals"]})
