@@ -194,3 +194,21 @@ def test_rerun_reuses_runs_and_a_foreign_folder_is_refused(tiny_run, tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "did not write" in err[0]
     assert (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_collapse_means_nan_weights_or_staying_at_chance_after_being_above():
+    from dhkd.experiments.terminal.report import summarize_run
+
+    def run(accs, finite=None):
+        rows = [{"epoch": k + 1, "test_acc": a, "val_acc": a, "train_acc": a, "finite_weights": True}
+                for k, a in enumerate(accs)]
+        for k in finite or []:
+            rows[k]["finite_weights"] = False
+        return {"rows": rows, "final": {"refit_test": 0.0}, "events": 0, "first_event": None, "cpu_s": 0.0}
+    summary = lambda *a, **k: summarize_run(run(*a, **k), threshold=99.5, num_classes=100)  # noqa: E731
+    assert summary([1.0, 5.0, 30.0])["collapse_epoch"] is None  # a slow start is not a collapse
+    assert summary([1.0, 30.0, 1.5, 1.0])["collapse_epoch"] == 3
+    assert summary([30.0, 1.0, 30.0])["collapse_epoch"] is None  # it came back
+    assert summary([30.0, 31.0, 1.0], finite=[2])["collapse_epoch"] == 3
+    s = summary([10.0, 99.6, 99.7])
+    assert s["terminal_epoch"] == 2 and s["best_test_epoch"] == 3 and s["last"] == 99.7
