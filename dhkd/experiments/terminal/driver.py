@@ -34,7 +34,7 @@ from ...atomic import atomic_path, atomic_write_text
 from .plan import Plan, arm_config, load_plan
 
 MARKER = ".dhkd-experiment-terminal"
-LOOP_VERSION = 2  # bump when loop.train_run measures something new: stored runs of another version are rerun
+LOOP_VERSION = 3  # bump when loop.train_run measures something new: stored runs of another version are rerun
 
 
 def slug(name: str) -> str:

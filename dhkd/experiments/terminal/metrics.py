@@ -107,9 +107,11 @@ def feature_cosine(student, h: torch.Tensor, y: torch.Tensor, t: torch.Tensor, t
 
 
 def logit_maxima(z_main: torch.Tensor, z_logit: torch.Tensor, t: torch.Tensor, tau: float) -> dict:
-    """``max_abs_z_main_tau`` = max |z1|/tau, ``max_z_tau`` = max z_L/tau and ``max_gap_tau`` =
-    max |z_L - t|/tau of the head the logit loss trains (the official float32 losses are infinite past
-    about 16.6: BinaryKL on z/tau, BinaryKL-Norm on the gap)."""
+    """``max_abs_z_main_tau`` = max |z1|/tau, ``max_z_tau`` = max z_L/tau, ``max_gap_tau`` = max |z_L - t|/tau
+    and ``max_pos_gap_tau`` = max (z_L - t)/tau of the head the logit loss trains. The official float32
+    losses are infinite once z/tau (BinaryKL) or (z - t)/tau (BinaryKL-Norm) passes about +16.6; a gap
+    below -18.4 only meets the bottom clamp (finite, no gradient)."""
     return {"max_abs_z_main_tau": (z_main.abs().max() / tau).item(),
             "max_z_tau": (z_logit.max() / tau).item(),
-            "max_gap_tau": ((z_logit - t).abs().max() / tau).item()}
+            "max_gap_tau": ((z_logit - t).abs().max() / tau).item(),
+            "max_pos_gap_tau": ((z_logit - t).max() / tau).item()}

@@ -45,7 +45,7 @@ def summarize_run(run: dict, *, threshold: float, num_classes: int) -> dict:
     out["refit_gain"] = out["refit_test"] - out["last"]
     for k in DIAG:
         out[k] = last.get(k, math.nan)
-    for k in ("max_z_tau", "max_gap_tau", "max_abs_z_main_tau"):
+    for k in ("max_z_tau", "max_gap_tau", "max_pos_gap_tau", "max_abs_z_main_tau"):
         out[k] = last.get(k, math.nan)
         vals = [r.get("step_" + k, math.nan) for r in rows]
         vals = [v for v in vals if math.isfinite(v)]
@@ -124,14 +124,14 @@ def decision_rules(plan, per_seed: dict, gate: dict) -> list:
 
 def numerics_rule(plan, per_seed: dict) -> dict:
     """Official-semantics runs: collapsed or not, and whether the statistic their loss saturates on
-    (z/tau for BinaryKL, |z - t|/tau for BinaryKL-Norm) passed 16.6 in a training step's batch (train mode,
+    (z/tau for BinaryKL, (z - t)/tau for BinaryKL-Norm) passed +16.6 in a training step's batch (train mode,
     before the optimizer step; the first non-finite step's batch included)."""
     out = {}
     for a in plan.arms:
         numerics = a["loss"].get("numerics", "exact")
         if numerics == "exact":
             continue
-        stat = "max_gap_tau" if a["loss"].get("logit_loss", "binary_kl_norm") == "binary_kl_norm" else "max_z_tau"
+        stat = "max_pos_gap_tau" if a["loss"].get("logit_loss", "binary_kl_norm") == "binary_kl_norm" else "max_z_tau"
         cases = []
         for s in per_seed[a["name"]]:
             ev = s["first_event"] or {}
