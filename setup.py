@@ -16,7 +16,7 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib"],
-        "train": ["torchvision", "PyYAML>=6", "tqdm", "matplotlib", "mnist1d", "tensorboard"],
+        "train": ["torchvision", "PyYAML>=6", "tqdm", "matplotlib", "mnist1d", "tensorboard", "scikit-learn"],
         "tensorboard": ["tensorboard"],
         "timm": ["timm"],
         "bench": ["liger-kernel", "cut-cross-entropy"],

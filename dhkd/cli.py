@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=K -m dhkd train ...     (DDP; docs/distributed.md)
     dhkd eval  --checkpoint FILE --config FILE [section.key=value ...]
     dhkd demo  [--out DIR] [--epochs N] [--seeds N] [--verbose]
-    dhkd experiment {mnist1d,mnist1d100} [--quick] [--out DIR] [--seeds N] [--jobs J]
+    dhkd experiment {mnist1d,mnist1d100,terminal} [--quick] [--out DIR] [--seeds N] [--jobs J]
     dhkd bench --report BENCH.json [...] [--out DIR] [--no-charts]   (a checkout's benchmarks/report.py)
     dhkd bench-data [--root DIR] [--backends ...] [--workers 0 2] [--device cpu|cuda]   (input pipeline img/s)
 
@@ -113,6 +113,8 @@ def _experiment(args) -> int:
     """The MNIST-1D experiments (``dhkd.experiments.mnist1d``, ``.mnist1d100``); prints their tables."""
     if args.name == "mnist1d100":
         from .experiments.mnist1d100 import run_experiment
+    elif args.name == "terminal":
+        from .experiments.terminal import run_experiment
     else:
         from .experiments.mnist1d import run_experiment
     out = Path(args.out or f"runs/{args.name}_{'quick' if args.quick else 'experiment'}")
@@ -177,9 +179,10 @@ def main(argv=None) -> int:
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("experiment", help="the MNIST-1D head experiments (tables, plots, results.md)")
-    p.add_argument("name", choices=["mnist1d", "mnist1d100"],
+    p.add_argument("name", choices=["mnist1d", "mnist1d100", "terminal"],
                    help="mnist1d: the 10-class head-collapse experiment; mnist1d100: one head vs two heads, "
-                        "100 classes (configs/mnist1d100/experiment.yaml)")
+                        "100 classes (configs/mnist1d100/experiment.yaml); terminal: the claim in the terminal "
+                        "phase and the torch-2.1.2 numerics (configs/terminal/experiment.yaml)")
     p.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, fewer signals, no lr grid (CI smoke run)")
     p.add_argument("--out", default=None, type=_path,
                    help="run directory (default runs/<name>_experiment, with --quick runs/<name>_quick)")

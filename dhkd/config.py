@@ -194,6 +194,7 @@ class LossConfig:
     ga_space: str = "params"                   # params (official) | features (projects at the backbone output)
     numerics: str = "exact"                    # exact (dhkd_kernels) | official (the official code's clamped
                                                # formulas through autograd, dhkd/official.py; backend reference)
+                                               # | official_torch21 (the same, torch 2.1.2's clamp gradient)
     label_smoothing: float = 0.0
     backend: str = "auto"                      # auto | triton | torch | reference
 
@@ -523,9 +524,9 @@ def _validate(cfg: Config) -> None:
     if not 0 <= loss.label_smoothing < 1:
         _bad(f"loss.label_smoothing must be in [0, 1), got {loss.label_smoothing}")
     _choice("loss.ga_space", loss.ga_space, ("params", "features"))
-    _choice("loss.numerics", loss.numerics, ("exact", "official"))
-    if loss.numerics == "official" and loss.backend != "reference":
-        _bad(f"loss.numerics=official runs the official formulas through plain autograd: set "
+    _choice("loss.numerics", loss.numerics, ("exact", "official", "official_torch21"))
+    if loss.numerics != "exact" and loss.backend != "reference":
+        _bad(f"loss.numerics={loss.numerics} runs the official formulas through plain autograd: set "
              f"loss.backend=reference (got {loss.backend!r})")
     off = loss.logit_weight_off_epoch
     if off is not None and off < 1:

@@ -15,8 +15,8 @@ L is BinaryKL-Norm or BinaryKL (``loss.logit_loss``). Single-head methods pass W
 the auxiliary weights; the fused loss then returns the summed gradient. Weights of terms a method does
 not use are ignored. ``loss.logit_weight_off_epoch`` = E sets the logit weight to 0 once the 1-based
 epoch is >= E (the official ImageNet rule: E = 50 trains epochs 1-49 with the logit loss).
-``loss.numerics: official`` computes every term with the official code's clamped formulas
-(``dhkd.official``) through autograd instead of ``fused_dual_head_kd_loss``.
+``loss.numerics: official`` (or ``official_torch21``: torch 2.1.2's clamp gradient) computes every term with
+the official code's clamped formulas (``dhkd.official``) through autograd instead of ``fused_dual_head_kd_loss``.
 
 Label smoothing eps replaces CE by (1 - eps) CE + eps U with U = -mean_c log softmax(z1)_c. The fused
 loss has no smoothing term, so U comes from a second fused call: with zero teacher logits and T = 1 its
@@ -34,6 +34,7 @@ and the backbone receives G_p + G_l (two backward passes through the heads, one 
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -137,7 +138,9 @@ class Distiller(nn.Module):
         else:
             w2, b2, af = w1, b1, None
         c = self.cfg
-        loss_fn = official_dual_head_loss if c.numerics == "official" else fused_dual_head_kd_loss
+        loss_fn = fused_dual_head_kd_loss
+        if c.numerics != "exact":
+            loss_fn = functools.partial(official_dual_head_loss, numerics=c.numerics)
         if c.backend == "reference":  # plain autograd in the weights' dtype, outside autocast (A/B)
             f = f.to(w1.dtype)
             af = None if af is None else af.to(w2.dtype)

@@ -589,7 +589,7 @@ class Trainer:
                        "img_per_s": win_images / dt, "data_time_s": win_data / win_steps, **means}
                 if self.distiller.method in ("binary_kl", "ce_binary_kl", "dhkd"):
                     row["logit_weight"] = self.distiller.loss_weights(epoch)[2]
-                if not math.isfinite(loss) and self.cfg.loss.numerics != "official":  # official: logged, counted
+                if not math.isfinite(loss) and self.cfg.loss.numerics == "exact":  # official*: logged, counted
                     raise FloatingPointError(f"loss is {loss} at epoch {epoch + 1}, step {self.step}")
                 self.metrics.write(row)
                 if bar is not None:

@@ -9,7 +9,7 @@ from dhkd.config import ConfigError, Config, load_config, parse_override
 from dhkd.train import Trainer
 from tests.trainer_helpers import CONFIGS, FAST, dhkd_cache  # noqa: F401
 
-PLANS = ("mnist1d100/experiment.yaml",)  # experiment plans (dhkd.experiments.mnist1d100.load_plan), not run configs
+PLANS = ("mnist1d100/experiment.yaml", "terminal/experiment.yaml")  # experiment plans (load_plan), not run configs
 SHIPPED = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml")
                  if p.relative_to(CONFIGS).as_posix() not in PLANS)
 

@@ -157,3 +157,48 @@ def test_non_finite_steps_are_counted_over_all_ranks():
     assert means == {"loss": 1.5, "ce": 0.5, "nonfinite_steps": 2}
     trainer.world_size = 1
     assert trainer._window_means(sums, bad) == {"loss": 2.0, "ce": 2.0 / 3, "nonfinite_steps": 1}
+
+
+# ---------------------------------------------------------------- the clamp's gradient rule (issue 20)
+
+HI = 1 - 1e-8
+
+
+@pytest.mark.parametrize("rule, passes", [("exact", False), ("rounded", True)])
+def test_clamp_rules_at_the_float32_bound(rule, passes):
+    """s = 1.0 in float32 is the rounded bound: torch 2.1.2's rule (rounded) passes the gradient, the
+    installed torch's rule (exact) does not; inside the bounds both pass it, far outside neither does."""
+    from dhkd.official import clamp
+    s = torch.tensor([1.0, 0.5, 1e-9], requires_grad=True)
+    grad, = torch.autograd.grad(clamp(s, 1e-8, HI, rule).sum(), s)
+    assert grad.tolist() == [1.0 if passes else 0.0, 1.0, 0.0]
+    assert torch.equal(clamp(s, 1e-8, HI, rule), s.detach().clamp(1e-8, HI))
+
+
+def test_the_exact_rule_is_the_installed_torch_clamp():
+    """``official`` emulates the installed torch: its clamp passes no gradient at s = 1.0 (float32) either.
+    If this fails, the installed torch changed its rule and docs/results/mnist1d100.md's note is stale."""
+    s = torch.tensor([1.0, 0.5], requires_grad=True)
+    grad, = torch.autograd.grad(s.clamp(min=1e-8, max=HI).sum(), s)
+    assert grad.tolist() == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("fn", [official_binary_kl, official_binary_kl_norm])
+def test_torch21_rule_turns_a_saturated_logit_into_a_nan_gradient(fn):
+    """Past 16.6 tau: no gradient under ``official``, a nan gradient under ``official_torch21``; below it
+    the two rules agree."""
+    t = torch.zeros(1, 2)
+    z = (torch.tensor([[16.8, 3.0]]) * TAU).requires_grad_(True)
+    g_exact, = torch.autograd.grad(fn(z, t, TAU, clamp_rule="exact"), z)
+    g_21, = torch.autograd.grad(fn(z, t, TAU, clamp_rule="rounded"), z)
+    assert g_exact[0, 0].item() == 0.0 and math.isnan(g_21[0, 0].item())
+    assert g_exact[0, 1].item() == g_21[0, 1].item() > 0
+
+
+def test_official_torch21_numerics_in_the_config():
+    cfg = load_config(CONFIGS / "mnist1d" / "dhkd.yaml", ["loss.numerics=official_torch21", "loss.backend=reference"])
+    assert cfg.loss.numerics == "official_torch21"
+    with pytest.raises(ConfigError, match="loss.numerics=official_torch21"):
+        load_config(CONFIGS / "mnist1d" / "dhkd.yaml", ["loss.numerics=official_torch21", "loss.backend=torch"])
+    with pytest.raises(ConfigError, match="loss.numerics"):
+        load_config(CONFIGS / "mnist1d" / "dhkd.yaml", ["loss.numerics=torch21", "loss.backend=reference"])
