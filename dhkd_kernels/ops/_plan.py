@@ -222,19 +222,29 @@ def _gemm_tiles(m: int, p: int, copies: int, device, tiles) -> Tuple[int, int]:
     return tiles[-1]
 
 
+def _cublas_grad_bytes(wk: Work) -> int:
+    """The cuBLAS products' gradient buffers: the masked, scaled features for dW (N D elem, and N D_a
+    elem for separate auxiliary features), fp32 dX accumulators for 16-bit inputs, and per head with a
+    bias an fp32 column sum dZ^T 1 (4 C) with its column of ones (N elem). (need_b* implies that head's
+    gradient.)"""
+    n, c, d, da, e = wk.n, wk.c, wk.d, wk.da, wk.elem
+    need_x, need_w1, need_b1, need_a, need_w2, need_b2 = wk.need
+    total = (4 * c + n * e) * (int(need_b1) + int(need_b2))
+    if (wk.g_main and need_w1) or (wk.shared and wk.g_aux and need_w2):
+        total += n * d * e
+    if not wk.shared and wk.g_aux and need_w2:
+        total += n * da * e
+    if not wk.f32:
+        total += 4 * (n * d * int(need_x) + n * da * int(need_a and not wk.shared))
+    return total
+
+
 def _resident_bytes(wk: Work, engine: str, device) -> int:
     n, c, d, da, e = wk.n, wk.c, wk.d, wk.da, wk.elem
     need_x, need_w1, need_b1, need_a, need_w2, need_b2 = wk.need
     total = n * _ld(c) * (e * (int(wk.main) + int(wk.aux)) + wk.t_elem * int(wk.teacher_product)) + 5 * n * 4
     if engine == "cublas" and wk.grad:
-        # bias gradients: an fp32 column sum per head and a column of ones (or of grad_output)
-        total += (4 * c + n * e) * (int(wk.g_main and need_b1) + int(wk.g_aux and need_b2))
-        if (wk.g_main and need_w1) or (wk.shared and wk.g_aux and need_w2):
-            total += n * d * e
-        if not wk.shared and wk.g_aux and need_w2:
-            total += n * da * e
-        if not wk.f32:
-            total += 4 * (n * d * int(need_x) + n * da * int(need_a and not wk.shared))
+        total += _cublas_grad_bytes(wk)
         if wk.fp16:
             total += 4 * c * max(d * int(need_w1), da * int(need_w2))  # fp16: the fp32 dW of one head
     return total
@@ -260,20 +270,10 @@ def make_plan(wk: Work, device: torch.device) -> Plan:
     need = _resident_bytes(wk, engine, device)
     if need <= budget or (wk.n * wk.c) == 0:
         return Plan(engine, True, wk.n, wk.c, need)
-    n, c, d, da, e = wk.n, wk.c, wk.d, wk.da, wk.elem
-    need_x, need_w1, need_b1, need_a, need_w2, need_b2 = wk.need
+    n, c, e = wk.n, wk.c, wk.elem
     th, te = wk.t_width > 0, wk.t_elem
     rows_mode = th and wk.t_main and wk.aux
-    fixed = 5 * n * 4 + 16
-    if wk.grad:
-        if (wk.g_main and need_w1) or (wk.shared and wk.g_aux and need_w2):
-            fixed += n * d * e
-        if not wk.shared and wk.g_aux and need_w2:
-            fixed += n * da * e
-        if not wk.f32:
-            fixed += 4 * (n * d * int(need_x) + n * da * int(need_a and not wk.shared))
-        # fp32 bias accumulators (dZ^T 1 summed over the chunks) and their column of ones
-        fixed += (4 * c + n * e) * (int(need_b1) + int(need_b2))
+    fixed = 5 * n * 4 + 16 + (_cublas_grad_bytes(wk) if wk.grad else 0)
     room = max(budget - fixed, 0)
     granule_r, granule_c = (4, 16) if _interpreted(device) else (64, 128)
     if rows_mode:
