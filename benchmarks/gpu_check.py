@@ -16,7 +16,7 @@ crash, an OOM or a sticky CUDA error loses at most the stage in progress:
    while the budget lasts, torch.compile of the reference. Written after every shape.
 2. ``correctness``: a compact matrix against float64 (fp32 with TF32 on and off, bf16, fp16, both logit
    losses, ignored rows, Da != D, a forced chunked plan with several slabs and chunks, N = 1 / C = 1,
-   garbage in ignored rows, bitwise determinism, CUDA-graph capture); at most 25 distinct compiles.
+   garbage in ignored rows, bitwise determinism, CUDA-graph capture); at most 32 distinct compiles.
 3. ``train``: the ResNet-34 -> ResNet-18 DHKD step at batch 256 (bf16 autocast, channels_last), eager
    and torch.compile, fused loss against the eager loss; img/s and the loss's share of the step.
 
@@ -43,8 +43,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 STAGES = ("headline", "correctness", "train")
-BUDGET_S = {"headline": 150.0, "correctness": 95.0, "train": 115.0}  # 360 s in all
+BUDGET_S = {"headline": 130.0, "correctness": 115.0, "train": 115.0}  # 360 s in all
 TOTAL_BUDGET_S = 360.0
+MAX_CORRECTNESS_COMPILES = 32  # kernel v3's specializations (GEMM tiles by shape, VEC) at 2.5 s each, within 115 s
 GRACE_S = 45.0           # a stage is killed this long after its budget (its start-up and last write)
 CALL_LIMIT_S = 540.0     # one device call (600 s) less a minute for the transfers and the machine's start
 # what one full run can take: every stage's kill timeout, plus this process's own start-up
@@ -324,11 +325,14 @@ def fused_fn(engine=None, backend="triton"):
 
 
 def floor_step(inp):
-    """cuBLAS only, the GEMM floor: Z = X [W1;W2]^T, dX = dZ [W1;W2], dW = dZ^T X."""
+    """cuBLAS only, the aligned GEMM floor: Z = X [W1;W2]^T, dX = dZ [W1;W2], dW = dZ^T X, with Z's row
+    stride padded to a multiple of 64 elements as the fused loss pads its own (an odd 2C, 43682 at
+    imagenet21k, would put cuBLAS off its TMA/wgmma kernels and flatter the fused loss's ratio)."""
     import torch
     x = inp["features"].detach()
     w = torch.cat([inp["head_weight"].detach(), inp["aux_weight"].detach()], 0)
-    dz = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+    c2 = w.shape[0]
+    dz = torch.empty(x.shape[0], -(-c2 // 64) * 64, dtype=x.dtype, device=x.device)[:, :c2]
 
     def step():
         torch.mm(x, w.t(), out=dz)
@@ -914,7 +918,7 @@ def plan_only(args) -> int:
     driver.set_active(compile_report._stand_in_driver(90))
     old_hook = triton.knobs.runtime.jit_cache_hook
     triton.knobs.runtime.jit_cache_hook = hook
-    _launch._COMPILE_ON_META = lambda name, kernel: None
+    _launch._COMPILE_ON_META = lambda name, kernel, key: None
     report = {}
     try:
         def count(run_cases):
@@ -972,7 +976,7 @@ def plan_only(args) -> int:
         r = report[name]
         total += r["estimate_s"]
         fits = r.get("mandatory_s", r["estimate_s"]) <= BUDGET_S[name]
-        if name == "correctness" and r["compiles"] > 25:
+        if name == "correctness" and r["compiles"] > MAX_CORRECTNESS_COMPILES:
             fits = False
         ok &= fits
         print(f"| {name} | {r['compiles']} | {r['inductor_graphs']} | {r['estimate_s']:.0f} | {BUDGET_S[name]:.0f} |"
