@@ -1,5 +1,5 @@
-"""Model v2 (dhkd_kernels/compiled_model.py), read from the committed compiled facts of the installed
-Triton: every launch at every benchmark shape has its facts, every kernel the model puts above 10 us
+"""Model v2 (dhkd_kernels/compiled_model.py), read from the committed compiled facts of triton 3.6 and
+3.8: every launch at every benchmark shape has its facts, every kernel the model puts above 10 us
 runs at least one full wave, and the issue's targets as model estimates. Estimates, not measurements:
 no GPU has timed this code."""
 from __future__ import annotations
@@ -17,13 +17,31 @@ SHAPES = {name: (n, d, c) for name, n, d, c in cost.SHAPES}
 H200_SMS = 132
 
 
-@pytest.fixture(scope="module")
-def facts():
-    return load_facts()
+VERSIONS = ("3.6", "3.8")
+# The issue's targets as model-v2 estimates (bf16, H200, CE + KD + BinaryKL-Norm, forward+backward), per
+# Triton: met ones as the issue states them; missed ones at today's value, as regression bounds only
+# (docs/kernel-performance.md says why each is missed). Under triton 3.6 (the GPU image's) some 8-warp
+# epilogue variants take 160 registers (one program per SM), which costs llm-32k its target there.
+MET = {"3.6": {"llm-128k": 1.15, "imagenet-r18-us": 40.0},
+       "3.8": {"llm-128k": 1.15, "llm-32k": 1.15, "imagenet-r18-us": 40.0}}
+MISSED = {"3.6": {"llm-32k": 1.17, "imagenet21k": 1.25, "imagenet-r50-bigbatch": 1.65},
+          "3.8": {"imagenet21k": 1.25, "imagenet-r50-bigbatch": 1.55}}
+
+
+@pytest.fixture(scope="module", params=VERSIONS)
+def version(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def bf16(facts):
+def facts(version):
+    """The committed facts of each Triton the project checks (tests/test_compile_report.py keeps them
+    current): the GPU image's 3.6 and the installed 3.8."""
+    return load_facts(version)
+
+
+@pytest.fixture(scope="module")
+def bf16():
     return {name: simulate(n, d, c, dtype="bf16") for name, (n, d, c) in SHAPES.items()}
 
 
@@ -49,23 +67,18 @@ def _ratio(name, bf16, facts):
     return estimate_s(rec, facts) / cost.floor_estimate_s(n, c, d)
 
 
-def test_targets_met_in_the_model(facts, bf16):
-    """The issue's targets that model v2 meets: <= 1.15x the aligned GEMM floor at the LLM shapes and
-    <= 40 us of GPU time at imagenet-r18."""
-    assert _ratio("llm-128k", bf16, facts) <= 1.15
-    assert _ratio("llm-32k", bf16, facts) <= 1.15
-    rec, _ = bf16["imagenet-r18"]
-    assert estimate_s(rec, facts) <= 40e-6
+def test_targets_met_in_the_model(version, facts, bf16):
+    for name, bound in MET[version].items():
+        if name == "imagenet-r18-us":
+            assert estimate_s(bf16["imagenet-r18"][0], facts) <= bound * 1e-6
+        else:
+            assert _ratio(name, bf16, facts) <= bound, (version, name)
     assert bf16["llm-128k"][1].extra_bytes <= 512 * 2**20
 
 
-def test_targets_not_met_stay_where_they_are(facts, bf16):
-    """Not met in the model (docs/kernel-performance.md says why): imagenet21k (target 1.15x; the epilogue is
-    issue-bound at ~147 SASS instructions per logit with the odd C's scalar teacher loads) and
-    imagenet-r50-bigbatch (target 1.4x; Triton GEMMs at an assumed 65% of peak against cuBLAS's 80%
-    cap it near 1.25x before the epilogue). These bounds guard against regressions only."""
-    assert _ratio("imagenet21k", bf16, facts) <= 1.25
-    assert _ratio("imagenet-r50-bigbatch", bf16, facts) <= 1.55
+def test_targets_not_met_stay_where_they_are(version, facts, bf16):
+    for name, bound in MISSED[version].items():
+        assert _ratio(name, bf16, facts) <= bound, (version, name)
 
 
 def test_occupancy_from_registers_and_shared_memory():
