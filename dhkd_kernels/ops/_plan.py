@@ -194,16 +194,19 @@ _FROM_LIST: dict = {}
 
 def _epi_config(r: int, w: int, elem: int, device) -> Tuple[int, int, int]:
     """(BLOCK_R, BLOCK_C, warps) of ``epilogue_kernel`` over a block of r rows x w classes of ``elem``-byte
-    logits: rows per program chosen for at least two programs per SM while r allows (one row per
-    program at the least); tiles of 16 bytes of logits per thread over 8 warps (2048 16-bit or 1024
-    fp32 elements: one 128-bit load per thread and tile, and the lane-wise statistics of the heaviest
-    variant, CE + KD + logit gradients, stay in registers)."""
+    logits: tiles of 16 bytes of logits per thread (one 128-bit load per thread and tile; the lane-wise
+    statistics of the heaviest variant, CE + KD + logit gradients, stay in registers) over 4 warps for
+    16-bit logits (1024 elements) and 8 for fp32 (1024), and rows per program chosen for at least 16
+    warps' worth of programs per SM while r allows (one row per program at the least): 4-warp programs
+    keep 16 warps on an SM even at the 160 registers triton 3.6 gives some 16-bit variants, where 8-warp
+    ones would fit one program."""
     if _interpreted(device):  # small tiles exercise the tails; wide rows take wider ones (numpy per step)
         return 4, (16 if w <= 1024 else 4096), 1
-    tile = 256 * 16 // elem
-    br = _pow2(r // (2 * _sm_count(device)), 1, 16)
+    warps = 4 if elem <= 2 else 8  # fp32: 4-warp programs spill 8-16 bytes at an odd C (both Tritons)
+    tile = warps * 32 * 16 // elem
+    br = _pow2(r // (8 // warps * 2 * _sm_count(device)), 1, 16)
     bc = min(_pow2(w, 16, 1024), max(64, tile // br))
-    return br, bc, max(2, min(8, br * bc * elem // 512))  # 16 bytes of logits per thread
+    return br, bc, max(2, min(warps, br * bc * elem // 512))  # 16 bytes of logits per thread
 
 
 LOGITS_TILES = ((64, 128), (64, 64), (64, 32))   # (BLOCK_M, BLOCK_N): 4 warps, one warpgroup
