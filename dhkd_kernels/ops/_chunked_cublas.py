@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from . import _epilogue_kernels as E
-from ._launch import (_bias, _buffer, _epilogue, _f32_placeholder, _launch, _mm, _ones, _opts, _scale, _teacher_block,
+from ._launch import (_bias, _buffer, _empty, _epilogue, _launch, _mm, _ones, _opts, _scale, _teacher_block,
                       _teacher_kind, _zero)
 from ._plan import F32, _epi_config, _interpreted, _kind, _ld
 
@@ -130,7 +130,7 @@ def _forward_chunked(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows, n_valid, nee
             z1 = zbuf[: rc * ldc].view(rc, ldc)[:, :c]
             _mm(x[r0:r0 + rc], w1.t(), z1, kind=kind)
             tb_, tr0, tc0 = (teacher(r0, rc, 0, c, tbuf[: rc * ldc].view(rc, ldc)[:, :c]) if (need_t and wk.t_main)
-                             else (t if th is None else _f32_placeholder(dev).view(1, 0), 0, 0))
+                             else (t if th is None else _empty(dev).view(1, 0), 0, 0))
             br, bc, warps = _epi_config(plan.rows, c, wk.elem, dev)  # one config for every chunk
             _epilogue(wk, o, z1, None, tb_, y, b1, None, rows, r0=r0, R=rc, c0=0, W=c, main=True,
                       aux=False, g_ce=wk.g_main and bool(o.ce_w), g_kd=wk.g_main and bool(o.kd_w), g_aux=False,

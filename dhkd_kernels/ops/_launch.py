@@ -56,12 +56,9 @@ def _logits_buffer(n: int, c: int, dtype, device) -> Tensor:
     return _buffer((n, _ld(c)), dtype, device)[:, :c]
 
 
-def _f32_placeholder(device) -> Tensor:
-    """An fp32 pointer for a slot the kernel does not read (one specialization whatever is absent)."""
-    return torch.empty(0, dtype=F32, device=device)
-
-
 def _empty(device) -> Tensor:
+    """An empty fp32 tensor: the pointer for a kernel argument that is not read (one specialization
+    whatever is absent), or an unused slot of the op's outputs."""
     return torch.empty(0, dtype=F32, device=device)
 
 
@@ -167,7 +164,7 @@ def _scale(src: Tensor, out: Tensor, y: Tensor, g: Optional[Tensor], n_valid: Te
     # (interpreter: small tiles exercise the tails, and long inputs take long ones: numpy per program)
     bm, bp = ((16 if m <= 1024 else 1024), (16 if p <= 1024 else 1024)) if _interpreted(dev) else (8, 128)
     _launch(E.scale_kernel, (cdiv(m, bm), cdiv(p, bp)),
-            src, out, y, g if g is not None else _f32_placeholder(dev), n_valid, m, p,
+            src, out, y, g if g is not None else _empty(dev), n_valid, m, p,
             src.stride(0), src.stride(1), out.stride(0), out.stride(1), ignore_index,
             int(mask_rows), int(g is not None), int(mean),
             name="scale_kernel", nbytes=m * p * (src.element_size() + out.element_size()),
@@ -239,23 +236,19 @@ def _ones(n: int, dtype, device) -> Tensor:
     return torch.ones((n, 1), dtype=dtype, device=device)
 
 
-def sum_len(*sums) -> int:
-    return max(v.shape[0] for v in sums if v is not None)
-
-
 def _bias(sum1, sum2, out1, out2, g, n_valid, *, mean):
     """Bias gradients of one or both heads in one launch: out_h = s sum_h (fp32 column sums of dz),
     s = grad_output / max(|V|, 1) (grad_output 1 when ``g`` is None; no 1/|V| unless ``mean``)."""
     dev = n_valid.device
-    block = (16 if sum_len(sum1, sum2) <= 1024 else 1024) if _interpreted(dev) else 1024
     s_any = sum1 if sum1 is not None else sum2
     o_any = out1 if out1 is not None else out2
     heads = int(sum1 is not None) + int(sum2 is not None)
-    w = s_any.shape[0]
+    w = s_any.shape[0]  # both heads' sums have C entries
+    block = (16 if w <= 1024 else 1024) if _interpreted(dev) else 1024
     _launch(E.bias_kernel, (cdiv(w, block), heads),
             sum1 if sum1 is not None else s_any, sum2 if sum2 is not None else s_any,
             out1 if out1 is not None else o_any, out2 if out2 is not None else o_any,
-            g if g is not None else _f32_placeholder(dev), n_valid, w, int(sum1 is None),
+            g if g is not None else _empty(dev), n_valid, w, int(sum1 is None),
             int(g is not None), int(mean),
             name="bias_kernel", nbytes=w * (4 + o_any.element_size()) * heads,
             BLOCK=block, **_opts(4, 1, dev))

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from .. import cost
 from . import _gemm_kernels as G
-from ._launch import (_bias, _buffer, _cast, _dot_precision, _empty, _epilogue, _f32_placeholder, _interp_bf16,
+from ._launch import (_bias, _buffer, _cast, _dot_precision, _empty, _epilogue, _interp_bf16,
                       _launch, _logits_buffer, _mm, _ones, _opts, _scale, _teacher_block, _teacher_kind, _zero)
 from ._plan import (DW_TILES, DX_TILES, F32, LOGITS_TILES, Plan, _epi_config, _gemm_tiles, _interpreted, _kind,
                     _ld, _Opts, _work, cdiv)
@@ -25,7 +25,7 @@ def _forward_resident(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows):
             _teacher_block(t, 0, n, 0, c, tbuf, _teacher_kind(t, o.tf32))
             t = tbuf
         else:
-            t = _f32_placeholder(dev).view(1, 0)
+            t = _empty(dev).view(1, 0)
     z1 = _logits_buffer(n, c, dt, dev) if wk.main else None
     z2 = _logits_buffer(n, c, dt, dev) if wk.aux else None
     if plan.engine == "triton":
