@@ -25,12 +25,12 @@ def _tensor(name: str, x, ndim: int, float_: bool = True) -> None:
 
 
 def _shape(name: str, x: torch.Tensor, expected: tuple, meaning: str) -> None:
-    if tuple(x.shape) != expected:
+    if x.shape != expected:
         raise ValueError(f"{name} must have shape {meaning} = {expected}, got {tuple(x.shape)}")
 
 
 def _number(name: str, value, *, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if type(value) is not float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
@@ -95,12 +95,13 @@ def validate(features, head_weight, head_bias, aux_weight, aux_bias, teacher_log
         raise TypeError(f"labels must be an int64 or int32 tensor, got {labels.dtype}")
     _shape("labels", labels, (n,), "(N,)")
 
-    named = [("features", features), ("head_weight", head_weight), ("head_bias", head_bias),
-             ("aux_weight", aux_weight), ("aux_bias", aux_bias), ("teacher_logits", teacher_logits),
-             ("labels", labels), ("aux_features", aux_features), ("teacher_features", teacher_features),
-             ("teacher_weight", teacher_weight), ("teacher_bias", teacher_bias)]
-    devices = {name: x.device for name, x in named if x is not None}
-    if len(set(devices.values())) > 1:
+    dev = features.device
+    others = (head_weight, head_bias, aux_weight, aux_bias, teacher_logits, labels, aux_features,
+              teacher_features, teacher_weight, teacher_bias)
+    if any(x is not None and x.device != dev for x in others):
+        names = ("head_weight", "head_bias", "aux_weight", "aux_bias", "teacher_logits", "labels",
+                 "aux_features", "teacher_features", "teacher_weight", "teacher_bias")
+        devices = {"features": dev, **{k: x.device for k, x in zip(names, others) if x is not None}}
         raise ValueError(f"all tensors must be on one device, got {devices}")
 
     for name, w in (("ce_weight", ce_weight), ("kd_weight", kd_weight), ("logit_weight", logit_weight)):

@@ -52,11 +52,15 @@ def _triton_usable(device: torch.device) -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+try:
+    from torch._C._functorch import is_functorch_wrapped_tensor, peek_interpreter_stack
+except ImportError:  # pragma: no cover (older torch)
+    is_functorch_wrapped_tensor = peek_interpreter_stack = None
+
+
 def _functorch_active(tensors) -> bool:
     """True inside a torch.func transform (grad, vmap, jacrev, ...)."""
-    try:
-        from torch._C._functorch import is_functorch_wrapped_tensor, peek_interpreter_stack
-    except ImportError:
+    if peek_interpreter_stack is None:
         return False
     if peek_interpreter_stack() is not None:
         return True
@@ -79,11 +83,18 @@ def _resolve_backend(backend: str, device: torch.device, float64: bool = False) 
 
 
 def _triton_ops():
-    try:
-        from .ops import dual_head_kd
-    except ImportError:
-        return None
-    return dual_head_kd
+    """The Triton backend's module, or None where triton cannot be imported (looked up once)."""
+    global _TRITON_OPS
+    if _TRITON_OPS is False:
+        try:
+            from .ops import dual_head_kd
+        except ImportError:
+            dual_head_kd = None
+        _TRITON_OPS = dual_head_kd
+    return _TRITON_OPS
+
+
+_TRITON_OPS = False  # not looked up yet
 
 
 def fused_dual_head_kd_loss(

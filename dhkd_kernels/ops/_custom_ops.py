@@ -17,30 +17,41 @@ from ._resident import _backward, _forward_resident, _grad_output, _row_weights
 
 # ----------------------------------------------------------------------------- forward
 
-def _forward(x, w1, b1, a, w2, b2, t, y, o: _Opts, needs, plan, row_weight=None, out_grads=None):
+def _forward(x, w1, b1, a, w2, b2, t, y, o: _Opts, needs, plan, row_weight=None, out_grads=None, wk=None,
+             direct=False):
     """Returns loss, terms, correct, n_valid and the six state tensors for the backward: resident:
-    (dz1, dz2, cs1, cs2, -, -); chunked: the gradients for a grad_output of 1 (gx, gw1, gb1, ga, gw2,
+    (dz1, dz2, -, -, -, -); chunked: the gradients for a grad_output of 1 (gx, gw1, gb1, ga, gw2,
     gb2). ``t`` is the teacher logits tensor or (features, weight, bias). Empty tensors fill unused
     slots. reduction="none": loss (N,), terms (3, N), correct (N,) bool. ``row_weight``/``out_grads``:
-    the chunked plan's recompute for a per-row grad_output, written into the stored gradients."""
+    the chunked plan's recompute for a per-row grad_output, written into the stored gradients. ``wk``:
+    the call's work, when the caller has it. ``direct`` (eager mode's autograd.Function, not the
+    custom op, whose outputs may not alias each other): None in unused slots, and fewer allocations."""
     dev = x.device
     n, c = y.shape[0], w1.shape[0]
-    wk = _work(x, w1, a, n, c, o, needs, t)
+    if wk is None:
+        wk = _work(x, w1, a, n, c, o, needs, t)
     loss = _buffer((), F32, dev)
-    terms = _buffer((3,), F32, dev)
-    correct = torch.empty((), dtype=torch.int64, device=dev)
-    n_valid = torch.empty((), dtype=torch.int64, device=dev)
-    rows = _buffer((4, n), F32, dev)
+    if direct:  # the terms with the per-row buffer, the two counts together (the loss stays its own:
+        # an output that is a view cannot be modified in place by the caller)
+        work = _buffer((3 + 4 * n,), F32, dev)
+        terms, rows = work[:3], work[3:].view(4, n)
+        counts = torch.empty((2,), dtype=torch.int64, device=dev)
+        correct, n_valid = counts[0], counts[1]
+    else:
+        terms = _buffer((3,), F32, dev)
+        correct = torch.empty((), dtype=torch.int64, device=dev)
+        n_valid = torch.empty((), dtype=torch.int64, device=dev)
+        rows = _buffer((4, n), F32, dev)
     per_row = _buffer((n,), F32, dev) if o.none else None
     if plan.resident:
-        state = _forward_resident(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows)
+        state = _forward_resident(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows, one_buffer=direct)
     else:
         state = _forward_chunked(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows, n_valid, needs,
                                  row_weight=row_weight, out_grads=out_grads)
     _finalize(wk, o, rows, y, loss, terms, correct, n_valid, per_row)
     if not plan.resident:
         _finish_chunked(wk, o, y, n_valid, state)
-    state = [v if v is not None else _empty(dev) for v in state[:6]]
+    state = state[:6] if direct else [v if v is not None else _empty(dev) for v in state[:6]]
     if o.none:  # per-row results: the terms are rows 0-2 of the row buffer, correct is read only for components
         loss, terms = per_row, rows[:3]
         if o.components:
@@ -224,7 +235,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _autograd_backward(ctx, g, *_unused):
-    ops = _IMPLS if getattr(ctx, "direct", False) else _OPS
+    ops = _OPS
     if torch.is_grad_enabled():
         raise RuntimeError(_DOUBLE_BACKWARD.format("triton"))
     if not ctx.resident and getattr(ctx, "consumed", False):
@@ -259,40 +270,78 @@ _fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 class _DirectFn(torch.autograd.Function):
-    """Eager mode: the custom op's forward, context and backward through a plain autograd.Function,
-    calling the implementations directly. The ``torch.library`` dispatch of the two ops (its autograd
-    wrapper rebuilds the 25-argument schema's defaults on every call, the backward op dispatches again)
-    cost about 480 us of host time per forward+backward at imagenet-r18 on the 2-core CPU
-    (``python -m dhkd_kernels host-overhead``, 2026-12-02), several times the kernels' own time there.
-    torch.compile traces the custom ops instead (:func:`forward_fn`), which keep the op opaque to
-    dynamo and inductor and give it a fake implementation."""
+    """Eager mode: the forward and backward implementations through a plain autograd.Function, with
+    the call's work, plan and options passed as Python objects (computed once by the entry point) and
+    the backward's state kept on the context rather than returned as placeholder outputs. The
+    ``torch.library`` dispatch of the two ops (its autograd wrapper rebuilds the 25-argument schema's
+    defaults on every call, the backward op dispatches again) cost about 480 us of host time per
+    forward+backward at imagenet-r18 on the 2-core CPU (``python -m dhkd_kernels host-overhead``,
+    2026-12-02), several times the kernels' own time there. torch.compile traces the custom ops instead
+    (the entry point calls ``_fwd_op`` when compiling), which keep the op opaque to dynamo and inductor and give it a fake
+    implementation."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        out = _fwd_impl(*inputs)
-        _setup_context(ctx, inputs, out)
-        ctx.direct = True
-        return out
+    def forward(ctx, wk, plan, o, needs, x, w1, b1, a, w2, b2, t, y, tf, tw, tb):
+        dev = x.device
+        with _no_autocast(dev), _on_device(dev):
+            out = _forward(x, w1, b1, a, w2, b2, _teacher_arg(t, tf, tw, tb), y, o, needs, plan, wk=wk, direct=True)
+        loss, terms, correct, n_valid = out[:4]
+        ctx.mark_non_differentiable(terms, correct, n_valid)
+        ctx.set_materialize_grads(False)
+        ctx.wk, ctx.plan, ctx.o, ctx.needs, ctx.state = wk, plan, o, needs, list(out[4:10])
+        if plan.resident or not o.none:
+            ctx.save_for_backward(x, w1, b1, a, w2, b2, y, n_valid)
+        else:  # a per-row grad_output of the chunked plan recomputes from the inputs
+            ctx.save_for_backward(x, w1, b1, a, w2, b2, y, n_valid, t, tf, tw, tb)
+        return loss, terms, correct, n_valid
 
     @staticmethod
     def backward(ctx, g, *unused):
-        return _autograd_backward(ctx, g, *unused)
+        if torch.is_grad_enabled():
+            raise RuntimeError(_DOUBLE_BACKWARD.format("triton"))
+        plan, o, needs = ctx.plan, ctx.o, ctx.needs
+        if not plan.resident and getattr(ctx, "consumed", False):
+            from .chunked import SECOND_BACKWARD
+            raise RuntimeError(SECOND_BACKWARD.format("triton") + " (the chunked plan of large problems)")
+        saved = ctx.saved_tensors
+        x, w1, b1, a, w2, b2, y, n_valid = saved[:8]
+        dev = x.device
+        if g is None:  # the loss itself got no gradient: zero gradients
+            g = torch.zeros((), dtype=F32, device=dev)
+            cost.note("torch:zeros", "torch", (), 0, 4)
+        if plan.resident:
+            with _no_autocast(dev), _on_device(dev):
+                grads = _backward(g, x, w1, b1, a, w2, b2, y, n_valid, ctx.state, o, needs, ctx.wk.c, plan,
+                                  wk=ctx.wk)
+        else:
+            ctx.consumed = True
+            # the context lets go of the gradients it returns: autograd can then take them as they are
+            # rather than copy them
+            grads, ctx.state = ctx.state, None
+            g0, per_row = _grad_output(g)
+            if per_row:
+                t, tf, tw, tb = saved[8:12]
+                full = [v if v is not None else _empty(dev) for v in grads]
+                with _no_autocast(dev), _on_device(dev):
+                    _forward(x, w1, b1, a, w2, b2, _teacher_arg(t, tf, tw, tb), y, o, needs, plan,
+                             row_weight=_row_weights(g0, y, o.ignore_index), out_grads=full, wk=ctx.wk)
+            else:
+                _scale_impl([gr for gr, need in zip(grads, needs) if need and gr is not None and gr.numel()],
+                            g0.to(F32))
+        return (None, None, None, None) + tuple(gr if need else None for gr, need in zip(grads, needs)) \
+            + (None,) * 5
 
 
-_IMPLS = {"bwd": _bwd_impl, "scale": _scale_impl, "regrad": _regrad_impl}
-
-
-def forward_fn(compiling: bool):
-    """The forward to call: the custom op under torch.compile, the autograd.Function otherwise."""
-    if "fwd" in _OPS:
-        return _OPS["fwd"]
-    return _fwd_op if compiling else _DirectFn.apply
+def direct_forward(wk, plan, o, needs, x, w1, b1, a, w2, b2, t, y, tf, tw, tb):
+    """Eager mode's forward (see :class:`_DirectFn`): (loss, terms, correct, n_valid)."""
+    return _DirectFn.apply(wk, plan, o, needs, x, w1, b1, a, w2, b2, t, y, tf, tw, tb)
 
 
 @contextlib.contextmanager
 def _direct():
+    """The custom op's backward calls the implementations directly (``simulate`` on meta tensors)."""
     saved = dict(_OPS)
-    _OPS.update(bwd=_bwd_impl, scale=_scale_impl, regrad=_regrad_impl, fwd=_DirectFn.apply)
+    _OPS.update(bwd=_bwd_impl, scale=_scale_impl, regrad=_regrad_impl)
     try:
         yield
     finally:

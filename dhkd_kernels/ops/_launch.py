@@ -56,6 +56,16 @@ def _logits_buffer(n: int, c: int, dtype, device) -> Tensor:
     return _buffer((n, _ld(c)), dtype, device)[:, :c]
 
 
+def _logits_buffers(n: int, c: int, dtype, device, first: bool, second: bool):
+    """(z1, z2): the two heads' (n, c) buffers of :func:`_logits_buffer` from one allocation, None for a
+    head that is off."""
+    if not (first and second):
+        one = _logits_buffer(n, c, dtype, device) if (first or second) else None
+        return (one if first else None), (one if second else None)
+    both = _buffer((2, n, _ld(c)), dtype, device)[:, :, :c]
+    return both[0], both[1]
+
+
 def _empty(device) -> Tensor:
     """An empty fp32 tensor: the pointer for a kernel argument that is not read (one specialization
     whatever is absent), or an unused slot of the op's outputs."""

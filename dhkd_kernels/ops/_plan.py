@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -123,9 +123,9 @@ class Plan:
         return f"chunked/cublas (rows {self.rows}, slab {self.slab})"
 
 
-@dataclasses.dataclass(frozen=True)
-class Work:
-    """What a call computes: the terms (stats), the gradients, and the shapes."""
+class Work(NamedTuple):
+    """What a call computes: the terms (stats), the gradients, and the shapes (a NamedTuple: built on
+    every call, hashed as the plan cache's key)."""
 
     n: int
     c: int

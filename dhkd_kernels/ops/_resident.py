@@ -8,11 +8,13 @@ from torch import Tensor
 from .. import cost
 from . import _gemm_kernels as G
 from ._launch import (_bias, _buffer, _cast, _dot_precision, _empty, _epilogue, _interp_bf16,
-                      _launch, _logits_buffer, _mm, _ones, _opts, _scale, _teacher_block, _teacher_kind, _zero)
+                      _launch, _logits_buffer, _logits_buffers, _mm, _ones, _opts, _scale, _teacher_block, _teacher_kind, _zero)
 from ._plan import (DW_TILES, DX_TILES, F32, LOGITS_TILES, Plan, _epi_config, _gemm_tiles, _interpreted, _kind,
                     _ld, _Opts, _work, cdiv)
 
-def _forward_resident(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows):
+def _forward_resident(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows, one_buffer=False):
+    """Logits of both heads (one allocation with ``one_buffer``), the epilogue over them; returns the
+    state [dz1, dz2, None x 4]."""
     dev = x.device
     n, c, dt = wk.n, wk.c, x.dtype
     a_ = x if wk.shared else a
@@ -26,8 +28,11 @@ def _forward_resident(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows):
             t = tbuf
         else:
             t = _empty(dev).view(1, 0)
-    z1 = _logits_buffer(n, c, dt, dev) if wk.main else None
-    z2 = _logits_buffer(n, c, dt, dev) if wk.aux else None
+    if one_buffer:
+        z1, z2 = _logits_buffers(n, c, dt, dev, wk.main, wk.aux)
+    else:
+        z1 = _logits_buffer(n, c, dt, dev) if wk.main else None
+        z2 = _logits_buffer(n, c, dt, dev) if wk.aux else None
     if plan.engine == "triton":
         interp = _interpreted(dev)
         bm, bn, bk = (16, 16, 16) if interp else (*_gemm_tiles(n, c, 1, dev, LOGITS_TILES),
@@ -59,11 +64,14 @@ def _forward_resident(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows):
 
 # ----------------------------------------------------------------------------- backward
 
-def _backward(g, x, w1, b1, a, w2, b2, y, n_valid, state, o: _Opts, needs, c: int, plan: Plan):
+def _backward(g, x, w1, b1, a, w2, b2, y, n_valid, state, o: _Opts, needs, c: int, plan: Plan, wk=None):
     """Gradients [dx, dw1, db1, da, dw2, db2] of ``g * loss`` from the resident plan's dz (an empty
-    tensor where no gradient was asked), with the engine the forward ran."""
+    tensor where no gradient was asked, None when the caller passes its ``wk``), with the engine the
+    forward ran."""
     dev = x.device
-    wk = _work(x, w1, a, x.shape[0], c, o, needs)
+    fill = wk is None
+    if wk is None:
+        wk = _work(x, w1, a, x.shape[0], c, o, needs)
     shared = wk.shared
     dz1 = state[0] if wk.g_main else None
     dz2 = state[1] if wk.g_aux else None
@@ -82,7 +90,7 @@ def _backward(g, x, w1, b1, a, w2, b2, y, n_valid, state, o: _Opts, needs, c: in
     out = []
     for k, gr in enumerate(grads):
         if gr is None:
-            out.append(_empty(dev))
+            out.append(_empty(dev) if fill else None)
             continue
         if k not in filled:  # no term reaches this input: its gradient is zero
             _zero(gr)

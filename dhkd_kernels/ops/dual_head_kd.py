@@ -32,9 +32,9 @@ from typing import Optional
 import torch
 
 from . import TeacherHead
-from ._custom_ops import _direct, forward_fn
+from ._custom_ops import _direct, _fwd_op, direct_forward
 from ._launch import _cast, _contiguous, _dot_precision, set_debug_poison
-from ._plan import (TRITON_MAX_FLOPS, Plan, Work, _opts_from, _work, make_plan, plan_for, plan_from_list,
+from ._plan import (TRITON_MAX_FLOPS, Plan, Work, _opts_from, _work, make_plan, opts_cached, plan_for, plan_from_list,
                     plan_to_list, set_engine, set_memory_budget, settings)
 
 __all__ = ["dual_head_kd_loss", "make_plan", "set_debug_poison", "set_engine", "set_memory_budget",
@@ -116,12 +116,15 @@ def dual_head_kd_loss(features, head_weight, head_bias, aux_weight, aux_bias, te
                bool(return_components), bool(_TF32_OVERRIDE or _tf32_enabled()), float(label_smoothing),
                reduction == "none")
     # the plan is decided here, once: the forward, its fake (torch.compile) and the backward all read it
-    wk = _work(x, w1, a, labels.shape[0], w1.shape[0], _opts_from(*scalars), needs,
-               teacher_logits if t is not None else (tf, tw, tb))
     compiling = torch.compiler.is_compiling()
-    plan = make_plan(wk, x.device) if compiling else plan_for(wk, x.device)
-    out = forward_fn(compiling)(x, w1, head_bias, a, w2, aux_bias, t, labels, tf, tw, tb, *scalars, needs,
-                                plan_to_list(plan))
+    o = _opts_from(*scalars) if compiling else opts_cached(*scalars)
+    wk = _work(x, w1, a, labels.shape[0], w1.shape[0], o, needs, teacher_logits if t is not None else (tf, tw, tb))
+    if compiling:
+        out = _fwd_op(x, w1, head_bias, a, w2, aux_bias, t, labels, tf, tw, tb, *scalars, needs,
+                      plan_to_list(make_plan(wk, x.device)))
+    else:
+        out = direct_forward(wk, plan_for(wk, x.device), o, needs, x, w1, head_bias, a, w2, aux_bias, t, labels,
+                             tf, tw, tb)
     loss, terms, correct, n_valid = out[:4]
     return loss, terms.detach(), correct, n_valid
 
