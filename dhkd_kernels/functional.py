@@ -163,8 +163,9 @@ def fused_dual_head_kd_loss(
 
     Returns the loss, or with ``return_components=True`` ``(loss, dict)`` whose ``ce``, ``kd``, ``logit``
     are the unweighted terms reduced like the loss (detached; per row (N,) for "none"), ``correct`` the
-    number of valid rows whose first arg-max of z1 is the label (per row, bool, for "none"), and
-    ``n_valid`` the number of valid rows.
+    number of valid rows whose first arg-max of z1 (softcapped) is the label (per row, bool, for "none"),
+    ``n_valid`` the number of valid rows, and ``z_loss`` (reduced like ``ce``) when ``z_loss_weight`` is
+    not 0.
     """
     validate(features, head_weight, head_bias, aux_weight, aux_bias, teacher_logits, labels,
              aux_features=aux_features, ce_weight=ce_weight, kd_weight=kd_weight,
