@@ -1,7 +1,6 @@
 """The LLM loss options (issue 21, parts 2-4): kd_divergence / jsd_beta, softcap / teacher_softcap and
 z_loss_weight. The float64 reference against independent definitions first, then the torch backend
 against the reference (values, every component, every gradient), then the triton backend's refusal."""
-import math
 
 import pytest
 import torch
