@@ -6,7 +6,7 @@ import numbers
 
 import torch
 
-from .reference import LOGIT_LOSSES, REDUCTIONS, valid_rows
+from .reference import KD_DIVERGENCES, LOGIT_LOSSES, REDUCTIONS, valid_rows
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -47,7 +47,8 @@ def _choice(name: str, value, choices: tuple) -> None:
 def validate(features, head_weight, head_bias, aux_weight, aux_bias, teacher_logits, labels, *,
              aux_features, ce_weight, kd_weight, logit_weight, kd_temperature, logit_temperature,
              logit_loss, ignore_index, reduction, backend, teacher_features=None, teacher_weight=None,
-             teacher_bias=None, label_smoothing=0.0, return_components=False) -> None:
+             teacher_bias=None, label_smoothing=0.0, return_components=False, kd_divergence="forward_kl",
+             jsd_beta=0.5, softcap=None, teacher_softcap=None, z_loss_weight=0.0) -> None:
     """Check every argument of ``fused_dual_head_kd_loss``; raise ValueError/TypeError naming the culprit."""
     _tensor("features", features, 2)
     n, d = features.shape
@@ -112,6 +113,14 @@ def validate(features, head_weight, head_bias, aux_weight, aux_bias, teacher_log
     if eps > 1:
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
     _choice("logit_loss", logit_loss, LOGIT_LOSSES)
+    _choice("kd_divergence", kd_divergence, KD_DIVERGENCES)
+    beta = _number("jsd_beta", jsd_beta, positive=False)
+    if beta > 1:
+        raise ValueError(f"jsd_beta must lie in [0, 1], got {jsd_beta}")
+    for name, cap in (("softcap", softcap), ("teacher_softcap", teacher_softcap)):
+        if cap is not None:
+            _number(name, cap, positive=True)
+    _number("z_loss_weight", z_loss_weight, positive=False)
     _choice("reduction", reduction, REDUCTIONS)
     _choice("backend", backend, BACKENDS)
     if not isinstance(return_components, bool):

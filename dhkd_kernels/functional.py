@@ -67,12 +67,20 @@ def _functorch_active(tensors) -> bool:
     return any(t is not None and is_functorch_wrapped_tensor(t) for t in tensors)
 
 
-def _resolve_backend(backend: str, device: torch.device, float64: bool = False) -> str:
+_OPTION_DEFAULTS = {"kd_divergence": "forward_kl", "softcap": None, "teacher_softcap": None, "z_loss_weight": 0.0}
+
+
+def _resolve_backend(backend: str, device: torch.device, float64: bool = False, options=()) -> str:
     if backend == "auto":
-        # the Triton kernels take fp32/bf16/fp16 operands; float64 goes to the torch path
-        if device.type == "cuda" and not float64 and _triton_ops() is not None:
+        # the Triton kernels take fp32/bf16/fp16 operands; float64 goes to the torch path, and so do
+        # the LLM options the kernels do not have yet
+        if device.type == "cuda" and not float64 and not options and _triton_ops() is not None:
             return "triton"
         return "torch"
+    if backend == "triton" and options:
+        given = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        raise ValueError(f"backend='triton' does not support {given} yet; use backend='torch' (or 'auto', "
+                         "which picks it for these options)")
     if backend == "triton":
         if _triton_ops() is None:
             raise RuntimeError("backend='triton' needs the triton package, which is not importable here")
@@ -121,6 +129,11 @@ def fused_dual_head_kd_loss(
     reduction: str = "mean",
     backend: str = "auto",
     return_components: bool = False,
+    kd_divergence: str = "forward_kl",
+    jsd_beta: float = 0.5,
+    softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    z_loss_weight: float = 0.0,
 ):
     """Dual-head KD loss from features and head weights, without keeping the (N, C) logits.
 
@@ -139,6 +152,17 @@ def fused_dual_head_kd_loss(
     ``ignore_index`` and divided by their count for ``reduction="mean"`` (0 when there are none);
     ``reduction="none"`` returns the (N,) fp32 per-row weighted losses, 0 for ignored rows.
 
+    LLM options (formulas in ``dhkd_kernels.reference``; backends "torch" and "reference" only for now:
+    "auto" picks "torch" when one is set, "triton" raises a ValueError):
+    ``kd_divergence`` "forward_kl" (default, KL(p || s)), "reverse_kl" (KL(s || p)) or "jsd" (the
+    generalised JSD of TRL's GKD / Liger-Kernel: ``jsd_beta`` b KL(p || m) + (1 - b) KL(s || m),
+    m = b p + (1 - b) s; b = 0 is forward KL and b = 1 reverse KL), for the KD term with
+    s = softmax(z1/T), p = softmax(t/T), scaled by T^2; ``softcap=cap`` replaces z1 and z2 by
+    cap tanh(z / cap) before every term (CE, KD, logit-level loss, z-loss, ``correct``) and
+    ``teacher_softcap`` does the same to the teacher logits (-inf stays a masked class);
+    ``z_loss_weight=lambda`` adds lambda logsumexp(z1)^2 per valid row (PaLM's z-loss, on the
+    softcapped z1, temperature 1), reported as the ``z_loss`` component when lambda is not 0.
+
     Backends: "auto" (Triton kernels for CUDA tensors, else "torch"), "triton", "torch" (chunked
     PyTorch with an analytic backward), "reference" (plain PyTorch autograd, in the inputs' dtype).
     The loss is float32 (float64 for float64 inputs); gradients come back in each input's dtype.
@@ -150,8 +174,9 @@ def fused_dual_head_kd_loss(
 
     Returns the loss, or with ``return_components=True`` ``(loss, dict)`` whose ``ce``, ``kd``, ``logit``
     are the unweighted terms reduced like the loss (detached; per row (N,) for "none"), ``correct`` the
-    number of valid rows whose first arg-max of z1 is the label (per row, bool, for "none"), and
-    ``n_valid`` the number of valid rows.
+    number of valid rows whose first arg-max of z1 (softcapped) is the label (per row, bool, for "none"),
+    ``n_valid`` the number of valid rows, and ``z_loss`` (reduced like ``ce``) when ``z_loss_weight`` is
+    not 0.
     """
     validate(features, head_weight, head_bias, aux_weight, aux_bias, teacher_logits, labels,
              aux_features=aux_features, ce_weight=ce_weight, kd_weight=kd_weight,
@@ -159,14 +184,22 @@ def fused_dual_head_kd_loss(
              logit_temperature=logit_temperature, logit_loss=logit_loss, ignore_index=ignore_index,
              reduction=reduction, backend=backend, teacher_features=teacher_features,
              teacher_weight=teacher_weight, teacher_bias=teacher_bias, label_smoothing=label_smoothing,
-             return_components=return_components)
+             return_components=return_components, kd_divergence=kd_divergence, jsd_beta=jsd_beta,
+             softcap=softcap, teacher_softcap=teacher_softcap, z_loss_weight=z_loss_weight)
+    options = {k: v for k, v in (("kd_divergence", kd_divergence), ("softcap", softcap),
+                                 ("teacher_softcap", teacher_softcap), ("z_loss_weight", z_loss_weight))
+               if v != _OPTION_DEFAULTS[k]}  # the LLM options the triton backend does not have yet
     opts = dict(ce_weight=float(ce_weight), kd_weight=float(kd_weight), logit_weight=float(logit_weight),
                 kd_temperature=float(kd_temperature), logit_temperature=float(logit_temperature),
                 logit_loss=logit_loss, ignore_index=int(ignore_index), reduction=reduction,
                 return_components=bool(return_components), label_smoothing=float(label_smoothing))
     float64 = any(x is not None and x.dtype == torch.float64
                   for x in (features, head_weight, head_bias, aux_weight, aux_bias, aux_features))
-    backend = _resolve_backend(backend, features.device, float64)
+    backend = _resolve_backend(backend, features.device, float64, options)
+    if options:
+        opts.update(kd_divergence=kd_divergence, jsd_beta=float(jsd_beta), z_loss_weight=float(z_loss_weight),
+                    softcap=None if softcap is None else float(softcap),
+                    teacher_softcap=None if teacher_softcap is None else float(teacher_softcap))
     # under torch.compile the host read would break the graph: the device-side rule applies (a bad
     # label makes that row's loss and gradients NaN)
     compiling = _compiling()
@@ -198,8 +231,10 @@ def fused_dual_head_kd_loss(
                                         teacher, labels, aux_features=aux_features, **opts)
     if not return_components:
         return loss
-    return loss, {"ce": terms[0], "kd": terms[1], "logit": terms[2], "correct": correct,
-                  "n_valid": n_valid}
+    components = {"ce": terms[0], "kd": terms[1], "logit": terms[2], "correct": correct, "n_valid": n_valid}
+    if opts.get("z_loss_weight"):
+        components["z_loss"] = terms[3]
+    return loss, components
 
 
 class DualHeadKDLoss(nn.Module):
@@ -208,13 +243,16 @@ class DualHeadKDLoss(nn.Module):
     def __init__(self, *, ce_weight: float = 1.0, kd_weight: float = 0.0, logit_weight: float = 1.0,
                  kd_temperature: float = 4.0, logit_temperature: float = 2.0,
                  logit_loss: str = "binary_kl_norm", ignore_index: int = -100, reduction: str = "mean",
-                 backend: str = "auto", return_components: bool = False, label_smoothing: float = 0.0):
+                 backend: str = "auto", return_components: bool = False, label_smoothing: float = 0.0,
+                 kd_divergence: str = "forward_kl", jsd_beta: float = 0.5, softcap: float | None = None,
+                 teacher_softcap: float | None = None, z_loss_weight: float = 0.0):
         super().__init__()
         self.options = dict(ce_weight=ce_weight, kd_weight=kd_weight, logit_weight=logit_weight,
                             kd_temperature=kd_temperature, logit_temperature=logit_temperature,
                             logit_loss=logit_loss, ignore_index=ignore_index, reduction=reduction,
                             backend=backend, return_components=return_components,
-                            label_smoothing=label_smoothing)
+                            label_smoothing=label_smoothing, kd_divergence=kd_divergence, jsd_beta=jsd_beta,
+                            softcap=softcap, teacher_softcap=teacher_softcap, z_loss_weight=z_loss_weight)
 
     def forward(self, features, head_weight, head_bias, aux_weight, aux_bias, teacher_logits, labels,
                 aux_features=None, teacher_features=None, teacher_weight=None, teacher_bias=None):

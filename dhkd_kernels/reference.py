@@ -18,8 +18,29 @@ Notation (one row i of the batch, classes c = 1..C):
                s = sig(t/tau)
     BinaryKL-Norm = tau^2 sum_{i in V} sum_c log cosh((z2 - t) / (2 tau))
 
-    total = ce_weight CE + kd_weight KD + logit_weight L_logit,   divided by |V| for reduction="mean";
+    total = ce_weight CE + kd_weight KD + logit_weight L_logit + z_loss_weight Z,
+            divided by |V| for reduction="mean";
     a term whose weight is 0 is not part of the total (a NaN in it cannot reach the loss).
+
+Options (defaults reproduce the formulas above):
+    softcap=cap: z1 and z2 are replaced by cap tanh(z / cap) (after the bias) before every term that
+        reads them (CE, KD, the logit-level loss, z-loss, ``correct``); teacher_softcap=cap does the
+        same to t (a -inf teacher logit stays -inf: still a masked class).
+    kd_divergence: the divergence of the KD term between s = softmax(z1/T) and p = softmax(t/T),
+        always scaled by T^2:
+        "forward_kl" (default)  KL(p || s)
+        "reverse_kl"            KL(s || p) = sum_c s (log s - log p), over the classes the teacher
+                                does not mask (a masked class contributes nothing; the true KL(s || p)
+                                would be +inf as soon as s puts mass on it)
+        "jsd"                   generalised Jensen-Shannon with jsd_beta = b in [0, 1]:
+                                b KL(p || m) + (1 - b) KL(s || m),  m = b p + (1 - b) s,
+                                with the endpoints taken as their named divergences, as in TRL's
+                                GKD and Liger-Kernel's (fused linear) JSD: b = 0 is KL(p || s)
+                                (forward) and b = 1 is KL(s || p) (reverse). (The mixture formula
+                                itself is 0 at both endpoints; the special cases are deliberate.)
+        0 log 0 = 0 wherever p = 0 (masked or underflowed classes).
+    z_loss_weight=lambda: Z = sum_{i in V} logsumexp(z1_i)^2 (PaLM's z-loss on the softcapped z1, at
+        temperature 1).
 
 Rows not in V do not influence anything: their features and teacher logits are replaced by zeros
 before any arithmetic, so garbage (NaN included) in padding rows never reaches a result. A teacher
@@ -52,9 +73,13 @@ __all__ = [
     "dual_head_kd_loss",
     "log_cosh",
     "softmax_kd",
+    "apply_softcap",
+    "softmax_divergence",
+    "z_loss",
 ]
 
 LOGIT_LOSSES = ("binary_kl_norm", "binary_kl")
+KD_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -116,6 +141,50 @@ def softmax_kd(z1: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.T
     return torch.where(torch.isneginf(t).all(-1), torch.full_like(kd, float("nan")), kd)
 
 
+def softmax_divergence(z1: torch.Tensor, t: torch.Tensor, temperature: float, divergence: str = "forward_kl",
+                       beta: float = 0.5) -> torch.Tensor:
+    """Per-row T^2 D(s, p) with s = softmax(z1/T), p = softmax(t/T), (N, C) -> (N,), for the
+    ``kd_divergence`` options (module docstring): forward KL(p || s), reverse KL(s || p) over the
+    classes the teacher does not mask, or the generalised JSD (beta = 0: forward, beta = 1: reverse).
+    A row whose teacher logits are all -inf is NaN."""
+    if divergence == "jsd" and beta == 0.0:
+        divergence = "forward_kl"
+    elif divergence == "jsd" and beta == 1.0:
+        divergence = "reverse_kl"
+    if divergence == "forward_kl":
+        return softmax_kd(z1, t, temperature)
+    log_ps = F.log_softmax(z1 / temperature, dim=-1)
+    log_pt = F.log_softmax(t / temperature, dim=-1)
+    keep = t != float("-inf")
+    zero = torch.zeros((), dtype=log_pt.dtype, device=log_pt.device)
+    if divergence == "reverse_kl":
+        # a masked class (log p = -inf) is left out of the sum; log p is replaced there first so that
+        # no inf reaches the gradient of the dropped branch
+        safe_log_pt = torch.where(keep, log_pt, zero)
+        per_class = torch.where(keep, log_ps.exp() * (log_ps - safe_log_pt), zero)
+    else:
+        pt, ps = log_pt.exp(), log_ps.exp()
+        log_m = torch.logaddexp(log_pt + math.log(beta), log_ps + math.log1p(-beta))
+        # xlogy for the teacher side: p = 0 (masked or underflowed) contributes 0
+        teacher_side = torch.where(pt == 0, zero, pt * (log_pt - log_m))
+        per_class = beta * teacher_side + (1.0 - beta) * ps * (log_ps - log_m)
+    kd = temperature**2 * per_class.sum(-1)
+    return torch.where(torch.isneginf(t).all(-1), torch.full_like(kd, float("nan")), kd)
+
+
+def apply_softcap(z: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap tanh(z / cap) (None: z unchanged); -inf stays -inf (a masked teacher class)."""
+    if cap is None:
+        return z
+    capped = cap * torch.tanh(z / cap)
+    return torch.where(torch.isneginf(z), z, capped)
+
+
+def z_loss(z1: torch.Tensor) -> torch.Tensor:
+    """Per-row logsumexp(z1)^2, (N, C) -> (N,)."""
+    return torch.logsumexp(z1, dim=-1) ** 2
+
+
 def _masked_classes(z2: torch.Tensor, t: torch.Tensor):
     """Teacher -inf = a masked class: (z2, t) with those entries zeroed, and the keep mask."""
     keep = t != float("-inf")
@@ -162,6 +231,11 @@ def dual_head_kd_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     return_components: bool = False,
+    kd_divergence: str = "forward_kl",
+    jsd_beta: float = 0.5,
+    softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    z_loss_weight: float = 0.0,
 ):
     """The dual-head KD loss through autograd: matmuls in the operands' dtype, loss math in fp32.
 
@@ -174,8 +248,10 @@ def dual_head_kd_loss(
     logits are their product, without a gradient. ``reduction="none"`` returns the (N,) per-row weighted
     losses (0 for rows outside V), also when every weight is 0. Components: ``ce``, ``kd``, ``logit``
     (unweighted, reduced like the total or per row, detached; computed even when their weight is 0, so
-    they may be NaN without affecting the loss), ``correct`` (rows of V whose first arg-max of z1 is
-    the label: a count, or per row) and ``n_valid`` (|V|).
+    they may be NaN without affecting the loss), ``correct`` (rows of V whose first arg-max of the
+    (softcapped) z1 is the label: a count, or per row), ``n_valid`` (|V|), and ``z_loss`` (reduced like
+    ``ce``) only when ``z_loss_weight`` is not 0. The options ``kd_divergence``, ``jsd_beta``,
+    ``softcap``, ``teacher_softcap`` and ``z_loss_weight`` are defined in the module docstring.
     """
     if teacher_logits is None:
         tdt = _operand_dtype([teacher_features, teacher_weight], teacher_features.device.type)
@@ -189,12 +265,15 @@ def dual_head_kd_loss(
                      aux_features=aux_features, label_smoothing=label_smoothing, ce_weight=ce_weight,
                      kd_weight=kd_weight, logit_weight=logit_weight, kd_temperature=kd_temperature,
                      logit_temperature=logit_temperature, logit_loss=logit_loss, ignore_index=ignore_index,
-                     reduction=reduction, return_components=return_components)
+                     reduction=reduction, return_components=return_components,
+                     kd_divergence=kd_divergence, jsd_beta=jsd_beta, softcap=softcap,
+                     teacher_softcap=teacher_softcap, z_loss_weight=z_loss_weight)
 
 
 def _loss(features, head_weight, head_bias, aux_weight, aux_bias, teacher_logits, labels, cdt, *,
           aux_features, label_smoothing, ce_weight, kd_weight, logit_weight, kd_temperature,
-          logit_temperature, logit_loss, ignore_index, reduction, return_components):
+          logit_temperature, logit_loss, ignore_index, reduction, return_components,
+          kd_divergence="forward_kl", jsd_beta=0.5, softcap=None, teacher_softcap=None, z_loss_weight=0.0):
     ldt = torch.float64 if cdt == torch.float64 else torch.float32
     features, head_weight, aux_weight = (m.to(cdt) for m in (features, head_weight, aux_weight))
     head_bias = None if head_bias is None else head_bias.to(cdt)
@@ -209,9 +288,10 @@ def _loss(features, head_weight, head_bias, aux_weight, aux_bias, teacher_logits
     z2 = F.linear(aux_features, aux_weight, aux_bias).to(ldt)
     t = torch.where(vcol, teacher_logits.to(ldt), torch.zeros((), dtype=ldt, device=z1.device))
     y = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    z1, z2, t = apply_softcap(z1, softcap), apply_softcap(z2, softcap), apply_softcap(t, teacher_softcap)
 
     ce = cross_entropy(z1, y, label_smoothing)
-    kd = softmax_kd(z1, t, kd_temperature)
+    kd = softmax_divergence(z1, t, kd_temperature, kd_divergence, jsd_beta)
     if logit_loss == "binary_kl_norm":
         logit = binary_kl_norm(z2, t, logit_temperature)
     else:
@@ -228,6 +308,9 @@ def _loss(features, head_weight, head_bias, aux_weight, aux_bias, teacher_logits
 
     terms = {"ce": reduce(ce), "kd": reduce(kd), "logit": reduce(logit)}
     weights = {"ce": ce_weight, "kd": kd_weight, "logit": logit_weight}
+    if z_loss_weight:
+        terms["z_loss"] = reduce(z_loss(z1))
+        weights["z_loss"] = z_loss_weight
     # every input stays in the graph with a zero gradient when its term has weight 0 (like
     # ``0 * term`` would, but a NaN in that term, e.g. from the teacher, cannot leak through)
     never = torch.zeros((), dtype=torch.bool, device=z1.device)

@@ -25,8 +25,15 @@ Gradients of the per-element losses (s = softmax, sig = sigmoid):
     dKD/dz1       = T (s(z1/T) - s(t/T))
     dBinaryKL/dz2 = tau (sig(z2/tau) - sig(t/tau))
     dBKLNorm/dz2  = (tau / 2) tanh((z2 - t) / (2 tau))
+    dZ/dz1        = 2 logsumexp(z1) s(z1)                          (z-loss)
+    softcap       z -> cap tanh(z / cap): each dz above times 1 / cosh^2(z / cap), in the same chunk
+Reverse KL and the generalised JSD: see ``_divergence``. The LLM options cost a Python-level branch
+each; at their defaults the path runs exactly as without them. A softcap holds one more chunk buffer per
+head (its derivative) until the chunk's dz is formed.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -54,18 +61,26 @@ _DOUBLE_BACKWARD = ("fused_dual_head_kd_loss (backend='torch') has no second der
                     "(plain PyTorch autograd) for higher-order gradients.")
 
 
-def main_head(z, t, y, o, *, kd_stats, grad_ce, grad_kd):
-    """CE (label-smoothed when o["label_smoothing"] > 0) and KD per row of one chunk and the weighted
-    dz1 (or None). ``z`` (n, C) is consumed."""
+def main_head(z, t, y, o, *, kd_stats, grad_ce, grad_kd, grad_z=False):
+    """CE (label-smoothed when o["label_smoothing"] > 0), the KD divergence (o["kd_divergence"]) and, when
+    o["z_loss_weight"] is set, the z-loss logsumexp(z)^2 per row of one chunk, and the weighted dz1 (or
+    None): returns (ce, kd or None, z_loss or None, dz). ``z`` (n, C) is consumed."""
     ce_w, kd_w, T = o["ce_weight"], o["kd_weight"], o["kd_temperature"]
+    zl_w = o.get("z_loss_weight", 0.0)
     eps = o.get("label_smoothing", 0.0)
     c = z.shape[-1]
+    zl = zdz = None
+    if zl_w:
+        lse = torch.logsumexp(z, dim=-1)
+        zl = lse.square()
     lp = F.log_softmax(z, dim=-1)
     lp_y = lp.gather(-1, y.unsqueeze(-1))
     ce = -lp_y.squeeze(-1)
     if eps:
         ce = (1.0 - eps) * ce - eps * lp.mean(-1)
     kd = dz = None
+    if grad_z:  # d(lambda lse^2)/dz = 2 lambda lse softmax(z)
+        zdz = lp.exp().mul_(lse.mul(2.0 * zl_w).unsqueeze(-1))
     if grad_ce:
         # dCE/dz = p - (1 - eps) onehot - eps / C; the target column p_y - 1 as expm1(log p_y), exact
         # for confident rows (p_y - 1 in fp32 is not)
@@ -75,7 +90,17 @@ def main_head(z, t, y, o, *, kd_stats, grad_ce, grad_kd):
         dz.mul_(ce_w)
         dz.scatter_(-1, y.unsqueeze(-1), torch.expm1(lp_y).add_(eps - eps / c).mul_(ce_w))
     del lp
-    if kd_stats:
+    if zdz is not None:
+        dz = zdz if dz is None else dz.add_(zdz)
+    divergence, beta = o.get("kd_divergence", "forward_kl"), o.get("jsd_beta", 0.5)
+    if divergence == "jsd" and beta in (0.0, 1.0):  # the endpoints are the named divergences
+        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
+    if kd_stats and divergence != "forward_kl":
+        kd, g = _divergence(z, t, T, divergence, beta, grad=grad_kd)
+        if grad_kd:
+            g.mul_(kd_w * T)
+            dz = g if dz is None else dz.add_(g)
+    elif kd_stats:
         log_ps = F.log_softmax(z.mul_(1.0 / T), dim=-1)
         log_pt = F.log_softmax(t / T, dim=-1)
         pt = log_pt.exp()
@@ -89,7 +114,54 @@ def main_head(z, t, y, o, *, kd_stats, grad_ce, grad_kd):
         if grad_kd:
             g = log_ps.exp_().sub_(pt).mul_(kd_w * T)
             dz = g if dz is None else dz.add_(g)
-    return ce, kd, dz
+    return ce, kd, zl, dz
+
+
+def _divergence(z, t, T, divergence, beta, *, grad):
+    """T^2 reverse KL(s || p) or generalised JSD per row (s = softmax(z/T), p = softmax(t/T); see
+    ``reference``) and its gradient with respect to z/T (or None). ``z`` is consumed.
+
+    Both gradients have the form h - s sum_c h_c with h_c = dD/d(log s_c) s_c:
+        reverse KL  h = [c kept] s (log s - log p + 1): s (r - f + S_masked - [c masked]),
+                    r = log s - log p on kept classes (0 on masked ones), f = sum_c s r
+        JSD         h = (1 - beta) s (log s - log m),   m = beta p + (1 - beta) s"""
+    log_ps = F.log_softmax(z.mul_(1.0 / T), dim=-1)
+    log_pt = F.log_softmax(t / T, dim=-1)
+    masked = torch.isneginf(t)
+    ps = log_ps.exp()
+    g = None
+    if divergence == "reverse_kl":
+        # a masked class (p = 0 exactly, t = -inf) is left out of the sum
+        r = log_ps.sub_(log_pt).masked_fill_(masked, 0.0)
+        f = torch.mul(ps, r).sum(-1)
+        if grad:
+            s_masked = ps.masked_fill(~masked, 0.0).sum(-1, keepdim=True)  # 0 when nothing is masked
+            g = r.sub_(f.unsqueeze(-1)).add_(s_masked).sub_(masked.to(r.dtype)).mul_(ps)
+        kd = (T * T) * f
+    else:
+        log_m = torch.logaddexp(log_pt + math.log(beta), log_ps + math.log1p(-beta))
+        pt = log_pt.exp()
+        # xlogy on the teacher side: p = 0 (masked, or underflowed) contributes 0
+        teacher_side = (log_pt - log_m).mul_(pt).masked_fill_(pt == 0, 0.0).sum(-1)
+        student = log_ps.sub_(log_m).mul_(ps)  # s (log s - log m)
+        kd = (T * T) * (beta * teacher_side + (1.0 - beta) * student.sum(-1))
+        if grad:
+            g = student.sub_(ps.mul_(student.sum(-1, keepdim=True))).mul_(1.0 - beta)
+    kd = torch.where(masked.all(-1), float("nan"), kd)  # no teacher distribution at all
+    return kd, g
+
+
+def _softcap(z, cap, *, grad):
+    """z -> cap tanh(z / cap) in place, and the derivative 1 - tanh^2 = 1 / cosh^2 (accurate where tanh
+    saturates) when ``grad``, else None."""
+    u = z.mul_(1.0 / cap)
+    d = torch.cosh(u).square_().reciprocal_() if grad else None
+    return u.tanh_().mul_(cap), d
+
+
+def _softcap_teacher(t, cap):
+    """cap tanh(t / cap), keeping -inf (a masked class) as it is."""
+    return torch.where(torch.isneginf(t), t, torch.tanh(t / cap).mul_(cap))
 
 
 _LN2 = 0.6931471805599453
@@ -167,9 +239,10 @@ def _teacher_rows(teacher, s, e, edt):
 
 def _run(features, head_weight, head_bias, aux_features, aux_weight, aux_bias, teacher, labels, opts, *,
          need_grad, row_weight=None, needs=(True,) * 6):
-    """One pass over the row chunks: per-row terms (3, N) (rows outside V 0, bad labels NaN), the
-    per-row correct flags, |V|, and with ``need_grad`` the gradients of
-    sum_i w_i (ce_w CE_i + kd_w KD_i + lg_w L_i) with w_i = row_weight[i] (or 1) times 1/|V| for "mean"."""
+    """One pass over the row chunks: per-row terms (3, N), (4, N) with the z-loss (rows outside V 0, bad
+    labels NaN), the per-row correct flags, |V|, and with ``need_grad`` the gradients of
+    sum_i w_i (ce_w CE_i + kd_w KD_i + lg_w L_i [+ zl_w Z_i]) with w_i = row_weight[i] (or 1) times 1/|V|
+    for "mean"."""
     shared = aux_features is None
     mdt = features.dtype
     edt = torch.float64 if mdt == torch.float64 else torch.float32
@@ -177,11 +250,13 @@ def _run(features, head_weight, head_bias, aux_features, aux_weight, aux_bias, t
     c = head_weight.shape[0]
     dev = features.device
     ce_w, kd_w, lg_w = opts["ce_weight"], opts["kd_weight"], opts["logit_weight"]
+    zl_w = opts.get("z_loss_weight", 0.0)
+    cap, tcap = opts.get("softcap"), opts.get("teacher_softcap")
     comps = opts["return_components"]
-    main = bool(ce_w) or bool(kd_w) or comps
+    main = bool(ce_w) or bool(kd_w) or bool(zl_w) or comps
     kd_stats = bool(kd_w) or comps
     aux = bool(lg_w) or comps
-    g_main = need_grad and (bool(ce_w) or bool(kd_w))
+    g_main = need_grad and (bool(ce_w) or bool(kd_w) or bool(zl_w))
     g_aux = need_grad and bool(lg_w)
 
     valid_all = valid_rows(labels, opts["ignore_index"])
@@ -198,7 +273,7 @@ def _run(features, head_weight, head_bias, aux_features, aux_weight, aux_bias, t
     vcol = valid_all.unsqueeze(-1)
     zero = torch.zeros((), dtype=mdt, device=dev)
     b1, b2 = head_bias, aux_bias
-    per_row = torch.zeros(3, n, dtype=edt, device=dev)
+    per_row = torch.zeros(4 if zl_w else 3, n, dtype=edt, device=dev)
     correct = torch.zeros(n, dtype=torch.bool, device=dev)
     aux_x = features if shared else aux_features
     grads = None
@@ -217,24 +292,40 @@ def _run(features, head_weight, head_bias, aux_features, aux_weight, aux_bias, t
         x = torch.where(v, features[s:e], zero)  # rows outside V never reach a result
         a = x if shared else torch.where(v, aux_x[s:e], zero)
         t = torch.where(v, _teacher_rows(teacher, s, e, edt), torch.zeros((), dtype=edt, device=dev))
+        if tcap is not None:
+            t = _softcap_teacher(t, tcap)
         ok = valid_all[s:e] & ~bad_all[s:e]
         y = torch.where(ok, labels[s:e], torch.zeros_like(labels[s:e])).long()
         rf = row_factor[s:e]
         dz1 = dz2 = None
         if main:
             z1 = _logits(x, head_weight, b1, edt)
+            d1 = None
+            if cap is not None:  # the softcap's derivative is applied to dz1 below
+                z1, d1 = _softcap(z1, cap, grad=g_main)
             if comps:
                 correct[s:e] = (z1.argmax(-1) == y) & ok
-            ce, kd, dz1 = main_head(z1, t, y, opts, kd_stats=kd_stats, grad_ce=g_main and bool(ce_w),
-                                    grad_kd=g_main and bool(kd_w))
+            ce, kd, zl, dz1 = main_head(z1, t, y, opts, kd_stats=kd_stats, grad_ce=g_main and bool(ce_w),
+                                        grad_kd=g_main and bool(kd_w), grad_z=g_main and bool(zl_w))
             del z1
+            if d1 is not None and dz1 is not None:
+                dz1.mul_(d1)
+            del d1
             per_row[0, s:e] = ce * rf
             if kd is not None:
                 per_row[1, s:e] = kd * rf
+            if zl is not None:
+                per_row[3, s:e] = zl * rf
         if aux:
             z2 = _logits(a, aux_weight, b2, edt)
+            d2 = None
+            if cap is not None:
+                z2, d2 = _softcap(z2, cap, grad=g_aux)
             logit, dz2 = aux_head(z2, t, opts, grad=g_aux)
             del z2
+            if d2 is not None and dz2 is not None:
+                dz2.mul_(d2)
+            del d2
             per_row[2, s:e] = logit * rf
         if not need_grad:
             continue
@@ -286,7 +377,8 @@ class ChunkedDualHeadKD(torch.autograd.Function):
         per_row, correct, n_valid, scale, grads = _run(
             features, head_weight, head_bias, aux_features, aux_weight, aux_bias, teacher, labels, opts,
             need_grad=need_grad, needs=needs)
-        weights = (opts["ce_weight"], opts["kd_weight"], opts["logit_weight"])
+        weights = (opts["ce_weight"], opts["kd_weight"], opts["logit_weight"]) + \
+            ((opts["z_loss_weight"],) if opts.get("z_loss_weight") else ())
         none = opts["reduction"] == "none"
         terms = per_row if none else per_row.sum(-1) * scale
         loss = torch.zeros(terms.shape[1:], dtype=terms.dtype, device=terms.device)
@@ -335,7 +427,8 @@ class ChunkedDualHeadKD(torch.autograd.Function):
 
 def chunked_dual_head_kd_loss(features, head_weight, head_bias, aux_weight, aux_bias, teacher_logits,
                               labels, *, aux_features, chunk_elements=None, **opts):
-    """Run the torch path; returns (loss, terms[3], correct, n_valid). Inputs must be validated.
+    """Run the torch path; returns (loss, terms[3] (terms[4] with the z-loss: ce, kd, logit, z_loss),
+    correct, n_valid). Inputs must be validated.
 
     The matmul operands are cast to one dtype first (autocast's, else their promoted dtype; the
     gradients flow back through the casts to each input's dtype)."""
