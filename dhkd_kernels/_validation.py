@@ -30,7 +30,7 @@ def _shape(name: str, x: torch.Tensor, expected: tuple, meaning: str) -> None:
 
 
 def _number(name: str, value, *, positive: bool) -> float:
-    if type(value) is not float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+    if not isinstance(value, float) and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
