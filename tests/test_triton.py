@@ -675,6 +675,37 @@ def test_deterministic_run_to_run(device, plan):
         assert torch.equal(g1[k], g2[k]), k
 
 
+def test_backward_frees_its_buffers_and_returns_fresh_gradients(device, plan, monkeypatch):
+    """The backward's state (the resident plan's dz buffers, the chunked plan's gradients) is released
+    by the backward itself, while the loss is still referenced (a training loop's next forward must not
+    find the last step's buffers alive), and the returned gradients become .grad without a copy."""
+    import gc
+    import weakref
+
+    from dhkd_kernels.ops import _custom_ops
+    states = []
+    real = _custom_ops._forward
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        states.extend(weakref.ref(v) for v in out[4:10] if v is not None)
+        return out
+
+    monkeypatch.setattr(_custom_ops, "_forward", spy)
+    inputs = make_inputs(12, 8, 21, device=device, seed=3)
+    loss = fused_dual_head_kd_loss(*(inputs[k] for k in ("features", "head_weight", "head_bias", "aux_weight",
+                                                         "aux_bias", "teacher_logits", "labels")),
+                                   kd_weight=1.0, backend="triton")
+    assert states and all(r() is not None for r in states)
+    loss.backward()
+    gc.collect()
+    grads = {id(inputs[k].grad) for k in ("features", "head_weight", "head_bias", "aux_weight", "aux_bias")}
+    alive = [r() for r in states if r() is not None]
+    # what is still alive is only what became a .grad (the chunked plan's gradients, taken as they are)
+    assert all(id(v) in grads for v in alive), [tuple(v.shape) for v in alive]
+    assert loss.grad_fn is not None
+
+
 _TRANSPOSED_OFFSETS = """
 import torch
 from dhkd_kernels import fused_dual_head_kd_loss, reference

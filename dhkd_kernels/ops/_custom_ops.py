@@ -288,11 +288,13 @@ class _DirectFn(torch.autograd.Function):
         loss, terms, correct, n_valid = out[:4]
         ctx.mark_non_differentiable(terms, correct, n_valid)
         ctx.set_materialize_grads(False)
-        ctx.wk, ctx.plan, ctx.o, ctx.needs, ctx.state = wk, plan, o, needs, list(out[4:10])
+        ctx.wk, ctx.plan, ctx.o, ctx.needs = wk, plan, o, needs
+        # the state (dz buffers, or the chunked plan's gradients) saved like the inputs: autograd frees
+        # it after the backward (unless retain_graph), and takes the returned gradients without a copy
         if plan.resident or not o.none:
-            ctx.save_for_backward(x, w1, b1, a, w2, b2, y, n_valid)
+            ctx.save_for_backward(x, w1, b1, a, w2, b2, y, n_valid, *out[4:10])
         else:  # a per-row grad_output of the chunked plan recomputes from the inputs
-            ctx.save_for_backward(x, w1, b1, a, w2, b2, y, n_valid, t, tf, tw, tb)
+            ctx.save_for_backward(x, w1, b1, a, w2, b2, y, n_valid, *out[4:10], t, tf, tw, tb)
         return loss, terms, correct, n_valid
 
     @staticmethod
@@ -309,18 +311,17 @@ class _DirectFn(torch.autograd.Function):
         if g is None:  # the loss itself got no gradient: zero gradients
             g = torch.zeros((), dtype=F32, device=dev)
             cost.note("torch:zeros", "torch", (), 0, 4)
+        state = list(saved[8:14])
         if plan.resident:
             with _no_autocast(dev), _on_device(dev):
-                grads = _backward(g, x, w1, b1, a, w2, b2, y, n_valid, ctx.state, o, needs, ctx.wk.c, plan,
+                grads = _backward(g, x, w1, b1, a, w2, b2, y, n_valid, state, o, needs, ctx.wk.c, plan,
                                   wk=ctx.wk)
         else:
             ctx.consumed = True
-            # the context lets go of the gradients it returns: autograd can then take them as they are
-            # rather than copy them
-            grads, ctx.state = ctx.state, None
+            grads = state
             g0, per_row = _grad_output(g)
             if per_row:
-                t, tf, tw, tb = saved[8:12]
+                t, tf, tw, tb = saved[14:18]
                 full = [v if v is not None else _empty(dev) for v in grads]
                 with _no_autocast(dev), _on_device(dev):
                     _forward(x, w1, b1, a, w2, b2, _teacher_arg(t, tf, tw, tb), y, o, needs, plan,
