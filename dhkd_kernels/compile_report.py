@@ -168,6 +168,13 @@ def pipelining(ttgir: str):
                and not re.search(r"ttg\.local_alloc %", b) and "pendings = 0" not in b for b in dot_loops)
 
 
+OPTION_CASES = {  # the LLM options at one LLM shape: their epilogue and finalize variants
+    "softcap+z-loss": dict(softcap=30.0, teacher_softcap=50.0, z_loss_weight=1e-4),
+    "reverse-kl": dict(kd_divergence="reverse_kl"),
+    "jsd": dict(kd_divergence="jsd", jsd_beta=0.5),
+}
+
+
 def collect(shapes=SHAPE_NAMES, dtypes=DTYPES, arch: int = 90) -> list:
     """One record per distinct compiled kernel: name, where it was launched (shape, dtype), its
     constexprs and launch options, and the resources read from the cubin."""
@@ -217,6 +224,10 @@ def collect(shapes=SHAPE_NAMES, dtypes=DTYPES, arch: int = 90) -> list:
                 if shape.startswith("llm"):  # the teacher as hidden states + LM head (cost table 2)
                     where_now[0] = f"{shape}/{dtype}/teacher-head"
                     simulate(n, d, c, dtype=dtype, teacher_width=4096, kd_weight=0.0)
+                if shape == "llm-128k" and dtype == "bf16":  # the LLM options, each on
+                    for label, opts in OPTION_CASES.items():
+                        where_now[0] = f"{shape}/{dtype}/{label}"
+                        simulate(n, d, c, dtype=dtype, **opts)
     finally:
         _launch._COMPILE_ON_META = None
         driver._active = previous
@@ -245,7 +256,8 @@ def markdown(records: list, arch: int = 90) -> str:
     for r in sorted(records, key=lambda r: (r["kernel"], str(r["launched_at"]))):
         cfg = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items() if k.startswith("BLOCK") or k in
                         ("HEADS", "SUM2", "TWO", "MAIN", "AUX", "SHARED", "KD_STATS", "GRAD_CE", "GRAD_KD",
-                         "GRAD_AUX", "VEC"))
+                         "GRAD_AUX", "VEC")
+                        or (k in ("ZLOSS", "CAP", "TCAP", "ZL_IN") and v) or (k == "DIV" and v))
         at = r["launched_at"]
         at_s = ", ".join(at[:3]) + (f" (+{len(at) - 3})" if len(at) > 3 else "")
         pipe = {True: "yes", False: "**no**", None: "-"}[r.get("pipelined")]

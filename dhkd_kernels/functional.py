@@ -70,17 +70,12 @@ def _functorch_active(tensors) -> bool:
 _OPTION_DEFAULTS = {"kd_divergence": "forward_kl", "softcap": None, "teacher_softcap": None, "z_loss_weight": 0.0}
 
 
-def _resolve_backend(backend: str, device: torch.device, float64: bool = False, options=()) -> str:
+def _resolve_backend(backend: str, device: torch.device, float64: bool = False) -> str:
     if backend == "auto":
-        # the Triton kernels take fp32/bf16/fp16 operands; float64 goes to the torch path, and so do
-        # the LLM options the kernels do not have yet
-        if device.type == "cuda" and not float64 and not options and _triton_ops() is not None:
+        # the Triton kernels take fp32/bf16/fp16 operands; float64 goes to the torch path
+        if device.type == "cuda" and not float64 and _triton_ops() is not None:
             return "triton"
         return "torch"
-    if backend == "triton" and options:
-        given = ", ".join(f"{k}={v!r}" for k, v in options.items())
-        raise ValueError(f"backend='triton' does not support {given} yet; use backend='torch' (or 'auto', "
-                         "which picks it for these options)")
     if backend == "triton":
         if _triton_ops() is None:
             raise RuntimeError("backend='triton' needs the triton package, which is not importable here")
@@ -152,8 +147,7 @@ def fused_dual_head_kd_loss(
     ``ignore_index`` and divided by their count for ``reduction="mean"`` (0 when there are none);
     ``reduction="none"`` returns the (N,) fp32 per-row weighted losses, 0 for ignored rows.
 
-    LLM options (formulas in ``dhkd_kernels.reference``; backends "torch" and "reference" only for now:
-    "auto" picks "torch" when one is set, "triton" raises a ValueError):
+    LLM options (formulas in ``dhkd_kernels.reference``; every backend):
     ``kd_divergence`` "forward_kl" (default, KL(p || s)), "reverse_kl" (KL(s || p)) or "jsd" (the
     generalised JSD of TRL's GKD / Liger-Kernel: ``jsd_beta`` b KL(p || m) + (1 - b) KL(s || m),
     m = b p + (1 - b) s; b = 0 is forward KL and b = 1 reverse KL), for the KD term with
@@ -188,14 +182,14 @@ def fused_dual_head_kd_loss(
              softcap=softcap, teacher_softcap=teacher_softcap, z_loss_weight=z_loss_weight)
     options = {k: v for k, v in (("kd_divergence", kd_divergence), ("softcap", softcap),
                                  ("teacher_softcap", teacher_softcap), ("z_loss_weight", z_loss_weight))
-               if v != _OPTION_DEFAULTS[k]}  # the LLM options the triton backend does not have yet
+               if v != _OPTION_DEFAULTS[k]}  # passed on only when set: the default call is unchanged
     opts = dict(ce_weight=float(ce_weight), kd_weight=float(kd_weight), logit_weight=float(logit_weight),
                 kd_temperature=float(kd_temperature), logit_temperature=float(logit_temperature),
                 logit_loss=logit_loss, ignore_index=int(ignore_index), reduction=reduction,
                 return_components=bool(return_components), label_smoothing=float(label_smoothing))
     float64 = any(x is not None and x.dtype == torch.float64
                   for x in (features, head_weight, head_bias, aux_weight, aux_bias, aux_features))
-    backend = _resolve_backend(backend, features.device, float64, options)
+    backend = _resolve_backend(backend, features.device, float64)
     if options:
         opts.update(kd_divergence=kd_divergence, jsd_beta=float(jsd_beta), z_loss_weight=float(z_loss_weight),
                     softcap=None if softcap is None else float(softcap),

@@ -9,7 +9,7 @@ import torch
 from . import cost
 from .functional import fused_dual_head_kd_loss
 from .ops import dual_head_kd as dhk
-from .ops._plan import _opts_from, _work, make_plan
+from .ops._plan import _opts_from, _work, llm_extra, make_plan
 
 
 def simulate(n: int, d: int, c: int, *, dtype: str = "bf16", da: Optional[int] = None, bias: bool = True,
@@ -47,7 +47,9 @@ def simulate(n: int, d: int, c: int, *, dtype: str = "bf16", da: Optional[int] =
     o = _opts_from(kw["ce_weight"], kw["kd_weight"], kw["logit_weight"], kw["kd_temperature"],
                    kw["logit_temperature"], kw["logit_loss"] == "binary_kl_norm", kw["ignore_index"],
                    kw["reduction"] == "mean", kw["return_components"], dtype == "tf32",
-                   kw.get("label_smoothing", 0.0), kw["reduction"] == "none")
+                   kw.get("label_smoothing", 0.0), kw["reduction"] == "none",
+                   llm_extra(kw.get("kd_divergence", "forward_kl"), kw.get("jsd_beta", 0.5), kw.get("softcap"),
+                             kw.get("teacher_softcap"), kw.get("z_loss_weight", 0.0)))
     x, a = leaves["features"], leaves["aux_features"]
     needs = [backward and v is not None and v.requires_grad for v in
              (x, leaves["head_weight"], leaves["head_bias"], a, leaves["aux_weight"], leaves["aux_bias"])]

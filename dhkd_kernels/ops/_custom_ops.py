@@ -31,17 +31,20 @@ def _forward(x, w1, b1, a, w2, b2, t, y, o: _Opts, needs, plan, row_weight=None,
     if wk is None:
         wk = _work(x, w1, a, n, c, o, needs, t)
     loss = _buffer((), F32, dev)
+    nt = _n_terms(o)  # rows: the terms (ce, kd, logit[, z_loss]) and correct
     if direct:  # the terms with the per-row buffer, the two counts together (the loss stays its own:
-        # an output that is a view cannot be modified in place by the caller)
-        work = _buffer((3 + 4 * n,), F32, dev)
-        terms, rows = work[:3], work[3:].view(4, n)
-        counts = torch.empty((2,), dtype=torch.int64, device=dev)
-        correct, n_valid = counts[0], counts[1]
+        # an output that is a view cannot be modified in place by the caller); every part starts on a
+        # 16-byte boundary, as a buffer of its own would (the kernels' pointer specialization)
+        r_len = -(-(nt + 1) * n // 4) * 4
+        work = _buffer((r_len + 4,), F32, dev)
+        rows, terms = work[:(nt + 1) * n].view(nt + 1, n), work[r_len:r_len + nt]
+        counts = torch.empty((4,), dtype=torch.int64, device=dev)
+        correct, n_valid = counts[0], counts[2]
     else:
-        terms = _buffer((3,), F32, dev)
+        terms = _buffer((nt,), F32, dev)
         correct = torch.empty((), dtype=torch.int64, device=dev)
         n_valid = torch.empty((), dtype=torch.int64, device=dev)
-        rows = _buffer((4, n), F32, dev)
+        rows = _buffer((nt + 1, n), F32, dev)
     per_row = _buffer((n,), F32, dev) if o.none else None
     if plan.resident:
         state = _forward_resident(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows, one_buffer=direct)
@@ -53,13 +56,18 @@ def _forward(x, w1, b1, a, w2, b2, t, y, o: _Opts, needs, plan, row_weight=None,
         _finish_chunked(wk, o, y, n_valid, state)
     state = state[:6] if direct else [v if v is not None else _empty(dev) for v in state[:6]]
     if o.none:  # per-row results: the terms are rows 0-2 of the row buffer, correct is read only for components
-        loss, terms = per_row, rows[:3]
+        loss, terms = per_row, rows[:nt]
         if o.components:
-            correct = rows[3] > 0.5
+            correct = rows[nt] > 0.5
             cost.note("torch:gt", "torch", (), 0, 5 * n)
         else:
             correct = torch.empty(n, dtype=torch.bool, device=dev)
     return (loss, terms, correct, n_valid, *state)
+
+
+def _n_terms(o: _Opts) -> int:
+    """Per-row terms: ce, kd, logit, and z_loss when its weight is not 0."""
+    return 4 if o.zl_w else 3
 
 
 # ----------------------------------------------------------------------------- torch.library ops
@@ -82,18 +90,18 @@ def _teacher_arg(t, tf, tw, tb):
 
 
 def _fwd_impl(x, w1, b1, a, w2, b2, t, y, tf, tw, tb, ce_weight, kd_weight, logit_weight, kd_temperature,
-              logit_temperature, kl_norm, ignore_index, mean, components, tf32, eps, none, needs, plan):
+              logit_temperature, kl_norm, ignore_index, mean, components, tf32, eps, none, extra, needs, plan):
     o = opts_cached(ce_weight, kd_weight, logit_weight, kd_temperature, logit_temperature, kl_norm,
-                   ignore_index, mean, components, tf32, eps, none)
+                   ignore_index, mean, components, tf32, eps, none, extra)
     with _no_autocast(x.device), _on_device(x.device):
         return tuple(_forward(x, w1, b1, a, w2, b2, _teacher_arg(t, tf, tw, tb), y, o, needs,
                               plan=plan_from_list(plan)))
 
 
 def _bwd_impl(grad, x, w1, b1, a, w2, b2, y, n_valid, state, n_classes, ce_weight, kd_weight, logit_weight,
-              kd_temperature, logit_temperature, kl_norm, ignore_index, mean, tf32, eps, none, needs, plan):
+              kd_temperature, logit_temperature, kl_norm, ignore_index, mean, tf32, eps, none, extra, needs, plan):
     o = opts_cached(ce_weight, kd_weight, logit_weight, kd_temperature, logit_temperature, kl_norm,
-                   ignore_index, mean, False, tf32, eps, none)
+                   ignore_index, mean, False, tf32, eps, none, extra)
     with _no_autocast(x.device), _on_device(x.device):
         return _backward(grad, x, w1, b1, a, w2, b2, y, n_valid, list(state), o, needs, n_classes,
                          plan_from_list(plan))
@@ -105,12 +113,12 @@ def _scale_impl(grads, g):
 
 
 def _regrad_impl(grads, g, x, w1, b1, a, w2, b2, t, y, tf, tw, tb, ce_weight, kd_weight, logit_weight,
-                 kd_temperature, logit_temperature, kl_norm, ignore_index, mean, components, tf32, eps, none,
+                 kd_temperature, logit_temperature, kl_norm, ignore_index, mean, components, tf32, eps, none, extra,
                  needs, plan):
     """The chunked plan with a per-row grad_output: one more pass of the forward's plan with the row
     weights folded into dz, writing the gradients into ``grads`` (the ones the forward stored)."""
     o = opts_cached(ce_weight, kd_weight, logit_weight, kd_temperature, logit_temperature, kl_norm,
-                   ignore_index, mean, components, tf32, eps, none)
+                   ignore_index, mean, components, tf32, eps, none, extra)
     with _no_autocast(x.device), _on_device(x.device):
         _forward(x, w1, b1, a, w2, b2, _teacher_arg(t, tf, tw, tb), y, o, needs, plan_from_list(plan),
                  row_weight=_row_weights(g, y, o.ignore_index), out_grads=list(grads))
@@ -121,26 +129,27 @@ def _fwd_op(x: Tensor, w1: Tensor, b1: Optional[Tensor], a: Optional[Tensor], w2
             b2: Optional[Tensor], t: Optional[Tensor], y: Tensor, tf: Optional[Tensor], tw: Optional[Tensor],
             tb: Optional[Tensor], ce_weight: float, kd_weight: float, logit_weight: float, kd_temperature: float,
             logit_temperature: float, kl_norm: bool, ignore_index: int, mean: bool, components: bool,
-            tf32: bool, eps: float, none: bool, needs: List[bool], plan: List[int]
+            tf32: bool, eps: float, none: bool, extra: List[float], needs: List[bool], plan: List[int]
             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _fwd_impl(x, w1, b1, a, w2, b2, t, y, tf, tw, tb, ce_weight, kd_weight, logit_weight, kd_temperature,
-                     logit_temperature, kl_norm, ignore_index, mean, components, tf32, eps, none, needs, plan)
+                     logit_temperature, kl_norm, ignore_index, mean, components, tf32, eps, none, extra, needs, plan)
 
 
 @_fwd_op.register_fake
 def _fwd_fake(x, w1, b1, a, w2, b2, t, y, tf, tw, tb, ce_weight, kd_weight, logit_weight, kd_temperature,
-              logit_temperature, kl_norm, ignore_index, mean, components, tf32, eps, none, needs, plan):
+              logit_temperature, kl_norm, ignore_index, mean, components, tf32, eps, none, extra, needs, plan):
     o = opts_cached(ce_weight, kd_weight, logit_weight, kd_temperature, logit_temperature, kl_norm,
-                   ignore_index, mean, components, tf32, eps, none)
+                   ignore_index, mean, components, tf32, eps, none, extra)
     n, c = y.shape[0], w1.shape[0]
     wk = _work(x, w1, a, n, c, o, needs, _teacher_arg(t, tf, tw, tb))
     plan = plan_from_list(plan)
     e = x.new_empty((0,), dtype=F32)
+    nt = _n_terms(o)
     if o.none:
-        head = [x.new_empty((n,), dtype=F32), x.new_empty((3, n), dtype=F32), x.new_empty((n,), dtype=torch.bool),
-                x.new_empty((), dtype=torch.int64)]
+        head = [x.new_empty((n,), dtype=F32), x.new_empty_strided((nt, n), (n, 1), dtype=F32),
+                x.new_empty((n,), dtype=torch.bool), x.new_empty((), dtype=torch.int64)]
     else:
-        head = [x.new_empty((), dtype=F32), x.new_empty((3,), dtype=F32), x.new_empty((), dtype=torch.int64),
+        head = [x.new_empty((), dtype=F32), x.new_empty((nt,), dtype=F32), x.new_empty((), dtype=torch.int64),
                 x.new_empty((), dtype=torch.int64)]
     if plan.resident:
         if n == 0 or not (wk.main or wk.aux):
@@ -159,10 +168,10 @@ def _bwd_op(grad: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], a: Option
             b2: Optional[Tensor], y: Tensor, n_valid: Tensor, state: List[Tensor], n_classes: int,
             ce_weight: float, kd_weight: float, logit_weight: float, kd_temperature: float,
             logit_temperature: float, kl_norm: bool, ignore_index: int, mean: bool, tf32: bool, eps: float,
-            none: bool, needs: List[bool], plan: List[int]) -> List[Tensor]:
+            none: bool, extra: List[float], needs: List[bool], plan: List[int]) -> List[Tensor]:
     return _bwd_impl(grad, x, w1, b1, a, w2, b2, y, n_valid, state, n_classes, ce_weight, kd_weight,
                      logit_weight, kd_temperature, logit_temperature, kl_norm, ignore_index, mean, tf32, eps,
-                     none, needs, plan)
+                     none, extra, needs, plan)
 
 
 @_bwd_op.register_fake
@@ -189,9 +198,9 @@ def _regrad_op(grads: List[Tensor], g: Tensor, x: Tensor, w1: Tensor, b1: Option
                tw: Optional[Tensor], tb: Optional[Tensor], ce_weight: float, kd_weight: float,
                logit_weight: float, kd_temperature: float, logit_temperature: float, kl_norm: bool,
                ignore_index: int, mean: bool, components: bool, tf32: bool, eps: float, none: bool,
-               needs: List[bool], plan: List[int]) -> None:
+               extra: List[float], needs: List[bool], plan: List[int]) -> None:
     _regrad_impl(grads, g, x, w1, b1, a, w2, b2, t, y, tf, tw, tb, ce_weight, kd_weight, logit_weight,
-                 kd_temperature, logit_temperature, kl_norm, ignore_index, mean, components, tf32, eps, none,
+                 kd_temperature, logit_temperature, kl_norm, ignore_index, mean, components, tf32, eps, none, extra,
                  needs, plan)
 
 
@@ -208,19 +217,19 @@ _DOUBLE_BACKWARD = ("fused_dual_head_kd_loss (backend='{}') has no second deriva
                     "create_graph=True (double backward, e.g. a gradient penalty). Use backend='reference' "
                     "(plain PyTorch autograd) for higher-order gradients.")
 
-_N_FWD_ARGS = 25  # tensors (11), scalars (12), needs, plan
+_N_FWD_ARGS = 26  # tensors (11), scalars (13: the last is the list of the LLM options), needs, plan
 
 
 def _setup_context(ctx, inputs, output):
     x, w1, b1, a, w2, b2, t, y, tf, tw, tb = inputs[:11]
-    scalars = inputs[11:23]
-    needs = inputs[23]
+    scalars = inputs[11:24]
+    needs = inputs[24]
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the non-differentiable outputs
     o = opts_cached(*scalars)
     # the plan the forward ran, decided once by the caller: settings changed since (or between tracing
     # and running a compiled graph) cannot make the backward disagree with it
-    ctx.plan = list(inputs[24])
+    ctx.plan = list(inputs[25])
     ctx.resident = plan_from_list(ctx.plan).resident
     ctx.n_classes = w1.shape[0]
     ctx.none = o.none
@@ -229,7 +238,7 @@ def _setup_context(ctx, inputs, output):
     else:  # a per-row grad_output of the chunked plan recomputes from the inputs
         ctx.save_for_backward(x, w1, b1, a, w2, b2, y, output[3], *output[4:10], t, tf, tw, tb)
     # scalars for the backward op (everything but return_components) and the recompute (all)
-    ctx.opts = tuple(scalars[:8]) + tuple(scalars[9:12])
+    ctx.opts = tuple(scalars[:8]) + tuple(scalars[9:13])
     ctx.all_opts = tuple(scalars)
     ctx.needs = list(needs)
 

@@ -116,6 +116,26 @@ def _tanh_abs_e(u, e, FAST: tl.constexpr):
 
 
 @triton.jit
+def _softcap(z, cap, inv_cap, FAST: tl.constexpr):
+    """(cap tanh(z / cap), its derivative 1 - tanh^2 = 4 e / (1 + e)^2 with e = e^(-2|z|/cap), accurate
+    where tanh saturates). +-inf give +-cap and derivative 0; NaN stays NaN."""
+    u = tl.abs(z) * inv_cap
+    e = _exp(-2.0 * u, FAST)
+    r = _rcp(1.0 + e, FAST)
+    th = _tanh_abs_e(u, e, FAST)
+    return tl.where(z < 0, -th, th) * cap, 4.0 * e * r * r
+
+
+@triton.jit
+def _teacher_cap(t, tcap, inv_tcap, TCAP: tl.constexpr, FAST: tl.constexpr):
+    """The teacher's softcap (TCAP): tcap tanh(t / tcap), -inf kept (a masked class)."""
+    if TCAP:
+        capped, _ = _softcap(t, tcap, inv_tcap, FAST)
+        t = tl.where(t == float("-inf"), t, capped)
+    return t
+
+
+@triton.jit
 def _log1p(u):
     """log(1 + u) accurate for small u (Kahan: the rounding of 1 + u is divided out)."""
     w = 1.0 + u
@@ -143,6 +163,23 @@ def _binary_kl(zs, ts):
     large = sp_z - sp_t + (zs - ts) * _sigmoid(-ts)
     ad = tl.abs(dl)
     return tl.where(ad < 0.05, small, tl.where(ad < 1.0, mid, large))
+
+
+@triton.jit
+def _jsd_terms(z, t, m1, log_s1t, mt, log_st, inv_t, beta, log_beta, log_1mbeta, FAST: tl.constexpr):
+    """Per class of the generalised JSD, with log s = (z - m1)/T - log_s1t and log p = t/T - mt - log_st
+    (rows' normalizers known): (beta p log(p/m) + (1 - beta) s log(s/m), a = (1 - beta) log(s/m), s),
+    m = beta p + (1 - beta) s, log m by a stable logaddexp (p = 0 where the teacher masks the class)."""
+    ls = (z - m1[:, None]) * inv_t - log_s1t[:, None]
+    lp = (t * inv_t - mt[:, None]) - log_st[:, None]
+    a = lp + log_beta
+    b = ls + log_1mbeta
+    hi = tl.maximum(a, b)
+    lm = hi + tl.log(1.0 + _exp(-tl.abs(a - b), FAST))
+    s = _exp(ls, FAST)
+    p = _exp(lp, FAST)
+    val = beta * tl.where(p > 0, p * (lp - lm), 0.0) + (1.0 - beta) * s * (ls - lm)
+    return val, (1.0 - beta) * (ls - lm), s
 
 
 @triton.jit
@@ -184,9 +221,14 @@ def epilogue_kernel(
     # scalars: term weights and temperatures (kd_w_t = kd_w T); eps: label smoothing of CE;
     # acc_logit: add to the previous logit sums
     ce_w, kd_w_t, inv_kd_t, kd_t2, lg_w, inv_tau, tau2, eps, ignore_index, acc_logit,
-    # meta-parameters: which terms (stats) and which gradients
+    # the LLM options: softcaps of the student (both heads) and the teacher with their inverses, the
+    # z-loss weight, the JSD mixture's beta, log(beta) and log(1 - beta)
+    cap, inv_cap, tcap, inv_tcap, zl_w, beta, log_beta, log_1mbeta,
+    # meta-parameters: which terms (stats) and which gradients; DIV: the softmax term's divergence (0
+    # forward KL, 1 reverse KL, 2 JSD); CAP/TCAP: softcaps on; ZLOSS/GRAD_Z: the z-loss and its gradient
     MAIN: tl.constexpr, KD_STATS: tl.constexpr, AUX: tl.constexpr, GRAD_CE: tl.constexpr,
-    GRAD_KD: tl.constexpr, GRAD_AUX: tl.constexpr, KL_NORM: tl.constexpr, HAS_B1: tl.constexpr,
+    GRAD_KD: tl.constexpr, GRAD_AUX: tl.constexpr, ZLOSS: tl.constexpr, GRAD_Z: tl.constexpr,
+    DIV: tl.constexpr, CAP: tl.constexpr, TCAP: tl.constexpr, KL_NORM: tl.constexpr, HAS_B1: tl.constexpr,
     HAS_B2: tl.constexpr, ROW_W: tl.constexpr, SMOOTH: tl.constexpr, INTERP_BF16: tl.constexpr,
     VEC: tl.constexpr, FAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -211,7 +253,7 @@ def epilogue_kernel(
     y32 = tl.where(valid & (~bad), y, -1).to(tl.int32)  # class ids fit in int32: cheaper compares
     neg_inf = float("-inf")
     nan = float("nan")
-    GRAD_MAIN: tl.constexpr = GRAD_CE or GRAD_KD
+    GRAD_MAIN: tl.constexpr = GRAD_CE or GRAD_KD or GRAD_Z
     offs = tl.arange(0, BLOCK_C)
 
     m1 = tl.full((BLOCK_R,), -1.0e30, tl.float32)
@@ -223,6 +265,9 @@ def epilogue_kernel(
     ce = tl.zeros((BLOCK_R,), tl.float32)
     kd = tl.zeros((BLOCK_R,), tl.float32)
     correct = tl.zeros((BLOCK_R,), tl.float32)
+    zl = tl.zeros((BLOCK_R,), tl.float32)
+    kdiv = tl.zeros((BLOCK_R,), tl.float32)   # reverse KL / JSD per row, unscaled (the gradient's offset)
+    skn = tl.zeros((BLOCK_R,), tl.float32)    # reverse KL: the student's mass on the teacher's classes
     if MAIN:
         # ---------------------------------------------------------------- pass 1: row statistics of z1
         # (the main head's block is whole rows: col0 = 0, W = C). Per lane: max m, s = sum exp(z - m),
@@ -238,6 +283,8 @@ def epilogue_kernel(
         mt_l = tl.full((BLOCK_R, BLOCK_C), -1.0e30, tl.float32)
         st_l = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
         k_l = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+        sk_l = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)  # reverse KL: sum_keep u and sum_keep u (log-ratio)
+        r_l = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
         for c0 in range(0, W, BLOCK_C):
             cols = c0 + offs
             cmask = cols < W
@@ -247,6 +294,8 @@ def epilogue_kernel(
                         mask=valid[:, None] & (cols < stride_z1)[None, :], other=0.0).to(tl.float32)
             if HAS_B1:
                 z += _row_bcast_load(b1_ptr + cols, cmask, BLOCK_R)
+            if CAP:
+                z, _ = _softcap(z, cap, inv_cap, FAST)
             z = tl.where(m2d, z, 0.0)
             zm = tl.where(cmask[None, :], z, neg_inf)
             m_new = tl.maximum(m_l, zm)
@@ -258,18 +307,30 @@ def epilogue_kernel(
             if SMOOTH:
                 zs_l += z
             if KD_STATS:
-                s1t_l = s1t_l * _exp((m_l - m_new) * inv_kd_t, FAST) + _exp((zm - m_new) * inv_kd_t, FAST)
+                alpha_s = _exp((m_l - m_new) * inv_kd_t, FAST)
+                u = _exp((zm - m_new) * inv_kd_t, FAST)
+                s1t_l = s1t_l * alpha_s + u
                 t = tl.load(t_ptr + t_rows + (cols - t_col0)[None, :] * stride_tc,
                             mask=m2d, other=0.0).to(tl.float32)
+                t = _teacher_cap(t, tcap, inv_tcap, TCAP, FAST)
                 tt = tl.where(cmask[None, :], t * inv_kd_t, neg_inf)
                 mt_new = tl.maximum(mt_l, tt)
                 alpha_t = _exp(mt_l - mt_new, FAST)
                 shift = (m_new - m_l) * inv_kd_t - (mt_new - mt_l)
-                k_l = alpha_t * (k_l + tl.where(st_l > 0, st_l * shift, 0.0))
+                if DIV == 0:
+                    k_l = alpha_t * (k_l + tl.where(st_l > 0, st_l * shift, 0.0))
                 st_l = st_l * alpha_t
                 e = _exp(tt - mt_new, FAST)
                 st_l += e
-                k_l += tl.where(e > 0, e * ((tt - mt_new) - (z - m_new) * inv_kd_t), 0.0)
+                if DIV == 0:
+                    k_l += tl.where(e > 0, e * ((tt - mt_new) - (z - m_new) * inv_kd_t), 0.0)
+                if DIV == 1:
+                    # u-weighted log-ratios over the teacher's classes, anchored at the lanes' maxima
+                    keep = tt != neg_inf
+                    r_l = alpha_s * (r_l - tl.where(sk_l > 0, sk_l * shift, 0.0))
+                    sk_l = sk_l * alpha_s
+                    r_l += tl.where(keep, u * ((z - m_new) * inv_kd_t - (tt - mt_new)), 0.0)
+                    sk_l += tl.where(keep, u, 0.0)
                 mt_l = mt_new
             m_l = m_new
         # the lanes reduced once: anchors moved to the row maxima
@@ -282,6 +343,8 @@ def epilogue_kernel(
         zy = tl.load(z1_ptr + lrows * stride_z1 + tl.where(ok, y, 0), mask=ok, other=0.0).to(tl.float32)
         if HAS_B1:
             zy += tl.load(b1_ptr + tl.where(ok, y, 0), mask=ok, other=0.0).to(tl.float32)
+        if CAP:
+            zy, _ = _softcap(zy, cap, inv_cap, FAST)
         # confident row (the target is the max and s1 = 1 + s1n with s1n small): log1p by its series,
         # since log(1 + x) rounds x to the fp32 spacing of 1
         log_s1 = tl.where((zy == m1) & (s1n < 1e-3), s1n * (1.0 - s1n * (0.5 - s1n * (1.0 / 3.0))), tl.log(s1))
@@ -291,15 +354,51 @@ def epilogue_kernel(
             # label smoothing: (1 - eps) CE + eps mean_c (-log p_c) = CE - eps (mean_c z_c - z_y)
             ce = ce - eps * (tl.sum(zs_l, 1) / C - zy)
         correct = tl.where(amax == y, 1.0, 0.0)
+        if ZLOSS:
+            lse = m1 + log_s1
+            zl = lse * lse
         if KD_STATS:
-            log_s1t = tl.log(tl.sum(s1t_l * _exp((m_l - m1[:, None]) * inv_kd_t, FAST), 1))
+            sc_t = _exp((m_l - m1[:, None]) * inv_kd_t, FAST)
+            log_s1t = tl.log(tl.sum(s1t_l * sc_t, 1))
             mt = tl.max(mt_l, 1)
             at = _exp(mt_l - mt[:, None], FAST)
             st = tl.sum(st_l * at, 1)
             shift = (m1[:, None] - m_l) * inv_kd_t - (mt[:, None] - mt_l)
-            kacc = tl.sum(at * (k_l + tl.where(st_l > 0, st_l * shift, 0.0)), 1)
             log_st = tl.log(st)
-            kd = kd_t2 * (kacc / st - log_st + log_s1t)
+            if DIV == 0:
+                kacc = tl.sum(at * (k_l + tl.where(st_l > 0, st_l * shift, 0.0)), 1)
+                kd = kd_t2 * (kacc / st - log_st + log_s1t)
+            if DIV == 1:
+                # KL(s || p) over the teacher's classes = (R + SK (log st - log s1t)) / S1t, with
+                # R = sum_keep u ((z - m1)/T - (t/T - mt)), SK = sum_keep u, u = e^((z - m1)/T)
+                inv_s1t = 1.0 / tl.sum(s1t_l * sc_t, 1)
+                racc = tl.sum(sc_t * (r_l - tl.where(sk_l > 0, sk_l * shift, 0.0)), 1)
+                skn = tl.sum(sc_t * sk_l, 1) * inv_s1t
+                kdiv = racc * inv_s1t + skn * (log_st - log_s1t)
+                kd = kd_t2 * kdiv
+            if DIV == 2:
+                # generalised JSD: one more pass, per class, with the row's normalizers known
+                jv_l = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+                js_l = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+                for c0 in range(0, W, BLOCK_C):
+                    cols = c0 + offs
+                    cmask = cols < W
+                    m2d = valid[:, None] & cmask[None, :]
+                    z = tl.load(z1_ptr + lrows[:, None] * stride_z1 + cols[None, :],
+                                mask=valid[:, None] & (cols < stride_z1)[None, :], other=0.0).to(tl.float32)
+                    if HAS_B1:
+                        z += _row_bcast_load(b1_ptr + cols, cmask, BLOCK_R)
+                    if CAP:
+                        z, _ = _softcap(z, cap, inv_cap, FAST)
+                    t = tl.load(t_ptr + t_rows + (cols - t_col0)[None, :] * stride_tc,
+                                mask=m2d, other=0.0).to(tl.float32)
+                    t = _teacher_cap(t, tcap, inv_tcap, TCAP, FAST)
+                    val, av, sv = _jsd_terms(z, t, m1, log_s1t, mt, log_st, inv_kd_t, beta, log_beta, log_1mbeta,
+                                             FAST)
+                    jv_l += tl.where(m2d, val, 0.0)
+                    js_l += tl.where(m2d, sv * av, 0.0)
+                kdiv = tl.sum(js_l, 1)  # sum_j s_j a_j: the gradient's offset
+                kd = kd_t2 * tl.sum(jv_l, 1)
 
     # -------------------------------------------------------------------- pass 2: dz1, logit loss, dz2
     # dz is written over the buffer's whole padded width (zeros past W): the Triton GEMMs read dz
@@ -320,22 +419,41 @@ def epilogue_kernel(
             if GRAD_KD or AUX:
                 t = tl.load(t_ptr + t_rows + (gcols - t_col0)[None, :] * stride_tc,
                             mask=m2d, other=0.0).to(tl.float32)
+                t = _teacher_cap(t, tcap, inv_tcap, TCAP, FAST)
             if GRAD_MAIN:
                 zp = z1_ptr + lrows[:, None] * stride_z1 + cols[None, :]
                 z = tl.load(zp, mask=valid[:, None] & (cols < stride_z1)[None, :], other=0.0).to(tl.float32)
                 if HAS_B1:
                     z += _row_bcast_load(b1_ptr + gcols, cmask, BLOCK_R)
+                if CAP:
+                    z, dcap = _softcap(z, cap, inv_cap, FAST)
                 g = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
-                if GRAD_CE:
+                if GRAD_CE or GRAD_Z:
                     p1 = _exp((z - m1[:, None]) - log_s1[:, None], FAST)
+                if GRAD_CE:
                     # p - (1 - eps) onehot - eps/C; the target column -(1 - p_y) + eps - eps/C
                     gce = tl.where(gcols[None, :] == y32[:, None], eps - q[:, None], p1)
                     if SMOOTH:
                         gce = gce - eps / C
                     g += ce_w * gce
+                if GRAD_Z:  # d lse^2 / dz = 2 lse softmax(z)
+                    g += (2.0 * zl_w * (m1 + log_s1))[:, None] * p1
                 if GRAD_KD:
-                    g += kd_w_t * (_exp((z - m1[:, None]) * inv_kd_t - log_s1t[:, None], FAST)
-                                   - _exp((t * inv_kd_t - mt[:, None]) - log_st[:, None], FAST))
+                    if DIV == 0:
+                        g += kd_w_t * (_exp((z - m1[:, None]) * inv_kd_t - log_s1t[:, None], FAST)
+                                       - _exp((t * inv_kd_t - mt[:, None]) - log_st[:, None], FAST))
+                    if DIV == 1:
+                        # s_i (L_i + 1 - F - S_K) on the teacher's classes, -s_i (F + S_K) elsewhere
+                        ls = (z - m1[:, None]) * inv_kd_t - log_s1t[:, None]
+                        lratio = ls - ((t * inv_kd_t - mt[:, None]) - log_st[:, None])
+                        off = (kdiv + skn)[:, None]
+                        g += kd_w_t * _exp(ls, FAST) * tl.where(t != neg_inf, lratio + 1.0 - off, -off)
+                    if DIV == 2:
+                        _, av, sv = _jsd_terms(z, t, m1, log_s1t, mt, log_st, inv_kd_t, beta, log_beta,
+                                               log_1mbeta, FAST)
+                        g += kd_w_t * sv * (av - kdiv[:, None])
+                if CAP:
+                    g = g * dcap
                 g = tl.where(m2d, g, 0.0) * row_nan[:, None]
                 _store_rounded(zp, g, out2d, INTERP_BF16)
             if AUX:
@@ -343,6 +461,8 @@ def epilogue_kernel(
                 z2 = tl.load(zp2, mask=valid[:, None] & (cols < stride_z2)[None, :], other=0.0).to(tl.float32)
                 if HAS_B2:
                     z2 += _row_bcast_load(b2_ptr + gcols, cmask, BLOCK_R)
+                if CAP:
+                    z2, dcap2 = _softcap(z2, cap, inv_cap, FAST)
                 live = m2d & (t != neg_inf)  # -inf teacher: a masked class
                 t_ = tl.where(live, t, 0.0)
                 z2 = tl.where(live, z2, 0.0)
@@ -362,6 +482,8 @@ def epilogue_kernel(
                         g2 = tl.where(u < 0, -th, th) * (0.5 * lg_w / inv_tau)
                     else:
                         g2 = (_sigmoid(zs, FAST) - _sigmoid(ts, FAST)) * (lg_w / inv_tau)
+                    if CAP:
+                        g2 = g2 * dcap2
                     g2 = tl.where(live, g2, 0.0) * row_nan[:, None]
                     _store_rounded(zp2, g2, out2d, INTERP_BF16)
     lg = tl.sum(lg_l, 1)
@@ -378,7 +500,9 @@ def epilogue_kernel(
     if MAIN:
         tl.store(rp, tl.where(bad, nan, tl.where(valid, ce, 0.0)), mask=rmask)
         tl.store(rp + N, tl.where(bad, nan, tl.where(valid, kd, 0.0)), mask=rmask)
-        tl.store(rp + 3 * N, tl.where(valid & (~bad), correct, 0.0), mask=rmask)
+        if ZLOSS:
+            tl.store(rp + 3 * N, tl.where(bad, nan, tl.where(valid, zl, 0.0)), mask=rmask)
+        tl.store(rp + (3 + ZLOSS) * N, tl.where(valid & (~bad), correct, 0.0), mask=rmask)
     if AUX:
         lg = tl.where(bad, nan, tl.where(valid, tau2 * lg, 0.0))
         if acc_logit != 0:
@@ -392,15 +516,17 @@ def finalize_kernel(
     # correct () int64, n_valid () int64, per_row (N,) fp32 (written when per_row != 0)
     rows_ptr, y_ptr, loss_ptr, terms_ptr, correct_ptr, nvalid_ptr, per_row_ptr,
     # sizes and scalars; per_row != 0 writes the (N,) weighted per-row losses
-    N, ce_w, kd_w, lg_w, ignore_index, per_row, mean,
+    N, ce_w, kd_w, lg_w, zl_w, ignore_index, per_row, mean,
     # meta-parameters: which terms exist (a term absent from the loss is never added to it, so a NaN
-    # in an unused term cannot reach the loss) and which rows were written
-    CE_IN: tl.constexpr, KD_IN: tl.constexpr, LG_IN: tl.constexpr, HAVE_MAIN: tl.constexpr,
+    # in an unused term cannot reach the loss) and which rows were written; ZL_IN: rows hold the
+    # z-loss at row 3 (correct at row 4)
+    CE_IN: tl.constexpr, KD_IN: tl.constexpr, LG_IN: tl.constexpr, ZL_IN: tl.constexpr, HAVE_MAIN: tl.constexpr,
     HAVE_AUX: tl.constexpr, BLOCK: tl.constexpr,
 ):
     ce_acc = tl.zeros((BLOCK,), tl.float32)
     kd_acc = tl.zeros((BLOCK,), tl.float32)
     lg_acc = tl.zeros((BLOCK,), tl.float32)
+    zl_acc = tl.zeros((BLOCK,), tl.float32)
     ok_acc = tl.zeros((BLOCK,), tl.int64)
     nv_acc = tl.zeros((BLOCK,), tl.int64)
     for r0 in range(0, N, BLOCK):
@@ -415,11 +541,16 @@ def finalize_kernel(
             kd = tl.where(valid, tl.load(rows_ptr + N + r, mask=rmask, other=0.0), 0.0)
             ce_acc += ce
             kd_acc += kd
-            ok_acc += tl.where(valid, tl.load(rows_ptr + 3 * N + r, mask=rmask, other=0.0), 0.0).to(tl.int64)
+            ok_acc += tl.where(valid, tl.load(rows_ptr + (3 + ZL_IN) * N + r, mask=rmask, other=0.0),
+                               0.0).to(tl.int64)
             if CE_IN:
                 row += ce_w * ce
             if KD_IN:
                 row += kd_w * kd
+            if ZL_IN:
+                zl_r = tl.where(valid, tl.load(rows_ptr + 3 * N + r, mask=rmask, other=0.0), 0.0)
+                zl_acc += zl_r
+                row += zl_w * zl_r
         if HAVE_AUX:
             lg = tl.where(valid, tl.load(rows_ptr + 2 * N + r, mask=rmask, other=0.0), 0.0)
             lg_acc += lg
@@ -431,11 +562,13 @@ def finalize_kernel(
     ce = tl.sum(ce_acc, 0)
     kd = tl.sum(kd_acc, 0)
     lg = tl.sum(lg_acc, 0)
+    zl = tl.sum(zl_acc, 0)
     if mean != 0:
         denom = tl.maximum(n_valid, 1).to(tl.float32)
         ce = ce / denom
         kd = kd / denom
         lg = lg / denom
+        zl = zl / denom
     loss = 0.0
     if CE_IN:
         loss += ce_w * ce
@@ -443,6 +576,9 @@ def finalize_kernel(
         loss += kd_w * kd
     if LG_IN:
         loss += lg_w * lg
+    if ZL_IN:
+        loss += zl_w * zl
+        tl.store(terms_ptr + 3, zl)
     tl.store(terms_ptr, ce)
     tl.store(terms_ptr + 1, kd)
     tl.store(terms_ptr + 2, lg)

@@ -6,6 +6,7 @@ or compiled for the current target when ``_COMPILE_ON_META`` is set (``dhkd_kern
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Optional
 
 import torch
@@ -187,7 +188,7 @@ def _epilogue(wk, o, z1, z2, t, y, b1, b2, rows, *, r0, R, c0, W, main, aux, g_c
     tensor or the block of them computed inside (starting at row t_row0, class t_col0)."""
     dev = t.device
     dummy = rows
-    g_main = g_ce or g_kd
+    g_main = wk.g_main and (g_ce or g_kd or bool(o.zl_w))
     # the largest vector (<= 16 bytes of teacher) dividing the block width, the teacher's row stride and
     # column offset: W and the teacher's row stride reach the kernel as multiples of it (vector loads of
     # the teacher and the biases); 1 for an odd C
@@ -195,8 +196,9 @@ def _epilogue(wk, o, z1, z2, t, y, b1, b2, rows, *, r0, R, c0, W, main, aux, g_c
     vec = 8 if unread else (16 // t.element_size() if t.stride(1) == 1 else 1)
     while vec > 1 and (W % vec or (not unread and (t.stride(0) % vec or (c0 - t_col0) % vec))):
         vec //= 2
-    zb = wk.elem * (int(main) * (1 + 2 * int(g_main)) + int(aux) * (1 + int(g_aux)))
-    tb = t.element_size() * (int(wk.kd_stats and main) + int(aux or g_kd))
+    jsd = main and wk.kd_stats and o.div == 2  # one more pass over z1 and t: the JSD's row sums
+    zb = wk.elem * (int(main) * (1 + 2 * int(g_main) + int(jsd)) + int(aux) * (1 + int(g_aux)))
+    tb = t.element_size() * (int(wk.kd_stats and main) + int(aux or g_kd) + int(jsd))
     nbytes = R * W * (zb + tb) + R * 24
     _launch(E.epilogue_kernel, (cdiv(R, br),),
             z1 if z1 is not None else dummy, z2 if z2 is not None else dummy, t, y,
@@ -206,13 +208,23 @@ def _epilogue(wk, o, z1, z2, t, y, b1, b2, rows, *, r0, R, c0, W, main, aux, g_c
             z1.stride(0) if z1 is not None else 0, z2.stride(0) if z2 is not None else 0,
             t.stride(0) // vec, t.stride(1), t_row0, t_col0,
             o.ce_w, o.kd_w * o.kd_t, 1.0 / o.kd_t, o.kd_t * o.kd_t, o.lg_w, 1.0 / o.tau, o.tau * o.tau, o.eps,
-            o.ignore_index, int(acc_logit),
+            o.ignore_index, int(acc_logit), *_llm_scalars(o),
             name="epilogue_kernel", nbytes=nbytes,
             MAIN=main, KD_STATS=main and wk.kd_stats, AUX=aux, GRAD_CE=g_ce, GRAD_KD=g_kd, GRAD_AUX=g_aux,
+            ZLOSS=main and bool(o.zl_w), GRAD_Z=main and g_main and bool(o.zl_w), DIV=o.div, CAP=o.cap > 0,
+            TCAP=o.tcap > 0,
             KL_NORM=o.kl_norm, HAS_B1=b1 is not None and main, HAS_B2=b2 is not None and aux,
             ROW_W=w is not None, SMOOTH=o.eps != 0.0, VEC=vec, FAST=not _interpreted(dev),
             INTERP_BF16=_interp_bf16(z1.dtype if z1 is not None else z2.dtype, dev),
             BLOCK_R=br, BLOCK_C=bc, width=max(z.stride(0) for z in (z1, z2) if z is not None), **_opts(warps, 1, dev))
+
+
+def _llm_scalars(o) -> tuple:
+    """The epilogue's run-time scalars of the LLM options: caps and their inverses (1 when off), the
+    z-loss weight, and the JSD mixture's beta with log(beta), log(1 - beta) (finite inside (0, 1))."""
+    beta = o.beta if o.div == 2 else 0.5
+    return (o.cap or 1.0, 1.0 / (o.cap or 1.0), o.tcap or 1.0, 1.0 / (o.tcap or 1.0), o.zl_w, beta,
+            math.log(beta), math.log1p(-beta))
 
 
 def _teacher_block(th, r0, rc, c0, cc, out, kind):
@@ -233,9 +245,10 @@ def _finalize(wk, o, rows, y, loss, terms, correct, n_valid, per_row):
     dev = y.device
     _launch(E.finalize_kernel, (1,), rows, y, loss, terms, correct, n_valid,
             per_row if per_row is not None else rows,
-            wk.n, o.ce_w, o.kd_w, o.lg_w, o.ignore_index, int(per_row is not None), int(o.mean),
-            name="finalize_kernel", nbytes=wk.n * (16 + y.element_size()),
-            CE_IN=bool(o.ce_w), KD_IN=bool(o.kd_w), LG_IN=bool(o.lg_w), HAVE_MAIN=wk.main, HAVE_AUX=wk.aux,
+            wk.n, o.ce_w, o.kd_w, o.lg_w, o.zl_w, o.ignore_index, int(per_row is not None), int(o.mean),
+            name="finalize_kernel", nbytes=wk.n * (16 + 4 * int(bool(o.zl_w)) + y.element_size()),
+            CE_IN=bool(o.ce_w), KD_IN=bool(o.kd_w), LG_IN=bool(o.lg_w), ZL_IN=bool(o.zl_w), HAVE_MAIN=wk.main,
+            HAVE_AUX=wk.aux,
             BLOCK=16 if _interpreted(dev) else 2048,
             **_opts(16, 1, dev))  # one program: 16 warps keep enough loads in flight
 

@@ -321,6 +321,14 @@ class _Opts:
     tf32: bool
     eps: float = 0.0     # label smoothing of the CE term
     none: bool = False   # reduction="none": per-row losses, per-row grad_output
+    # the LLM options: the softmax term's divergence (0 forward KL, 1 reverse KL, 2 generalised JSD
+    # with beta strictly inside (0, 1): its end points are the two KLs), the student's and the teacher's
+    # softcaps (0: off) and the z-loss weight
+    div: int = 0
+    beta: float = 0.5
+    cap: float = 0.0
+    tcap: float = 0.0
+    zl_w: float = 0.0
 
 
 def _work(x, w1, a, n: int, c: int, o: _Opts, needs, teacher=None) -> Work:
@@ -328,9 +336,9 @@ def _work(x, w1, a, n: int, c: int, o: _Opts, needs, teacher=None) -> Work:
     need_x, need_w1, need_b1, need_a, need_w2, need_b2 = (bool(v) for v in needs)
     if shared:
         need_a = False
-    main = bool(o.ce_w) or bool(o.kd_w) or o.components
+    main = bool(o.ce_w) or bool(o.kd_w) or bool(o.zl_w) or o.components
     aux = bool(o.lg_w) or o.components
-    g_main = (bool(o.ce_w) or bool(o.kd_w)) and (need_x or need_w1 or need_b1)
+    g_main = (bool(o.ce_w) or bool(o.kd_w) or bool(o.zl_w)) and (need_x or need_w1 or need_b1)
     g_aux = bool(o.lg_w) and ((need_x and shared) or need_a or need_w2 or need_b2)
     th = isinstance(teacher, (tuple, list))
     return Work(n, c, x.shape[1], (x if shared else a).shape[1], x.element_size(), shared, main,
@@ -341,9 +349,28 @@ def _work(x, w1, a, n: int, c: int, o: _Opts, needs, teacher=None) -> Work:
 
 
 def _opts_from(ce_w, kd_w, lg_w, kd_t, tau, kl_norm, ignore_index, mean, components, tf32, eps=0.0,
-               none=False) -> _Opts:
+               none=False, extra=()) -> _Opts:
+    """``extra``: () or the LLM options as numbers (div, beta, cap, tcap, zl_w), see :func:`llm_extra`."""
+    div, beta, cap, tcap, zl_w = (tuple(extra) or (0, 0.5, 0.0, 0.0, 0.0))
     return _Opts(float(ce_w), float(kd_w), float(lg_w), float(kd_t), float(tau), bool(kl_norm),
-                 int(ignore_index), bool(mean) and not none, bool(components), bool(tf32), float(eps), bool(none))
+                 int(ignore_index), bool(mean) and not none, bool(components), bool(tf32), float(eps), bool(none),
+                 int(div), float(beta), float(cap), float(tcap), float(zl_w))
+
+
+DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+
+
+def llm_extra(kd_divergence: str = "forward_kl", jsd_beta: float = 0.5, softcap=None, teacher_softcap=None,
+              z_loss_weight: float = 0.0) -> tuple:
+    """The LLM options as the op's numbers (div, beta, cap, tcap, zl_w), () at their defaults (the
+    default path's options and plan keys stay what they were). The generalised JSD's end points are the
+    two KLs (beta = 0: forward, 1: reverse), as in the reference."""
+    div = DIVERGENCES[kd_divergence]
+    if div == 2 and jsd_beta in (0.0, 1.0):
+        div = 1 if jsd_beta == 1.0 else 0
+    out = (div, float(jsd_beta) if div == 2 else 0.5, float(softcap or 0.0), float(teacher_softcap or 0.0),
+           float(z_loss_weight))
+    return () if out == (0, 0.5, 0.0, 0.0, 0.0) else out
 
 
 _OPTS: dict = {}
@@ -352,6 +379,8 @@ _OPTS: dict = {}
 def opts_cached(*scalars) -> _Opts:
     """``_opts_from`` memoized on its scalars, for the op's implementations (called three to four times
     a step with the same values; not for code torch.compile traces)."""
+    if len(scalars) > 12 and isinstance(scalars[12], list):  # the custom op's List[float]
+        scalars = scalars[:12] + (tuple(scalars[12]),)
     o = _OPTS.get(scalars)
     if o is None:
         if len(_OPTS) >= _PLAN_CACHE_SIZE:

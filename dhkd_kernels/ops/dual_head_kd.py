@@ -34,8 +34,8 @@ import torch
 from . import TeacherHead
 from ._custom_ops import _direct, _fwd_op, direct_forward
 from ._launch import _cast, _contiguous, _dot_precision, set_debug_poison
-from ._plan import (TRITON_MAX_FLOPS, Plan, Work, _opts_from, _work, make_plan, opts_cached, plan_for, plan_from_list,
-                    plan_to_list, set_engine, set_memory_budget, settings)
+from ._plan import (TRITON_MAX_FLOPS, Plan, Work, _opts_from, _work, llm_extra, make_plan, opts_cached,
+                    plan_for, plan_from_list,                    plan_to_list, set_engine, set_memory_budget, settings)
 
 __all__ = ["dual_head_kd_loss", "make_plan", "set_debug_poison", "set_engine", "set_memory_budget",
            "TRITON_MAX_FLOPS", "settings", "Plan", "Work", "plan_from_list", "plan_to_list", "operand_dtype"]
@@ -77,9 +77,12 @@ def operand_dtype(mats, device_type: str) -> torch.dtype:
 
 def dual_head_kd_loss(features, head_weight, head_bias, aux_weight, aux_bias, teacher_logits, labels, *,
                       aux_features, ce_weight, kd_weight, logit_weight, kd_temperature, logit_temperature,
-                      logit_loss, ignore_index, reduction, return_components, label_smoothing=0.0):
+                      logit_loss, ignore_index, reduction, return_components, label_smoothing=0.0,
+                      kd_divergence="forward_kl", jsd_beta=0.5, softcap=None, teacher_softcap=None,
+                      z_loss_weight=0.0):
     """Run the Triton path; returns (loss, terms, correct, n_valid). Inputs must be validated.
-    ``teacher_logits`` is the (N, C) tensor or a ``TeacherHead`` (its product runs inside).
+    ``teacher_logits`` is the (N, C) tensor or a ``TeacherHead`` (its product runs inside). terms is
+    (ce, kd, logit) and z_loss fourth when ``z_loss_weight`` is not 0 (per row: (3 or 4, N)).
 
     Raises TypeError for float64 features/weights/biases (use backend="torch" for float64).
     """
@@ -114,14 +117,14 @@ def dual_head_kd_loss(features, head_weight, head_bias, aux_weight, aux_bias, te
     scalars = (float(ce_weight), float(kd_weight), float(logit_weight), float(kd_temperature),
                float(logit_temperature), logit_loss == "binary_kl_norm", int(ignore_index), reduction == "mean",
                bool(return_components), bool(_TF32_OVERRIDE or _tf32_enabled()), float(label_smoothing),
-               reduction == "none")
+               reduction == "none", llm_extra(kd_divergence, jsd_beta, softcap, teacher_softcap, z_loss_weight))
     # the plan is decided here, once: the forward, its fake (torch.compile) and the backward all read it
     compiling = torch.compiler.is_compiling()
     o = _opts_from(*scalars) if compiling else opts_cached(*scalars)
     wk = _work(x, w1, a, labels.shape[0], w1.shape[0], o, needs, teacher_logits if t is not None else (tf, tw, tb))
     if compiling:
-        out = _fwd_op(x, w1, head_bias, a, w2, aux_bias, t, labels, tf, tw, tb, *scalars, needs,
-                      plan_to_list(make_plan(wk, x.device)))
+        out = _fwd_op(x, w1, head_bias, a, w2, aux_bias, t, labels, tf, tw, tb, *scalars[:12], list(scalars[12]),
+                      needs, plan_to_list(make_plan(wk, x.device)))
     else:
         out = direct_forward(wk, plan_for(wk, x.device), o, needs, x, w1, head_bias, a, w2, aux_bias, t, labels,
                              tf, tw, tb)
