@@ -182,7 +182,7 @@ def fused_dual_head_kd_loss(
     (the shard layout is then the caller's promise: contiguous, non-overlapping, covering [0, C));
     without it, each call all-gathers every rank's (vocab_start, C_r) and reads it on the host to check
     the layout (a synchronisation on CUDA). Only O(N) per-row statistics cross ranks, never (N, C) data:
-    per chunk of rows an all-reduce MAX of (1-2, n) row maxima and an all-reduce SUM of (2-8, n) sums
+    per chunk of rows an all-reduce MAX of (1-2, n) row maxima and an all-reduce SUM of (2-7, n) sums
     (exponentials, the label's logit, counts), a third (1-2, n) SUM for the gradient of reverse KL / JSD;
     per call a (2, N) SUM of the KD and logit-level partial sums and the (N, D) [+ (N, D_aux)] features'
     gradient SUM (docs/kernels.md has the byte count). Backends "torch" and "reference" ("auto" picks
