@@ -103,9 +103,10 @@ def run_op(inp, dtype, backend, opts, *, start=None, stop=None, weight=None, **v
         teacher_logits = (t[:, sl] if start is not None else t).to(dtype)
     else:
         teacher_logits = None
+        full = start is None
         teacher = dict(teacher_features=inp["teacher_features"].to(dtype),
-                       teacher_weight=(inp["teacher_weight"][sl] if start is not None else inp["teacher_weight"]).to(dtype),
-                       teacher_bias=(inp["teacher_bias"][sl] if start is not None else inp["teacher_bias"]).to(dtype))
+                       teacher_weight=(inp["teacher_weight"] if full else inp["teacher_weight"][sl]).to(dtype),
+                       teacher_bias=(inp["teacher_bias"] if full else inp["teacher_bias"][sl]).to(dtype))
     loss, comps = fused_dual_head_kd_loss(
         leaves["features"], leaves["head_weight"], leaves["head_bias"], leaves["aux_weight"], leaves["aux_bias"],
         teacher_logits, inp["labels"], aux_features=leaves["aux_features"], backend=backend,
