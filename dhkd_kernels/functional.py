@@ -10,6 +10,7 @@ from . import reference
 from ._validation import check_label_values, env_flag, validate
 from .ops import TeacherHead
 from .ops.chunked import chunked_dual_head_kd_loss
+from .ops.vocab_parallel import make_shard, reference_loss_sharded
 
 _CHECK_LABELS = env_flag("DHKD_CHECK_LABELS")
 
@@ -129,6 +130,10 @@ def fused_dual_head_kd_loss(
     softcap: float | None = None,
     teacher_softcap: float | None = None,
     z_loss_weight: float = 0.0,
+    vocab_parallel_group=None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    vocab_parallel_reduce_features_grad: bool = True,
 ):
     """Dual-head KD loss from features and head weights, without keeping the (N, C) logits.
 
@@ -157,6 +162,27 @@ def fused_dual_head_kd_loss(
     ``z_loss_weight=lambda`` adds lambda logsumexp(z1)^2 per valid row (PaLM's z-loss, on the
     softcapped z1, temperature 1), reported as the ``z_loss`` component when lambda is not 0.
 
+    Vocabulary-parallel form (the LM head sharded over a tensor-parallel group, Megatron-style): pass
+    ``vocab_parallel_group`` (a ``torch.distributed`` ProcessGroup) and ``vocab_start`` (the global id of
+    this rank's first class). Each rank passes its contiguous class shard (C_r rows, shards may be uneven,
+    down to one class) of ``head_weight``, ``head_bias``, ``aux_weight``, ``aux_bias`` and of the teacher:
+    ``teacher_logits`` (N, C_r) or ``teacher_weight`` (C_r, D_t) / ``teacher_bias``; features, aux
+    features, teacher features and labels (GLOBAL class ids) are the same on every rank. Every rank gets
+    the unsharded op's loss and components and the gradients of its own weight and bias shards; the
+    features' gradient is summed over the group inside the op, unless
+    ``vocab_parallel_reduce_features_grad=False``, which returns this rank's partial sum and leaves the
+    all-reduce to the caller (the Megatron convention: the layer owning the replicated input reduces).
+    ``vocab_size`` = C, the global number of classes: pass it and the op adds no host synchronisation
+    (the shard layout is then the caller's promise: contiguous, non-overlapping, covering [0, C));
+    without it, each call all-gathers every rank's (vocab_start, C_r) and reads it on the host to check
+    the layout (a synchronisation on CUDA). Only O(N) per-row statistics cross ranks, never (N, C) data:
+    per chunk of rows an all-reduce MAX of (1-2, n) row maxima and an all-reduce SUM of (2-7, n) sums
+    (exponentials, the label's logit, counts), a third (1-2, n) SUM for the gradient of reverse KL / JSD;
+    per call a (2, N) SUM of the KD and logit-level partial sums and the (N, D) [+ (N, D_aux)] features'
+    gradient SUM (docs/kernels.md has the byte count). Backends "torch" and "reference" ("auto" picks
+    "torch"; "triton" raises a ValueError for now). Every rank must make the same call (the same options
+    and N): the collectives run in the same order on all of them.
+
     Backends: "auto" (Triton kernels for CUDA tensors, else "torch"), "triton", "torch" (chunked
     PyTorch with an analytic backward), "reference" (plain PyTorch autograd, in the inputs' dtype).
     The loss is float32 (float64 for float64 inputs); gradients come back in each input's dtype.
@@ -180,6 +206,19 @@ def fused_dual_head_kd_loss(
              teacher_weight=teacher_weight, teacher_bias=teacher_bias, label_smoothing=label_smoothing,
              return_components=return_components, kd_divergence=kd_divergence, jsd_beta=jsd_beta,
              softcap=softcap, teacher_softcap=teacher_softcap, z_loss_weight=z_loss_weight)
+    shard = None
+    if vocab_parallel_group is not None and backend == "triton":
+        raise ValueError("backend='triton' does not support vocab_parallel_group yet; use backend='torch' "
+                         "(or 'auto', which picks it for the vocabulary-parallel form)")
+    if vocab_parallel_group is not None:
+        shard = make_shard(vocab_parallel_group, vocab_start, vocab_size, vocab_parallel_reduce_features_grad,
+                           head_weight.shape[0], features.device)
+    elif vocab_start is not None or vocab_size is not None:
+        raise ValueError("vocab_start / vocab_size are for the vocabulary-parallel form: pass "
+                         "vocab_parallel_group too")
+    elif not isinstance(vocab_parallel_reduce_features_grad, bool):
+        raise TypeError("vocab_parallel_reduce_features_grad must be a bool, got "
+                        f"{type(vocab_parallel_reduce_features_grad).__name__}")
     options = {k: v for k, v in (("kd_divergence", kd_divergence), ("softcap", softcap),
                                  ("teacher_softcap", teacher_softcap), ("z_loss_weight", z_loss_weight))
                if v != _OPTION_DEFAULTS[k]}  # passed on only when set: the default call is unchanged
@@ -189,7 +228,10 @@ def fused_dual_head_kd_loss(
                 return_components=bool(return_components), label_smoothing=float(label_smoothing))
     float64 = any(x is not None and x.dtype == torch.float64
                   for x in (features, head_weight, head_bias, aux_weight, aux_bias, aux_features))
-    backend = _resolve_backend(backend, features.device, float64)
+    # "auto" takes the torch path for float64 and for the sharded form (not on the triton backend yet)
+    backend = _resolve_backend(backend, features.device, float64 or shard is not None)
+    if shard is not None:
+        opts["vocab_parallel"] = shard
     if options:
         opts.update(kd_divergence=kd_divergence, jsd_beta=float(jsd_beta), z_loss_weight=float(z_loss_weight),
                     softcap=None if softcap is None else float(softcap),
@@ -198,7 +240,7 @@ def fused_dual_head_kd_loss(
     # label makes that row's loss and gradients NaN)
     compiling = _compiling()
     if not compiling and (labels.device.type == "cpu" or (_CHECK_LABELS and labels.device.type == "cuda")):
-        check_label_values(labels, head_weight.shape[0], ignore_index)
+        check_label_values(labels, head_weight.shape[0] if shard is None else shard.total, ignore_index)
     if backend != "reference" and not compiling and _functorch_active((features, head_weight, aux_weight, aux_features,
                                                      head_bias, aux_bias)):
         raise RuntimeError(
@@ -214,6 +256,11 @@ def fused_dual_head_kd_loss(
     if backend == "reference":
         head = {} if teacher_logits is not None else dict(
             teacher_features=teacher.features, teacher_weight=teacher.weight, teacher_bias=teacher.bias)
+        if shard is not None:
+            opts.pop("vocab_parallel")
+            return reference_loss_sharded(features, head_weight, head_bias, aux_weight, aux_bias,
+                                          teacher_logits if teacher_logits is None else teacher, labels, shard,
+                                          aux_features=aux_features, **head, **opts)
         return reference.dual_head_kd_loss(features, head_weight, head_bias, aux_weight, aux_bias,
                                            teacher_logits if teacher_logits is None else teacher, labels,
                                            aux_features=aux_features, **head, **opts)
@@ -232,21 +279,28 @@ def fused_dual_head_kd_loss(
 
 
 class DualHeadKDLoss(nn.Module):
-    """Module form of :func:`fused_dual_head_kd_loss`: holds the options, takes the tensors."""
+    """Module form of :func:`fused_dual_head_kd_loss`: holds the options, takes the tensors (the
+    vocabulary-parallel ones included: ``vocab_parallel_group``, ``vocab_start``, ``vocab_size``,
+    ``vocab_parallel_reduce_features_grad``)."""
 
     def __init__(self, *, ce_weight: float = 1.0, kd_weight: float = 0.0, logit_weight: float = 1.0,
                  kd_temperature: float = 4.0, logit_temperature: float = 2.0,
                  logit_loss: str = "binary_kl_norm", ignore_index: int = -100, reduction: str = "mean",
                  backend: str = "auto", return_components: bool = False, label_smoothing: float = 0.0,
                  kd_divergence: str = "forward_kl", jsd_beta: float = 0.5, softcap: float | None = None,
-                 teacher_softcap: float | None = None, z_loss_weight: float = 0.0):
+                 teacher_softcap: float | None = None, z_loss_weight: float = 0.0,
+                 vocab_parallel_group=None, vocab_start: int | None = None, vocab_size: int | None = None,
+                 vocab_parallel_reduce_features_grad: bool = True):
         super().__init__()
         self.options = dict(ce_weight=ce_weight, kd_weight=kd_weight, logit_weight=logit_weight,
                             kd_temperature=kd_temperature, logit_temperature=logit_temperature,
                             logit_loss=logit_loss, ignore_index=ignore_index, reduction=reduction,
                             backend=backend, return_components=return_components,
                             label_smoothing=label_smoothing, kd_divergence=kd_divergence, jsd_beta=jsd_beta,
-                            softcap=softcap, teacher_softcap=teacher_softcap, z_loss_weight=z_loss_weight)
+                            softcap=softcap, teacher_softcap=teacher_softcap, z_loss_weight=z_loss_weight,
+                            vocab_parallel_group=vocab_parallel_group, vocab_start=vocab_start,
+                            vocab_size=vocab_size,
+                            vocab_parallel_reduce_features_grad=vocab_parallel_reduce_features_grad)
 
     def forward(self, features, head_weight, head_bias, aux_weight, aux_bias, teacher_logits, labels,
                 aux_features=None, teacher_features=None, teacher_weight=None, teacher_bias=None):

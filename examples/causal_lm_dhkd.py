@@ -1,6 +1,7 @@
 """Dual-head distillation of a small causal language model with the fused loss, on CPU in about a minute.
 
     python examples/causal_lm_dhkd.py [--steps 300] [--teacher-steps 200] [--threads 1]
+    torchrun --nproc_per_node 2 examples/causal_lm_dhkd.py --vocab-parallel    # heads sharded, CPU (gloo)
 
 A toy language (a random sparse Markov chain over 256 tokens, sequences of random length padded to 32)
 is learned by a 2-layer decoder-only teacher; a 1-layer student with two LM heads on the same hidden
@@ -9,6 +10,13 @@ smoothing), the auxiliary head BinaryKL-Norm against the teacher's logits, and o
 be used for generation. The teacher's logits are never formed: the loss takes the teacher's last hidden
 states and its LM head (``teacher_features``, ``teacher_weight``) and projects them chunk by chunk inside.
 Labels are the inputs shifted by one; padding positions are ``ignore_index``.
+
+With ``--vocab-parallel`` (under torchrun) the vocabulary is sharded over the ranks, Megatron-style: each
+rank holds a contiguous slice of the classes of both student LM heads and of the teacher's LM head, the
+rest of both models is replicated, and the fused loss runs with ``vocab_parallel_group=``: every rank
+gets the full loss, the gradients of its head shards and the backbone's full gradient (the features'
+gradient is summed over the ranks inside the op), so the replicated backbones stay identical. The first
+step checks the sharded loss against the unsharded one computed from the gathered heads.
 
 Prints the distillation loss as it falls and the student's next-token cross-entropy on held-out text
 next to the teacher's and a uniform guess; exits 1 if the loss did not fall.
@@ -103,20 +111,52 @@ def train_teacher(trans, steps, batch, lr, g, log):
     return teacher.eval().requires_grad_(False)
 
 
-def heldout_ce(model, trans, seed=1234, batches=4, batch=64):
+def heldout_ce(model, trans, seed=1234, batches=4, batch=64, shard=None):
     g = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
     with torch.no_grad():
         for _ in range(batches):
             x, y = sample_batch(trans, batch, g)
-            z = model.lm_head(model.hidden(x)).flatten(0, 1)
-            total += F.cross_entropy(z, y.flatten(), ignore_index=IGNORE, reduction="sum").item()
+            if shard:  # a sharded main head: the fused loss's CE term alone (no rank forms every logit)
+                h, w = model.hidden(x).flatten(0, 1), model.lm_head.weight
+                total += fused_dual_head_kd_loss(
+                    h, w, model.lm_head.bias, model.aux_head.weight, None, h.new_zeros(h.shape[0], w.shape[0]),
+                    y.flatten(), ce_weight=1.0, logit_weight=0.0, ignore_index=IGNORE, reduction="sum",
+                    **shard).item()
+            else:
+                z = model.lm_head(model.hidden(x)).flatten(0, 1)
+                total += F.cross_entropy(z, y.flatten(), ignore_index=IGNORE, reduction="sum").item()
             count += int((y != IGNORE).sum())
     return total / count
 
 
-def distill(teacher, trans, steps, batch, lr, g, log, *, logit_weight, label_smoothing):
+class VocabShardLinear(nn.Module):
+    """Rows [start, stop) of a Linear(d, VOCAB): this rank's shard of a column-parallel LM head."""
+
+    def __init__(self, full: nn.Linear, start: int, stop: int):
+        super().__init__()
+        self.weight = nn.Parameter(full.weight.detach()[start:stop].clone())
+        self.bias = nn.Parameter(full.bias.detach()[start:stop].clone())
+
+
+def gathered(shard: torch.Tensor) -> torch.Tensor:
+    """The full tensor from every rank's shard (uneven shards too); only for the example's check."""
+    import torch.distributed as dist
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, shard.detach())
+    return torch.cat(parts)
+
+
+def distill(teacher, trans, steps, batch, lr, g, log, *, logit_weight, label_smoothing, vp=None):
     student = TinyLM(d=64, layers=1, heads=4, aux_head=True)
+    t_weight, t_bias = teacher.lm_head.weight, teacher.lm_head.bias
+    shard = {}
+    if vp is not None:  # keep this rank's classes of the three LM heads
+        start, stop = vp.pop("range")
+        student.lm_head = VocabShardLinear(student.lm_head, start, stop)
+        student.aux_head = VocabShardLinear(student.aux_head, start, stop)
+        t_weight, t_bias = t_weight[start:stop], t_bias[start:stop]
+        shard = vp
     opt = torch.optim.AdamW(student.parameters(), lr=lr)
     losses = []
     for step in range(1, steps + 1):
@@ -124,12 +164,18 @@ def distill(teacher, trans, steps, batch, lr, g, log, *, logit_weight, label_smo
         with torch.no_grad():
             t_hidden = teacher.hidden(x).flatten(0, 1)  # (B T, d_t): the teacher's logits are never formed
         h = student.hidden(x).flatten(0, 1)  # (B T, d)
-        loss = fused_dual_head_kd_loss(
-            h, student.lm_head.weight, student.lm_head.bias, student.aux_head.weight, student.aux_head.bias,
-            None, y.flatten(),
-            teacher_features=t_hidden, teacher_weight=teacher.lm_head.weight, teacher_bias=teacher.lm_head.bias,
-            ce_weight=1.0, kd_weight=0.0, logit_weight=logit_weight, logit_temperature=2.0,
-            label_smoothing=label_smoothing, ignore_index=IGNORE)
+        heads = (student.lm_head.weight, student.lm_head.bias, student.aux_head.weight, student.aux_head.bias)
+        options = dict(teacher_features=t_hidden, ce_weight=1.0, kd_weight=0.0, logit_weight=logit_weight,
+                       logit_temperature=2.0, label_smoothing=label_smoothing, ignore_index=IGNORE)
+        loss = fused_dual_head_kd_loss(h, *heads, None, y.flatten(), teacher_weight=t_weight, teacher_bias=t_bias,
+                                       **options, **shard)
+        if shard and step == 1:  # the sharded loss is the unsharded one
+            with torch.no_grad():
+                full = fused_dual_head_kd_loss(h, *(gathered(v) for v in heads), None, y.flatten(),
+                                               teacher_weight=teacher.lm_head.weight,
+                                               teacher_bias=teacher.lm_head.bias, **options)
+            log(f"step 1: sharded loss {loss.item():.6f}, unsharded loss {full.item():.6f} "
+                f"(difference {abs(loss.item() - full.item()):.1e})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -149,6 +195,8 @@ def main(argv=None) -> int:
     p.add_argument("--logit-weight", type=float, default=0.1,
                    help="weight of the logit-level loss, which sums over the 256-token vocabulary (default 0.1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab-parallel", action="store_true",
+                   help="shard the LM heads over the ranks of `torchrun --nproc_per_node P` (gloo, CPU)")
     args = p.parse_args(argv)
     for name in ("steps", "teacher_steps", "batch", "threads"):
         if getattr(args, name) < 1:
@@ -158,19 +206,39 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
 
-    def log(msg):
-        print(f"[{time.time() - t0:5.1f}s] {msg}", flush=True)
+    vp, rank = None, 0
+    if args.vocab_parallel:
+        import torch.distributed as dist
+        dist.init_process_group("gloo")  # torchrun's environment
+        rank, world = dist.get_rank(), dist.get_world_size()
+        sizes = [VOCAB // world + (r < VOCAB % world) for r in range(world)]
+        start = sum(sizes[:rank])
+        vp = dict(vocab_parallel_group=dist.group.WORLD, vocab_start=start, vocab_size=VOCAB,
+                  range=(start, start + sizes[rank]))
 
+    def log(msg):
+        if rank == 0:
+            print(f"[{time.time() - t0:5.1f}s] {msg}", flush=True)
+
+    if vp is not None:
+        log(f"vocabulary sharded over {world} ranks: {sizes} classes")
     trans = make_language(args.seed)
+    # the same seed on every rank: identical teachers and identical (replicated) student backbones
     teacher = train_teacher(trans, args.teacher_steps, args.batch, 3e-3, g, log)
     student, losses = distill(teacher, trans, args.steps, args.batch, 3e-3, g, log,
-                              logit_weight=args.logit_weight, label_smoothing=0.05)
-    ce_s, ce_t = heldout_ce(student, trans), heldout_ce(teacher, trans)
+                              logit_weight=args.logit_weight, label_smoothing=0.05, vp=vp)
+    ce_s, ce_t = heldout_ce(student, trans, shard=vp), heldout_ce(teacher, trans)
     log(f"held-out next-token CE: student (main head) {ce_s:.3f}, teacher {ce_t:.3f}, "
         f"uniform guess {math.log(VOCAB - 1):.3f}")
     k = max(1, min(10, len(losses) // 4))
     first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
     log(f"distillation loss: first {k} steps {first:.3f} -> last {k} steps {last:.3f}")
+    if vp is not None:  # the replicated parts got the same (full) gradients on every rank
+        replicated = [v.detach() for k, v in student.named_parameters() if not k.startswith(("lm_head", "aux_head"))]
+        sums = [None] * world
+        dist.all_gather_object(sums, [float(v.double().sum()) for v in replicated])
+        log(f"replicated student parameters identical on every rank: {all(x == sums[0] for x in sums)}")
+        dist.destroy_process_group()
     return 0 if last < first else 1
 
 

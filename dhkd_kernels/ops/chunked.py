@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from .._validation import env_flag
 from ..reference import binary_kl, valid_rows
 from . import TeacherHead
+from .vocab_parallel import main_head_sharded, reduce_features_grad_, reduce_rows_
 
 DEFAULT_CHUNK_ELEMENTS = 2**20
 _POISON = env_flag("DHKD_DEBUG_POISON")  # as the triton op: unwritten gradient memory reads as NaN
@@ -259,10 +260,11 @@ def _run(features, head_weight, head_bias, aux_features, aux_weight, aux_bias, t
     g_main = need_grad and (bool(ce_w) or bool(kd_w) or bool(zl_w))
     g_aux = need_grad and bool(lg_w)
 
+    vp = opts.get("vocab_parallel")  # a VocabShard: this rank holds classes [start, start + c) of vp.total
     valid_all = valid_rows(labels, opts["ignore_index"])
     n_valid = valid_all.sum()
     # a valid row with a label outside [0, C): NaN loss and NaN gradients (never a host sync)
-    bad_all = valid_all & ((labels < 0) | (labels >= c))
+    bad_all = valid_all & ((labels < 0) | (labels >= (c if vp is None else vp.total)))
     row_factor = torch.where(bad_all, float("nan"), valid_all.to(edt))
     scale = (1.0 / n_valid.clamp(min=1).to(edt)) if opts["reduction"] == "mean" \
         else torch.ones((), dtype=edt, device=dev)
@@ -278,6 +280,8 @@ def _run(features, head_weight, head_bias, aux_features, aux_weight, aux_bias, t
     aux_x = features if shared else aux_features
     grads = None
     rows = max(1, opts["chunk_elements"] // max(c, 1))
+    if vp is not None:  # the same row chunks on every rank (their collectives must match)
+        rows = max(1, opts["chunk_elements"] // -(-vp.total // vp.world))
     if need_grad:
         # every gradient is held in edt (fp32 for 16-bit operands) until the backward has scaled it by
         # grad_output: one rounding to the input's dtype, after the scaling, as in eager autograd
@@ -303,10 +307,17 @@ def _run(features, head_weight, head_bias, aux_features, aux_weight, aux_bias, t
             d1 = None
             if cap is not None:  # the softcap's derivative is applied to dz1 below
                 z1, d1 = _softcap(z1, cap, grad=g_main)
-            if comps:
-                correct[s:e] = (z1.argmax(-1) == y) & ok
-            ce, kd, zl, dz1 = main_head(z1, t, y, opts, kd_stats=kd_stats, grad_ce=g_main and bool(ce_w),
-                                        grad_kd=g_main and bool(kd_w), grad_z=g_main and bool(zl_w))
+            if vp is not None:  # global statistics from O(n) per-row all-reduces; kd is this rank's part
+                ce, kd, zl, dz1, right = main_head_sharded(
+                    z1, t, y, ok, opts, vp, kd_stats=kd_stats, grad_ce=g_main and bool(ce_w),
+                    grad_kd=g_main and bool(kd_w), grad_z=g_main and bool(zl_w), comps=comps)
+                if comps:
+                    correct[s:e] = right
+            else:
+                if comps:
+                    correct[s:e] = (z1.argmax(-1) == y) & ok
+                ce, kd, zl, dz1 = main_head(z1, t, y, opts, kd_stats=kd_stats, grad_ce=g_main and bool(ce_w),
+                                            grad_kd=g_main and bool(kd_w), grad_z=g_main and bool(zl_w))
             del z1
             if d1 is not None and dz1 is not None:
                 dz1.mul_(d1)
@@ -353,6 +364,12 @@ def _run(features, head_weight, head_bias, aux_features, aux_weight, aux_bias, t
         gx[s:e] = 0 if gx_rows is None else gx_rows
         if not shared and (dz2 is None or not needs[3]):
             ga[s:e] = 0
+    if vp is not None and n:  # the KD and logit-level rows hold this rank's partial sums so far
+        reduce_rows_(per_row, slice(1, 3), vp)
+        if need_grad and needs[0]:
+            reduce_features_grad_(gx, vp)
+        if need_grad and not shared and needs[3]:
+            reduce_features_grad_(ga, vp)
     if need_grad:  # a head with no dz (no term, no rows, no gradient wanted) contributes zeros
         gw = [torch.zeros(m.shape, dtype=edt, device=dev) if g is None and needs[1 + 3 * h] else g
               for h, (g, m) in enumerate(zip(gw, (head_weight, aux_weight)))]
