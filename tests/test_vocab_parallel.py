@@ -336,8 +336,8 @@ def test_auto_picks_torch_when_sharded(one_rank_group, monkeypatch):
     picked = []
     real = functional._resolve_backend
 
-    def spy(backend, device, float64=False, options=()):
-        picked.append(real(backend, torch.device("cuda"), float64, options))
+    def spy(backend, device, float64=False):
+        picked.append(real(backend, torch.device("cuda"), float64))
         return picked[-1]
 
     monkeypatch.setattr(functional, "_resolve_backend", spy)
