@@ -68,9 +68,6 @@ def _functorch_active(tensors) -> bool:
     return any(t is not None and is_functorch_wrapped_tensor(t) for t in tensors)
 
 
-_OPTION_DEFAULTS = {"kd_divergence": "forward_kl", "softcap": None, "teacher_softcap": None, "z_loss_weight": 0.0}
-
-
 def _resolve_backend(backend: str, device: torch.device, float64: bool = False) -> str:
     if backend == "auto":
         # the Triton kernels take fp32/bf16/fp16 operands; float64 goes to the torch path
@@ -219,9 +216,9 @@ def fused_dual_head_kd_loss(
     elif not isinstance(vocab_parallel_reduce_features_grad, bool):
         raise TypeError("vocab_parallel_reduce_features_grad must be a bool, got "
                         f"{type(vocab_parallel_reduce_features_grad).__name__}")
-    options = {k: v for k, v in (("kd_divergence", kd_divergence), ("softcap", softcap),
-                                 ("teacher_softcap", teacher_softcap), ("z_loss_weight", z_loss_weight))
-               if v != _OPTION_DEFAULTS[k]}  # passed on only when set: the default call is unchanged
+    # the LLM options are passed on only when one is set: the default call is unchanged
+    options = kd_divergence != "forward_kl" or softcap is not None or teacher_softcap is not None \
+        or z_loss_weight != 0.0
     opts = dict(ce_weight=float(ce_weight), kd_weight=float(kd_weight), logit_weight=float(logit_weight),
                 kd_temperature=float(kd_temperature), logit_temperature=float(logit_temperature),
                 logit_loss=logit_loss, ignore_index=int(ignore_index), reduction=reduction,

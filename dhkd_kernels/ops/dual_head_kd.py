@@ -117,7 +117,10 @@ def dual_head_kd_loss(features, head_weight, head_bias, aux_weight, aux_bias, te
     scalars = (float(ce_weight), float(kd_weight), float(logit_weight), float(kd_temperature),
                float(logit_temperature), logit_loss == "binary_kl_norm", int(ignore_index), reduction == "mean",
                bool(return_components), bool(_TF32_OVERRIDE or _tf32_enabled()), float(label_smoothing),
-               reduction == "none", llm_extra(kd_divergence, jsd_beta, softcap, teacher_softcap, z_loss_weight))
+               reduction == "none",
+               () if (kd_divergence == "forward_kl" and softcap is None and teacher_softcap is None
+                      and not z_loss_weight) else llm_extra(kd_divergence, jsd_beta, softcap, teacher_softcap,
+                                                            z_loss_weight))
     # the plan is decided here, once: the forward, its fake (torch.compile) and the backward all read it
     compiling = torch.compiler.is_compiling()
     o = _opts_from(*scalars) if compiling else opts_cached(*scalars)
