@@ -196,10 +196,12 @@ def _epilogue(wk, o, z1, z2, t, y, b1, b2, rows, *, r0, R, c0, W, main, aux, g_c
     vec = 8 if unread else (16 // t.element_size() if t.stride(1) == 1 else 1)
     while vec > 1 and (W % vec or (not unread and (t.stride(0) % vec or (c0 - t_col0) % vec))):
         vec //= 2
-    jsd = main and wk.kd_stats and o.div == 2  # one more pass over z1 and t: the JSD's row sums
-    zb = wk.elem * (int(main) * (1 + 2 * int(g_main) + int(jsd)) + int(aux) * (1 + int(g_aux)))
-    tb = t.element_size() * (int(wk.kd_stats and main) + int(aux or g_kd) + int(jsd))
-    nbytes = R * W * (zb + tb) + R * 24
+    nbytes = 0
+    if cost.recording():  # bytes are only for the cost record
+        jsd = main and wk.kd_stats and o.div == 2  # one more pass over z1 and t: the JSD's row sums
+        zb = wk.elem * (int(main) * (1 + 2 * int(g_main) + int(jsd)) + int(aux) * (1 + int(g_aux)))
+        tb = t.element_size() * (int(wk.kd_stats and main) + int(aux or g_kd) + int(jsd))
+        nbytes = R * W * (zb + tb) + R * 24
     _launch(E.epilogue_kernel, (cdiv(R, br),),
             z1 if z1 is not None else dummy, z2 if z2 is not None else dummy, t, y,
             b1 if b1 is not None else dummy, b2 if b2 is not None else dummy, rows,

@@ -37,10 +37,13 @@ def _forward_resident(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows, one_buffer=
         interp = _interpreted(dev)
         bm, bn, bk = (16, 16, 16) if interp else (*_gemm_tiles(n, c, 1, dev, LOGITS_TILES),
                                                   64 if wk.elem <= 2 else 32)
-        flops = 2 * n * c * (wk.d * int(wk.main) + wk.da * int(wk.aux))
-        nbytes = (n * wk.d + c * wk.d) * wk.elem * int(wk.main) + (n * wk.da + c * wk.da) * wk.elem * int(wk.aux) \
-            - (n * wk.d * wk.elem if (wk.shared and wk.main and wk.aux) else 0) \
-            + n * c * wk.elem * (int(wk.main) + int(wk.aux))
+        rec = cost.recording()  # FLOPs and bytes are only for the cost record
+        flops = nbytes = 0
+        if rec:
+            flops = 2 * n * c * (wk.d * int(wk.main) + wk.da * int(wk.aux))
+            nbytes = (n * wk.d + c * wk.d) * wk.elem * int(wk.main) + (n * wk.da + c * wk.da) * wk.elem * int(wk.aux) \
+                - (n * wk.d * wk.elem if (wk.shared and wk.main and wk.aux) else 0) \
+                + n * c * wk.elem * (int(wk.main) + int(wk.aux))
         _launch(G.logits_kernel, (cdiv(n, bm) * cdiv(c, bn),),
                 x, w1, a_, w2, z1 if z1 is not None else z2, z2 if z2 is not None else z1,
                 n, c, wk.d, wk.da,
@@ -135,6 +138,7 @@ def _backward_triton(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, grads, kind, 
     ib = _interp_bf16(dt, dev)
     bk = 16 if interp else (64 if wk.elem <= 2 else 32)
     filled = set()
+    rec = cost.recording()  # FLOPs and bytes are only for the cost record
     # problems of dx_kernel: (out, [(dz, w), ...], width)
     probs = []
     x_pairs = ([(dz1, w1)] if dz1 is not None else []) + ([(dz2, w2)] if (shared and dz2 is not None) else [])
@@ -148,8 +152,8 @@ def _backward_triton(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, grads, kind, 
         (dza, wa), (dzb, wb) = pairs1[0], (pairs1[1] if len(pairs1) > 1 else pairs2[0])
         two = bool(rest)
         bm, bp = (16, 16) if interp else _gemm_tiles(n, max(p1, p2), 2 if two else 1, dev, DX_TILES)
-        flops = sum(2 * n * c * w * len(pr) for _, pr, w, _ in probs)
-        nbytes = sum((n * c + c * w) * wk.elem * len(pr) + n * w * wk.elem for _, pr, w, _ in probs)
+        flops = sum(2 * n * c * w * len(pr) for _, pr, w, _ in probs) if rec else 0
+        nbytes = sum((n * c + c * w) * wk.elem * len(pr) + n * w * wk.elem for _, pr, w, _ in probs) if rec else 0
         _launch(G.dx_kernel, (cdiv(n, bm) * cdiv(max(p1, p2), bp), 2 if two else 1),
                 dza, dzb, wa, wb, o1, o2, g, n_valid, n, c, p1, p2,
                 dza.stride(0), dzb.stride(0), wa.stride(0), wa.stride(1), wb.stride(0), wb.stride(1),
@@ -170,8 +174,8 @@ def _backward_triton(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, grads, kind, 
         which = 3 if len(heads) == 2 else h_a[0]
         pmax = max(h[5] for h in heads)
         bm, bp = (16, 16) if interp else _gemm_tiles(c, pmax, len(heads), dev, DW_TILES)
-        flops = sum(2 * n * c * h[5] for h in heads)
-        nbytes = sum((n * c + n * h[5] + c * h[5]) * wk.elem for h in heads)
+        flops = sum(2 * n * c * h[5] for h in heads) if rec else 0
+        nbytes = sum((n * c + n * h[5] + c * h[5]) * wk.elem for h in heads) if rec else 0
         _, dza, xa, owa, oba, pa = h_a
         _, dzb, xb, owb, obb, pb = h_b
         _launch(G.dw_kernel, (cdiv(c, bm) * cdiv(pmax, bp), len(heads)),
