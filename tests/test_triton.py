@@ -324,7 +324,7 @@ def test_dz_buffers_are_padded_and_zero_past_c(device, monkeypatch):
     inputs = make_inputs(n, 8, c, device=device, ignore_frac=0.3, seed=42)
     x, w1, b1, w2, b2 = (inputs[k] for k in ("features", "head_weight", "head_bias", "aux_weight", "aux_bias"))
     args = (x, w1, b1, None, w2, b2, inputs["teacher_logits"], inputs["labels"], None, None, None,
-            1.0, 0.5, 1.0, 4.0, 2.0, True, -100, True, False, False, 0.0, False, [True] * 6)
+            1.0, 0.5, 1.0, 4.0, 2.0, True, -100, True, False, False, 0.0, False, [], [True] * 6)
     out = torch.ops.dhkd.dual_head_kd_fwd(*args, _plan_arg(args))
     ld = _plan._ld(c)
     assert ld % 64 == 0 and ld >= c
@@ -534,8 +534,8 @@ def test_argmax_ties_take_first_index(device):
 def _plan_arg(case):
     """The plan argument the entry point would pass with these op arguments (tensors, scalars, needs)."""
     x, w1, a, t, y = case[0], case[1], case[3], case[6], case[7]
-    o = dhk._opts_from(*case[11:23])
-    wk = dhk._work(x, w1, a, y.shape[0], w1.shape[0], o, case[23], t if t is not None else case[8:11])
+    o = dhk._opts_from(*case[11:24])
+    wk = dhk._work(x, w1, a, y.shape[0], w1.shape[0], o, case[24], t if t is not None else case[8:11])
     return dhk.plan_to_list(dhk.make_plan(wk, x.device))
 
 
@@ -547,9 +547,11 @@ def test_custom_op_registration_opcheck(device, monkeypatch, plan_name):
                          ("features", "head_weight", "head_bias", "aux_weight", "aux_bias"))
     a = inputs["aux_features"].detach().requires_grad_(True)
     args = (x, w1, b1, a, w2, b2, inputs["teacher_logits"], inputs["labels"], None, None, None,
-            1.0, 0.5, 1.0, 4.0, 2.0, True, -100, True, True, False, 0.0, False, [True] * 6)
-    nothing_to_do = args[:11] + (0.0, 0.0, 0.0) + args[14:19] + (False, False, 0.0, False, [True] * 6)
-    per_row = args[:18] + (False, True, False, 0.1, True, [True] * 6)  # reduction="none", label smoothing
+            1.0, 0.5, 1.0, 4.0, 2.0, True, -100, True, True, False, 0.0, False, [], [True] * 6)
+    nothing_to_do = args[:11] + (0.0, 0.0, 0.0) + args[14:19] + (False, False, 0.0, False, [], [True] * 6)
+    per_row = args[:18] + (False, True, False, 0.1, True, [], [True] * 6)  # reduction="none", label smoothing
+    # the LLM options (JSD, softcaps, z-loss: a fourth term)
+    options = args[:23] + ([2.0, 0.3, 5.0, 6.0, 0.01], [True] * 6)
     g = torch.Generator().manual_seed(3)
     head = (torch.randn(5, 6, generator=g), torch.randn(9, 6, generator=g), torch.randn(9, generator=g))
     teacher_head = args[:6] + (None, args[7]) + head + args[11:]
@@ -558,7 +560,7 @@ def test_custom_op_registration_opcheck(device, monkeypatch, plan_name):
     # mutates. fused_dual_head_kd_loss never returns them: torch.compile of the chunked plan is tested in
     # test_torch_compile_training_step.
     aot = ("test_aot_dispatch_dynamic",) if plan_name != "chunked" else ()
-    for case in (args, nothing_to_do, per_row, teacher_head):
+    for case in (args, nothing_to_do, per_row, teacher_head, options):
         case = case + (_plan_arg(case),)
         torch.library.opcheck(torch.ops.dhkd.dual_head_kd_fwd.default, case,
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor") + aot)
@@ -581,13 +583,13 @@ def test_custom_ops_fake_match_real_for_transposed_inputs(device, monkeypatch, p
     scalars = (1.0, 0.5, 1.0, 4.0, 2.0, True, -100, True)
     o = dhk._opts_from(*scalars, True, False)
     plan = dhk.make_plan(dhk._work(x, w1, a, 5, 9, o, [True] * 6, t), torch.device(device))
-    fwd_args = (x, w1, b1, a, w2, b2, t, y, None, None, None) + scalars + (True, False, 0.0, False, [True] * 6,
+    fwd_args = (x, w1, b1, a, w2, b2, t, y, None, None, None) + scalars + (True, False, 0.0, False, [], [True] * 6,
                                                                             dhk.plan_to_list(plan))
     torch.library.opcheck(torch.ops.dhkd.dual_head_kd_fwd.default, fwd_args, test_utils=("test_faketensor",))
     out = torch.ops.dhkd.dual_head_kd_fwd(*fwd_args)
     if plan_name != "chunked":
         bwd_args = (torch.tensor(1.0, device=device), x, w1, b1, a, w2, b2, y, out[3], list(out[4:10]), 9) \
-            + scalars + (False, 0.0, False, [True] * 6, dhk.plan_to_list(plan))
+            + scalars + (False, 0.0, False, [], [True] * 6, dhk.plan_to_list(plan))
         torch.library.opcheck(torch.ops.dhkd.dual_head_kd_bwd.default, bwd_args, test_utils=("test_faketensor",))
 
 

@@ -21,14 +21,20 @@ of the (N, C) problem, stored with row strides ``stride_z1`` / ``stride_z2``.
         written over z2. dz carries no grad_output and no 1/|V| (the products apply them), except the per-row
         weights of ROW_W (the chunked plan's recompute for a per-row grad_output).
     Per row it writes ce, kd, the logit-loss sum (added to the previous value with acc_logit, for class
-    slabs) and correct into ``rows`` (4, N). dz is written over the buffer's padded width (row stride,
-    a multiple of 64), zeros past W; loads of z are masked by that width, 128-bit vectors. The bias
+    slabs) and correct into ``rows`` (4, N) ((5, N) with the z-loss). dz is written over the buffer's
+    padded width (row stride, a multiple of 64), zeros past W; loads of z are masked by that width,
+    128-bit vectors. The bias
     gradients are not summed here (no per-program partials to bound the grid): the cuBLAS plans take
     them as one product dZ^T 1, the Triton GEMM plan inside ``dw_kernel``.
     Rows not in V read as zeros (garbage, NaN included, in ignored rows never reaches a result) and get
     zero terms and gradients; a row of V whose label is outside [0, C) gets NaN terms and NaN dz.
     A teacher logit of -inf is a class masked out for that row: probability 0 in KD (0 log 0 = 0) and
     no contribution (value and gradient 0) to the logit-level loss.
+    The LLM options are compile-time branches (kernels.md has the formulas): CAP/TCAP softcap the
+    student's logits (both heads) and the teacher's on every read, dz times the exact derivative;
+    ZLOSS adds lse^2 per row (stored after kd; correct moves one row down) and GRAD_Z 2 lse softmax(z1)
+    to dz1; DIV 1 (reverse KL) keeps two more lane sums in pass 1; DIV 2 (generalised JSD) runs one
+    more pass over z1 and t between the two.
     Traffic per logit: z1 read twice and dz1 written once (2-byte logits: 6 bytes), the teacher read
     once or twice, z2 read and dz2 written once; ~40 FLOPs per logit, no tensor cores.
 
@@ -53,7 +59,6 @@ import triton
 import triton.language as tl
 
 LN2 = tl.constexpr(0.6931471805599453)
-NROW_TERMS = 4  # rows (4, N): ce, kd, logit, correct
 
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -209,7 +214,7 @@ def _store_rounded(ptrs, v, mask, INTERP_BF16: tl.constexpr):
 @triton.jit(do_not_specialize=["R", "W_VEC", "acc_logit"])
 def epilogue_kernel(
     # pointers: stored logits of the block (read, then overwritten with dz); teacher (N, C) or its block
-    # (row/column offsets t_row0/t_col0 subtracted); labels (N,); biases (C,) (any float dtype); rows (4, N)
+    # (row/column offsets t_row0/t_col0 subtracted); labels (N,); biases (C,) (any float dtype); rows (4 or 5, N)
     # fp32 per-row terms; w (N,) per-row weights of dz (ROW_W)
     z1_ptr, z2_ptr, t_ptr, y_ptr, b1_ptr, b2_ptr, rows_ptr, w_ptr,
     # sizes: N rows and C classes of the problem; the block is rows [row0, row0 + R), classes
@@ -512,7 +517,7 @@ def epilogue_kernel(
 
 @triton.jit(do_not_specialize=["per_row", "mean"])
 def finalize_kernel(
-    # pointers: rows (4, N) fp32 from epilogue_kernel; labels (N,); outputs loss (), terms (3,),
+    # pointers: rows (4 or 5, N) fp32 from epilogue_kernel; labels (N,); outputs loss (), terms (3 or 4,),
     # correct () int64, n_valid () int64, per_row (N,) fp32 (written when per_row != 0)
     rows_ptr, y_ptr, loss_ptr, terms_ptr, correct_ptr, nvalid_ptr, per_row_ptr,
     # sizes and scalars; per_row != 0 writes the (N,) weighted per-row losses
