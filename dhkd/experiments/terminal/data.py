@@ -76,5 +76,17 @@ def build_student(spec: dict, in_dim: int, num_classes: int, aux_head: str = "li
     return DualHeadStudent(net, d, num_classes, aux_head=aux_head)
 
 
+def student_subset(y: np.ndarray, per_class: int) -> np.ndarray:
+    """Sorted indices of the first ``per_class`` training samples of every class (in the split's order):
+    the students' training set when the teacher trains on the whole split (``student_per_class``)."""
+    keep = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        if len(idx) < per_class:
+            raise ConfigError(f"student_per_class {per_class} > the {len(idx)} training samples of class {c}")
+        keep.append(idx[:per_class])
+    return np.sort(np.concatenate(keep))
+
+
 def tensors(arrays: dict) -> dict:
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
