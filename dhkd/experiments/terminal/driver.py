@@ -128,8 +128,9 @@ def prepare(plan: Plan, name: str, folder: Path, log) -> dict:
     ds = plan.datasets[name]
     raw, num_classes = load(ds["data"])
     folder.mkdir(parents=True, exist_ok=True)
-    per_class = ds.get("student_per_class")
-    digest = hashlib.sha256(json.dumps([ds["data"], ds["teacher"], plan.common, per_class], sort_keys=True).encode())
+    per_class, eval_cap = ds.get("student_per_class"), ds.get("eval_per_class")
+    keyed = [ds["data"], ds["teacher"], plan.common, per_class] + ([eval_cap] if eval_cap else [])
+    digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode())
     digest.update(b"".join(np.ascontiguousarray(raw[k]).tobytes() for k in sorted(raw)))
     key = digest.hexdigest()[:16]
     info_path = folder / "teacher.json"
@@ -139,6 +140,9 @@ def prepare(plan: Plan, name: str, folder: Path, log) -> dict:
             return info
     except (OSError, ValueError):
         pass
+    for split, n in (eval_cap or {}).items():  # val/test capped at their first n samples per class
+        keep = student_subset(raw["y_" + split], int(n))
+        raw = {**raw, "x_" + split: raw["x_" + split][keep], "y_" + split: raw["y_" + split][keep]}
     data = tensors(raw)
     tspec = ds["teacher"]
     teacher_arm = {"name": "teacher", "method": "ce", "heads": 1, "aux_head": "linear", "loss": {}, "lr_from": None}
