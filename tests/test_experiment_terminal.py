@@ -26,6 +26,7 @@ datasets:
   digits:
     data: {name: digits}
     student_per_class: 30
+    eval_per_class: {val: 20}
     batch: 64
     epochs: 2
     refit_steps: 10
@@ -115,6 +116,8 @@ def test_paired_ci_and_wins():
     (lambda t: t.replace("epochs: 2\n    refit", "epochs: 0\n    refit"), "datasets.digits.epochs"),
     (lambda t: t.replace("student_per_class: 30", "student_per_class: 0"), "datasets.digits.student_per_class"),
     (lambda t: t.replace("weight_decay: 1.0e-3}", "weight_decay: -1}"), "datasets.digits.teacher.weight_decay"),
+    (lambda t: t.replace("{val: 20}", "{train: 20}"), "datasets.digits.eval_per_class"),
+    (lambda t: t.replace("{val: 20}", "{val: 0}"), "datasets.digits.eval_per_class.val"),
 ])
 def test_bad_plan_values_name_their_key(tmp_path, edit, key):
     path = tmp_path / "plan.yaml"
@@ -174,7 +177,8 @@ def test_tiny_plan_end_to_end(tiny_run):
 
 def test_students_train_on_a_per_class_subset_of_the_teachers_split(tiny_run):
     """``student_per_class``: the teacher trains on the whole training split, the students (and their
-    teacher logits) on its first 30 signals per class; val and test are shared."""
+    teacher logits) on its first 30 signals per class; val and test are shared (``eval_per_class``: val
+    capped at its first 20 per class, for the teacher's accuracy too)."""
     import numpy as np
 
     from dhkd.experiments.terminal.data import digits, student_subset
@@ -182,11 +186,14 @@ def test_students_train_on_a_per_class_subset_of_the_teachers_split(tiny_run):
     info = json.loads((out / "digits" / "teacher.json").read_text())
     assert info["n"]["train"] == 300 and info["n_teacher"]["train"] == 1078
     assert info["n"]["test"] == info["n_teacher"]["test"] == 450
+    assert info["n"]["val"] == info["n_teacher"]["val"] == 200
     full = digits(0)
     with np.load(out / "digits" / "data.npz") as f, np.load(out / "digits" / "teacher_logits.npz") as g:
         assert np.bincount(f["y"]).tolist() == [30] * 10
         keep = student_subset(full["y"], 30)
         assert np.array_equal(f["x"], full["x"][keep]) and np.array_equal(f["x_test"], full["x_test"])
+        assert np.array_equal(f["x_val"], full["x_val"][student_subset(full["y_val"], 20)])
+        assert g["val"].shape == (200, 10)
         assert g["train"].shape == (300, 10) and g["test"].shape == (450, 10)
     with pytest.raises(ConfigError, match="student_per_class"):
         student_subset(full["y"], 1000)

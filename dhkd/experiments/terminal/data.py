@@ -4,6 +4,8 @@
 package). Per class, in a fixed permutation (numpy ``default_rng(seed)``): 60% train, 15% val, the rest
 test; pixels / 16, then standardized with the training split's per-pixel mean and std (std 0 -> 1).
 ``mnist1d100``: ``dhkd.mnist1d100.arrays`` (100-class MNIST-1D, generated, cached).
+``student_subset`` picks the students' per-class share of a split (the plan's ``student_per_class`` and
+``eval_per_class``).
 
 Models (``spec`` of the plan): ``mlp`` = Linear(in, w)-ReLU-Linear(w, w)-ReLU features (N, w);
 ``bn_cnn`` = ``dhkd.models.mnist1d.MNIST1DBNCNN`` features (channels x 5). Students are

@@ -2,9 +2,11 @@
 
 Procedure (per dataset of the plan):
 
-1. The data (``data.load``) and the teacher (CE, the plan's teacher model), trained once per output
-   folder; its logits on every split are stored (``OUT/<dataset>/teacher_logits.npz``) and every student
-   step uses them.
+1. The data (``data.load``; val/test capped at ``eval_per_class``) and the teacher (CE, the plan's
+   teacher model, its own ``weight_decay`` if given), trained once per output folder on the whole training
+   split; its logits on every split are stored (``OUT/<dataset>/teacher_logits.npz``) and every student
+   step uses them. With ``student_per_class`` the students' training split (``data.npz``) and its teacher
+   logits are the first n samples of every class of the teacher's (``data.student_subset``).
 2. lr tuning: every arm without ``lr_from`` runs every lr of ``lr_grid`` with each of ``tuning_seeds``
    (never reported). The lr with the best mean last-epoch val top-1 is kept (ties: the smaller). When it
    is the smallest or largest lr tried, the grid is extended past that edge by a factor 2, up to
