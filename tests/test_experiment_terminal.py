@@ -25,10 +25,12 @@ common:
 datasets:
   digits:
     data: {name: digits}
+    student_per_class: 30
+    eval_per_class: {val: 20}
     batch: 64
     epochs: 2
     refit_steps: 10
-    teacher: {model: mlp, width: 32, epochs: 2, lr: 0.1}
+    teacher: {model: mlp, width: 32, epochs: 2, lr: 0.1, weight_decay: 1.0e-3}
     student: {model: mlp, width: 16}
 ufm: {per_class: 4, d: 12, steps: 20, lr: 0.5}
 arms:
@@ -112,6 +114,10 @@ def test_paired_ci_and_wins():
     (lambda t: t.replace("loss: {ce_weight: 0.0}", "loss: {ce_weigth: 0.0}"), "ce_weigth"),
     (lambda t: t.replace("lr_from: DHKD", "lr_from: nope"), "lr_from"),
     (lambda t: t.replace("epochs: 2\n    refit", "epochs: 0\n    refit"), "datasets.digits.epochs"),
+    (lambda t: t.replace("student_per_class: 30", "student_per_class: 0"), "datasets.digits.student_per_class"),
+    (lambda t: t.replace("weight_decay: 1.0e-3}", "weight_decay: -1}"), "datasets.digits.teacher.weight_decay"),
+    (lambda t: t.replace("{val: 20}", "{train: 20}"), "datasets.digits.eval_per_class"),
+    (lambda t: t.replace("{val: 20}", "{val: 0}"), "datasets.digits.eval_per_class.val"),
 ])
 def test_bad_plan_values_name_their_key(tmp_path, edit, key):
     path = tmp_path / "plan.yaml"
@@ -124,7 +130,14 @@ def test_the_shipped_plans_load():
     full, quick = load_plan(), load_plan(quick=True)
     assert len(full.seeds) >= 5 and not set(full.tuning_seeds) & set(full.seeds)
     assert set(full.datasets) == set(quick.datasets) == {"digits", "mnist1d100"}
-    assert quick.datasets["mnist1d100"]["data"]["samples"] < full.datasets["mnist1d100"]["data"]["samples"]
+    for plan in (full, quick):  # the teacher trains on more than the students see (its gap over them)
+        for name, ds in plan.datasets.items():
+            per_class = ds["student_per_class"]
+            if name == "mnist1d100":
+                assert per_class < 0.6 * ds["data"]["samples"] / 100
+            else:
+                assert per_class < 0.6 * 1797 / 10
+    assert quick.datasets["mnist1d100"]["epochs"] < full.datasets["mnist1d100"]["epochs"]
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +173,30 @@ def test_tiny_plan_end_to_end(tiny_run):
         assert k["broken_epochs"] == 2 and k["first_event"]["epoch"] == 1
     assert s["arms"]["1h CE+KD+BKL-Norm+GA"][0]["ga_projected"] >= 0.0
     assert summary["datasets"]["digits"]["ufm"]["CE"]["train_acc"] >= 0
+
+
+def test_students_train_on_a_per_class_subset_of_the_teachers_split(tiny_run):
+    """``student_per_class``: the teacher trains on the whole training split, the students (and their
+    teacher logits) on its first 30 signals per class; val and test are shared (``eval_per_class``: val
+    capped at its first 20 per class, for the teacher's accuracy too)."""
+    import numpy as np
+
+    from dhkd.experiments.terminal.data import digits, student_subset
+    out, _, _ = tiny_run
+    info = json.loads((out / "digits" / "teacher.json").read_text())
+    assert info["n"]["train"] == 300 and info["n_teacher"]["train"] == 1078
+    assert info["n"]["test"] == info["n_teacher"]["test"] == 450
+    assert info["n"]["val"] == info["n_teacher"]["val"] == 200
+    full = digits(0)
+    with np.load(out / "digits" / "data.npz") as f, np.load(out / "digits" / "teacher_logits.npz") as g:
+        assert np.bincount(f["y"]).tolist() == [30] * 10
+        keep = student_subset(full["y"], 30)
+        assert np.array_equal(f["x"], full["x"][keep]) and np.array_equal(f["x_test"], full["x_test"])
+        assert np.array_equal(f["x_val"], full["x_val"][student_subset(full["y_val"], 20)])
+        assert g["val"].shape == (200, 10)
+        assert g["train"].shape == (300, 10) and g["test"].shape == (450, 10)
+    with pytest.raises(ConfigError, match="student_per_class"):
+        student_subset(full["y"], 1000)
 
 
 def test_one_head_arm_trains_no_aux_head(tiny_run):

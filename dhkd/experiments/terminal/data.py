@@ -4,6 +4,8 @@
 package). Per class, in a fixed permutation (numpy ``default_rng(seed)``): 60% train, 15% val, the rest
 test; pixels / 16, then standardized with the training split's per-pixel mean and std (std 0 -> 1).
 ``mnist1d100``: ``dhkd.mnist1d100.arrays`` (100-class MNIST-1D, generated, cached).
+``student_subset`` picks the students' per-class share of a split (the plan's ``student_per_class`` and
+``eval_per_class``).
 
 Models (``spec`` of the plan): ``mlp`` = Linear(in, w)-ReLU-Linear(w, w)-ReLU features (N, w);
 ``bn_cnn`` = ``dhkd.models.mnist1d.MNIST1DBNCNN`` features (channels x 5). Students are
@@ -74,6 +76,18 @@ def build_student(spec: dict, in_dim: int, num_classes: int, aux_head: str = "li
     from ...models.student import DualHeadStudent
     net, d = backbone(spec, in_dim)
     return DualHeadStudent(net, d, num_classes, aux_head=aux_head)
+
+
+def student_subset(y: np.ndarray, per_class: int) -> np.ndarray:
+    """Sorted indices of the first ``per_class`` training samples of every class (in the split's order):
+    the students' training set when the teacher trains on the whole split (``student_per_class``)."""
+    keep = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        if len(idx) < per_class:
+            raise ConfigError(f"student_per_class {per_class} > the {len(idx)} training samples of class {c}")
+        keep.append(idx[:per_class])
+    return np.sort(np.concatenate(keep))
 
 
 def tensors(arrays: dict) -> dict:

@@ -2,9 +2,11 @@
 
 Procedure (per dataset of the plan):
 
-1. The data (``data.load``) and the teacher (CE, the plan's teacher model), trained once per output
-   folder; its logits on every split are stored (``OUT/<dataset>/teacher_logits.npz``) and every student
-   step uses them.
+1. The data (``data.load``; val/test capped at ``eval_per_class``) and the teacher (CE, the plan's
+   teacher model, its own ``weight_decay`` if given), trained once per output folder on the whole training
+   split; its logits on every split are stored (``OUT/<dataset>/teacher_logits.npz``) and every student
+   step uses them. With ``student_per_class`` the students' training split (``data.npz``) and its teacher
+   logits are the first n samples of every class of the teacher's (``data.student_subset``).
 2. lr tuning: every arm without ``lr_from`` runs every lr of ``lr_grid`` with each of ``tuning_seeds``
    (never reported). The lr with the best mean last-epoch val top-1 is kept (ties: the smaller). When it
    is the smallest or largest lr tried, the grid is extended past that edge by a factor 2, up to
@@ -123,12 +125,14 @@ def prepare(plan: Plan, name: str, folder: Path, log) -> dict:
     import numpy as np
     import torch
 
-    from .data import load, tensors
+    from .data import load, student_subset, tensors
     from .loop import forward_all
     ds = plan.datasets[name]
     raw, num_classes = load(ds["data"])
     folder.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256(json.dumps([ds["data"], ds["teacher"], plan.common], sort_keys=True).encode())
+    per_class, eval_cap = ds.get("student_per_class"), ds.get("eval_per_class")
+    keyed = [ds["data"], ds["teacher"], plan.common, per_class] + ([eval_cap] if eval_cap else [])
+    digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode())
     digest.update(b"".join(np.ascontiguousarray(raw[k]).tobytes() for k in sorted(raw)))
     key = digest.hexdigest()[:16]
     info_path = folder / "teacher.json"
@@ -138,11 +142,16 @@ def prepare(plan: Plan, name: str, folder: Path, log) -> dict:
             return info
     except (OSError, ValueError):
         pass
-    _save_npz(folder / "data.npz", raw)
+    for split, n in (eval_cap or {}).items():  # val/test capped at their first n samples per class
+        keep = student_subset(raw["y_" + split], int(n))
+        raw = {**raw, "x_" + split: raw["x_" + split][keep], "y_" + split: raw["y_" + split][keep]}
     data = tensors(raw)
     tspec = ds["teacher"]
     teacher_arm = {"name": "teacher", "method": "ce", "heads": 1, "aux_head": "linear", "loss": {}, "lr_from": None}
-    tplan = Plan(**{**plan.__dict__, "datasets": {name: {**ds, "epochs": tspec["epochs"]}}})
+    common = plan.common
+    if "weight_decay" in tspec:  # the teacher's own weight decay (the students keep common.optim's)
+        common = {**common, "optim": {**(common.get("optim") or {}), "weight_decay": float(tspec["weight_decay"])}}
+    tplan = Plan(**{**plan.__dict__, "common": common, "datasets": {name: {**ds, "epochs": tspec["epochs"]}}})
     cfg = arm_config(tplan, name, teacher_arm, tspec.get("lr", 0.05), 0)
     log(f"  {name}: training the teacher ({tspec.get('model')}, {tspec['epochs']} epochs)")
     zeros = torch.zeros(data["x"].shape[0], num_classes)
@@ -151,11 +160,18 @@ def prepare(plan: Plan, name: str, folder: Path, log) -> dict:
     logits = {}
     for split, k in (("train", ""), ("val", "_val"), ("test", "_test")):
         logits[split] = forward_all(student, data["x" + k])[2].numpy()
-    _save_npz(folder / "teacher_logits.npz", logits)
     acc = {s: 100.0 * float((logits[s].argmax(1) == raw["y" + k]).mean())
            for s, k in (("train", ""), ("val", "_val"), ("test", "_test"))}
+    n_teacher = {s: int(raw["y" + k].shape[0]) for s, k in (("train", ""), ("val", "_val"), ("test", "_test"))}
+    if per_class is not None:  # the students train on a subset of the teacher's training split
+        keep = student_subset(raw["y"], int(per_class))
+        raw = {**raw, "x": raw["x"][keep], "y": raw["y"][keep]}
+        logits["train"] = logits["train"][keep]
+    _save_npz(folder / "data.npz", raw)
+    _save_npz(folder / "teacher_logits.npz", logits)
     info = {"key": key, "model": tspec, "epochs": tspec["epochs"], "num_classes": num_classes, **acc,
             "max_abs_t_tau": float(abs(logits["train"]).max() / 2.0), "wall_s": run["wall_s"],
+            "student_per_class": per_class, "n_teacher": n_teacher,
             "n": {s: int(raw["y" + k].shape[0]) for s, k in (("train", ""), ("val", "_val"), ("test", "_test"))}}
     atomic_write_text(info_path, json.dumps(info, indent=1))
     return info

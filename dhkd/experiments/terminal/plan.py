@@ -19,7 +19,7 @@ from ...config import METHODS, ConfigError, config_from_dict
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "terminal"
 _TOP = {"seeds", "tuning_seeds", "lr_grid", "widen", "terminal", "common", "datasets", "arms", "contrasts",
         "ufm", "quick", "jobs_hint"}
-_DATASET = {"data", "batch", "epochs", "teacher", "student", "refit_steps"}
+_DATASET = {"data", "batch", "epochs", "teacher", "student", "refit_steps", "student_per_class", "eval_per_class"}
 _ARM = {"name", "method", "heads", "aux_head", "loss", "lr_from"}
 
 
@@ -91,6 +91,16 @@ def load_plan(path=None, *, quick: bool = False, seeds: int | None = None) -> Pl
         _int(path, f"datasets.{name}.epochs", ds.get("epochs"))
         _int(path, f"datasets.{name}.batch", ds.get("batch"))
         _int(path, f"datasets.{name}.teacher.epochs", (ds.get("teacher") or {}).get("epochs"))
+        twd = (ds.get("teacher") or {}).get("weight_decay", 0.0)
+        if isinstance(twd, bool) or not isinstance(twd, (int, float)) or twd < 0:
+            raise _err(path, f"datasets.{name}.teacher.weight_decay", f"must be a number >= 0, got {twd!r}")
+        cap = ds.get("eval_per_class") or {}
+        if not isinstance(cap, dict) or set(cap) - {"val", "test"}:
+            raise _err(path, f"datasets.{name}.eval_per_class", f"must map val and/or test to ints, got {cap!r}")
+        for split, n in cap.items():
+            _int(path, f"datasets.{name}.eval_per_class.{split}", n)
+        if ds.get("student_per_class") is not None:
+            _int(path, f"datasets.{name}.student_per_class", ds["student_per_class"])
     plan = Plan(seeds=list(range(n_seeds)), tuning_seeds=list(tuning), lr_grid=sorted(float(v) for v in grid),
                 widen=_int(path, "widen", data.get("widen", 0), 0), terminal=term, common=data.get("common") or {},
                 datasets=datasets, arms=[], ufm=data.get("ufm") or {}, path=str(path))
