@@ -176,9 +176,9 @@ def fused_dual_head_kd_loss(
     per chunk of rows an all-reduce MAX of (1-2, n) row maxima and an all-reduce SUM of (2-7, n) sums
     (exponentials, the label's logit, counts), a third (1-2, n) SUM for the gradient of reverse KL / JSD;
     per call a (2, N) SUM of the KD and logit-level partial sums and the (N, D) [+ (N, D_aux)] features'
-    gradient SUM (docs/kernels.md has the byte count). Backends "torch" and "reference" ("auto" picks
-    "torch"; "triton" raises a ValueError for now). Every rank must make the same call (the same options
-    and N): the collectives run in the same order on all of them.
+    gradient SUM (docs/kernels.md has the byte count). Every backend ("auto" picks "torch": the triton
+    form, eager mode only, has not run on a GPU yet). Every rank must make the same call (the same
+    options and N): the collectives run in the same order on all of them.
 
     Backends: "auto" (Triton kernels for CUDA tensors, else "torch"), "triton", "torch" (chunked
     PyTorch with an analytic backward), "reference" (plain PyTorch autograd, in the inputs' dtype).
@@ -204,9 +204,6 @@ def fused_dual_head_kd_loss(
              return_components=return_components, kd_divergence=kd_divergence, jsd_beta=jsd_beta,
              softcap=softcap, teacher_softcap=teacher_softcap, z_loss_weight=z_loss_weight)
     shard = None
-    if vocab_parallel_group is not None and backend == "triton":
-        raise ValueError("backend='triton' does not support vocab_parallel_group yet; use backend='torch' "
-                         "(or 'auto', which picks it for the vocabulary-parallel form)")
     if vocab_parallel_group is not None:
         shard = make_shard(vocab_parallel_group, vocab_start, vocab_size, vocab_parallel_reduce_features_grad,
                            head_weight.shape[0], features.device)
@@ -225,7 +222,7 @@ def fused_dual_head_kd_loss(
                 return_components=bool(return_components), label_smoothing=float(label_smoothing))
     float64 = any(x is not None and x.dtype == torch.float64
                   for x in (features, head_weight, head_bias, aux_weight, aux_bias, aux_features))
-    # "auto" takes the torch path for float64 and for the sharded form (not on the triton backend yet)
+    # "auto" takes the torch path for float64 and for the sharded form (its triton form: no GPU run yet)
     backend = _resolve_backend(backend, features.device, float64 or shard is not None)
     if shard is not None:
         opts["vocab_parallel"] = shard

@@ -14,6 +14,7 @@ from ._chunked_cublas import _finish_chunked, _forward_chunked, _scale_grads
 from ._launch import _buffer, _empty, _finalize
 from ._plan import F32, _ld, _Opts, _work, opts_cached, plan_from_list
 from ._resident import _backward, _forward_resident, _grad_output, _row_weights
+from .vocab_parallel import reduce_features_grad_, reduce_rows_
 
 # ----------------------------------------------------------------------------- forward
 
@@ -51,9 +52,15 @@ def _forward(x, w1, b1, a, w2, b2, t, y, o: _Opts, needs, plan, row_weight=None,
     else:
         state = _forward_chunked(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows, n_valid, needs,
                                  row_weight=row_weight, out_grads=out_grads)
+    if o.shard is not None and wk.aux:  # the logit-level sums of this rank's classes, summed over the group
+        reduce_rows_(rows, slice(2, 3), o.shard)
     _finalize(wk, o, rows, y, loss, terms, correct, n_valid, per_row)
     if not plan.resident:
         _finish_chunked(wk, o, y, n_valid, state)
+        if o.shard is not None:  # the features' gradients, stored by the forward
+            for k in (0, 3):
+                if state[k] is not None:
+                    reduce_features_grad_(state[k], o.shard)
     state = state[:6] if direct else [v if v is not None else _empty(dev) for v in state[:6]]
     if o.none:  # per-row results: the terms are rows 0-2 of the row buffer, correct is read only for components
         loss, terms = per_row, rows[:nt]
@@ -325,6 +332,10 @@ class _DirectFn(torch.autograd.Function):
             with _no_autocast(dev), _on_device(dev):
                 grads = _backward(g, x, w1, b1, a, w2, b2, y, n_valid, state, o, needs, ctx.wk.c, plan,
                                   wk=ctx.wk)
+            if o.shard is not None:  # the features' gradients of this rank's classes, summed over the group
+                for k in (0, 3):
+                    if grads[k] is not None:
+                        reduce_features_grad_(grads[k], o.shard)
         else:
             ctx.consumed = True
             grads = state

@@ -215,11 +215,13 @@ def _store_rounded(ptrs, v, mask, INTERP_BF16: tl.constexpr):
 def epilogue_kernel(
     # pointers: stored logits of the block (read, then overwritten with dz); teacher (N, C) or its block
     # (row/column offsets t_row0/t_col0 subtracted); labels (N,); biases (C,) (any float dtype); rows (4 or 5, N)
-    # fp32 per-row terms; w (N,) per-row weights of dz (ROW_W)
-    z1_ptr, z2_ptr, t_ptr, y_ptr, b1_ptr, b2_ptr, rows_ptr, w_ptr,
+    # fp32 per-row terms; w (N,) per-row weights of dz (ROW_W); stats (K, R) the block's per-row
+    # statistics of the sharded form's phases (PHASE 1 and 3 write them, 2 and 3 read them)
+    z1_ptr, z2_ptr, t_ptr, y_ptr, b1_ptr, b2_ptr, rows_ptr, w_ptr, stats_ptr,
     # sizes: N rows and C classes of the problem; the block is rows [row0, row0 + R), classes
-    # [col0, col0 + W) with W = W_VEC * VEC (VEC divides W and the teacher's row stride: vector loads)
-    N, C, R, W_VEC, row0, col0,
+    # [col0, col0 + W) with W = W_VEC * VEC (VEC divides W and the teacher's row stride: vector loads);
+    # y_off: the global id of local class 0 (the sharded form's vocab_start; 0 otherwise)
+    N, C, R, W_VEC, row0, col0, y_off,
     # strides, in elements (the teacher's row stride is stride_tn_vec * VEC); the teacher block starts at
     # row t_row0, column t_col0 of the problem
     stride_z1, stride_z2, stride_tn_vec, stride_tc, t_row0, t_col0,
@@ -233,7 +235,8 @@ def epilogue_kernel(
     # forward KL, 1 reverse KL, 2 JSD); CAP/TCAP: softcaps on; ZLOSS/GRAD_Z: the z-loss and its gradient
     MAIN: tl.constexpr, KD_STATS: tl.constexpr, AUX: tl.constexpr, GRAD_CE: tl.constexpr,
     GRAD_KD: tl.constexpr, GRAD_AUX: tl.constexpr, ZLOSS: tl.constexpr, GRAD_Z: tl.constexpr,
-    DIV: tl.constexpr, CAP: tl.constexpr, TCAP: tl.constexpr, KL_NORM: tl.constexpr, HAS_B1: tl.constexpr,
+    DIV: tl.constexpr, CAP: tl.constexpr, TCAP: tl.constexpr, PHASE: tl.constexpr, KL_NORM: tl.constexpr,
+    HAS_B1: tl.constexpr,
     HAS_B2: tl.constexpr, ROW_W: tl.constexpr, SMOOTH: tl.constexpr, INTERP_BF16: tl.constexpr,
     VEC: tl.constexpr, FAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -255,7 +258,10 @@ def epilogue_kernel(
     if ROW_W:
         row_nan = row_nan * tl.load(w_ptr + grows, mask=rmask, other=0.0).to(tl.float32)
     t_rows = (grows - t_row0)[:, None] * stride_tn
-    y32 = tl.where(valid & (~bad), y, -1).to(tl.int32)  # class ids fit in int32: cheaper compares
+    # the label as a local class id (-1 where this block's classes do not hold it): class ids fit in
+    # int32, cheaper compares
+    y_loc = (y - y_off).to(tl.int32)
+    y32 = tl.where(valid & (~bad) & (y_loc >= 0) & (y_loc < W), y_loc, -1)
     neg_inf = float("-inf")
     nan = float("nan")
     GRAD_MAIN: tl.constexpr = GRAD_CE or GRAD_KD or GRAD_Z
@@ -273,7 +279,7 @@ def epilogue_kernel(
     zl = tl.zeros((BLOCK_R,), tl.float32)
     kdiv = tl.zeros((BLOCK_R,), tl.float32)   # reverse KL / JSD per row, unscaled (the gradient's offset)
     skn = tl.zeros((BLOCK_R,), tl.float32)    # reverse KL: the student's mass on the teacher's classes
-    if MAIN:
+    if MAIN and PHASE < 2:
         # ---------------------------------------------------------------- pass 1: row statistics of z1
         # (the main head's block is whole rows: col0 = 0, W = C). Per lane: max m, s = sum exp(z - m),
         # sn = the same without the target, st1 = sum exp((z - m)/T), the first arg-max; teacher: max mt,
@@ -344,10 +350,10 @@ def epilogue_kernel(
         s1 = tl.sum(s_l * sc, 1)
         s1n = tl.sum(sn_l * sc, 1)
         amax = tl.min(tl.where(m_l == m1[:, None], a_l, 2**30), 1).to(tl.int64)
-        ok = valid & (~bad)
-        zy = tl.load(z1_ptr + lrows * stride_z1 + tl.where(ok, y, 0), mask=ok, other=0.0).to(tl.float32)
+        ok = y32 >= 0  # the label is valid and one of this block's classes
+        zy = tl.load(z1_ptr + lrows * stride_z1 + tl.where(ok, y32, 0), mask=ok, other=0.0).to(tl.float32)
         if HAS_B1:
-            zy += tl.load(b1_ptr + tl.where(ok, y, 0), mask=ok, other=0.0).to(tl.float32)
+            zy += tl.load(b1_ptr + tl.where(ok, y32, 0), mask=ok, other=0.0).to(tl.float32)
         if CAP:
             zy, _ = _softcap(zy, cap, inv_cap, FAST)
         # confident row (the target is the max and s1 = 1 + s1n with s1n small): log1p by its series,
@@ -381,29 +387,62 @@ def epilogue_kernel(
                 skn = tl.sum(sc_t * sk_l, 1) * inv_s1t
                 kdiv = racc * inv_s1t + skn * (log_st - log_s1t)
                 kd = kd_t2 * kdiv
-            if DIV == 2:
-                # generalised JSD: one more pass, per class, with the row's normalizers known
-                jv_l = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
-                js_l = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
-                for c0 in range(0, W, BLOCK_C):
-                    cols = c0 + offs
-                    cmask = cols < W
-                    m2d = valid[:, None] & cmask[None, :]
-                    z = tl.load(z1_ptr + lrows[:, None] * stride_z1 + cols[None, :],
-                                mask=valid[:, None] & (cols < stride_z1)[None, :], other=0.0).to(tl.float32)
-                    if HAS_B1:
-                        z += _row_bcast_load(b1_ptr + cols, cmask, BLOCK_R)
-                    if CAP:
-                        z, _ = _softcap(z, cap, inv_cap, FAST)
-                    t = tl.load(t_ptr + t_rows + (cols - t_col0)[None, :] * stride_tc,
-                                mask=m2d, other=0.0).to(tl.float32)
-                    t = _teacher_cap(t, tcap, inv_tcap, TCAP, FAST)
-                    val, av, sv = _jsd_terms(z, t, m1, log_s1t, mt, log_st, inv_kd_t, beta, log_beta, log_1mbeta,
-                                             FAST)
-                    jv_l += tl.where(m2d, val, 0.0)
-                    js_l += tl.where(m2d, sv * av, 0.0)
-                kdiv = tl.sum(js_l, 1)  # sum_j s_j a_j: the gradient's offset
-                kd = kd_t2 * tl.sum(jv_l, 1)
+
+    if MAIN and PHASE == 1:
+        # the sharded form's statistics of this block's classes, anchored at its own maxima (PHASE 1)
+        sp = stats_ptr + lrows
+        tl.store(sp, m1, mask=rmask)
+        tl.store(sp + R, s1n, mask=rmask)
+        tl.store(sp + 2 * R, tl.where(ok, zy, neg_inf), mask=rmask)
+        if SMOOTH:
+            tl.store(sp + 3 * R, tl.sum(zs_l, 1), mask=rmask)
+        tl.store(sp + 10 * R, (amax + y_off).to(tl.float32), mask=rmask)
+        if KD_STATS:
+            tl.store(sp + 4 * R, tl.sum(s1t_l * sc_t, 1), mask=rmask)
+            tl.store(sp + 5 * R, mt, mask=rmask)
+            tl.store(sp + 6 * R, st, mask=rmask)
+            if DIV == 0:
+                tl.store(sp + 7 * R, kacc, mask=rmask)
+            if DIV == 1:
+                tl.store(sp + 8 * R, racc, mask=rmask)
+                tl.store(sp + 9 * R, tl.sum(sc_t * sk_l, 1), mask=rmask)
+    if MAIN and PHASE >= 2:
+        # the group's statistics (PHASE 2: the gradient pass; PHASE 3: the JSD's per-class sums)
+        sp = stats_ptr + lrows
+        m1 = tl.load(sp, mask=rmask, other=0.0)
+        log_s1 = tl.load(sp + R, mask=rmask, other=0.0)
+        q = tl.load(sp + 2 * R, mask=rmask, other=0.0)
+        log_s1t = tl.load(sp + 3 * R, mask=rmask, other=0.0)
+        mt = tl.load(sp + 4 * R, mask=rmask, other=0.0)
+        log_st = tl.load(sp + 5 * R, mask=rmask, other=0.0)
+        kdiv = tl.load(sp + 6 * R, mask=rmask, other=0.0)
+        skn = tl.load(sp + 7 * R, mask=rmask, other=0.0)
+    if MAIN and DIV == 2 and ((PHASE == 0 and KD_STATS) or PHASE == 3):
+        # generalised JSD: one more pass, per class, with the rows' normalizers known
+        jv_l = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+        js_l = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+        for c0 in range(0, W, BLOCK_C):
+            cols = c0 + offs
+            cmask = cols < W
+            m2d = valid[:, None] & cmask[None, :]
+            z = tl.load(z1_ptr + lrows[:, None] * stride_z1 + cols[None, :],
+                        mask=valid[:, None] & (cols < stride_z1)[None, :], other=0.0).to(tl.float32)
+            if HAS_B1:
+                z += _row_bcast_load(b1_ptr + cols, cmask, BLOCK_R)
+            if CAP:
+                z, _ = _softcap(z, cap, inv_cap, FAST)
+            t = tl.load(t_ptr + t_rows + (cols - t_col0)[None, :] * stride_tc,
+                        mask=m2d, other=0.0).to(tl.float32)
+            t = _teacher_cap(t, tcap, inv_tcap, TCAP, FAST)
+            val, av, sv = _jsd_terms(z, t, m1, log_s1t, mt, log_st, inv_kd_t, beta, log_beta, log_1mbeta, FAST)
+            jv_l += tl.where(m2d, val, 0.0)
+            js_l += tl.where(m2d, sv * av, 0.0)
+        if PHASE == 0:
+            kdiv = tl.sum(js_l, 1)  # sum_j s_j a_j: the gradient's offset
+            kd = kd_t2 * tl.sum(jv_l, 1)
+        else:
+            tl.store(stats_ptr + lrows + 8 * R, tl.sum(jv_l, 1), mask=rmask)
+            tl.store(stats_ptr + lrows + 9 * R, tl.sum(js_l, 1), mask=rmask)
 
     # -------------------------------------------------------------------- pass 2: dz1, logit loss, dz2
     # dz is written over the buffer's whole padded width (zeros past W): the Triton GEMMs read dz
@@ -414,7 +453,7 @@ def epilogue_kernel(
         w_out = stride_z1
     elif GRAD_AUX:
         w_out = stride_z2
-    if GRAD_MAIN or AUX:
+    if (GRAD_MAIN or AUX) and (PHASE == 0 or PHASE == 2):
         for c0 in range(0, w_out, BLOCK_C):
             cols = c0 + offs
             cmask = cols < W
@@ -502,13 +541,13 @@ def epilogue_kernel(
     valid = rmask & (y != ignore_index)
     bad = valid & ((y < 0) | (y >= C))
     rp = rows_ptr + grows
-    if MAIN:
+    if MAIN and PHASE == 0:
         tl.store(rp, tl.where(bad, nan, tl.where(valid, ce, 0.0)), mask=rmask)
         tl.store(rp + N, tl.where(bad, nan, tl.where(valid, kd, 0.0)), mask=rmask)
         if ZLOSS:
             tl.store(rp + 3 * N, tl.where(bad, nan, tl.where(valid, zl, 0.0)), mask=rmask)
         tl.store(rp + (3 + ZLOSS) * N, tl.where(valid & (~bad), correct, 0.0), mask=rmask)
-    if AUX:
+    if AUX and (PHASE == 0 or PHASE == 2):
         lg = tl.where(bad, nan, tl.where(valid, tau2 * lg, 0.0))
         if acc_logit != 0:
             lg += tl.load(rp + 2 * N, mask=rmask, other=0.0)

@@ -183,9 +183,16 @@ def _scale(src: Tensor, out: Tensor, y: Tensor, g: Optional[Tensor], n_valid: Te
 
 
 def _epilogue(wk, o, z1, z2, t, y, b1, b2, rows, *, r0, R, c0, W, main, aux, g_ce, g_kd, g_aux,
-              acc_logit, br, bc, warps, t_row0=0, t_col0=0, w=None):
+              acc_logit, br, bc, warps, t_row0=0, t_col0=0, w=None, phase=0, stats=None):
     """``epilogue_kernel`` over rows [r0, r0 + R) x classes [c0, c0 + W); ``t`` is the teacher logits
-    tensor or the block of them computed inside (starting at row t_row0, class t_col0)."""
+    tensor or the block of them computed inside (starting at row t_row0, class t_col0). The sharded
+    form (``o.shard``) runs the main head's block in phases around the group's collectives
+    (:func:`._sharded.sharded_epilogue`); ``phase``/``stats``: one of those phases."""
+    if o.shard is not None and main and phase == 0:
+        from ._sharded import sharded_epilogue
+        return sharded_epilogue(wk, o, z1, z2, t, y, b1, b2, rows, r0=r0, R=R, c0=c0, W=W, aux=aux, g_ce=g_ce,
+                                g_kd=g_kd, g_aux=g_aux, acc_logit=acc_logit, br=br, bc=bc, warps=warps,
+                                t_row0=t_row0, t_col0=t_col0, w=w)
     dev = t.device
     dummy = rows
     g_main = wk.g_main and (g_ce or g_kd or bool(o.zl_w))
@@ -205,8 +212,9 @@ def _epilogue(wk, o, z1, z2, t, y, b1, b2, rows, *, r0, R, c0, W, main, aux, g_c
     _launch(E.epilogue_kernel, (cdiv(R, br),),
             z1 if z1 is not None else dummy, z2 if z2 is not None else dummy, t, y,
             b1 if b1 is not None else dummy, b2 if b2 is not None else dummy, rows,
-            w if w is not None else dummy,
-            wk.n, wk.c, R, W // vec, r0, c0,
+            w if w is not None else dummy, stats if stats is not None else dummy,
+            wk.n, wk.c if o.shard is None else o.shard.total, R, W // vec, r0, c0,
+            0 if o.shard is None else o.shard.start,
             z1.stride(0) if z1 is not None else 0, z2.stride(0) if z2 is not None else 0,
             t.stride(0) // vec, t.stride(1), t_row0, t_col0,
             o.ce_w, o.kd_w * o.kd_t, 1.0 / o.kd_t, o.kd_t * o.kd_t, o.lg_w, 1.0 / o.tau, o.tau * o.tau, o.eps,
@@ -214,7 +222,7 @@ def _epilogue(wk, o, z1, z2, t, y, b1, b2, rows, *, r0, R, c0, W, main, aux, g_c
             name="epilogue_kernel", nbytes=nbytes,
             MAIN=main, KD_STATS=main and wk.kd_stats, AUX=aux, GRAD_CE=g_ce, GRAD_KD=g_kd, GRAD_AUX=g_aux,
             ZLOSS=main and bool(o.zl_w), GRAD_Z=main and g_main and bool(o.zl_w), DIV=o.div, CAP=o.cap > 0,
-            TCAP=o.tcap > 0,
+            TCAP=o.tcap > 0, PHASE=phase,
             KL_NORM=o.kl_norm, HAS_B1=b1 is not None and main, HAS_B2=b2 is not None and aux,
             ROW_W=w is not None, SMOOTH=o.eps != 0.0, VEC=vec, FAST=not _interpreted(dev),
             INTERP_BF16=_interp_bf16(z1.dtype if z1 is not None else z2.dtype, dev),

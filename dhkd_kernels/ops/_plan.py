@@ -329,6 +329,7 @@ class _Opts:
     cap: float = 0.0
     tcap: float = 0.0
     zl_w: float = 0.0
+    shard: object = None  # the sharded form's VocabShard (eager calls only)
 
 
 def _work(x, w1, a, n: int, c: int, o: _Opts, needs, teacher=None) -> Work:

@@ -27,6 +27,7 @@ matmul setting asks for it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Optional
 
 import torch
@@ -79,10 +80,11 @@ def dual_head_kd_loss(features, head_weight, head_bias, aux_weight, aux_bias, te
                       aux_features, ce_weight, kd_weight, logit_weight, kd_temperature, logit_temperature,
                       logit_loss, ignore_index, reduction, return_components, label_smoothing=0.0,
                       kd_divergence="forward_kl", jsd_beta=0.5, softcap=None, teacher_softcap=None,
-                      z_loss_weight=0.0):
+                      z_loss_weight=0.0, vocab_parallel=None):
     """Run the Triton path; returns (loss, terms, correct, n_valid). Inputs must be validated.
     ``teacher_logits`` is the (N, C) tensor or a ``TeacherHead`` (its product runs inside). terms is
     (ce, kd, logit) and z_loss fourth when ``z_loss_weight`` is not 0 (per row: (3 or 4, N)).
+    ``vocab_parallel``: a ``VocabShard`` (the sharded form; eager mode only, see ``_sharded``).
 
     Raises TypeError for float64 features/weights/biases (use backend="torch" for float64).
     """
@@ -125,6 +127,16 @@ def dual_head_kd_loss(features, head_weight, head_bias, aux_weight, aux_bias, te
     compiling = torch.compiler.is_compiling()
     o = _opts_from(*scalars) if compiling else opts_cached(*scalars)
     wk = _work(x, w1, a, labels.shape[0], w1.shape[0], o, needs, teacher_logits if t is not None else (tf, tw, tb))
+    if vocab_parallel is not None:
+        if compiling:
+            raise ValueError("vocab_parallel_group with backend='triton' runs in eager mode only, not under "
+                             "torch.compile; use backend='torch' there")
+        # every rank plans for the global C: the same plan, so the same row chunks and collectives
+        o = dataclasses.replace(o, shard=vocab_parallel)
+        plan = plan_for(wk._replace(c=vocab_parallel.total), x.device)
+        out = direct_forward(wk, plan, o, needs, x, w1, head_bias, a, w2, aux_bias, t, labels, tf, tw, tb)
+        loss, terms, correct, n_valid = out[:4]
+        return loss, terms.detach(), correct, n_valid
     if compiling:
         out = _fwd_op(x, w1, head_bias, a, w2, aux_bias, t, labels, tf, tw, tb, *scalars[:12], list(scalars[12]),
                       needs, plan_to_list(make_plan(wk, x.device)))
