@@ -188,6 +188,20 @@ def _jsd_terms(z, t, m1, log_s1t, mt, log_st, inv_t, beta, log_beta, log_1mbeta,
 
 
 @triton.jit
+def _main_logits(z1_ptr, b1_ptr, lrows, cols, valid, cmask, stride_z1, cap, inv_cap, HAS_B1: tl.constexpr,
+                 CAP: tl.constexpr, FAST: tl.constexpr, BLOCK_R: tl.constexpr):
+    """A (BLOCK_R, BLOCK_C) tile of the main head's logits as the loss reads them: the stored z1 (loads
+    masked by the buffer's padded width, a multiple of 16: 128-bit loads), plus the bias, softcapped."""
+    z = tl.load(z1_ptr + lrows[:, None] * stride_z1 + cols[None, :],
+                mask=valid[:, None] & (cols < stride_z1)[None, :], other=0.0).to(tl.float32)
+    if HAS_B1:
+        z += _row_bcast_load(b1_ptr + cols, cmask, BLOCK_R)
+    if CAP:
+        z, _ = _softcap(z, cap, inv_cap, FAST)
+    return z
+
+
+@triton.jit
 def _row_bcast_load(ptrs, mask, BLOCK_R: tl.constexpr):
     """A (BLOCK_C,) vector (a bias tile) loaded as a (BLOCK_R, BLOCK_C) fp32 tile, the same in every row:
     one (L1-cached) vector load per row in the tile's own layout, instead of a 1-D load whose layout
@@ -300,14 +314,8 @@ def epilogue_kernel(
             cols = c0 + offs
             cmask = cols < W
             m2d = valid[:, None] & cmask[None, :]
-            # loads masked by the buffer's padded width (a multiple of 16: 128-bit loads), values by W
-            z = tl.load(z1_ptr + lrows[:, None] * stride_z1 + cols[None, :],
-                        mask=valid[:, None] & (cols < stride_z1)[None, :], other=0.0).to(tl.float32)
-            if HAS_B1:
-                z += _row_bcast_load(b1_ptr + cols, cmask, BLOCK_R)
-            if CAP:
-                z, _ = _softcap(z, cap, inv_cap, FAST)
-            z = tl.where(m2d, z, 0.0)
+            z = tl.where(m2d, _main_logits(z1_ptr, b1_ptr, lrows, cols, valid, cmask, stride_z1, cap, inv_cap,
+                                           HAS_B1, CAP, FAST, BLOCK_R), 0.0)
             zm = tl.where(cmask[None, :], z, neg_inf)
             m_new = tl.maximum(m_l, zm)
             a_l = tl.where(zm > m_l, cols[None, :], a_l)
@@ -425,12 +433,8 @@ def epilogue_kernel(
             cols = c0 + offs
             cmask = cols < W
             m2d = valid[:, None] & cmask[None, :]
-            z = tl.load(z1_ptr + lrows[:, None] * stride_z1 + cols[None, :],
-                        mask=valid[:, None] & (cols < stride_z1)[None, :], other=0.0).to(tl.float32)
-            if HAS_B1:
-                z += _row_bcast_load(b1_ptr + cols, cmask, BLOCK_R)
-            if CAP:
-                z, _ = _softcap(z, cap, inv_cap, FAST)
+            z = _main_logits(z1_ptr, b1_ptr, lrows, cols, valid, cmask, stride_z1, cap, inv_cap, HAS_B1, CAP, FAST,
+                             BLOCK_R)
             t = tl.load(t_ptr + t_rows + (cols - t_col0)[None, :] * stride_tc,
                         mask=m2d, other=0.0).to(tl.float32)
             t = _teacher_cap(t, tcap, inv_tcap, TCAP, FAST)
