@@ -58,6 +58,24 @@ def test_floor_flops_launches_memory_no_sync(name, dtype):
         assert rec.n_launches <= 6, rec.by_kernel()  # the issue's bound at (1024, 512, 1000)
 
 
+LLM_OPTIONS = {"reverse_kl": dict(kd_divergence="reverse_kl"), "jsd": dict(kd_divergence="jsd", jsd_beta=0.5),
+               "softcaps+z-loss": dict(softcap=30.0, teacher_softcap=30.0, z_loss_weight=1e-4)}
+
+
+@pytest.mark.parametrize("option", list(LLM_OPTIONS))
+@pytest.mark.parametrize("name", ["imagenet-r18", "imagenet21k", "llm-128k"])
+def test_llm_options_keep_the_floor_and_the_launches(name, option):
+    """Each LLM option on: the same matmul FLOPs (the floor), the same launches as the default call
+    (the options live inside the epilogue), no synchronisation."""
+    n, d, c = SHAPES[name]
+    base, base_plan = simulate(n, d, c)
+    rec, plan = simulate(n, d, c, **LLM_OPTIONS[option])
+    assert plan == base_plan
+    assert rec.matmul_flops == cost.floor_flops(n, c, d)
+    assert not rec.syncs
+    assert rec.by_kernel() == base.by_kernel()
+
+
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_no_gradient_runs_only_the_forward_products(name):
     n, d, c = SHAPES[name]
