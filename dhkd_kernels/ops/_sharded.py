@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 
-from . import _epilogue_kernels  # noqa: F401  (the kernels the phases launch)
 from ._plan import F32
 from .vocab_parallel import _all_reduce_
 
@@ -95,8 +94,8 @@ def _combine(stats, y, rows, r0, wk, o):
             kdiv = r_g / s1t_g + skn * (log_st - log_s1t)
             g[6], g[7] = kdiv, skn
             rows[1, r0:end] = _row_term(T * T * kdiv, y, o, c)
-    else:
-        rows[1, r0:end] = 0.0
+    else:  # as the unsharded epilogue stores it: 0, NaN for a bad label
+        rows[1, r0:end] = _row_term(torch.zeros_like(ce), y, o, c)
     from ..reference import valid_rows
     valid = valid_rows(y, o.ignore_index)
     ok = valid & (y >= 0) & (y < c)
