@@ -27,13 +27,11 @@ Gradients of the per-element losses (s = softmax, sig = sigmoid):
     dBKLNorm/dz2  = (tau / 2) tanh((z2 - t) / (2 tau))
     dZ/dz1        = 2 logsumexp(z1) s(z1)                          (z-loss)
     softcap       z -> cap tanh(z / cap): each dz above times 1 / cosh^2(z / cap), in the same chunk
-Reverse KL and the generalised JSD: see ``_divergence``. The LLM options cost a Python-level branch
+Reverse KL and the generalised JSD: see :mod:`._divergence`. The LLM options cost a Python-level branch
 each; at their defaults the path runs exactly as without them. A softcap holds one more chunk buffer per
 head (its derivative) until the chunk's dz is formed.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +39,7 @@ import torch.nn.functional as F
 from .._validation import env_flag
 from ..reference import binary_kl, valid_rows
 from . import TeacherHead
+from ._divergence import softmax_divergence_terms
 from .vocab_parallel import main_head_sharded, reduce_features_grad_, reduce_rows_
 
 DEFAULT_CHUNK_ELEMENTS = 2**20
@@ -96,60 +95,16 @@ def main_head(z, t, y, o, *, kd_stats, grad_ce, grad_kd, grad_z=False):
     divergence, beta = o.get("kd_divergence", "forward_kl"), o.get("jsd_beta", 0.5)
     if divergence == "jsd" and beta in (0.0, 1.0):  # the endpoints are the named divergences
         divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
-    if kd_stats and divergence != "forward_kl":
-        kd, g = _divergence(z, t, T, divergence, beta, grad=grad_kd)
+    if kd_stats:
+        log_ps = F.log_softmax(z.mul_(1.0 / T), dim=-1)
+        log_pt = F.log_softmax(t / T, dim=-1)
+        masked = torch.isneginf(t)
+        kd, g = softmax_divergence_terms(log_ps, log_pt, masked, T, divergence, beta, grad=grad_kd)
+        kd = torch.where(masked.all(-1), float("nan"), kd)  # no teacher distribution at all
         if grad_kd:
             g.mul_(kd_w * T)
             dz = g if dz is None else dz.add_(g)
-    elif kd_stats:
-        log_ps = F.log_softmax(z.mul_(1.0 / T), dim=-1)
-        log_pt = F.log_softmax(t / T, dim=-1)
-        pt = log_pt.exp()
-        # subtract first, then weight (no cancellation between two large sums for nearly equal
-        # distributions); xlogy: wherever pt = 0 (t = -inf, or underflow) the term is 0, a NaN
-        # teacher stays NaN
-        per_class = log_pt.sub_(log_ps).mul_(pt).masked_fill_(pt == 0, 0.0)
-        kd = (T * T) * per_class.sum(-1)
-        kd = torch.where(torch.isneginf(t).all(-1), float("nan"), kd)  # no teacher distribution at all
-        del per_class
-        if grad_kd:
-            g = log_ps.exp_().sub_(pt).mul_(kd_w * T)
-            dz = g if dz is None else dz.add_(g)
     return ce, kd, zl, dz
-
-
-def _divergence(z, t, T, divergence, beta, *, grad):
-    """T^2 reverse KL(s || p) or generalised JSD per row (s = softmax(z/T), p = softmax(t/T); see
-    ``reference``) and its gradient with respect to z/T (or None). ``z`` is consumed.
-
-    Both gradients have the form h - s sum_c h_c with h_c = dD/d(log s_c) s_c:
-        reverse KL  h = [c kept] s (log s - log p + 1): s (r - f + S_masked - [c masked]),
-                    r = log s - log p on kept classes (0 on masked ones), f = sum_c s r
-        JSD         h = (1 - beta) s (log s - log m),   m = beta p + (1 - beta) s"""
-    log_ps = F.log_softmax(z.mul_(1.0 / T), dim=-1)
-    log_pt = F.log_softmax(t / T, dim=-1)
-    masked = torch.isneginf(t)
-    ps = log_ps.exp()
-    g = None
-    if divergence == "reverse_kl":
-        # a masked class (p = 0 exactly, t = -inf) is left out of the sum
-        r = log_ps.sub_(log_pt).masked_fill_(masked, 0.0)
-        f = torch.mul(ps, r).sum(-1)
-        if grad:
-            s_masked = ps.masked_fill(~masked, 0.0).sum(-1, keepdim=True)  # 0 when nothing is masked
-            g = r.sub_(f.unsqueeze(-1)).add_(s_masked).sub_(masked.to(r.dtype)).mul_(ps)
-        kd = (T * T) * f
-    else:
-        log_m = torch.logaddexp(log_pt + math.log(beta), log_ps + math.log1p(-beta))
-        pt = log_pt.exp()
-        # xlogy on the teacher side: p = 0 (masked, or underflowed) contributes 0
-        teacher_side = (log_pt - log_m).mul_(pt).masked_fill_(pt == 0, 0.0).sum(-1)
-        student = log_ps.sub_(log_m).mul_(ps)  # s (log s - log m)
-        kd = (T * T) * (beta * teacher_side + (1.0 - beta) * student.sum(-1))
-        if grad:
-            g = student.sub_(ps.mul_(student.sum(-1, keepdim=True))).mul_(1.0 - beta)
-    kd = torch.where(masked.all(-1), float("nan"), kd)  # no teacher distribution at all
-    return kd, g
 
 
 def _softcap(z, cap, *, grad):

@@ -43,6 +43,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ._divergence import softmax_divergence_terms
+
 __all__ = ["VocabShard", "make_shard", "main_head_sharded", "reference_loss_sharded"]
 
 
@@ -206,44 +208,13 @@ def main_head_sharded(z, t, y, ok, o, shard: VocabShard, *, kd_stats, grad_ce, g
         log_ps = xs.sub_(log_ss.unsqueeze(-1))   # log softmax(z/T)
         log_pt = tt.sub_(log_st.unsqueeze(-1))   # log softmax(t/T)
         nan_rows = (kept == 0)
-        if divergence == "forward_kl":
-            pt = log_pt.exp()
-            per_class = (log_pt - log_ps).mul_(pt).masked_fill_(pt == 0, 0.0)
-            kd = (T * T) * per_class.sum(-1)
-            del per_class
-            g = log_ps.exp_().sub_(pt) if grad_kd else None
-        else:
-            kd, g = _divergence_sharded(log_ps, log_pt, masked, T, divergence, beta, shard, grad=grad_kd)
+        kd, g = softmax_divergence_terms(log_ps, log_pt, masked, T, divergence, beta, grad=grad_kd,
+                                         group_sum=lambda v: _all_reduce_(v, shard))
         kd = torch.where(nan_rows, float("nan"), kd)
         if g is not None:
             g.mul_(kd_w * T)
             dz = g if dz is None else dz.add_(g)
     return ce, kd, zl, dz, correct
-
-
-def _divergence_sharded(log_ps, log_pt, masked, T, divergence, beta, shard, *, grad):
-    """This rank's part of T^2 reverse KL / JSD and the gradient with respect to z/T (see
-    ``chunked._divergence``); the gradient needs the row sums over the group (round 3)."""
-    ps = log_ps.exp()
-    g = None
-    if divergence == "reverse_kl":
-        r = log_ps.sub_(log_pt).masked_fill_(masked, 0.0)
-        f = torch.mul(ps, r).sum(-1)
-        if grad:
-            s_masked = ps.masked_fill(~masked, 0.0).sum(-1)
-            glob = _all_reduce_(torch.stack([f, s_masked]), shard)
-            g = r.sub_(glob[0].unsqueeze(-1)).add_(glob[1].unsqueeze(-1)).sub_(masked.to(r.dtype)).mul_(ps)
-        return (T * T) * f, g
-    log_m = torch.logaddexp(log_pt + math.log(beta), log_ps + math.log1p(-beta))
-    pt = log_pt.exp()
-    teacher_side = (log_pt - log_m).mul_(pt).masked_fill_(pt == 0, 0.0).sum(-1)
-    student = log_ps.sub_(log_m).mul_(ps)
-    part = student.sum(-1)
-    kd = (T * T) * (beta * teacher_side + (1.0 - beta) * part)
-    if grad:
-        glob = _all_reduce_(part.unsqueeze(0).clone(), shard)[0]
-        g = student.sub_(ps.mul_(glob.unsqueeze(-1))).mul_(1.0 - beta)
-    return kd, g
 
 
 # ---------------------------------------------------------------- reference backend
