@@ -208,6 +208,34 @@ def binary_kl_norm(z2: torch.Tensor, t: torch.Tensor, temperature: float) -> tor
     return temperature**2 * torch.where(keep, val, torch.zeros_like(val)).sum(-1)
 
 
+def weighted_loss(per_row: dict, weights: dict, valid: torch.Tensor, reduction: str, z1: torch.Tensor,
+                  z2: torch.Tensor):
+    """(loss, terms): each (N,) per-row term summed over the valid rows (divided by |V| for "mean", per
+    row for "none") and their weighted sum. A term whose weight is 0 is not part of the loss, yet every
+    input stays in the graph with a zero gradient (like ``0 * term`` would, but a NaN in that term,
+    e.g. from the teacher, cannot leak through)."""
+
+    def reduce(v: torch.Tensor) -> torch.Tensor:
+        total = torch.where(valid, v, torch.zeros_like(v))
+        if reduction == "none":
+            return total
+        total = total.sum()
+        if reduction == "mean":
+            total = total / valid.sum().clamp(min=1)
+        return total
+
+    terms = {k: reduce(v) for k, v in per_row.items()}
+    never = torch.zeros((), dtype=torch.bool, device=z1.device)
+    if reduction == "none":
+        loss = torch.where(never, z1.sum(-1) + z2.sum(-1), torch.zeros_like(per_row["ce"]))
+    else:
+        loss = torch.where(never, z1.sum() + z2.sum(), torch.zeros((), dtype=z1.dtype, device=z1.device))
+    for k, w in weights.items():
+        if w:
+            loss = loss + w * terms[k]
+    return loss, terms
+
+
 def dual_head_kd_loss(
     features: torch.Tensor,
     head_weight: torch.Tensor,
@@ -297,30 +325,12 @@ def _loss(features, head_weight, head_bias, aux_weight, aux_bias, teacher_logits
     else:
         logit = binary_kl(z2, t, logit_temperature)
 
-    def reduce(per_row: torch.Tensor) -> torch.Tensor:
-        total = torch.where(valid, per_row, torch.zeros_like(per_row))
-        if reduction == "none":
-            return total
-        total = total.sum()
-        if reduction == "mean":
-            total = total / valid.sum().clamp(min=1)
-        return total
-
-    terms = {"ce": reduce(ce), "kd": reduce(kd), "logit": reduce(logit)}
+    per_row = {"ce": ce, "kd": kd, "logit": logit}
     weights = {"ce": ce_weight, "kd": kd_weight, "logit": logit_weight}
     if z_loss_weight:
-        terms["z_loss"] = reduce(z_loss(z1))
+        per_row["z_loss"] = z_loss(z1)
         weights["z_loss"] = z_loss_weight
-    # every input stays in the graph with a zero gradient when its term has weight 0 (like
-    # ``0 * term`` would, but a NaN in that term, e.g. from the teacher, cannot leak through)
-    never = torch.zeros((), dtype=torch.bool, device=z1.device)
-    if reduction == "none":
-        loss = torch.where(never, z1.sum(-1) + z2.sum(-1), torch.zeros_like(ce))
-    else:
-        loss = torch.where(never, z1.sum() + z2.sum(), torch.zeros((), dtype=ldt, device=z1.device))
-    for k, w in weights.items():
-        if w:
-            loss = loss + w * terms[k]
+    loss, terms = weighted_loss(per_row, weights, valid, reduction, z1, z2)
     if not return_components:
         return loss
     components = {k: v.detach() for k, v in terms.items()}

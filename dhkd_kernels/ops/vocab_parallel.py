@@ -304,7 +304,7 @@ def reference_loss_sharded(features, head_weight, head_bias, aux_weight, aux_bia
                            teacher_softcap=None, z_loss_weight=0.0):
     """``reference.dual_head_kd_loss`` over a class shard, through autograd (every term computed, as
     there, with the softmaxes normalised and the row sums taken over the group)."""
-    from ..reference import _operand_dtype, apply_softcap, binary_kl, binary_kl_norm, valid_rows
+    from ..reference import _operand_dtype, apply_softcap, binary_kl, binary_kl_norm, valid_rows, weighted_loss
     if teacher_logits is None:
         tdt = _operand_dtype([teacher_features, teacher_weight], teacher_features.device.type)
         with torch.no_grad():
@@ -348,28 +348,12 @@ def reference_loss_sharded(features, head_weight, head_bias, aux_weight, aux_bia
         per_class_loss = binary_kl_norm if logit_loss == "binary_kl_norm" else binary_kl
         logit = _ReduceSum.apply(per_class_loss(z2, t, logit_temperature), shard)
 
-        def reduce(per_row):
-            total = torch.where(valid, per_row, torch.zeros_like(per_row))
-            if reduction == "none":
-                return total
-            total = total.sum()
-            if reduction == "mean":
-                total = total / valid.sum().clamp(min=1)
-            return total
-
-        terms = {"ce": reduce(ce), "kd": reduce(kd), "logit": reduce(logit)}
+        per_row = {"ce": ce, "kd": kd, "logit": logit}
         weights = {"ce": ce_weight, "kd": kd_weight, "logit": logit_weight}
         if z_loss_weight:
-            terms["z_loss"] = reduce(lse.square())
+            per_row["z_loss"] = lse.square()
             weights["z_loss"] = z_loss_weight
-        never = torch.zeros((), dtype=torch.bool, device=z1.device)
-        if reduction == "none":
-            loss = torch.where(never, z1.sum(-1) + z2.sum(-1), torch.zeros_like(ce))
-        else:
-            loss = torch.where(never, z1.sum() + z2.sum(), torch.zeros((), dtype=ldt, device=z1.device))
-        for k, w in weights.items():
-            if w:
-                loss = loss + w * terms[k]
+        loss, terms = weighted_loss(per_row, weights, valid, reduction, z1, z2)
         loss = _ScaleGrad.apply(loss, 1.0 / shard.world)
         if not return_components:
             return loss
