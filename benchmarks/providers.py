@@ -36,6 +36,17 @@ LOWP_MARGIN = 2.0
 LOWP_FLOOR = {"loss": 2e-2, "grad": 2e-2}
 
 
+def skip_unless_shape_runs_here(shape: Shape) -> None:
+    """Skip a GPU-sized shape without CUDA, and a CPU-sized one where CUDA is present (the GPU shapes
+    run instead)."""
+    import pytest
+    has_cuda = torch.cuda.is_available()
+    if shape.device == "cuda" and not has_cuda:
+        pytest.skip("GPU-sized shape: needs a CUDA device, none here")
+    if shape.device == "cpu" and has_cuda:
+        pytest.skip("CPU-sized shape: skipped where CUDA is present (the GPU shapes run instead)")
+
+
 def make_input_set(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int) -> dict:
     """Random inputs: features (N, D), head/aux weights (C, D) with std 1/sqrt(D) (logits ~ N(0, 1)),
     biases (C,) std 0.1, teacher logits (N, C) std 3, labels (N,) uniform. Never zeros."""

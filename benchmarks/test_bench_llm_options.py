@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from . import shapes as shape_registry
-from .providers import sync
+from .providers import skip_unless_shape_runs_here, sync
 
 OPTION_SETS = {
     "default": {},
@@ -45,11 +45,7 @@ def _inputs(shape, device, dtype):
 def test_llm_option(benchmark, shape_name, option):
     from dhkd_kernels import fused_dual_head_kd_loss
     shape = shape_registry.get(shape_name)
-    has_cuda = torch.cuda.is_available()
-    if shape.device == "cuda" and not has_cuda:
-        pytest.skip("GPU-sized shape: needs a CUDA device, none here")
-    if shape.device == "cpu" and has_cuda:
-        pytest.skip("CPU-sized shape: skipped where CUDA is present (the GPU shapes run instead)")
+    skip_unless_shape_runs_here(shape)
     device = torch.device(shape.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     backend = "triton" if device.type == "cuda" else "torch"

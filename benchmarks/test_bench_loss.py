@@ -17,7 +17,7 @@ import torch
 from . import shapes as shape_registry
 from .providers import (DTYPES, MODES, PROVIDERS, clear_grads, errors_against, float64_main_ce,
                         float64_reference, fused_backend, gemm_floor_ops, limits_for, make_timer,
-                        make_dz, make_input_set, rel_err, sync, time_median)
+                        make_dz, make_input_set, rel_err, skip_unless_shape_runs_here, sync, time_median)
 
 FLOOR = "gemm-floor"
 CASES = [(s.name, dt, p, m) for s in shape_registry.SHAPES for dt in DTYPES
@@ -154,11 +154,7 @@ def _case_id(case):
 @pytest.mark.parametrize("shape_name,dtype_name,provider,mode", CASES, ids=map(_case_id, CASES))
 def test_loss(benchmark, shape_name, dtype_name, provider, mode):
     shape = shape_registry.get(shape_name)
-    has_cuda = torch.cuda.is_available()
-    if shape.device == "cuda" and not has_cuda:
-        pytest.skip("GPU-sized shape: needs a CUDA device, none here")
-    if shape.device == "cpu" and has_cuda:
-        pytest.skip("CPU-sized shape: skipped where CUDA is present (the GPU shapes run instead)")
+    skip_unless_shape_runs_here(shape)
     device = torch.device(shape.device)
     if provider != FLOOR:
         reason = PROVIDERS[provider].unavailable(device)
