@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ..reference import valid_rows
 from ._plan import F32
 from .vocab_parallel import _all_reduce_
 
@@ -33,30 +34,31 @@ def sharded_epilogue(wk, o, z1, z2, t, y, b1, b2, rows, *, r0, R, c0, W, aux, g_
     common = dict(r0=r0, R=R, c0=c0, W=W, br=br, bc=bc, warps=warps, t_row0=t_row0, t_col0=t_col0)
     _epilogue(wk, o, z1, None, t, y, b1, None, rows, main=True, aux=False, g_ce=False, g_kd=False, g_aux=False,
               acc_logit=False, phase=1, stats=stats, **common)
-    gstats = _combine(stats, y[r0:r0 + R], rows, r0, wk, o)
+    yb = y[r0:r0 + R]
+    valid = valid_rows(yb, o.ignore_index)
+    bad = valid & ((yb < 0) | (yb >= shard.total))
+    gstats = _combine(stats, yb, valid, bad, rows, r0, wk, o)
     if wk.kd_stats and o.div == 2:
         _epilogue(wk, o, z1, None, t, y, b1, None, rows, main=True, aux=False, g_ce=False, g_kd=False,
                   g_aux=False, acc_logit=False, phase=3, stats=gstats, **common)
         js = _all_reduce_(gstats[8:10].contiguous(), shard)
         gstats[6] = js[1]
-        rows[1, r0:r0 + R] = _row_term(o.kd_t * o.kd_t * js[0], y[r0:r0 + R], o, shard.total)
+        rows[1, r0:r0 + R] = _row_term(o.kd_t * o.kd_t * js[0], valid, bad)
     if g_ce or g_kd or (o.zl_w and wk.g_main) or aux:
         _epilogue(wk, o, z1, z2, t, y, b1, b2, rows, main=True, aux=aux, g_ce=g_ce, g_kd=g_kd, g_aux=g_aux,
                   acc_logit=acc_logit, w=w, phase=2, stats=gstats, **common)
 
 
-def _row_term(v, y, o, c):
+def _row_term(v, valid, bad):
     """A per-row term as the unsharded epilogue stores it: 0 outside V, NaN for a bad label."""
-    from ..reference import valid_rows
-    valid = valid_rows(y, o.ignore_index)
-    bad = valid & ((y < 0) | (y >= c))
     return torch.where(bad, float("nan"), torch.where(valid, v, 0.0))
 
 
-def _combine(stats, y, rows, r0, wk, o):
+def _combine(stats, y, valid, bad, rows, r0, wk, o):
     """The group's per-row statistics from every rank's (``stats``, anchored at its own maxima): the
     (GSTATS, R) buffer phase 2 reads; CE, KD (forward and reverse KL), z-loss and correct written into
-    ``rows`` for rows [r0, r0 + R)."""
+    ``rows`` for rows [r0, r0 + R) (``valid``/``bad``: the rows in V, and those with a label outside
+    [0, C))."""
     shard = o.shard
     T = o.kd_t
     m1, s1n, zy, zsum, s1t, mt, st, kacc, racc, sk, amax = stats
@@ -85,21 +87,19 @@ def _combine(stats, y, rows, r0, wk, o):
     g = torch.zeros((GSTATS, stats.shape[1]), dtype=F32, device=stats.device)
     g[0], g[1], g[2], g[3], g[4], g[5] = M, log_s1, q, log_s1t, Mt, log_st
     end = r0 + stats.shape[1]
-    rows[0, r0:end] = _row_term(ce, y, o, c)
+    rows[0, r0:end] = _row_term(ce, valid, bad)
     if wk.kd_stats:
         if o.div == 0:
-            rows[1, r0:end] = _row_term(T * T * (k_g / st_g - log_st + log_s1t), y, o, c)
+            rows[1, r0:end] = _row_term(T * T * (k_g / st_g - log_st + log_s1t), valid, bad)
         elif o.div == 1:
             skn = sk_g / s1t_g
             kdiv = r_g / s1t_g + skn * (log_st - log_s1t)
             g[6], g[7] = kdiv, skn
-            rows[1, r0:end] = _row_term(T * T * kdiv, y, o, c)
+            rows[1, r0:end] = _row_term(T * T * kdiv, valid, bad)
     else:  # as the unsharded epilogue stores it: 0, NaN for a bad label
-        rows[1, r0:end] = _row_term(torch.zeros_like(ce), y, o, c)
-    from ..reference import valid_rows
-    valid = valid_rows(y, o.ignore_index)
-    ok = valid & (y >= 0) & (y < c)
+        rows[1, r0:end] = _row_term(torch.zeros_like(ce), valid, bad)
+    ok = valid & ~bad
     if o.zl_w:
-        rows[3, r0:end] = _row_term((M + log_s1) ** 2, y, o, c)
+        rows[3, r0:end] = _row_term((M + log_s1) ** 2, valid, bad)
     rows[3 + int(bool(o.zl_w)), r0:end] = (ok & (zy_g == M) & (earlier_g == 0)).to(F32)
     return g
