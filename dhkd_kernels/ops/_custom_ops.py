@@ -250,19 +250,26 @@ def _setup_context(ctx, inputs, output):
     ctx.needs = list(needs)
 
 
-def _autograd_backward(ctx, g, *_unused):
-    ops = _OPS
+def _backward_entry(ctx, resident: bool, g):
+    """The checks both backwards share (no second derivative; the chunked plan's gradients are scaled
+    once) and their inputs: (saved tensors, grad_output, a zero scalar where the loss got none)."""
     if torch.is_grad_enabled():
         raise RuntimeError(_DOUBLE_BACKWARD.format("triton"))
-    if not ctx.resident and getattr(ctx, "consumed", False):
+    if not resident and getattr(ctx, "consumed", False):
         from .chunked import SECOND_BACKWARD
         raise RuntimeError(SECOND_BACKWARD.format("triton") + " (the chunked plan of large problems)")
     saved = ctx.saved_tensors
+    if g is None:  # the loss itself got no gradient: zero gradients
+        g = torch.zeros((), dtype=F32, device=saved[0].device)
+        cost.note("torch:zeros", "torch", (), 0, 4)
+    return saved, g
+
+
+def _autograd_backward(ctx, g, *_unused):
+    ops = _OPS
+    saved, g = _backward_entry(ctx, ctx.resident, g)
     x, w1, b1, a, w2, b2, y, n_valid = saved[:8]
     state = list(saved[8:14])
-    if g is None:  # the loss itself got no gradient: zero gradients
-        g = torch.zeros((), dtype=F32, device=x.device)
-        cost.note("torch:zeros", "torch", (), 0, 4)
     needs = ctx.needs
     if ctx.resident:
         grads = ops["bwd"](g, x, w1, b1, a, w2, b2, y, n_valid, state, ctx.n_classes, *ctx.opts, needs, ctx.plan)
@@ -315,18 +322,10 @@ class _DirectFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, *unused):
-        if torch.is_grad_enabled():
-            raise RuntimeError(_DOUBLE_BACKWARD.format("triton"))
         plan, o, needs = ctx.plan, ctx.o, ctx.needs
-        if not plan.resident and getattr(ctx, "consumed", False):
-            from .chunked import SECOND_BACKWARD
-            raise RuntimeError(SECOND_BACKWARD.format("triton") + " (the chunked plan of large problems)")
-        saved = ctx.saved_tensors
+        saved, g = _backward_entry(ctx, plan.resident, g)
         x, w1, b1, a, w2, b2, y, n_valid = saved[:8]
         dev = x.device
-        if g is None:  # the loss itself got no gradient: zero gradients
-            g = torch.zeros((), dtype=F32, device=dev)
-            cost.note("torch:zeros", "torch", (), 0, 4)
         state = list(saved[8:14])
         if plan.resident:
             with _no_autocast(dev), _on_device(dev):
