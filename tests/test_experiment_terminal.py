@@ -249,3 +249,53 @@ def test_collapse_means_nan_weights_or_staying_at_chance_after_being_above():
     assert summary([30.0, 31.0, 1.0], finite=[2])["collapse_epoch"] == 3
     s = summary([10.0, 99.6, 99.7])
     assert s["terminal_epoch"] == 2 and s["best_test_epoch"] == 3 and s["last"] == 99.7
+
+
+def _seed(last, collapse=None, **kw):
+    return dict(last=last, refit_gain=kw.get("refit", 5.0), w_cos_cm=kw.get("wc", -0.5), feat_cos=kw.get("fc", 0.2),
+                collapse_epoch=collapse, first_event=None, step_max_z_tau=kw.get("z", 10.0),
+                step_max_pos_gap_tau=kw.get("gap", 10.0))
+
+
+def _gate(teacher_gap_ok=True, terminal=True, arms=("CE", "BKL-Norm", "1h CE+BKL-Norm", "DHKD")):
+    return {"teacher_gap_ok": teacher_gap_ok, "terminal_ok": terminal,
+            "terminal": {a: {"ok": terminal} for a in arms}}
+
+
+def test_the_rules_give_no_verdict_when_a_gate_fails_and_otherwise_follow_r1_to_r4():
+    """The pre-registered rules: a dataset that misses the teacher-gap gate or the terminal gate gives no
+    verdict whatever R1-R4 show; with the gates met, every rule met is "supported", one missed is not."""
+    from dhkd.experiments.terminal.report import decision_rules
+    per_seed = {"CE": [_seed(60 + k) for k in range(5)], "BKL-Norm": [_seed(61 + k) for k in range(5)],
+                "1h CE+BKL-Norm": [_seed(55 + k + 0.1 * k * k) for k in range(5)],
+                "DHKD": [_seed(62 + k) for k in range(5)]}
+    (rule,) = decision_rules(None, per_seed, _gate())
+    assert rule["r1_one_head_below_both"] and rule["r2_two_heads_better"] and rule["r3_refit_recovers_half"]
+    assert rule["r4_conflict_in_head_only"] and rule["verdict"] == "supported" and rule["supported"]
+    for gate in (_gate(teacher_gap_ok=False), _gate(terminal=False), dict(_gate(), terminal_ok=False)):
+        (rule,) = decision_rules(None, per_seed, gate)
+        assert rule["verdict"] == "no verdict" and not rule["supported"]
+    per_seed["1h CE+BKL-Norm"] = [_seed(55 + k + 0.1 * k * k, fc=-0.1) for k in range(5)]  # R4 missed
+    (rule,) = decision_rules(None, per_seed, _gate())
+    assert rule["verdict"] == "not supported"
+
+
+def test_the_numerics_verdict_needs_a_crossing_and_calm_counterparts():
+    from types import SimpleNamespace
+
+    from dhkd.experiments.terminal.report import numerics_rule, numerics_verdict
+    plan = SimpleNamespace(arms=[
+        {"name": "BKL", "loss": {"logit_loss": "binary_kl"}, "lr_from": None},
+        {"name": "BKL [torch21]", "loss": {"logit_loss": "binary_kl", "numerics": "official_torch21"},
+         "lr_from": "BKL"},
+        {"name": "BKL [official]", "loss": {"logit_loss": "binary_kl", "numerics": "official"}, "lr_from": "BKL"}])
+
+    def verdict(t21, exact=None, official=None):
+        per_seed = {"BKL": exact or [_seed(60.0)], "BKL [torch21]": t21, "BKL [official]": official or [_seed(60.0)]}
+        return numerics_verdict(plan, per_seed, numerics_rule(plan, per_seed))
+    assert verdict([_seed(60.0, z=12.0), _seed(60.0, z=15.0)]) == "untested"
+    assert verdict([_seed(1.0, collapse=4, z=20.0), _seed(60.0, z=12.0)]) == "supported"
+    assert verdict([_seed(60.0, z=20.0)]) == "not supported"  # crossed without collapsing
+    assert verdict([_seed(1.0, collapse=4, z=12.0), _seed(1.0, collapse=2, z=20.0)]) == "not supported"
+    assert verdict([_seed(1.0, collapse=4, z=20.0)], exact=[_seed(1.0, collapse=3)]) == "not supported"
+    assert verdict([_seed(1.0, collapse=4, z=20.0)], official=[_seed(1.0, collapse=3)]) == "not supported"

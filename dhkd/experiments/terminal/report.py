@@ -91,8 +91,9 @@ def gates(plan, per_seed: dict, teacher: dict, threshold: float, epochs: int) ->
 
 
 def decision_rules(plan, per_seed: dict, gate: dict) -> list:
-    """The pre-registered rules, per logit-loss family present in the plan; each a dict with the numbers
-    and ``supported`` (True/False) or ``None`` when an arm is missing."""
+    """The pre-registered rules, per logit-loss family present in the plan; each a dict with the numbers,
+    ``verdict`` ("supported", "not supported", or "no verdict" when the dataset misses a gate: the teacher
+    gap, or the terminal phase of an exact-numerics arm) and ``supported`` (the verdict is "supported")."""
     rules = []
     families = [("BKL-Norm", "1h CE+BKL-Norm", "DHKD"), ("BKL", "1h CE+BKL", None)]
     for alone, one, two in families:
@@ -117,7 +118,10 @@ def decision_rules(plan, per_seed: dict, gate: dict) -> list:
         rule.update(w_cos_cm=wc, feat_cos=fc, r4_conflict_in_head_only=wc < 0 < fc)
         keys = ["r1_one_head_below_both", "r3_refit_recovers_half", "r4_conflict_in_head_only"]
         keys += ["r2_two_heads_better"] if "r2_two_heads_better" in rule else []
-        rule["supported"] = terminal and all(rule[k] for k in keys)
+        gated = terminal and gate["teacher_gap_ok"] and gate["terminal_ok"]
+        rule["verdict"] = "no verdict" if not gated else ("supported" if all(rule[k] for k in keys)
+                                                          else "not supported")
+        rule["supported"] = rule["verdict"] == "supported"
         rules.append(rule)
     return rules
 
@@ -143,6 +147,21 @@ def numerics_rule(plan, per_seed: dict) -> dict:
         out[a["name"]] = {"numerics": numerics, "stat": stat, "cases": cases, "consistent": consistent,
                           "n": len(cases)}
     return out
+
+
+def numerics_verdict(plan, per_seed: dict, num: dict) -> str:
+    """The numerics hypothesis over every ``official_torch21`` arm: "untested" when no run crossed 16.6;
+    "supported" when every run collapsed exactly when it crossed and no counterpart (the exact arm it takes
+    its lr from, and the ``official`` arms) collapsed; "not supported" otherwise."""
+    t21 = [v for v in num.values() if v["numerics"] == "official_torch21"]
+    if not t21 or not any(c["crossed"] for v in t21 for c in v["cases"]):
+        return "untested"
+    counterparts = {a["lr_from"] for a in plan.arms
+                    if a["loss"].get("numerics") == "official_torch21" and a.get("lr_from")}
+    counterparts |= {a["name"] for a in plan.arms if a["loss"].get("numerics") == "official"}
+    calm = all(s["collapse_epoch"] is None for n in counterparts for s in per_seed.get(n, []))
+    exact = all(v["consistent"] == v["n"] for v in t21)
+    return "supported" if exact and calm else "not supported"
 
 
 def _plots(folder: Path, name: str, plan, runs: dict) -> list:
@@ -274,12 +293,18 @@ def dataset_section(name: str, plan, d: dict, folder: Path) -> tuple[list, dict]
                   + f"R3 gap {_f(r['gap'], 2, True)}, re-fit recovers {_f(r['refit_recovery'], 2, True)} → "
                   f"{'met' if r['r3_refit_recovers_half'] else 'not met'}; R4 W cos cm {_f(r['w_cos_cm'], 3, True)}, "
                   f"feat cos {_f(r['feat_cos'], 3, True)} → {'met' if r['r4_conflict_in_head_only'] else 'not met'}. "
-                  f"**Claim {'supported' if r['supported'] else 'not supported'}.**")
+                  + (f"**Claim {r['verdict']}.**" if r["verdict"] != "no verdict" else
+                     "**No verdict**: the dataset misses a gate (see Gates), whatever R1–R4 show."))
     for a, v in num.items():
         cases = "; ".join(f"{'collapsed at ' + str(c['collapse_epoch']) if c['collapsed'] else 'no collapse'}, "
                           f"{v['stat']} {_f(c['stat'], 1)}" for c in v["cases"])
         md.append(f"- numerics, **{a}** ({v['numerics']}): collapse ⇔ {v['stat']} ≥ {OFFICIAL_LIMIT} in "
                   f"{v['consistent']}/{v['n']} seeds ({cases})")
+    num_verdict = numerics_verdict(plan, per_seed, num)
+    if num:
+        md.append(f"- **numerics hypothesis: {num_verdict}** (untested: no official_torch21 run crossed "
+                  f"{OFFICIAL_LIMIT}; supported: every one collapsed exactly when it crossed, and no exact or "
+                  "`official` counterpart collapsed)")
     if d["ufm"]:
         md += ["", "### Unconstrained-features model (free H and W, main head W1; see dhkd/experiments/terminal/ufm.py)",
                "", "| variant | train | ‖W1‖ | NC1 | NC2 norm W | NC2 angle W | NC3 | W cos cm | radial CE | radial L |",
@@ -291,7 +316,7 @@ def dataset_section(name: str, plan, d: dict, folder: Path) -> tuple[list, dict]
     pngs = _plots(folder, name, plan, runs)
     md += [""] + [f"![{name} {Path(p).stem}]({name}/{Path(p).name})" for p in pngs] + [""]
     summary = {"teacher": teacher, "gates": gate, "lr": chosen, "arms": per_seed, "contrasts": contrasts,
-               "rules": rules, "numerics": num, "ufm": d["ufm"], "wall_s": d["wall_s"]}
+               "rules": rules, "numerics": num, "numerics_verdict": num_verdict, "ufm": d["ufm"], "wall_s": d["wall_s"]}
     return md, summary
 
 
