@@ -75,6 +75,7 @@ def _sharded_worker(rank, world, port, out):
     import torch.distributed as dist
 
     from dhkd_kernels import fused_dual_head_kd_loss
+    from tests.helpers import leave_worker
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
@@ -100,6 +101,7 @@ def _sharded_worker(rank, world, port, out):
         out[rank] = (err, statistics.median(times[3:]))
     finally:
         dist.destroy_process_group()
+    leave_worker()
 
 
 def test_two_rank_sharded_cpu(benchmark):

@@ -1,6 +1,7 @@
 """Run by tests/test_vocab_parallel.py under ``torchrun --nproc_per_node 2`` (env:// initialisation):
 a few vocabulary-parallel cases against the unsharded op; prints "vocab-parallel ok" per rank, exits 1
 on a mismatch."""
+import os
 import sys
 
 import torch.distributed as dist
@@ -15,6 +16,7 @@ def main() -> int:
     failures = []
     for name, opts, extra in CASES[:3] + CASES[6:7]:
         failures += check_case(name, opts, extra, rank=rank, world=world, splits=splits, group=dist.group.WORLD)
+    dist.barrier()
     dist.destroy_process_group()
     if failures:
         print("\n".join(failures))
@@ -24,4 +26,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # a flushed os._exit: gloo's C++ teardown at interpreter exit sometimes aborts a finished worker
+    # (exit status -6; see dhkd.distributed.leave_process)
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
