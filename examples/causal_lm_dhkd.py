@@ -187,6 +187,9 @@ def distill(teacher, trans, steps, batch, lr, g, log, *, logit_weight, label_smo
     return student, losses
 
 
+_GLOO_RAN = False  # set once the vocabulary-parallel run has started gloo (see leave)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=300, help="student steps (default 300)")
@@ -211,6 +214,8 @@ def main(argv=None) -> int:
     if args.vocab_parallel:
         import torch.distributed as dist
         dist.init_process_group("gloo")  # torchrun's environment
+        global _GLOO_RAN
+        _GLOO_RAN = True
         rank, world = dist.get_rank(), dist.get_world_size()
         sizes = [VOCAB // world + (r < VOCAB % world) for r in range(world)]
         start = sum(sizes[:rank])
@@ -255,6 +260,6 @@ def leave(code: int) -> None:
 
 if __name__ == "__main__":
     code = main()
-    if "--vocab-parallel" in sys.argv[1:]:
+    if _GLOO_RAN:
         leave(code)
     sys.exit(code)
