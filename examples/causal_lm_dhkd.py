@@ -187,9 +187,6 @@ def distill(teacher, trans, steps, batch, lr, g, log, *, logit_weight, label_smo
     return student, losses
 
 
-_GLOO_RAN = False  # set once the vocabulary-parallel run has started gloo (see leave)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=300, help="student steps (default 300)")
@@ -214,8 +211,6 @@ def main(argv=None) -> int:
     if args.vocab_parallel:
         import torch.distributed as dist
         dist.init_process_group("gloo")  # torchrun's environment
-        global _GLOO_RAN
-        _GLOO_RAN = True
         rank, world = dist.get_rank(), dist.get_world_size()
         sizes = [VOCAB // world + (r < VOCAB % world) for r in range(world)]
         start = sum(sizes[:rank])
@@ -239,6 +234,7 @@ def main(argv=None) -> int:
     k = max(1, min(10, len(losses) // 4))
     first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
     log(f"distillation loss: first {k} steps {first:.3f} -> last {k} steps {last:.3f}")
+    code = 0 if last < first else 1
     if vp is not None:  # the replicated parts got the same (full) gradients on every rank
         replicated = [v.detach() for k, v in student.named_parameters() if not k.startswith(("lm_head", "aux_head"))]
         sums = [None] * world
@@ -246,7 +242,8 @@ def main(argv=None) -> int:
         log(f"replicated student parameters identical on every rank: {all(x == sums[0] for x in sums)}")
         dist.barrier()  # no rank leaves while another still waits on a collective
         dist.destroy_process_group()
-    return 0 if last < first else 1
+        leave(code)  # a torchrun worker ends here
+    return code
 
 
 def leave(code: int) -> None:
@@ -259,7 +256,4 @@ def leave(code: int) -> None:
 
 
 if __name__ == "__main__":
-    code = main()
-    if _GLOO_RAN:
-        leave(code)
-    sys.exit(code)
+    sys.exit(main())

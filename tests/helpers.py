@@ -133,14 +133,3 @@ def assert_matches_reference(inputs, *, backend, **opts):
     for k, g in grads.items():
         assert g.dtype == inputs[k].dtype, f"grad of {k} has dtype {g.dtype}, expected {inputs[k].dtype}"
     return errors
-
-
-def leave_worker(code: int = 0) -> None:
-    """End a finished ``mp.spawn``/torchrun worker (its results already delivered) with a flushed
-    ``os._exit``: after gloo has run, the interpreter's C++ teardown sometimes aborts a worker that
-    finished ("terminate called without an active exception", exit status -6), which fails the spawn."""
-    import os
-    import sys
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    os._exit(code)

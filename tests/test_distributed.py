@@ -11,8 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dhkd.config import load_config
-from dhkd.distributed import DistInfo, ShardSampler, all_reduce_sum, destroy_distributed, init_distributed
-from tests.helpers import leave_worker
+from dhkd.distributed import (DistInfo, ShardSampler, all_reduce_sum, destroy_distributed, init_distributed,
+                              leave_process)
 from tests.trainer_helpers import CONFIGS, FAST, dhkd_cache  # noqa: F401
 
 
@@ -53,7 +53,7 @@ def _worker(rank, world, port, preds, labels, out):
     all_reduce_sum(counts)
     out[rank] = counts.tolist()
     destroy_distributed()
-    leave_worker()
+    leave_process()  # see its docstring: gloo's C++ teardown can abort a finished worker
 
 
 def test_distributed_counts_equal_single_process():
@@ -84,7 +84,7 @@ def _collectives_worker(rank, world, port, out):
     broadcast_tensors([buf])
     out[rank] = (a.tolist(), b.tolist(), c.tolist(), buf.tolist(), b.dtype == torch.float64)
     destroy_distributed()
-    leave_worker()
+    leave_process()  # see its docstring: gloo's C++ teardown can abort a finished worker
 
 
 def test_all_reduce_mean_and_broadcast():

@@ -1,10 +1,9 @@
 """Run by tests/test_vocab_parallel.py under ``torchrun --nproc_per_node 2`` (env:// initialisation):
 a few vocabulary-parallel cases against the unsharded op; prints "vocab-parallel ok" per rank, exits 1
 on a mismatch."""
-import os
-import sys
-
 import torch.distributed as dist
+
+from dhkd.distributed import leave_process
 
 from tests.test_vocab_parallel import CASES, check_case
 
@@ -26,9 +25,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    # a flushed os._exit: gloo's C++ teardown at interpreter exit sometimes aborts a finished worker
-    # (exit status -6; see dhkd.distributed.leave_process)
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    leave_process(main())  # see its docstring: gloo's C++ teardown can abort a finished worker
