@@ -79,6 +79,31 @@ def test_epilogue_loops_load_128_bit_vectors(report):
     assert checked >= 4
 
 
+# SASS instructions per thread per logit (both passes) of the epilogue's default variants, as regression
+# bounds: docs/kernel-performance.md gives each variant's value and why the heavier ones stay above 30
+INSTR_PER_LOGIT = (  # (MAIN, KD_STATS, AUX, odd C) -> bound
+    ((True, False, False, False), 32.0),   # CE alone (the teacher-head form)
+    ((True, True, False, False), 60.0),    # CE + KD: the LLM main head's row chunks
+    ((False, False, True, False), 40.0),   # BinaryKL-Norm alone: the LLM auxiliary slabs
+    ((True, True, True, False), 96.0),     # all three terms, both heads
+    ((True, True, True, True), 120.0),     # the same with an odd C (scalar teacher loads)
+)
+
+
+def test_epilogue_instructions_per_logit(report):
+    seen = set()
+    for r in report["records"]:
+        cx = r["constexprs"]
+        if r["kernel"] != "epilogue_kernel" or cx.get("CAP") or cx.get("ZLOSS") or cx.get("DIV", 0) != 0:
+            continue
+        key = (bool(cx["MAIN"]), bool(cx["KD_STATS"]), bool(cx["AUX"]), cx["VEC"] == 1)
+        for k, bound in INSTR_PER_LOGIT:
+            if k == key:
+                seen.add(k)
+                assert r["instr_per_logit"] <= bound, (report["version"], key, r["instr_per_logit"], r["launched_at"])
+    assert seen == {k for k, _ in INSTR_PER_LOGIT}, seen
+
+
 def test_committed_facts_are_current(report):
     """dhkd_kernels/compiled/ holds what this Triton compiles: the cost model reads it."""
     from dhkd_kernels.compiled_model import facts_from_records, facts_path

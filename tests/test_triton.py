@@ -316,15 +316,18 @@ def test_padded_logit_strides_large_odd_c(device, monkeypatch, c):
     assert_matches_reference(inputs, backend="triton", kd_weight=0.5)
 
 
-def test_dz_buffers_are_padded_and_zero_past_c(device, monkeypatch):
+@pytest.mark.parametrize("kl_norm,extras", [(True, []), (False, []), (True, [2.0, 0.3, 5.0, 6.0, 0.01]),
+                                             (False, [1.0, 0.5, 5.0, 0.0, 0.0])])
+def test_dz_buffers_are_padded_and_zero_past_c(device, monkeypatch, kl_norm, extras):
     """The resident forward returns dz with row stride _ld(C), and the epilogue wrote zeros (NaN-poisoned
-    before) in the padding columns the Triton GEMMs read without a class mask."""
+    before) in the padding columns the Triton GEMMs read without a class mask, whatever the padding of
+    the logits buffer held (garbage through a softcap's derivative included) and for every option."""
     use_plan(monkeypatch, "triton")
     n, c = 7, 70
     inputs = make_inputs(n, 8, c, device=device, ignore_frac=0.3, seed=42)
     x, w1, b1, w2, b2 = (inputs[k] for k in ("features", "head_weight", "head_bias", "aux_weight", "aux_bias"))
     args = (x, w1, b1, None, w2, b2, inputs["teacher_logits"], inputs["labels"], None, None, None,
-            1.0, 0.5, 1.0, 4.0, 2.0, True, -100, True, False, False, 0.0, False, [], [True] * 6)
+            1.0, 0.5, 1.0, 4.0, 2.0, kl_norm, -100, True, False, False, 0.0, False, extras, [True] * 6)
     out = torch.ops.dhkd.dual_head_kd_fwd(*args, _plan_arg(args))
     ld = _plan._ld(c)
     assert ld % 64 == 0 and ld >= c
@@ -527,6 +530,33 @@ def test_argmax_ties_take_first_index(device):
     labels[0] = k
     _, comps = _call(inputs, backend="triton", return_components=True)
     assert int(comps["correct"]) == n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_ties_inside_a_class_group(device, dtype):
+    """The epilogue keeps one max per group of adjacent classes (4 or 8: one 128-bit load) and finds the
+    first arg-max inside the winning group at the end: exact ties inside one group, in a later group and
+    in a later class tile, for every row, the label on each tied class in turn."""
+    n, d, c = 5, 4, 70
+    inputs = make_inputs(n, d, c, device=device, bias=True, dtype=dtype, seed=19)
+    x = inputs["features"].detach()
+    w = inputs["head_weight"].detach().clone()
+    b = inputs["head_bias"].detach().clone()
+    tied = (17, 18, 23, 40, 66)  # one group of 4 (16-19), the next group of 8 (16-23), later tiles
+    with torch.no_grad():
+        for i in tied:
+            w[i] = 8.0 * x[0]
+            b[i] = 1.0
+    inputs["head_weight"], inputs["head_bias"] = w.requires_grad_(True), b.requires_grad_(True)
+    z1 = (x.double() @ w.double().t() + b.double()).to(dtype)
+    first = z1.argmax(-1)
+    assert first[0] == 17 and (z1[0, list(tied)] == z1[0, 17]).all()
+    for label in tied:
+        labels = first.clone()
+        labels[0] = label
+        inputs["labels"] = labels
+        _, comps = _call(inputs, backend="triton", return_components=True)
+        assert int(comps["correct"]) == n - (label != 17), label
 
 
 # ------------------------------------------------------------------ torch.compile and registration

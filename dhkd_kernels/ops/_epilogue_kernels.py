@@ -8,10 +8,11 @@ of the (N, C) problem, stored with row strides ``stride_z1`` / ``stride_z2``.
 
 ``epilogue_kernel``  grid (cdiv(R, BLOCK_R),): each program owns BLOCK_R rows of the block and walks
     its classes in BLOCK_C tiles, at most twice:
-      pass 1 (main head, needs the whole row: W = C): online max m1, s1 = sum exp(z1 - m1),
-        s1n = the same sum without the target, s1T = sum exp((z1 - m1)/T), z1[y], the first arg-max,
-        and for KD the teacher's max mt, st = sum exp(t/T - mt) and the cross term
-        K = sum exp(t/T - mt) ((t/T - mt) - (z1 - m1)/T), re-anchored whenever a max moves, so that
+      pass 1 (main head, needs the whole row: W = C): online max m1, s1n = sum exp(z1 - m1) without
+        the target, s1T = sum exp((z1 - m1)/T), the first arg-max, and for KD the teacher's max mt,
+        st = sum exp(t/T - mt) and the cross term K = sum exp(t/T - mt) ((t/T - mt) - (z1 - m1)/T),
+        kept per (row, group of GROUP adjacent classes) and re-anchored once per group and tile when a
+        max moves; then s1 = s1n + exp(z1[y] - m1) and
             CE = (m1 - z1[y]) + log s1,   KD/T^2 = K/st - log st + log s1T,   1 - p_y = s1n / s1;
       pass 2: dz1 = ce_w (softmax(z1) - onehot(y)) + kd_w T (softmax(z1/T) - softmax(t/T)) with the
         target column -ce_w (1 - p_y) (no cancellation for confident rows), written over z1; the
@@ -73,6 +74,16 @@ def _exp(x, FAST: tl.constexpr):
                                          is_pure=True, pack=1)
     else:
         return tl.exp(x)
+
+
+@triton.jit
+def _exp2(x, FAST: tl.constexpr):
+    """2^x: one MUFU.EX2 (flush-to-zero) under FAST."""
+    if FAST:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.exp2(x)
 
 
 @triton.jit
@@ -202,6 +213,22 @@ def _main_logits(z1_ptr, b1_ptr, lrows, cols, valid, cmask, stride_z1, cap, inv_
 
 
 @triton.jit
+def _main_logits_grouped(z1_ptr, b1_ptr, lrows, cols, valid, cmask, stride_z1, cap, inv_cap, HAS_B1: tl.constexpr,
+                         CAP: tl.constexpr, FAST: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``_main_logits`` on a (BLOCK_R, NG, GROUP) tile: ``cols`` (NG, GROUP) holds GROUP adjacent classes
+    per group (one 128-bit load per thread and group)."""
+    z = tl.load(z1_ptr + lrows[:, None, None] * stride_z1 + cols[None, :, :],
+                mask=valid[:, None, None] & (cols < stride_z1)[None, :, :], other=0.0).to(tl.float32)
+    if HAS_B1:
+        rows0 = tl.zeros((BLOCK_R, 1, 1), tl.int32)
+        z += tl.load(b1_ptr + cols[None, :, :] + rows0, mask=cmask[None, :, :] & (rows0 == 0),
+                     other=0.0).to(tl.float32)
+    if CAP:
+        z, _ = _softcap(z, cap, inv_cap, FAST)
+    return z
+
+
+@triton.jit
 def _row_bcast_load(ptrs, mask, BLOCK_R: tl.constexpr):
     """A (BLOCK_C,) vector (a bias tile) loaded as a (BLOCK_R, BLOCK_C) fp32 tile, the same in every row:
     one (L1-cached) vector load per row in the tile's own layout, instead of a 1-D load whose layout
@@ -252,12 +279,12 @@ def epilogue_kernel(
     DIV: tl.constexpr, CAP: tl.constexpr, TCAP: tl.constexpr, PHASE: tl.constexpr, KL_NORM: tl.constexpr,
     HAS_B1: tl.constexpr,
     HAS_B2: tl.constexpr, ROW_W: tl.constexpr, SMOOTH: tl.constexpr, INTERP_BF16: tl.constexpr,
-    VEC: tl.constexpr, FAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    VEC: tl.constexpr, FAST: tl.constexpr, GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # Bytes per logit: z1 read twice and dz1 written once, the teacher read once per pass that needs it,
     # z2 read and dz2 written once; no tensor-core work. Every row statistic is kept per lane (per
-    # (row, column-in-tile) element) across the class loop and reduced across the tile once, after
-    # it: no cross-warp reduction inside the loops.
+    # (row, group of GROUP classes) in pass 1, per element in pass 2) across the class loop and reduced
+    # across the tile once, after it: no cross-warp reduction inside the loops.
     W = W_VEC * VEC
     stride_tn = stride_tn_vec * VEC
     pid = tl.program_id(0).to(tl.int64)
@@ -295,75 +322,98 @@ def epilogue_kernel(
     skn = tl.zeros((BLOCK_R,), tl.float32)    # reverse KL: the student's mass on the teacher's classes
     if MAIN and PHASE < 2:
         # ---------------------------------------------------------------- pass 1: row statistics of z1
-        # (the main head's block is whole rows: col0 = 0, W = C). Per lane: max m, s = sum exp(z - m),
-        # sn = the same without the target, st1 = sum exp((z - m)/T), the first arg-max; teacher: max mt,
-        # st = sum exp(t/T - mt), K = sum exp(t/T - mt) ((t/T - mt) - (z - m)/T), re-anchored whenever a
-        # max moves
-        m_l = tl.full((BLOCK_R, BLOCK_C), -1.0e30, tl.float32)
-        s_l = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
-        sn_l = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
-        a_l = tl.zeros((BLOCK_R, BLOCK_C), tl.int32)
-        zs_l = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
-        s1t_l = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
-        mt_l = tl.full((BLOCK_R, BLOCK_C), -1.0e30, tl.float32)
-        st_l = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
-        k_l = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
-        sk_l = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)  # reverse KL: sum_keep u and sum_keep u (log-ratio)
-        r_l = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+        # (the main head's block is whole rows: col0 = 0, W = C). The tile is (BLOCK_R, NG, GROUP): each
+        # thread holds GROUP adjacent classes of a row (one 128-bit load), and the running statistics
+        # live per lane = (row, group): max m, sn = sum exp(z - m) without the target, st1 = sum
+        # exp((z - m)/T), the first arg-max; teacher: max mt, st = sum exp(t/T - mt), K = sum
+        # exp(t/T - mt) ((t/T - mt) - (z - m)/T). A lane's anchors move once per tile (the max of its
+        # GROUP classes, reduced inside the thread), so the rescaling exponentials cost 1/GROUP per logit.
+        # s = sum exp(z - m) is sn plus the target's term, added after the loop (no cancellation in 1 - p_y).
+        NG: tl.constexpr = BLOCK_C // GROUP
+        goffs = tl.arange(0, NG)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        m_l = tl.full((BLOCK_R, NG), -1.0e30, tl.float32)
+        sn_l = tl.zeros((BLOCK_R, NG), tl.float32)
+        a_l = tl.zeros((BLOCK_R, NG), tl.int32)
+        zs_l = tl.zeros((BLOCK_R, NG), tl.float32)
+        s1t_l = tl.zeros((BLOCK_R, NG), tl.float32)
+        mt_l = tl.full((BLOCK_R, NG), -1.0e30, tl.float32)
+        st_l = tl.zeros((BLOCK_R, NG), tl.float32)
+        k_l = tl.zeros((BLOCK_R, NG), tl.float32)
+        sk_l = tl.zeros((BLOCK_R, NG), tl.float32)  # reverse KL: sum_keep u and sum_keep u (log-ratio)
+        r_l = tl.zeros((BLOCK_R, NG), tl.float32)
+        t_rows3 = t_rows[:, :, None]
+        gbase = tl.arange(0, NG) * GROUP
+        y_c0 = tl.where(y32 >= 0, y32, -2**30)[:, None, None]  # the label's class relative to the tile
+        inv_kd_t2 = inv_kd_t * LOG2E
         for c0 in range(0, W, BLOCK_C):
-            cols = c0 + offs
+            cols = c0 + goffs
             cmask = cols < W
-            m2d = valid[:, None] & cmask[None, :]
-            z = tl.where(m2d, _main_logits(z1_ptr, b1_ptr, lrows, cols, valid, cmask, stride_z1, cap, inv_cap,
-                                           HAS_B1, CAP, FAST, BLOCK_R), 0.0)
-            zm = tl.where(cmask[None, :], z, neg_inf)
-            m_new = tl.maximum(m_l, zm)
-            a_l = tl.where(zm > m_l, cols[None, :], a_l)
-            alpha = _exp(m_l - m_new, FAST)
-            e1 = _exp(zm - m_new, FAST)
-            s_l = s_l * alpha + e1
-            sn_l = sn_l * alpha + tl.where(cols[None, :] == y32[:, None], 0.0, e1)
+            z = _main_logits_grouped(z1_ptr, b1_ptr, lrows, cols, valid, cmask, stride_z1, cap, inv_cap, HAS_B1,
+                                     CAP, FAST, BLOCK_R)
+            zm = tl.where(cmask[None, :, :], z, neg_inf)
+            gmax = tl.max(zm, 2)
+            m_new = tl.maximum(m_l, gmax)
+            a_l = tl.where(gmax > m_l, c0 + gbase[None, :], a_l)
+            # exponentials in log2 units: e^x = 2^(x log2 e); the KD terms below are in the same units
+            dz2 = (zm - m_new[:, :, None]) * LOG2E
+            sn_l = sn_l * _exp2((m_l - m_new) * LOG2E, FAST) + tl.sum(tl.where(goffs[None, :, :] == y_c0, 0.0,
+                                                                                _exp2(dz2, FAST)), 2)
             if SMOOTH:
-                zs_l += z
+                zs_l += tl.sum(tl.where(cmask[None, :, :], z, 0.0), 2)
             if KD_STATS:
-                alpha_s = _exp((m_l - m_new) * inv_kd_t, FAST)
-                u = _exp((zm - m_new) * inv_kd_t, FAST)
-                s1t_l = s1t_l * alpha_s + u
-                t = tl.load(t_ptr + t_rows + (cols - t_col0)[None, :] * stride_tc,
-                            mask=m2d, other=0.0).to(tl.float32)
-                t = _teacher_cap(t, tcap, inv_tcap, TCAP, FAST)
-                tt = tl.where(cmask[None, :], t * inv_kd_t, neg_inf)
-                mt_new = tl.maximum(mt_l, tt)
-                alpha_t = _exp(mt_l - mt_new, FAST)
-                shift = (m_new - m_l) * inv_kd_t - (mt_new - mt_l)
+                alpha_s = _exp2((m_l - m_new) * inv_kd_t2, FAST)
+                dzt2 = dz2 * inv_kd_t
+                u = _exp2(dzt2, FAST)
+                s1t_l = s1t_l * alpha_s + tl.sum(u, 2)
+                t = tl.load(t_ptr + t_rows3 + (cols - t_col0)[None, :, :] * stride_tc,
+                            mask=valid[:, None, None] & cmask[None, :, :], other=0.0).to(tl.float32)
+                t = tl.where(cmask[None, :, :], _teacher_cap(t, tcap, inv_tcap, TCAP, FAST), neg_inf)
+                # the teacher's lane max mt is kept unscaled (max t, not max t/T: T > 0)
+                mt_new = tl.maximum(mt_l, tl.max(t, 2))
+                alpha_t = _exp2((mt_l - mt_new) * inv_kd_t2, FAST)
+                shift = ((m_new - m_l) - (mt_new - mt_l)) * inv_kd_t2
+                dtt2 = (t - mt_new[:, :, None]) * inv_kd_t2
+                e = _exp2(dtt2, FAST)
                 if DIV == 0:
                     k_l = alpha_t * (k_l + tl.where(st_l > 0, st_l * shift, 0.0))
-                st_l = st_l * alpha_t
-                e = _exp(tt - mt_new, FAST)
-                st_l += e
-                if DIV == 0:
-                    k_l += tl.where(e > 0, e * ((tt - mt_new) - (z - m_new) * inv_kd_t), 0.0)
+                    k_l += tl.sum(tl.where(e > 0, e * (dtt2 - dzt2), 0.0), 2)
+                st_l = st_l * alpha_t + tl.sum(e, 2)
                 if DIV == 1:
                     # u-weighted log-ratios over the teacher's classes, anchored at the lanes' maxima
-                    keep = tt != neg_inf
+                    keep = t != neg_inf
                     r_l = alpha_s * (r_l - tl.where(sk_l > 0, sk_l * shift, 0.0))
                     sk_l = sk_l * alpha_s
-                    r_l += tl.where(keep, u * ((z - m_new) * inv_kd_t - (tt - mt_new)), 0.0)
-                    sk_l += tl.where(keep, u, 0.0)
+                    r_l += tl.sum(tl.where(keep, u * (dzt2 - dtt2), 0.0), 2)
+                    sk_l += tl.sum(tl.where(keep, u, 0.0), 2)
                 mt_l = mt_new
             m_l = m_new
-        # the lanes reduced once: anchors moved to the row maxima
+            y_c0 -= BLOCK_C
+        # the lanes reduced once: anchors moved to the row maxima (KD's K and R sums from log2 units)
+        k_l = k_l * LN2
+        r_l = r_l * LN2
+        mt_l = mt_l * inv_kd_t
         m1 = tl.max(m_l, 1)
         sc = _exp(m_l - m1[:, None], FAST)
-        s1 = tl.sum(s_l * sc, 1)
         s1n = tl.sum(sn_l * sc, 1)
-        amax = tl.min(tl.where(m_l == m1[:, None], a_l, 2**30), 1).to(tl.int64)
+        # the first arg-max: the first group holding the row max (lanes keep the first group that raised
+        # their max), read again to find the first of its classes equal to it
+        g1 = tl.min(tl.where(m_l == m1[:, None], a_l, 2**30), 1)
+        fcols = g1[:, None] + tl.arange(0, GROUP)[None, :]
+        fmask = fcols < W
+        zf = tl.load(z1_ptr + lrows[:, None] * stride_z1 + fcols, mask=valid[:, None] & fmask, other=0.0).to(tl.float32)
+        if HAS_B1:
+            zf += tl.load(b1_ptr + fcols, mask=fmask, other=0.0).to(tl.float32)
+        if CAP:
+            zf, _ = _softcap(zf, cap, inv_cap, FAST)
+        amax = tl.min(tl.where(fmask & (zf == m1[:, None]), fcols, 2**30), 1)
+        amax = tl.where(amax == 2**30, tl.where(g1 == 2**30, 0, g1), amax).to(tl.int64)
         ok = y32 >= 0  # the label is valid and one of this block's classes
         zy = tl.load(z1_ptr + lrows * stride_z1 + tl.where(ok, y32, 0), mask=ok, other=0.0).to(tl.float32)
         if HAS_B1:
             zy += tl.load(b1_ptr + tl.where(ok, y32, 0), mask=ok, other=0.0).to(tl.float32)
         if CAP:
             zy, _ = _softcap(zy, cap, inv_cap, FAST)
+        s1 = s1n + tl.where(ok, _exp(zy - m1, FAST), 0.0)
         # confident row (the target is the max and s1 = 1 + s1n with s1n small): log1p by its series,
         # since log(1 + x) rounds x to the fp32 spacing of 1
         log_s1 = tl.where((zy == m1) & (s1n < 1e-3), s1n * (1.0 - s1n * (0.5 - s1n * (1.0 / 3.0))), tl.log(s1))
@@ -458,6 +508,13 @@ def epilogue_kernel(
     elif GRAD_AUX:
         w_out = stride_z2
     if (GRAD_MAIN or AUX) and (PHASE == 0 or PHASE == 2):
+        # the exponentials' row offsets in log2 units, and the label's class relative to the tile
+        ls1_2 = (log_s1 * LOG2E)[:, None]
+        ls1t_2 = (log_s1t * LOG2E)[:, None]
+        lst_2 = (log_st * LOG2E)[:, None]
+        inv_kd_t2 = inv_kd_t * LOG2E
+        y_c0 = tl.where(y32 >= 0, y32 - col0, -2**30)[:, None]
+        g2_scale = (row_nan * (0.5 * lg_w / inv_tau if KL_NORM else lg_w / inv_tau))[:, None]
         for c0 in range(0, w_out, BLOCK_C):
             cols = c0 + offs
             cmask = cols < W
@@ -476,11 +533,12 @@ def epilogue_kernel(
                 if CAP:
                     z, dcap = _softcap(z, cap, inv_cap, FAST)
                 g = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+                dzm = z - m1[:, None]
                 if GRAD_CE or GRAD_Z:
-                    p1 = _exp((z - m1[:, None]) - log_s1[:, None], FAST)
+                    p1 = _exp2(dzm * LOG2E - ls1_2, FAST)
                 if GRAD_CE:
                     # p - (1 - eps) onehot - eps/C; the target column -(1 - p_y) + eps - eps/C
-                    gce = tl.where(gcols[None, :] == y32[:, None], eps - q[:, None], p1)
+                    gce = tl.where(offs[None, :] == y_c0, eps - q[:, None], p1)
                     if SMOOTH:
                         gce = gce - eps / C
                     g += ce_w * gce
@@ -488,8 +546,8 @@ def epilogue_kernel(
                     g += (2.0 * zl_w * (m1 + log_s1))[:, None] * p1
                 if GRAD_KD:
                     if DIV == 0:
-                        g += kd_w_t * (_exp((z - m1[:, None]) * inv_kd_t - log_s1t[:, None], FAST)
-                                       - _exp((t * inv_kd_t - mt[:, None]) - log_st[:, None], FAST))
+                        g += kd_w_t * (_exp2(dzm * inv_kd_t2 - ls1t_2, FAST)
+                                       - _exp2((t * inv_kd_t - mt[:, None]) * LOG2E - lst_2, FAST))
                     if DIV == 1:
                         # s_i (L_i + 1 - F - S_K) on the teacher's classes, -s_i (F + S_K) elsewhere
                         ls = (z - m1[:, None]) * inv_kd_t - log_s1t[:, None]
@@ -504,6 +562,7 @@ def epilogue_kernel(
                     g = g * dcap
                 g = tl.where(m2d, g, 0.0) * row_nan[:, None]
                 _store_rounded(zp, g, out2d, INTERP_BF16)
+            y_c0 -= BLOCK_C
             if AUX:
                 zp2 = z2_ptr + lrows[:, None] * stride_z2 + cols[None, :]
                 z2 = tl.load(zp2, mask=valid[:, None] & (cols < stride_z2)[None, :], other=0.0).to(tl.float32)
@@ -512,28 +571,25 @@ def epilogue_kernel(
                 if CAP:
                     z2, dcap2 = _softcap(z2, cap, inv_cap, FAST)
                 live = m2d & (t != neg_inf)  # -inf teacher: a masked class
-                t_ = tl.where(live, t, 0.0)
-                z2 = tl.where(live, z2, 0.0)
                 if KL_NORM:
-                    u = (z2 - t_) * (0.5 * inv_tau)
+                    # a class not live gets u = 0: log cosh 0 = tanh 0 = 0, no further mask
+                    u = tl.where(live, z2 - t, 0.0) * (0.5 * inv_tau)
                     ua = tl.abs(u)
-                    e2u = _exp(-2.0 * ua, FAST)  # shared by log cosh and tanh
-                    val = _log_cosh_e(ua, e2u, FAST)
+                    e2u = _exp2(ua * (-2.0 * LOG2E), FAST)  # e^(-2|u|), shared by log cosh and tanh
+                    lg_l += _log_cosh_e(ua, e2u, FAST)
                 else:
-                    zs = z2 * inv_tau
-                    ts = t_ * inv_tau
-                    val = _binary_kl(zs, ts)
-                lg_l += tl.where(live, val, 0.0)
+                    zs = tl.where(live, z2, 0.0) * inv_tau
+                    ts = tl.where(live, t, 0.0) * inv_tau
+                    lg_l += tl.where(live, _binary_kl(zs, ts), 0.0)
                 if GRAD_AUX:
                     if KL_NORM:
                         th = _tanh_abs_e(ua, e2u, FAST)
-                        g2 = tl.where(u < 0, -th, th) * (0.5 * lg_w / inv_tau)
+                        g2 = tl.where(u < 0, -th, th)
                     else:
-                        g2 = (_sigmoid(zs, FAST) - _sigmoid(ts, FAST)) * (lg_w / inv_tau)
-                    if CAP:
-                        g2 = g2 * dcap2
-                    g2 = tl.where(live, g2, 0.0) * row_nan[:, None]
-                    _store_rounded(zp2, g2, out2d, INTERP_BF16)
+                        g2 = tl.where(live, _sigmoid(zs, FAST) - _sigmoid(ts, FAST), 0.0)
+                    if CAP:  # (dcap2 of a padding column's garbage may be NaN)
+                        g2 = tl.where(live, g2 * dcap2, 0.0)
+                    _store_rounded(zp2, g2 * g2_scale, out2d, INTERP_BF16)
     lg = tl.sum(lg_l, 1)
 
     # ------------------------------------------------------------------------------ per-row terms

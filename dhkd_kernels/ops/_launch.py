@@ -225,6 +225,7 @@ def _epilogue(wk, o, z1, z2, t, y, b1, b2, rows, *, r0, R, c0, W, main, aux, g_c
             TCAP=o.tcap > 0, PHASE=phase,
             KL_NORM=o.kl_norm, HAS_B1=b1 is not None and main, HAS_B2=b2 is not None and aux,
             ROW_W=w is not None, SMOOTH=o.eps != 0.0, VEC=vec, FAST=not _interpreted(dev),
+            GROUP=16 // (z1 if z1 is not None else z2).element_size(),
             INTERP_BF16=_interp_bf16(z1.dtype if z1 is not None else z2.dtype, dev),
             BLOCK_R=br, BLOCK_C=bc, width=max(z.stride(0) for z in (z1, z2) if z is not None), **_opts(warps, 1, dev))
 
