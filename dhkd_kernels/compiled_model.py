@@ -77,13 +77,18 @@ def occupancy(fact: dict) -> int:
 
 
 def estimate_launch_s(launch: Launch, facts: Dict[str, dict], gpu: str = "H200") -> float:
+    return LAUNCH_S + max(launch_bounds_s(launch, facts, gpu).values())
+
+
+def launch_bounds_s(launch: Launch, facts: Dict[str, dict], gpu: str = "H200") -> Dict[str, float]:
+    """The three bounds of one launch, in seconds, without the launch cost: {"tensor", "memory",
+    "issue"} (cuBLAS products and torch ops: tensor and memory only)."""
     spec, sm = GPUS[gpu], SM[gpu]
     peak = spec[launch.kind or "bf16"]
     if launch.engine not in ("triton", "triton-gemm"):
-        t = launch.hbm_bytes / (spec["hbm"] * MEM_EFF)
-        if launch.flops:
-            t = max(t, launch.flops / (peak * CUBLAS_EFF[launch.aligned]))
-        return LAUNCH_S + t
+        t_memory = launch.hbm_bytes / (spec["hbm"] * MEM_EFF)
+        t_tensor = launch.flops / (peak * CUBLAS_EFF[launch.aligned]) if launch.flops else 0.0
+        return dict(tensor=t_tensor, memory=t_memory)
     fact = facts.get(launch.meta)
     if fact is None:
         raise KeyError(f"no compiled facts for {launch.meta}: regenerate them (compile-report --facts)")
@@ -98,7 +103,7 @@ def estimate_launch_s(launch: Launch, facts: Dict[str, dict], gpu: str = "H200")
     trips = -(-launch.width // fact["block_c"]) if (launch.width and fact["block_c"]) else 1
     warp_instr = programs * fact["num_warps"] * sum(fact["loop_instructions"]) * trips
     t_issue = warp_instr / (4 * sm["clock"] * sm["sms"] * fill * latency)
-    return LAUNCH_S + max(t_tensor, t_memory, t_issue)
+    return dict(tensor=t_tensor, memory=t_memory, issue=t_issue)
 
 
 def estimate_s(rec: Record, facts: Dict[str, dict], gpu: str = "H200") -> float:

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from dhkd_kernels import cost
-from dhkd_kernels.compiled_model import estimate_launch_s, estimate_s, load_facts, occupancy
+from dhkd_kernels.compiled_model import estimate_launch_s, estimate_s, launch_bounds_s, load_facts, occupancy
 from dhkd_kernels.simulate import simulate
 
 SHAPES = {name: (n, d, c) for name, n, d, c in cost.SHAPES}
@@ -93,3 +93,13 @@ def test_host_overhead_command_prints_its_measurement():
     bad = subprocess.run([sys.executable, "-m", "dhkd_kernels", "host-overhead", "--repeat", "0"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--repeat" in bad.stderr
+
+
+def test_epilogue_is_memory_bound_at_every_shape(facts, bf16):
+    """The loss epilogue's issue time (SASS instructions per loop body x trips) stays within its memory
+    time at every benchmark shape: its instruction count is not what bounds it."""
+    for name, (rec, _) in bf16.items():
+        for launch in rec.launches:
+            if launch.kernel == "epilogue_kernel":
+                b = launch_bounds_s(launch, facts)
+                assert b["issue"] <= b["memory"], (name, b)
