@@ -535,8 +535,8 @@ def test_argmax_ties_take_first_index(device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_argmax_ties_inside_a_class_group(device, dtype):
     """The epilogue keeps one max per group of adjacent classes (4 or 8: one 128-bit load) and finds the
-    first arg-max inside the winning group at the end: exact ties inside one group, in a later group and
-    in a later class tile, for every row, the label on each tied class in turn."""
+    first arg-max inside the winning group at the end: exact ties in row 0 inside one group, in a later
+    group and in later class tiles, with row 0's label on each tied class in turn."""
     n, d, c = 5, 4, 70
     inputs = make_inputs(n, d, c, device=device, bias=True, dtype=dtype, seed=19)
     x = inputs["features"].detach()
