@@ -388,3 +388,36 @@ def test_llm_extra_defaults_and_end_points():
     assert llm_extra("jsd", 0.0) == ()
     assert llm_extra("jsd", 1.0) == llm_extra("reverse_kl") == (1, 0.5, 0.0, 0.0, 0.0)
     assert llm_extra("jsd", 0.4, 2.0, 3.0, 0.1) == (2, 0.4, 2.0, 3.0, 0.1)
+
+
+def _saturated_reverse_kl_case(seed, teacher_scale):
+    """Reverse KL alone on the main head at T = 0.5, a confident student (logit std ~60), masked classes."""
+    inputs = make_inputs(2, 5, 33, logit_scale=60.0, teacher_scale=teacher_scale, ignore_frac=0.3, seed=seed)
+    t = inputs["teacher_logits"].detach().clone()
+    masked = torch.rand(t.shape, generator=torch.Generator().manual_seed(seed)) < 0.3
+    masked[:, 0] = False
+    inputs["teacher_logits"] = t.masked_fill(masked, float("-inf"))
+    return inputs, dict(ce_weight=0.0, kd_weight=1.0, logit_weight=1.0, kd_temperature=0.5, logit_loss="binary_kl",
+                        kd_divergence="reverse_kl")
+
+
+@pytest.mark.parametrize("seed", [1784657541, 3])
+@pytest.mark.parametrize("teacher_scale", [8.0, 40.0])
+def test_triton_saturated_reverse_kl(seed, teacher_scale, monkeypatch):
+    """A saturated student: the main head's gradient is ~e^-200 in exact arithmetic, and the kernel's
+    offset F + S_K cancels each class's log-ratio to float32's own error (the statistics pass sums the
+    log-ratios in the gradient pass's units and arithmetic)."""
+    from tests.test_triton import use_plan
+    use_plan(monkeypatch, "triton")
+    inputs, opts = _saturated_reverse_kl_case(seed, teacher_scale)
+    assert_matches_reference(inputs, backend="triton", **opts)
+
+
+@pytest.mark.xfail(strict=True, reason="known limitation: near saturation (1 - s_max ~ 1e-4, teacher std 40) "
+                   "the reverse-KL gradient is 2-4x less accurate than eager float32 (its offset F + S_K is a difference "
+                   "of large log-ratios)")
+def test_triton_reverse_kl_near_saturation_within_eager_error(monkeypatch):
+    from tests.test_triton import use_plan
+    use_plan(monkeypatch, "triton")
+    inputs, opts = _saturated_reverse_kl_case(4, 40.0)
+    assert_matches_reference(inputs, backend="triton", **opts)

@@ -354,8 +354,9 @@ def epilogue_kernel(
             gmax = tl.max(zm, 2)
             m_new = tl.maximum(m_l, gmax)
             a_l = tl.where(gmax > m_l, c0 + gbase[None, :], a_l)
-            # exponentials in log2 units: e^x = 2^(x log2 e); the KD terms below are in the same units
-            dz2 = (zm - m_new[:, :, None]) * LOG2E
+            # exponentials in log2 units: e^x = 2^(x log2 e); forward KL's K in the same units
+            dz = zm - m_new[:, :, None]
+            dz2 = dz * LOG2E
             sn_l = sn_l * _exp2((m_l - m_new) * LOG2E, FAST) + tl.sum(tl.where(goffs[None, :, :] == y_c0, 0.0,
                                                                                 _exp2(dz2, FAST)), 2)
             if SMOOTH:
@@ -367,31 +368,33 @@ def epilogue_kernel(
                 s1t_l = s1t_l * alpha_s + tl.sum(u, 2)
                 t = tl.load(t_ptr + t_rows3 + (cols - t_col0)[None, :, :] * stride_tc,
                             mask=valid[:, None, None] & cmask[None, :, :], other=0.0).to(tl.float32)
-                t = tl.where(cmask[None, :, :], _teacher_cap(t, tcap, inv_tcap, TCAP, FAST), neg_inf)
-                # the teacher's lane max mt is kept unscaled (max t, not max t/T: T > 0)
-                mt_new = tl.maximum(mt_l, tl.max(t, 2))
-                alpha_t = _exp2((mt_l - mt_new) * inv_kd_t2, FAST)
-                shift = ((m_new - m_l) - (mt_new - mt_l)) * inv_kd_t2
-                dtt2 = (t - mt_new[:, :, None]) * inv_kd_t2
+                t = _teacher_cap(t, tcap, inv_tcap, TCAP, FAST)
+                # t/T as the gradient pass computes it: the two passes' teacher probabilities agree to the bit
+                tt = tl.where(cmask[None, :, :], t * inv_kd_t, neg_inf)
+                mt_new = tl.maximum(mt_l, tl.max(tt, 2))
+                alpha_t = _exp2((mt_l - mt_new) * LOG2E, FAST)
+                shift = (m_new - m_l) * inv_kd_t - (mt_new - mt_l)
+                dtt = tt - mt_new[:, :, None]
+                dtt2 = dtt * LOG2E
                 e = _exp2(dtt2, FAST)
                 if DIV == 0:
-                    k_l = alpha_t * (k_l + tl.where(st_l > 0, st_l * shift, 0.0))
+                    k_l = alpha_t * (k_l + tl.where(st_l > 0, st_l * (shift * LOG2E), 0.0))
                     k_l += tl.sum(tl.where(e > 0, e * (dtt2 - dzt2), 0.0), 2)
                 st_l = st_l * alpha_t + tl.sum(e, 2)
                 if DIV == 1:
-                    # u-weighted log-ratios over the teacher's classes, anchored at the lanes' maxima
-                    keep = t != neg_inf
+                    # u-weighted log-ratios over the teacher's classes, anchored at the lanes' maxima, in
+                    # natural units and the gradient pass's own arithmetic ((z - m)/T - (t/T - m_t)):
+                    # where the student's softmax saturates, the gradient's offset cancels exactly
+                    keep = tt != neg_inf
                     r_l = alpha_s * (r_l - tl.where(sk_l > 0, sk_l * shift, 0.0))
                     sk_l = sk_l * alpha_s
-                    r_l += tl.sum(tl.where(keep, u * (dzt2 - dtt2), 0.0), 2)
+                    r_l += tl.sum(tl.where(keep, u * (dz * inv_kd_t - dtt), 0.0), 2)
                     sk_l += tl.sum(tl.where(keep, u, 0.0), 2)
                 mt_l = mt_new
             m_l = m_new
             y_c0 -= BLOCK_C
-        # the lanes reduced once: anchors moved to the row maxima (KD's K and R sums from log2 units)
+        # the lanes reduced once: anchors moved to the row maxima (K from log2 units)
         k_l = k_l * LN2
-        r_l = r_l * LN2
-        mt_l = mt_l * inv_kd_t
         m1 = tl.max(m_l, 1)
         sc = _exp(m_l - m1[:, None], FAST)
         s1n = tl.sum(sn_l * sc, 1)
