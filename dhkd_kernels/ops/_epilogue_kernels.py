@@ -70,8 +70,7 @@ def _exp(x, FAST: tl.constexpr):
     """e^x. FAST (compiled code): one MUFU.EX2 of x log2(e) with flush-to-zero (results below 2^-126
     become 0; the non-ftz form adds a subnormal fix-up of three instructions per call)."""
     if FAST:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x * LOG2E], dtype=tl.float32,
-                                         is_pure=True, pack=1)
+        return _exp2(x * LOG2E, FAST)
     else:
         return tl.exp(x)
 
@@ -199,42 +198,27 @@ def _jsd_terms(z, t, m1, log_s1t, mt, log_st, inv_t, beta, log_beta, log_1mbeta,
 
 
 @triton.jit
-def _main_logits(z1_ptr, b1_ptr, lrows, cols, valid, cmask, stride_z1, cap, inv_cap, HAS_B1: tl.constexpr,
-                 CAP: tl.constexpr, FAST: tl.constexpr, BLOCK_R: tl.constexpr):
-    """A (BLOCK_R, BLOCK_C) tile of the main head's logits as the loss reads them: the stored z1 (loads
-    masked by the buffer's padded width, a multiple of 16: 128-bit loads), plus the bias, softcapped."""
-    z = tl.load(z1_ptr + lrows[:, None] * stride_z1 + cols[None, :],
-                mask=valid[:, None] & (cols < stride_z1)[None, :], other=0.0).to(tl.float32)
+def _main_logits(z1_ptr, b1_ptr, row_off, row_ok, cols, cmask, rows0, stride_z1, cap, inv_cap,
+                 HAS_B1: tl.constexpr, CAP: tl.constexpr, FAST: tl.constexpr):
+    """A tile of the main head's logits as the loss reads them: the stored z1 (loads masked by the
+    buffer's padded width, a multiple of 16: 128-bit loads), plus the bias, softcapped. The row part
+    (row_off = row x stride, row_ok, rows0 = zeros) is (BLOCK_R, 1) or (BLOCK_R, 1, 1), the class part
+    (cols, cmask) (1, BLOCK_C) or (1, NG, GROUP)."""
+    z = tl.load(z1_ptr + row_off + cols, mask=row_ok & (cols < stride_z1), other=0.0).to(tl.float32)
     if HAS_B1:
-        z += _row_bcast_load(b1_ptr + cols, cmask, BLOCK_R)
+        z += _row_bcast_load(b1_ptr + cols, cmask, rows0)
     if CAP:
         z, _ = _softcap(z, cap, inv_cap, FAST)
     return z
 
 
 @triton.jit
-def _main_logits_grouped(z1_ptr, b1_ptr, lrows, cols, valid, cmask, stride_z1, cap, inv_cap, HAS_B1: tl.constexpr,
-                         CAP: tl.constexpr, FAST: tl.constexpr, BLOCK_R: tl.constexpr):
-    """``_main_logits`` on a (BLOCK_R, NG, GROUP) tile: ``cols`` (NG, GROUP) holds GROUP adjacent classes
-    per group (one 128-bit load per thread and group)."""
-    z = tl.load(z1_ptr + lrows[:, None, None] * stride_z1 + cols[None, :, :],
-                mask=valid[:, None, None] & (cols < stride_z1)[None, :, :], other=0.0).to(tl.float32)
-    if HAS_B1:
-        rows0 = tl.zeros((BLOCK_R, 1, 1), tl.int32)
-        z += tl.load(b1_ptr + cols[None, :, :] + rows0, mask=cmask[None, :, :] & (rows0 == 0),
-                     other=0.0).to(tl.float32)
-    if CAP:
-        z, _ = _softcap(z, cap, inv_cap, FAST)
-    return z
-
-
-@triton.jit
-def _row_bcast_load(ptrs, mask, BLOCK_R: tl.constexpr):
-    """A (BLOCK_C,) vector (a bias tile) loaded as a (BLOCK_R, BLOCK_C) fp32 tile, the same in every row:
-    one (L1-cached) vector load per row in the tile's own layout, instead of a 1-D load whose layout
-    conversion goes through shared memory with a barrier at every iteration of the class loop."""
-    rows0 = tl.zeros((BLOCK_R, 1), tl.int32)
-    return tl.load(ptrs[None, :] + rows0, mask=mask[None, :] & (rows0 == 0), other=0.0).to(tl.float32)
+def _row_bcast_load(ptrs, mask, rows0):
+    """A bias tile (ptrs, mask: a leading dimension of 1) loaded as an fp32 tile with rows0's BLOCK_R rows
+    (rows0: zeros), the same in every row: one (L1-cached) vector load per row in the tile's own layout,
+    instead of a 1-D load whose layout conversion goes through shared memory with a barrier at every
+    iteration of the class loop."""
+    return tl.load(ptrs + rows0, mask=mask & (rows0 == 0), other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -307,6 +291,7 @@ def epilogue_kernel(
     nan = float("nan")
     GRAD_MAIN: tl.constexpr = GRAD_CE or GRAD_KD or GRAD_Z
     offs = tl.arange(0, BLOCK_C)
+    rows0 = tl.zeros((BLOCK_R, 1), tl.int32)  # the row part of bias tiles (_row_bcast_load)
 
     m1 = tl.full((BLOCK_R,), -1.0e30, tl.float32)
     log_s1 = tl.zeros((BLOCK_R,), tl.float32)
@@ -342,14 +327,15 @@ def epilogue_kernel(
         sk_l = tl.zeros((BLOCK_R, NG), tl.float32)  # reverse KL: sum_keep u and sum_keep u (log-ratio)
         r_l = tl.zeros((BLOCK_R, NG), tl.float32)
         t_rows3 = t_rows[:, :, None]
+        rows0_3 = tl.zeros((BLOCK_R, 1, 1), tl.int32)
         gbase = tl.arange(0, NG) * GROUP
         y_c0 = tl.where(y32 >= 0, y32, -2**30)[:, None, None]  # the label's class relative to the tile
         inv_kd_t2 = inv_kd_t * LOG2E
         for c0 in range(0, W, BLOCK_C):
             cols = c0 + goffs
             cmask = cols < W
-            z = _main_logits_grouped(z1_ptr, b1_ptr, lrows, cols, valid, cmask, stride_z1, cap, inv_cap, HAS_B1,
-                                     CAP, FAST, BLOCK_R)
+            z = _main_logits(z1_ptr, b1_ptr, lrows[:, None, None] * stride_z1, valid[:, None, None],
+                             cols[None, :, :], cmask[None, :, :], rows0_3, stride_z1, cap, inv_cap, HAS_B1, CAP, FAST)
             zm = tl.where(cmask[None, :, :], z, neg_inf)
             gmax = tl.max(zm, 2)
             m_new = tl.maximum(m_l, gmax)
@@ -486,8 +472,8 @@ def epilogue_kernel(
             cols = c0 + offs
             cmask = cols < W
             m2d = valid[:, None] & cmask[None, :]
-            z = _main_logits(z1_ptr, b1_ptr, lrows, cols, valid, cmask, stride_z1, cap, inv_cap, HAS_B1, CAP, FAST,
-                             BLOCK_R)
+            z = _main_logits(z1_ptr, b1_ptr, lrows[:, None] * stride_z1, valid[:, None], cols[None, :],
+                             cmask[None, :], rows0, stride_z1, cap, inv_cap, HAS_B1, CAP, FAST)
             t = tl.load(t_ptr + t_rows + (cols - t_col0)[None, :] * stride_tc,
                         mask=m2d, other=0.0).to(tl.float32)
             t = _teacher_cap(t, tcap, inv_tcap, TCAP, FAST)
@@ -532,7 +518,7 @@ def epilogue_kernel(
                 zp = z1_ptr + lrows[:, None] * stride_z1 + cols[None, :]
                 z = tl.load(zp, mask=valid[:, None] & (cols < stride_z1)[None, :], other=0.0).to(tl.float32)
                 if HAS_B1:
-                    z += _row_bcast_load(b1_ptr + gcols, cmask, BLOCK_R)
+                    z += _row_bcast_load(b1_ptr + gcols[None, :], cmask[None, :], rows0)
                 if CAP:
                     z, dcap = _softcap(z, cap, inv_cap, FAST)
                 g = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
@@ -570,7 +556,7 @@ def epilogue_kernel(
                 zp2 = z2_ptr + lrows[:, None] * stride_z2 + cols[None, :]
                 z2 = tl.load(zp2, mask=valid[:, None] & (cols < stride_z2)[None, :], other=0.0).to(tl.float32)
                 if HAS_B2:
-                    z2 += _row_bcast_load(b2_ptr + gcols, cmask, BLOCK_R)
+                    z2 += _row_bcast_load(b2_ptr + gcols[None, :], cmask[None, :], rows0)
                 if CAP:
                     z2, dcap2 = _softcap(z2, cap, inv_cap, FAST)
                 live = m2d & (t != neg_inf)  # -inf teacher: a masked class
