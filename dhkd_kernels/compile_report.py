@@ -205,7 +205,7 @@ def collect(shapes=SHAPE_NAMES, dtypes=DTYPES, arch: int = 90) -> list:
                              **sass_metrics(_sass(kernel.asm["cubin"])))
             seen[key]["constexprs"] = {k: v for k, v in consts.items() if isinstance(v, (bool, int, str))}
             cx = seen[key]["constexprs"]
-            if name == "epilogue_kernel":  # SASS instructions per thread per logit, summed over the passes
+            if name in ("epilogue_kernel", "grad_kernel"):  # SASS instructions per thread per logit, summed over the passes
                 per_thread = cx["BLOCK_R"] * cx["BLOCK_C"] / (md.num_warps * 32)
                 seen[key]["instr_per_logit"] = round(sum(seen[key]["loop_instructions"]) / per_thread, 1)
         where.setdefault(key, []).append(where_now[0])

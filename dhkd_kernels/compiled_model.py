@@ -37,6 +37,7 @@ MAX_WARPS_PER_SM = 64
 HIDING_WARPS = 16
 TRITON_EFF = {True: 0.65, False: 0.35}
 CUBLAS_EFF = {True: 0.80, False: 0.30}
+LOOP_BLOCK = {"grad_kernel": "BLOCK_R"}  # kernels whose loop walks rows, not classes
 FACTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compiled")
 
 
@@ -54,7 +55,8 @@ def facts_from_records(records: list) -> Dict[str, dict]:
     for r in records:
         fact = {k: r[k] for k in ("kernel", "num_warps", "regs", "shared", "stack", "pipelined",
                                   "loop_instructions")}
-        fact["block_c"] = r["constexprs"].get("BLOCK_C", 0)
+        # the loop step of the launch's width: classes (epilogue_kernel), rows (grad_kernel's row loop)
+        fact["loop_block"] = r["constexprs"].get(LOOP_BLOCK.get(r["kernel"], "BLOCK_C"), 0)
         for key in r["launch_keys"]:
             out[key] = fact
     return out
@@ -100,7 +102,7 @@ def launch_bounds_s(launch: Launch, facts: Dict[str, dict], gpu: str = "H200") -
     latency = 1.0 if fact["pipelined"] else min(1.0, resident / HIDING_WARPS)
     t_tensor = launch.flops / (peak * TRITON_EFF[bool(fact["pipelined"])] * fill) if launch.flops else 0.0
     t_memory = launch.hbm_bytes / (spec["hbm"] * MEM_EFF * fill * latency)
-    trips = -(-launch.width // fact["block_c"]) if (launch.width and fact["block_c"]) else 1
+    trips = -(-launch.width // fact["loop_block"]) if (launch.width and fact["loop_block"]) else 1
     warp_instr = programs * fact["num_warps"] * sum(fact["loop_instructions"]) * trips
     t_issue = warp_instr / (4 * sm["clock"] * sm["sms"] * fill * latency)
     return dict(tensor=t_tensor, memory=t_memory, issue=t_issue)

@@ -53,7 +53,7 @@ class Launch:
     kind: str = ""
     sync: bool = False
     meta: str = ""        # Triton launches: their specialization (``launch_key``), to find the compiled facts
-    width: int = 0        # epilogue: the classes each row walks (its loops' trip count x BLOCK_C)
+    width: int = 0        # the loops' extent: epilogue_kernel the classes of a row, grad_kernel the rows of a part
     aligned: bool = True  # cuBLAS: every operand's leading dimension a multiple of 16 bytes
 
     @property
@@ -122,11 +122,13 @@ def recording() -> bool:
     return bool(_ACTIVE)
 
 
-def launch_key(name: str, meta: dict) -> str:
-    """A Triton launch's specialization as text: the kernel and its meta-parameters (constexprs,
-    num_warps, num_stages), the key under which the compile report stores its compiled facts."""
-    return name + "|" + ",".join(f"{k}={v}" for k, v in sorted(meta.items())
-                                 if isinstance(v, (bool, int, float, str)))
+def launch_key(name: str, meta: dict, dtypes=()) -> str:
+    """A Triton launch's specialization as text: the kernel, its meta-parameters (constexprs,
+    num_warps, num_stages) and the dtypes of its tensor arguments (two launches whose constexprs agree
+    compile differently for bf16 and fp32 buffers), the key under which the compile report stores its
+    compiled facts."""
+    key = name + "|" + ",".join(f"{k}={v}" for k, v in sorted(meta.items()) if isinstance(v, (bool, int, float, str)))
+    return key + ("|" + ",".join(dtypes) if dtypes else "")
 
 
 def note(kernel: str, engine: str, grid=(), flops: int = 0, hbm_bytes: int = 0, kind: str = "",

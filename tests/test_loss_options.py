@@ -342,7 +342,7 @@ def test_triton_matches_reference(name, plan_name, monkeypatch):
 
 
 @pytest.mark.parametrize("reduction", ["sum", "none"])
-@pytest.mark.parametrize("plan_name", ["triton", "chunked"])
+@pytest.mark.parametrize("plan_name", ["triton", "cublas", "chunked"])
 @pytest.mark.parametrize("name", ["reverse_kl", "jsd_0.2", "all"])
 def test_triton_reductions_and_odd_shapes(name, plan_name, reduction, monkeypatch):
     for n, d, c in ((1, 4, 3), (5, 3, 1), (9, 4, 70)):
@@ -350,12 +350,13 @@ def test_triton_reductions_and_odd_shapes(name, plan_name, reduction, monkeypatc
         _compare_triton(inputs, plan_name, monkeypatch, kd_weight=0.6, reduction=reduction, **OPTION_SETS[name])
 
 
+@pytest.mark.parametrize("plan_name", ["triton", "cublas"])
 @pytest.mark.parametrize("name", list(OPTION_SETS))
-def test_triton_extreme_logits(name, monkeypatch):
+def test_triton_extreme_logits(name, plan_name, monkeypatch):
     """Confident student logits (std ~50) and teacher logits (std 150) in float32: finite, and within
-    float32's own error of the float64 reference."""
+    float32's own error of the float64 reference (the cuBLAS plan: its split gradient pass)."""
     from tests.test_triton import use_plan
-    use_plan(monkeypatch, "triton")
+    use_plan(monkeypatch, plan_name)
     inputs = _mask_teacher(make_inputs(11, 5, 17, dtype=torch.float64, logit_scale=50.0, teacher_scale=150.0,
                                        ignore_frac=0.2, seed=10))
     assert_matches_reference(cast_inputs(inputs, torch.float32), backend="triton", kd_weight=1.0,

@@ -316,13 +316,15 @@ def test_padded_logit_strides_large_odd_c(device, monkeypatch, c):
     assert_matches_reference(inputs, backend="triton", kd_weight=0.5)
 
 
+@pytest.mark.parametrize("engine", ["triton", "cublas"])
 @pytest.mark.parametrize("kl_norm,extras", [(True, []), (False, []), (True, [2.0, 0.3, 5.0, 6.0, 0.01]),
                                              (False, [1.0, 0.5, 5.0, 0.0, 0.0])])
-def test_dz_buffers_are_padded_and_zero_past_c(device, monkeypatch, kl_norm, extras):
-    """The resident forward returns dz with row stride _ld(C), and the epilogue wrote zeros (NaN-poisoned
-    before) in the padding columns the Triton GEMMs read without a class mask, whatever the padding of
-    the logits buffer held (garbage through a softcap's derivative included) and for every option."""
-    use_plan(monkeypatch, "triton")
+def test_dz_buffers_are_padded_and_zero_past_c(device, monkeypatch, kl_norm, extras, engine):
+    """The resident forward returns dz with row stride _ld(C), and the epilogue (cuBLAS with biases:
+    grad_kernel) wrote zeros (NaN-poisoned before) in the padding columns the Triton GEMMs read without
+    a class mask, whatever the padding of the logits buffer held (garbage through a softcap's derivative
+    included) and for every option."""
+    use_plan(monkeypatch, engine)
     n, c = 7, 70
     inputs = make_inputs(n, 8, c, device=device, ignore_frac=0.3, seed=42)
     x, w1, b1, w2, b2 = (inputs[k] for k in ("features", "head_weight", "head_bias", "aux_weight", "aux_bias"))
@@ -335,6 +337,57 @@ def test_dz_buffers_are_padded_and_zero_past_c(device, monkeypatch, kl_norm, ext
         assert dz.shape == (n, c) and dz.stride() == (ld, 1)
         whole = dz.as_strided((n, ld), (ld, 1))
         assert torch.isfinite(whole).all() and (whole[:, c:] == 0).all()
+
+
+@pytest.mark.parametrize("n,c,parts", [(37, 17, 2), (37, 203, 1), (1, 1, 1), (9, 70, 1)])
+@pytest.mark.parametrize("biases", ["both", "head", "aux"])
+def test_cublas_plan_sums_bias_gradients_in_grad_kernel(device, monkeypatch, n, c, parts, biases):
+    """The resident cuBLAS plan with bias gradients runs the statistics pass and grad_kernel apart: dz,
+    the bias gradients from the program's column sums (several row parts of several row blocks, or one),
+    the logit-level loss from the per-program sums; no dZ^T 1 product. Against the float64 reference,
+    with ignored rows, a bias without a gradient, and a class the teacher masks."""
+    from dhkd_kernels import cost
+    use_plan(monkeypatch, "cublas")
+    inputs = make_inputs(n, 6, c, da=4, device=device, ignore_frac=0.3, seed=n + c)
+    if biases != "both":
+        k = "aux_bias" if biases == "head" else "head_bias"
+        inputs[k] = inputs[k].detach()
+    if c > 1:  # (a row needs one class the teacher keeps)
+        t = inputs["teacher_logits"].clone()
+        t[0, c // 2] = float("-inf")
+        inputs["teacher_logits"] = t
+    if device == "cpu":
+        assert current_plan(inputs, kd_weight=0.5).bias_parts == parts
+    with cost.record() as rec:
+        assert_matches_reference(cast_inputs(inputs, torch.float32), backend="triton", kd_weight=0.5)
+    kernels = rec.by_kernel()
+    # no column of ones for dZ^T 1 (with C = 1 the forward's products are matrix-vector ones too)
+    assert kernels.get("grad_kernel") == 1 and kernels.get("bias_kernel") == 1 and "torch:fill_" not in kernels, kernels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("parts,heads,mean", [(7, 2, True), (1, 1, False), (4, 2, False)])
+def test_bias_kernel_sums_parts_in_order(device, parts, heads, mean, dtype):
+    """bias_kernel: out_h = g / max(|V|, 1) (mean) x the sum of the P fp32 parts of each head's column
+    sums (grad_kernel's row parts, strided rows; several blocks of parts at once), cast to the bias
+    dtype; the other head untouched when one is asked."""
+    g = torch.Generator().manual_seed(parts)
+    c, cp = 37, 64
+    sums = torch.randn(2, parts, cp, generator=g).to(device)
+    out1, out2 = (torch.full((c,), float("nan"), device=device, dtype=dtype) for _ in range(2))
+    grad = torch.tensor(1.75, device=device)
+    n_valid = torch.tensor(5, device=device)
+    _launch._bias(sums[0], sums[1] if heads == 2 else None, out1, out2 if heads == 2 else None, grad, n_valid,
+                  mean=mean)
+    scale = 1.75 / 5 if mean else 1.75
+    for out, h in ((out1, 0), (out2, 1))[:heads]:
+        want = sums[h, :, :c].double().sum(0) * scale
+        if dtype == torch.float32:
+            torch.testing.assert_close(out.double().cpu(), want.cpu(), rtol=1e-6, atol=1e-6)
+        else:  # rounded to nearest (the interpreter's own cast truncates)
+            assert torch.equal(out.cpu(), want.float().to(dtype).cpu())
+    if heads == 1:
+        assert torch.isnan(out2).all()
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

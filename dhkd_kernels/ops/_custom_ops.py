@@ -47,14 +47,16 @@ def _forward(x, w1, b1, a, w2, b2, t, y, o: _Opts, needs, plan, row_weight=None,
         n_valid = torch.empty((), dtype=torch.int64, device=dev)
         rows = _buffer((nt + 1, n), F32, dev)
     per_row = _buffer((n,), F32, dev) if o.none else None
+    lgp = None
     if plan.resident:
         state = _forward_resident(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows, one_buffer=direct)
+        lgp, state[3] = state[3], None  # grad_kernel's logit-loss sums, for _finalize only
     else:
         state = _forward_chunked(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows, n_valid, needs,
                                  row_weight=row_weight, out_grads=out_grads)
     if o.shard is not None and wk.aux:  # the logit-level sums of this rank's classes, summed over the group
         reduce_rows_(rows, slice(2, 3), o.shard)
-    _finalize(wk, o, rows, y, loss, terms, correct, n_valid, per_row)
+    _finalize(wk, o, rows, y, loss, terms, correct, n_valid, per_row, lgp=lgp)
     if not plan.resident:
         _finish_chunked(wk, o, y, n_valid, state)
         if o.shard is not None:  # the features' gradients, stored by the forward
@@ -163,7 +165,8 @@ def _fwd_fake(x, w1, b1, a, w2, b2, t, y, tf, tw, tb, ce_weight, kd_weight, logi
             return tuple(head + [e.clone() for _ in range(6)])
         state = [x.new_empty_strided((n, c), (_ld(c), 1)) if wk.g_main else e.clone(),
                  x.new_empty_strided((n, c), (_ld(c), 1)) if wk.g_aux else e.clone(),
-                 e.clone(), e.clone(), e.clone(), e.clone()]
+                 x.new_empty((2, plan.bias_parts, _ld(c)), dtype=F32) if plan.bias_parts else e.clone(),
+                 e.clone(), e.clone(), e.clone()]
     else:
         refs = (x, w1, b1, a, w2, b2)
         state = [r.new_empty(r.shape) if (need and r is not None) else e.clone() for r, need in zip(refs, needs)]

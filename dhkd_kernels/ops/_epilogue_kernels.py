@@ -25,8 +25,9 @@ of the (N, C) problem, stored with row strides ``stride_z1`` / ``stride_z2``.
     slabs) and correct into ``rows`` (4, N) ((5, N) with the z-loss). dz is written over the buffer's
     padded width (row stride, a multiple of 64), zeros past W; loads of z are masked by that width,
     128-bit vectors. The bias
-    gradients are not summed here (no per-program partials to bound the grid): the cuBLAS plans take
-    them as one product dZ^T 1, the Triton GEMM plan inside ``dw_kernel``.
+    gradients are not summed here (no per-program partials to bound the grid): the Triton GEMM plan
+    sums them inside ``dw_kernel``, the resident cuBLAS plan in ``grad_kernel`` (:mod:`._grad_kernel`,
+    after PHASE 4: pass 1 only, the rows' final statistics stored), the chunked plans as dZ^T 1.
     Rows not in V read as zeros (garbage, NaN included, in ignored rows never reaches a result) and get
     zero terms and gradients; a row of V whose label is outside [0, C) gets NaN terms and NaN dz.
     A teacher logit of -inf is a class masked out for that row: probability 0 in KD (0 log 0 = 0) and
@@ -43,7 +44,8 @@ of the (N, C) problem, stored with row strides ``stride_z1`` / ``stride_z2``.
     terms (3,), correct and n_valid; with per_row also the (N,) weighted per-row losses.
 
 ``bias_kernel``  grid (cdiv(W, BLOCK), heads): out = scale * sum for the fp32 column sums of dz of one or
-    both heads (scale = grad_output / max(|V|, 1) as device scalars), cast to the bias dtype.
+    both heads, summed over their P parts (grad_kernel's row parts; 1 for dZ^T 1) in a fixed order
+    (scale = grad_output / max(|V|, 1) as device scalars), cast to the bias dtype.
 
 ``scale_kernel``  grid (cdiv(M, BLOCK_M), cdiv(P, BLOCK_P)): out = scale * in (any strides, dtype cast),
     optionally zeroing the rows not in V (the masked, pre-scaled features of the dW products).
@@ -198,6 +200,64 @@ def _jsd_terms(z, t, m1, log_s1t, mt, log_st, inv_t, beta, log_beta, log_1mbeta,
 
 
 @triton.jit
+def _main_grad(z, t, is_y, m1, q, log_s1, log_s1t, mt, log_st, kdiv, skn, ls1_2, ls1t_2, lst_2, ce_w, kd_w_t,
+               inv_kd_t, inv_kd_t2, eps, C, zl_w, beta, log_beta, log_1mbeta, GRAD_CE: tl.constexpr, GRAD_KD: tl.constexpr,
+               GRAD_Z: tl.constexpr, SMOOTH: tl.constexpr, DIV: tl.constexpr, FAST: tl.constexpr):
+    """d loss / d z1 of a (BLOCK_R, BLOCK_C) tile of softcapped logits z (teacher t, is_y the target
+    columns) from its rows' statistics (BLOCK_R,) and the log2-unit offsets ls1_2 = log s1 log2(e),
+    ls1t_2, lst_2 (BLOCK_R, 1); before the softcap's derivative and the row masks:
+        ce_w (softmax(z) - (1 - eps) onehot(y) - eps/C)    (target column -(1 - p_y) + eps - eps/C)
+      + 2 zl_w lse softmax(z)                              (GRAD_Z)
+      + kd_w T d(divergence)/dz                            (DIV 0 forward KL, 1 reverse KL, 2 JSD)"""
+    g = tl.zeros_like(z)
+    dzm = z - m1[:, None]
+    if GRAD_CE or GRAD_Z:
+        p1 = _exp2(dzm * LOG2E - ls1_2, FAST)
+    if GRAD_CE:
+        gce = tl.where(is_y, eps - q[:, None], p1)
+        if SMOOTH:
+            gce = gce - eps / C
+        g += ce_w * gce
+    if GRAD_Z:  # d lse^2 / dz = 2 lse softmax(z)
+        g += (2.0 * zl_w * (m1 + log_s1))[:, None] * p1
+    if GRAD_KD:
+        if DIV == 0:
+            g += kd_w_t * (_exp2(dzm * inv_kd_t2 - ls1t_2, FAST)
+                           - _exp2((t * inv_kd_t - mt[:, None]) * LOG2E - lst_2, FAST))
+        if DIV == 1:
+            # s_i (L_i + 1 - F - S_K) on the teacher's classes, -s_i (F + S_K) elsewhere
+            ls = (z - m1[:, None]) * inv_kd_t - log_s1t[:, None]
+            lratio = ls - ((t * inv_kd_t - mt[:, None]) - log_st[:, None])
+            off = (kdiv + skn)[:, None]
+            g += kd_w_t * _exp(ls, FAST) * tl.where(t != float("-inf"), lratio + 1.0 - off, -off)
+        if DIV == 2:
+            _, av, sv = _jsd_terms(z, t, m1, log_s1t, mt, log_st, inv_kd_t, beta, log_beta, log_1mbeta, FAST)
+            g += kd_w_t * sv * (av - kdiv[:, None])
+    return g
+
+
+@triton.jit
+def _aux_terms(z2, t, live, inv_tau, KL_NORM: tl.constexpr, FAST: tl.constexpr):
+    """(the logit-level loss, the direction of its gradient) per element of a tile of z2 (softcapped)
+    and t, 0 where not ``live`` (outside the rows and classes, or a class the teacher masks):
+        BinaryKL-Norm: log cosh u and tanh u, u = (z2 - t) / (2 tau)   (dz2 = lg_w (tau/2) tanh u)
+        BinaryKL:      KL(sig(t/tau) || sig(z2/tau)) and sig(z2/tau) - sig(t/tau)   (dz2 = lg_w tau ...)"""
+    if KL_NORM:
+        # a class not live gets u = 0: log cosh 0 = tanh 0 = 0, no further mask
+        u = tl.where(live, z2 - t, 0.0) * (0.5 * inv_tau)
+        ua = tl.abs(u)
+        e2u = _exp2(ua * (-2.0 * LOG2E), FAST)  # e^(-2|u|), shared by log cosh and tanh
+        lc = _log_cosh_e(ua, e2u, FAST)
+        th = _tanh_abs_e(ua, e2u, FAST)
+        return lc, tl.where(u < 0, -th, th)
+    else:
+        zs = tl.where(live, z2, 0.0) * inv_tau
+        ts = tl.where(live, t, 0.0) * inv_tau
+        return (tl.where(live, _binary_kl(zs, ts), 0.0),
+                tl.where(live, _sigmoid(zs, FAST) - _sigmoid(ts, FAST), 0.0))
+
+
+@triton.jit
 def _main_logits(z1_ptr, b1_ptr, row_off, row_ok, cols, cmask, rows0, stride_z1, cap, inv_cap,
                  HAS_B1: tl.constexpr, CAP: tl.constexpr, FAST: tl.constexpr):
     """A tile of the main head's logits as the loss reads them: the stored z1 (loads masked by the
@@ -241,7 +301,8 @@ def epilogue_kernel(
     # pointers: stored logits of the block (read, then overwritten with dz); teacher (N, C) or its block
     # (row/column offsets t_row0/t_col0 subtracted); labels (N,); biases (C,) (any float dtype); rows (4 or 5, N)
     # fp32 per-row terms; w (N,) per-row weights of dz (ROW_W); stats (K, R) the block's per-row
-    # statistics of the sharded form's phases (PHASE 1 and 3 write them, 2 and 3 read them)
+    # statistics of the sharded form's phases (PHASE 1 and 3 write them, 2 and 3 read them) or, PHASE 4,
+    # the rows' final statistics (8, R) for grad_kernel (the split gradient pass: pass 2 skipped)
     z1_ptr, z2_ptr, t_ptr, y_ptr, b1_ptr, b2_ptr, rows_ptr, w_ptr, stats_ptr,
     # sizes: N rows and C classes of the problem; the block is rows [row0, row0 + R), classes
     # [col0, col0 + W) with W = W_VEC * VEC (VEC divides W and the teacher's row stride: vector loads);
@@ -305,7 +366,7 @@ def epilogue_kernel(
     zl = tl.zeros((BLOCK_R,), tl.float32)
     kdiv = tl.zeros((BLOCK_R,), tl.float32)   # reverse KL / JSD per row, unscaled (the gradient's offset)
     skn = tl.zeros((BLOCK_R,), tl.float32)    # reverse KL: the student's mass on the teacher's classes
-    if MAIN and PHASE < 2:
+    if MAIN and (PHASE < 2 or PHASE == 4):
         # ---------------------------------------------------------------- pass 1: row statistics of z1
         # (the main head's block is whole rows: col0 = 0, W = C). The tile is (BLOCK_R, NG, GROUP): each
         # thread holds GROUP adjacent classes of a row (one 128-bit load), and the running statistics
@@ -453,7 +514,7 @@ def epilogue_kernel(
             if DIV == 1:
                 tl.store(sp + 8 * R, racc, mask=rmask)
                 tl.store(sp + 9 * R, tl.sum(sc_t * sk_l, 1), mask=rmask)
-    if MAIN and PHASE >= 2:
+    if MAIN and (PHASE == 2 or PHASE == 3):
         # the group's statistics (PHASE 2: the gradient pass; PHASE 3: the JSD's per-class sums)
         sp = stats_ptr + lrows
         m1 = tl.load(sp, mask=rmask, other=0.0)
@@ -464,7 +525,7 @@ def epilogue_kernel(
         log_st = tl.load(sp + 5 * R, mask=rmask, other=0.0)
         kdiv = tl.load(sp + 6 * R, mask=rmask, other=0.0)
         skn = tl.load(sp + 7 * R, mask=rmask, other=0.0)
-    if MAIN and DIV == 2 and ((PHASE == 0 and KD_STATS) or PHASE == 3):
+    if MAIN and DIV == 2 and (((PHASE == 0 or PHASE == 4) and KD_STATS) or PHASE == 3):
         # generalised JSD: one more pass, per class, with the rows' normalizers known
         jv_l = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
         js_l = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
@@ -480,12 +541,26 @@ def epilogue_kernel(
             val, av, sv = _jsd_terms(z, t, m1, log_s1t, mt, log_st, inv_kd_t, beta, log_beta, log_1mbeta, FAST)
             jv_l += tl.where(m2d, val, 0.0)
             js_l += tl.where(m2d, sv * av, 0.0)
-        if PHASE == 0:
+        if PHASE != 3:
             kdiv = tl.sum(js_l, 1)  # sum_j s_j a_j: the gradient's offset
             kd = kd_t2 * tl.sum(jv_l, 1)
         else:
             tl.store(stats_ptr + lrows + 8 * R, tl.sum(jv_l, 1), mask=rmask)
             tl.store(stats_ptr + lrows + 9 * R, tl.sum(js_l, 1), mask=rmask)
+
+    if MAIN and PHASE == 4:
+        # the rows' statistics as PHASE 2 (and grad_kernel) read them: the gradient pass runs apart
+        sp = stats_ptr + lrows
+        tl.store(sp, m1, mask=rmask)
+        tl.store(sp + R, log_s1, mask=rmask)
+        tl.store(sp + 2 * R, q, mask=rmask)
+        if KD_STATS:
+            tl.store(sp + 3 * R, log_s1t, mask=rmask)
+            tl.store(sp + 4 * R, mt, mask=rmask)
+            tl.store(sp + 5 * R, log_st, mask=rmask)
+            if DIV != 0:
+                tl.store(sp + 6 * R, kdiv, mask=rmask)
+                tl.store(sp + 7 * R, skn, mask=rmask)
 
     # -------------------------------------------------------------------- pass 2: dz1, logit loss, dz2
     # dz is written over the buffer's whole padded width (zeros past W): the Triton GEMMs read dz
@@ -514,6 +589,8 @@ def epilogue_kernel(
                 t = tl.load(t_ptr + t_rows + (gcols - t_col0)[None, :] * stride_tc,
                             mask=m2d, other=0.0).to(tl.float32)
                 t = _teacher_cap(t, tcap, inv_tcap, TCAP, FAST)
+            else:
+                t = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)  # not read
             if GRAD_MAIN:
                 zp = z1_ptr + lrows[:, None] * stride_z1 + cols[None, :]
                 z = tl.load(zp, mask=valid[:, None] & (cols < stride_z1)[None, :], other=0.0).to(tl.float32)
@@ -521,32 +598,9 @@ def epilogue_kernel(
                     z += _row_bcast_load(b1_ptr + gcols[None, :], cmask[None, :], rows0)
                 if CAP:
                     z, dcap = _softcap(z, cap, inv_cap, FAST)
-                g = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
-                dzm = z - m1[:, None]
-                if GRAD_CE or GRAD_Z:
-                    p1 = _exp2(dzm * LOG2E - ls1_2, FAST)
-                if GRAD_CE:
-                    # p - (1 - eps) onehot - eps/C; the target column -(1 - p_y) + eps - eps/C
-                    gce = tl.where(offs[None, :] == y_c0, eps - q[:, None], p1)
-                    if SMOOTH:
-                        gce = gce - eps / C
-                    g += ce_w * gce
-                if GRAD_Z:  # d lse^2 / dz = 2 lse softmax(z)
-                    g += (2.0 * zl_w * (m1 + log_s1))[:, None] * p1
-                if GRAD_KD:
-                    if DIV == 0:
-                        g += kd_w_t * (_exp2(dzm * inv_kd_t2 - ls1t_2, FAST)
-                                       - _exp2((t * inv_kd_t - mt[:, None]) * LOG2E - lst_2, FAST))
-                    if DIV == 1:
-                        # s_i (L_i + 1 - F - S_K) on the teacher's classes, -s_i (F + S_K) elsewhere
-                        ls = (z - m1[:, None]) * inv_kd_t - log_s1t[:, None]
-                        lratio = ls - ((t * inv_kd_t - mt[:, None]) - log_st[:, None])
-                        off = (kdiv + skn)[:, None]
-                        g += kd_w_t * _exp(ls, FAST) * tl.where(t != neg_inf, lratio + 1.0 - off, -off)
-                    if DIV == 2:
-                        _, av, sv = _jsd_terms(z, t, m1, log_s1t, mt, log_st, inv_kd_t, beta, log_beta,
-                                               log_1mbeta, FAST)
-                        g += kd_w_t * sv * (av - kdiv[:, None])
+                g = _main_grad(z, t, offs[None, :] == y_c0, m1, q, log_s1, log_s1t, mt, log_st, kdiv, skn,
+                               ls1_2, ls1t_2, lst_2, ce_w, kd_w_t, inv_kd_t, inv_kd_t2, eps, C, zl_w, beta, log_beta,
+                               log_1mbeta, GRAD_CE, GRAD_KD, GRAD_Z, SMOOTH, DIV, FAST)
                 if CAP:
                     g = g * dcap
                 g = tl.where(m2d, g, 0.0) * row_nan[:, None]
@@ -560,22 +614,9 @@ def epilogue_kernel(
                 if CAP:
                     z2, dcap2 = _softcap(z2, cap, inv_cap, FAST)
                 live = m2d & (t != neg_inf)  # -inf teacher: a masked class
-                if KL_NORM:
-                    # a class not live gets u = 0: log cosh 0 = tanh 0 = 0, no further mask
-                    u = tl.where(live, z2 - t, 0.0) * (0.5 * inv_tau)
-                    ua = tl.abs(u)
-                    e2u = _exp2(ua * (-2.0 * LOG2E), FAST)  # e^(-2|u|), shared by log cosh and tanh
-                    lg_l += _log_cosh_e(ua, e2u, FAST)
-                else:
-                    zs = tl.where(live, z2, 0.0) * inv_tau
-                    ts = tl.where(live, t, 0.0) * inv_tau
-                    lg_l += tl.where(live, _binary_kl(zs, ts), 0.0)
+                lg, g2 = _aux_terms(z2, t, live, inv_tau, KL_NORM, FAST)
+                lg_l += lg
                 if GRAD_AUX:
-                    if KL_NORM:
-                        th = _tanh_abs_e(ua, e2u, FAST)
-                        g2 = tl.where(u < 0, -th, th)
-                    else:
-                        g2 = tl.where(live, _sigmoid(zs, FAST) - _sigmoid(ts, FAST), 0.0)
                     if CAP:  # (dcap2 of a padding column's garbage may be NaN)
                         g2 = tl.where(live, g2 * dcap2, 0.0)
                     _store_rounded(zp2, g2 * g2_scale, out2d, INTERP_BF16)
@@ -590,7 +631,7 @@ def epilogue_kernel(
     valid = rmask & (y != ignore_index)
     bad = valid & ((y < 0) | (y >= C))
     rp = rows_ptr + grows
-    if MAIN and PHASE == 0:
+    if MAIN and (PHASE == 0 or PHASE == 4):
         tl.store(rp, tl.where(bad, nan, tl.where(valid, ce, 0.0)), mask=rmask)
         tl.store(rp + N, tl.where(bad, nan, tl.where(valid, kd, 0.0)), mask=rmask)
         if ZLOSS:
@@ -603,18 +644,20 @@ def epilogue_kernel(
         tl.store(rp + 2 * N, lg, mask=rmask)
 
 
-@triton.jit(do_not_specialize=["per_row", "mean"])
+@triton.jit(do_not_specialize=["per_row", "mean", "n_lgp"])
 def finalize_kernel(
     # pointers: rows (4 or 5, N) fp32 from epilogue_kernel; labels (N,); outputs loss (), terms (3 or 4,),
     # correct () int64, n_valid () int64, per_row (N,) fp32 (written when per_row != 0)
     rows_ptr, y_ptr, loss_ptr, terms_ptr, correct_ptr, nvalid_ptr, per_row_ptr,
-    # sizes and scalars; per_row != 0 writes the (N,) weighted per-row losses
+    # lgp (n_lgp,): grad_kernel's sums of the logit-level loss (LG_PARTS), read instead of row 2
+    lgp_ptr, n_lgp,
+    # sizes and scalars; per_row != 0 writes the (N,) weighted per-row losses (not with LG_PARTS)
     N, ce_w, kd_w, lg_w, zl_w, ignore_index, per_row, mean,
     # meta-parameters: which terms exist (a term absent from the loss is never added to it, so a NaN
     # in an unused term cannot reach the loss) and which rows were written; ZL_IN: rows hold the
     # z-loss at row 3 (correct at row 4)
     CE_IN: tl.constexpr, KD_IN: tl.constexpr, LG_IN: tl.constexpr, ZL_IN: tl.constexpr, HAVE_MAIN: tl.constexpr,
-    HAVE_AUX: tl.constexpr, BLOCK: tl.constexpr,
+    HAVE_AUX: tl.constexpr, LG_PARTS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     ce_acc = tl.zeros((BLOCK,), tl.float32)
     kd_acc = tl.zeros((BLOCK,), tl.float32)
@@ -644,13 +687,17 @@ def finalize_kernel(
                 zl_r = tl.where(valid, tl.load(rows_ptr + 3 * N + r, mask=rmask, other=0.0), 0.0)
                 zl_acc += zl_r
                 row += zl_w * zl_r
-        if HAVE_AUX:
+        if HAVE_AUX and not LG_PARTS:
             lg = tl.where(valid, tl.load(rows_ptr + 2 * N + r, mask=rmask, other=0.0), 0.0)
             lg_acc += lg
             if LG_IN:
                 row += lg_w * lg
         if per_row != 0:
             tl.store(per_row_ptr + r, row, mask=rmask)
+    if HAVE_AUX and LG_PARTS:
+        for k0 in range(0, n_lgp, BLOCK):
+            k = k0 + tl.arange(0, BLOCK)
+            lg_acc += tl.load(lgp_ptr + k, mask=k < n_lgp, other=0.0)
     n_valid = tl.sum(nv_acc, 0)
     ce = tl.sum(ce_acc, 0)
     kd = tl.sum(kd_acc, 0)
@@ -692,17 +739,18 @@ def _scale_value(g_ptr, nvalid_ptr, has_g, mean):
     return s
 
 
-@triton.jit(do_not_specialize=["W", "head0", "has_g", "mean"])
+@triton.jit(do_not_specialize=["W", "P", "stride_p", "head0", "has_g", "mean"])
 def bias_kernel(
-    # pointers: fp32 column sums of dz (W,) per head; outputs (W,) per head (the bias dtype);
-    # grad_output () and n_valid () for the scale
+    # pointers: fp32 column sums of dz per head, P parts (P, W) of row stride stride_p; outputs (W,) per
+    # head (the bias dtype); grad_output () and n_valid () for the scale
     sum1_ptr, sum2_ptr, out1_ptr, out2_ptr, g_ptr, nvalid_ptr,
-    # W columns; runtime flags: head0 = the head of grid row 0 (0 or 1; a second grid row is head 1),
-    # has_g / mean select the scale
-    W, head0, has_g, mean,
-    BLOCK: tl.constexpr,
+    # W columns, P parts; runtime flags: head0 = the head of grid row 0 (0 or 1; a second grid row is
+    # head 1), has_g / mean select the scale
+    W, P, stride_p, head0, has_g, mean,
+    INTERP_BF16: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # bytes: 4 read + the bias dtype written per column and head
+    # bytes: 4 P read + the bias dtype written per column and head; the parts summed in a fixed order,
+    # BLOCK_P of them loaded at once (independent loads in flight, not a chain of P latencies)
     cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     cmask = cols < W
     s = _scale_value(g_ptr, nvalid_ptr, has_g != 0, mean != 0)
@@ -711,8 +759,12 @@ def bias_kernel(
     if tl.program_id(1) + head0 == 1:
         sum_ptr = sum2_ptr
         out_ptr = out2_ptr
-    total = tl.load(sum_ptr + cols, mask=cmask, other=0.0) * s
-    tl.store(out_ptr + cols, total.to(out_ptr.dtype.element_ty), mask=cmask)
+    total = tl.zeros((BLOCK_P, BLOCK), tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
+        total += tl.load(sum_ptr + p[:, None] * stride_p + cols[None, :], mask=(p < P)[:, None] & cmask[None, :],
+                         other=0.0)
+    _store_rounded(out_ptr + cols, tl.sum(total, 0) * s, cmask, INTERP_BF16)
 
 
 @triton.jit(do_not_specialize=["ignore_index", "mask_rows", "has_g", "mean"])

@@ -15,7 +15,8 @@ from torch import Tensor
 from .. import cost
 from .._validation import env_flag
 from . import _epilogue_kernels as E
-from ._plan import F32, cdiv, _interpreted, _kind, _ld
+from ._grad_kernel import grad_kernel
+from ._plan import F32, _grad_config, cdiv, _interpreted, _kind, _ld
 
 _POISON = env_flag("DHKD_DEBUG_POISON")
 
@@ -90,14 +91,21 @@ def _launch(kernel, grid, *args, name: str, engine: str = "triton", flops: int =
     nothing runs: the launch is only recorded, or compiled for the current target when
     ``_COMPILE_ON_META`` is set (the run-time specialization, see ``dhkd_kernels.compile_report``)."""
     if cost.recording():
-        cost.note(name, engine, grid, flops, nbytes, kind, meta=cost.launch_key(name, meta), width=width)
+        cost.note(name, engine, grid, flops, nbytes, kind, meta=cost.launch_key(name, meta, _dtypes(args)),
+                  width=width)
     dev = next(a.device for a in args if isinstance(a, Tensor))
     if dev.type == "meta":
         if _COMPILE_ON_META is not None:
-            _COMPILE_ON_META(name, kernel.warmup(*args, grid=grid, **meta), cost.launch_key(name, meta))
+            _COMPILE_ON_META(name, kernel.warmup(*args, grid=grid, **meta),
+                             cost.launch_key(name, meta, _dtypes(args)))
         return
     if not _SKIP:
         kernel[grid](*args, **meta)
+
+
+def _dtypes(args) -> tuple:
+    """The dtypes of a launch's tensor arguments, for its launch key."""
+    return tuple(str(a.dtype).replace("torch.", "") for a in args if isinstance(a, Tensor))
 
 
 _COMPILE_ON_META = None  # set by dhkd_kernels.compile_report
@@ -230,6 +238,45 @@ def _epilogue(wk, o, z1, z2, t, y, b1, b2, rows, *, r0, R, c0, W, main, aux, g_c
             BLOCK_R=br, BLOCK_C=bc, width=max(z.stride(0) for z in (z1, z2) if z is not None), **_opts(warps, 1, dev))
 
 
+def _grad_pass(wk, o, z1, z2, t, y, b1, b2, stats, *, g_main, g_aux, sum1, sum2, parts):
+    """``grad_kernel`` over all rows and classes (after ``epilogue_kernel``'s PHASE 4 wrote ``stats``):
+    dz over z1/z2 (the heads with g_main/g_aux), the column sums of dz1/dz2 (sum1/sum2) and the
+    logit-level loss sums. Returns (sums (2, P, Cp) fp32 or None, lgp (P T,) fp32 or None)."""
+    dev = y.device
+    n, c = wk.n, wk.c
+    z = z1 if z1 is not None else z2
+    br, bc, warps, rows = _grad_config(n, c, dev)
+    cp = z.stride(0)
+    tiles = cdiv(cp, bc)
+    if parts != cdiv(n, rows):
+        raise RuntimeError(f"the plan's {parts} row parts differ from grad_kernel's {cdiv(n, rows)}")
+    sums = _buffer((2, parts, cp), F32, dev) if (sum1 or sum2) else None
+    lgp = _buffer((parts * tiles,), F32, dev) if wk.aux else None
+    vec = 16 // t.element_size() if (t.numel() and t.stride(1) == 1) else 1
+    while vec > 1 and t.stride(0) % vec:
+        vec //= 2
+    nbytes = 0
+    if cost.recording():
+        nbytes = n * c * (wk.elem * (2 * int(g_main) + int(wk.aux) * (1 + int(g_aux)))
+                          + t.element_size() * int(wk.aux or (g_main and wk.kd_stats and bool(o.kd_w)))) \
+            + n * 32 + (8 * parts * cp if sums is not None else 0)  # the (8, N) statistics: 32 N bytes, L2-resident
+    dummy = stats
+    _launch(grad_kernel, (tiles, parts),
+            z1 if z1 is not None else z, z2 if z2 is not None else z, t, y,
+            b1 if b1 is not None else dummy, b2 if b2 is not None else dummy, stats,
+            sums if sums is not None else dummy, lgp if lgp is not None else dummy,
+            n, c, rows, cp, t.stride(0) // vec, t.stride(1),
+            o.ce_w, o.kd_w * o.kd_t, 1.0 / o.kd_t, o.lg_w, 1.0 / o.tau, o.tau * o.tau, o.eps, o.ignore_index,
+            *_llm_scalars(o),
+            name="grad_kernel", nbytes=nbytes,
+            GRAD_CE=g_main and bool(o.ce_w), GRAD_KD=g_main and bool(o.kd_w), GRAD_Z=g_main and bool(o.zl_w),
+            AUX=wk.aux, GRAD_AUX=g_aux, DIV=o.div, CAP=o.cap > 0, TCAP=o.tcap > 0, KL_NORM=o.kl_norm,
+            HAS_B1=b1 is not None and g_main, HAS_B2=b2 is not None and wk.aux, SMOOTH=o.eps != 0.0,
+            SUM_B1=sum1, SUM_B2=sum2, INTERP_BF16=_interp_bf16(z.dtype, dev), VEC=vec, FAST=not _interpreted(dev),
+            BLOCK_R=br, BLOCK_C=bc, width=rows, **_opts(warps, 1, dev))
+    return sums, lgp
+
+
 def _llm_scalars(o) -> tuple:
     """The epilogue's run-time scalars of the LLM options: caps and their inverses (1 when off), the
     z-loss weight, and the JSD mixture's beta with log(beta), log(1 - beta) (finite inside (0, 1))."""
@@ -252,14 +299,16 @@ def _teacher_block(th, r0, rc, c0, cc, out, kind):
         torch.addmm(tb[c0:c0 + cc], xf, wt, out=out)
 
 
-def _finalize(wk, o, rows, y, loss, terms, correct, n_valid, per_row):
+def _finalize(wk, o, rows, y, loss, terms, correct, n_valid, per_row, lgp=None):
+    """``lgp``: grad_kernel's logit-loss sums, read instead of the rows' (not with ``per_row``)."""
     dev = y.device
     _launch(E.finalize_kernel, (1,), rows, y, loss, terms, correct, n_valid,
-            per_row if per_row is not None else rows,
+            per_row if per_row is not None else rows, lgp if lgp is not None else rows,
+            0 if lgp is None else lgp.numel(),
             wk.n, o.ce_w, o.kd_w, o.lg_w, o.zl_w, o.ignore_index, int(per_row is not None), int(o.mean),
             name="finalize_kernel", nbytes=wk.n * (16 + 4 * int(bool(o.zl_w)) + y.element_size()),
             CE_IN=bool(o.ce_w), KD_IN=bool(o.kd_w), LG_IN=bool(o.lg_w), ZL_IN=bool(o.zl_w), HAVE_MAIN=wk.main,
-            HAVE_AUX=wk.aux,
+            HAVE_AUX=wk.aux, LG_PARTS=lgp is not None,
             BLOCK=16 if _interpreted(dev) else 2048,
             **_opts(16, 1, dev))  # one program: 16 warps keep enough loads in flight
 
@@ -271,21 +320,25 @@ def _ones(n: int, dtype, device) -> Tensor:
 
 
 def _bias(sum1, sum2, out1, out2, g, n_valid, *, mean):
-    """Bias gradients of one or both heads in one launch: out_h = s sum_h (fp32 column sums of dz),
-    s = grad_output / max(|V|, 1) (grad_output 1 when ``g`` is None; no 1/|V| unless ``mean``)."""
+    """Bias gradients of one or both heads in one launch: out_h = s sum_h (fp32 column sums of dz: (C,),
+    or (P, >= C) parts summed in order), s = grad_output / max(|V|, 1) (grad_output 1 when ``g`` is None;
+    no 1/|V| unless ``mean``)."""
     dev = n_valid.device
     s_any = sum1 if sum1 is not None else sum2
     o_any = out1 if out1 is not None else out2
     heads = int(sum1 is not None) + int(sum2 is not None)
-    w = s_any.shape[0]  # both heads' sums have C entries
-    block = (16 if w <= 1024 else 1024) if _interpreted(dev) else 1024
+    w = o_any.shape[0]  # both heads' biases have C entries
+    parts, stride_p = (1, 0) if s_any.dim() == 1 else (s_any.shape[0], s_any.stride(0))
+    # 128 columns a program (a grid of C / 64 programs), 16 parts at once
+    block = (16 if w <= 1024 else 1024) if _interpreted(dev) else 128
     _launch(E.bias_kernel, (cdiv(w, block), heads),
             sum1 if sum1 is not None else s_any, sum2 if sum2 is not None else s_any,
             out1 if out1 is not None else o_any, out2 if out2 is not None else o_any,
-            g if g is not None else _empty(dev), n_valid, w, int(sum1 is None),
+            g if g is not None else _empty(dev), n_valid, w, parts, stride_p, int(sum1 is None),
             int(g is not None), int(mean),
-            name="bias_kernel", nbytes=w * (4 + o_any.element_size()) * heads,
-            BLOCK=block, **_opts(4, 1, dev))
+            name="bias_kernel", nbytes=w * (4 * parts + o_any.element_size()) * heads,
+            INTERP_BF16=_interp_bf16(o_any.dtype, dev), BLOCK_P=4 if _interpreted(dev) else 16, BLOCK=block,
+            **_opts(4, 1, dev))
 
 
 def _teacher_kind(t, tf32: bool) -> str:

@@ -114,6 +114,9 @@ class Plan:
     slab: int
     extra_bytes: int
     mode: str = "slabs"  # chunked: "slabs" (aux head in class slabs, main in row chunks) or "rows" (both in rows)
+    # resident cuBLAS with bias gradients: the row parts of grad_kernel, whose class-tiled gradient pass
+    # sums dz's columns (0: the epilogue writes dz and each bias gradient is a product dZ^T 1)
+    bias_parts: int = 0
 
     def describe(self) -> str:
         if self.resident:
@@ -175,7 +178,7 @@ def plan_to_list(plan: Plan) -> List[int]:
     """The plan as ints, to travel with the autograd context into the backward ops (the backward must
     run the forward's plan whatever the settings are by then)."""
     return [int(plan.resident), int(plan.engine == "cublas"), plan.rows, plan.slab, int(plan.mode == "rows"),
-            plan.extra_bytes]
+            plan.extra_bytes, plan.bias_parts]
 
 
 def plan_from_list(v) -> Plan:
@@ -185,7 +188,7 @@ def plan_from_list(v) -> Plan:
         if len(_FROM_LIST) >= _PLAN_CACHE_SIZE:
             _FROM_LIST.clear()
         plan = _FROM_LIST[key] = Plan("cublas" if v[1] else "triton", bool(v[0]), int(v[2]), int(v[3]), int(v[5]),
-                                      mode="rows" if v[4] else "slabs")
+                                      mode="rows" if v[4] else "slabs", bias_parts=int(v[6]) if len(v) > 6 else 0)
     return plan
 
 
@@ -207,6 +210,23 @@ def _epi_config(r: int, w: int, elem: int, device) -> Tuple[int, int, int]:
     br = _pow2(r // (8 // warps * 2 * _sm_count(device)), 1, 16)
     bc = min(_pow2(w, 16, 1024), max(64, tile // br))
     return br, bc, max(2, min(warps, br * bc * elem // 512))  # 16 bytes of logits per thread
+
+
+def _grad_config(n: int, c: int, device) -> Tuple[int, int, int, int]:
+    """(BLOCK_R, BLOCK_C, warps, rows per part) of ``grad_kernel`` over n rows x c classes: 16 x 64 tiles
+    over 4 warps (8 classes of a row per thread: 128-bit accesses of 16-bit logits), and the rows split
+    into parts until the grid holds 4 programs per SM (16 warps hide the memory latency) or a part is
+    one row block; the interpreter takes 4 x 16 tiles (tails)."""
+    br, bc, warps = (4, 16, 1) if _interpreted(device) else (16, 64, 4)
+    tiles = cdiv(_ld(c), bc)
+    parts = max(1, min(cdiv(n, br), cdiv(4 * _sm_count(device), tiles)))
+    rows = cdiv(cdiv(n, parts), br) * br
+    return br, bc, warps, rows
+
+
+def grad_parts(n: int, c: int, device) -> int:
+    """The row parts of ``grad_kernel`` (its grid's second axis) over n rows x c classes."""
+    return cdiv(n, _grad_config(n, c, device)[3]) if n else 0
 
 
 LOGITS_TILES = ((64, 128), (64, 64), (64, 32))   # (BLOCK_M, BLOCK_N): 4 warps, one warpgroup
@@ -272,7 +292,15 @@ def make_plan(wk: Work, device: torch.device) -> Plan:
         engine = "triton" if (wk.flops() < TRITON_MAX_FLOPS and wk.tensor_cores) else "cublas"
     need = _resident_bytes(wk, engine, device)
     if need <= budget or (wk.n * wk.c) == 0:
-        return Plan(engine, True, wk.n, wk.c, need)
+        parts = 0
+        if engine == "cublas" and wk.n > 0 and (wk.need[2] or wk.need[5]) and not wk.none:
+            # bias sums from grad_kernel's partials instead of dZ^T 1 (its fp32 sum and column of ones),
+            # and the rows' statistics it reads
+            parts = grad_parts(wk.n, wk.c, device)
+            tiles = cdiv(_ld(wk.c), _grad_config(wk.n, wk.c, device)[1])
+            need += 8 * parts * _ld(wk.c) + 32 * wk.n + 4 * parts * tiles \
+                - (4 * wk.c + wk.n * wk.elem) * (int(wk.need[2]) + int(wk.need[5]))
+        return Plan(engine, True, wk.n, wk.c, need, bias_parts=parts)
     n, c, e = wk.n, wk.c, wk.elem
     th, te = wk.t_width > 0, wk.t_elem
     rows_mode = th and wk.t_main and wk.aux

@@ -7,14 +7,16 @@ from torch import Tensor
 
 from .. import cost
 from . import _gemm_kernels as G
-from ._launch import (_bias, _buffer, _cast, _dot_precision, _empty, _epilogue, _interp_bf16,
+from ._launch import (_bias, _buffer, _cast, _dot_precision, _empty, _epilogue, _grad_pass, _interp_bf16,
                       _launch, _logits_buffer, _logits_buffers, _mm, _ones, _opts, _scale, _teacher_block, _teacher_kind, _zero)
 from ._plan import (DW_TILES, DX_TILES, F32, LOGITS_TILES, Plan, _epi_config, _gemm_tiles, _interpreted, _kind,
                     _ld, _Opts, _work, cdiv)
 
 def _forward_resident(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows, one_buffer=False):
     """Logits of both heads (one allocation with ``one_buffer``), the epilogue over them; returns the
-    state [dz1, dz2, None x 4]."""
+    state [dz1, dz2, sums, lgp, None, None]: with ``plan.bias_parts`` (cuBLAS, bias gradients) the
+    epilogue's statistics pass and ``grad_kernel`` run apart, sums (2, P, Cp) holding dz's column sums and
+    lgp the logit-level loss sums for ``_finalize``; otherwise both None."""
     dev = x.device
     n, c, dt = wk.n, wk.c, x.dtype
     a_ = x if wk.shared else a
@@ -59,6 +61,15 @@ def _forward_resident(wk, plan, o, x, w1, b1, a, w2, b2, t, y, rows, one_buffer=
         if wk.aux:
             _mm(a_, w2.t(), z2, kind=kind)
     br, bc, warps = _epi_config(n, c, wk.elem, dev)
+    if plan.bias_parts and o.shard is None:
+        stats = _buffer((8, n), F32, dev)
+        if wk.main:
+            _epilogue(wk, o, z1, None, t, y, b1, None, rows, r0=0, R=n, c0=0, W=c, main=True, aux=False,
+                      g_ce=False, g_kd=False, g_aux=False, acc_logit=False, br=br, bc=bc, warps=warps, phase=4,
+                      stats=stats)
+        sums, lgp = _grad_pass(wk, o, z1 if wk.g_main else None, z2, t, y, b1, b2, stats, g_main=wk.g_main,
+                               g_aux=wk.g_aux, sum1=wk.need[2], sum2=wk.need[5], parts=plan.bias_parts)
+        return [z1 if wk.g_main else None, z2 if wk.g_aux else None, sums, lgp, None, None]
     _epilogue(wk, o, z1, z2, t, y, b1, b2, rows, r0=0, R=n, c0=0, W=c, main=wk.main, aux=wk.aux,
               g_ce=wk.g_main and bool(o.ce_w), g_kd=wk.g_main and bool(o.kd_w), g_aux=wk.g_aux,
               acc_logit=False, br=br, bc=bc, warps=warps)
@@ -78,6 +89,7 @@ def _backward(g, x, w1, b1, a, w2, b2, y, n_valid, state, o: _Opts, needs, c: in
     shared = wk.shared
     dz1 = state[0] if wk.g_main else None
     dz2 = state[1] if wk.g_aux else None
+    sums = state[2] if (len(state) > 2 and state[2] is not None and state[2].numel()) else None
     kind = _kind(x.dtype, o.tf32)
     g, row_g = _grad_output(g)
     if row_g:
@@ -89,7 +101,7 @@ def _backward(g, x, w1, b1, a, w2, b2, y, n_valid, state, o: _Opts, needs, c: in
         if plan.engine == "triton":
             filled = _backward_triton(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, grads, kind, row_g)
         else:
-            filled = _backward_cublas(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, *grads, kind, row_g)
+            filled = _backward_cublas(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, *grads, kind, row_g, sums)
     out = []
     for k, gr in enumerate(grads):
         if gr is None:
@@ -193,7 +205,8 @@ def _backward_triton(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, grads, kind, 
 
 
 def _backward_cublas(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, gx, gw1, gb1, ga, gw2, gb2, kind,
-                     row_g=False):
+                     row_g=False, sums=None):
+    """``sums``: grad_kernel's column sums of dz (2, P, Cp) from the forward, or None (dZ^T 1 here)."""
     dev = x.device
     n, d, da, dt = wk.n, wk.d, wk.da, x.dtype
     shared = wk.shared
@@ -234,7 +247,11 @@ def _backward_cublas(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, gx, gw1, gb1,
         filled.add(name)
     h1 = dz1 is not None and gb1 is not None
     h2 = dz2 is not None and gb2 is not None
-    if h1 or h2:
+    if (h1 or h2) and sums is not None:
+        _bias(sums[0] if h1 else None, sums[1] if h2 else None, gb1 if h1 else None, gb2 if h2 else None,
+              None if row_g else g, n_valid, mean=o.mean)
+        filled |= ({2} if h1 else set()) | ({5} if h2 else set())
+    elif h1 or h2:
         # db = s dZ^T 1 summed in fp32 by one product per head (a per-row grad_output weights the column
         # instead), then scaled and cast for both heads in one launch
         col = _cast(g, dt).reshape(n, 1) if row_g else _ones(n, dt, dev)

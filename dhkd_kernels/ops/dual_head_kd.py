@@ -11,8 +11,8 @@ Without any gradient (eval, ``torch.no_grad()``) only the forward products run.
 Modules: :mod:`._plan` (the plan, its dispatch rule and the memory bound), :mod:`._launch` (launches
 and the cost record), :mod:`._resident` and :mod:`._chunked_cublas` (the two plans' forward and
 backward), :mod:`._custom_ops` (``torch.library`` registration and autograd), kernels in
-:mod:`._gemm_kernels` and :mod:`._epilogue_kernels`. This module is the entry point: dtypes, casts,
-the plan of the call, and the op.
+:mod:`._gemm_kernels`, :mod:`._epilogue_kernels` and :mod:`._grad_kernel`. This module is the entry
+point: dtypes, casts, the plan of the call, and the op.
 
 **No host synchronisation:** the plan depends only on shapes, dtypes and flags; every scalar that
 depends on data (|V|, grad_output) stays on the device. The op can be captured in a CUDA graph.
