@@ -204,13 +204,7 @@ def _epilogue(wk, o, z1, z2, t, y, b1, b2, rows, *, r0, R, c0, W, main, aux, g_c
     dev = t.device
     dummy = rows
     g_main = wk.g_main and (g_ce or g_kd or bool(o.zl_w))
-    # the largest vector (<= 16 bytes of teacher) dividing the block width, the teacher's row stride and
-    # column offset: W and the teacher's row stride reach the kernel as multiples of it (vector loads of
-    # the teacher and the biases); 1 for an odd C
-    unread = t.numel() == 0  # no teacher term: only the width matters
-    vec = 8 if unread else (16 // t.element_size() if t.stride(1) == 1 else 1)
-    while vec > 1 and (W % vec or (not unread and (t.stride(0) % vec or (c0 - t_col0) % vec))):
-        vec //= 2
+    vec = _teacher_vec(t, W, c0 - t_col0)
     nbytes = 0
     if cost.recording():  # bytes are only for the cost record
         jsd = main and wk.kd_stats and o.div == 2  # one more pass over z1 and t: the JSD's row sums
@@ -238,6 +232,18 @@ def _epilogue(wk, o, z1, z2, t, y, b1, b2, rows, *, r0, R, c0, W, main, aux, g_c
             BLOCK_R=br, BLOCK_C=bc, width=max(z.stride(0) for z in (z1, z2) if z is not None), **_opts(warps, 1, dev))
 
 
+def _teacher_vec(t, width: int, col_off: int) -> int:
+    """The largest vector (<= 16 bytes of teacher) dividing a block's width, the teacher's row stride and
+    the block's column offset in it: the width and the teacher's row stride reach the kernels as
+    multiples of it (vector loads of the teacher and the biases); 1 for an odd C. Without a teacher
+    term (``t`` empty) only the width matters."""
+    unread = t.numel() == 0
+    vec = 8 if unread else (16 // t.element_size() if t.stride(1) == 1 else 1)
+    while vec > 1 and (width % vec or (not unread and (t.stride(0) % vec or col_off % vec))):
+        vec //= 2
+    return vec
+
+
 def _grad_pass(wk, o, z1, z2, t, y, b1, b2, stats, *, g_main, g_aux, sum1, sum2, parts):
     """``grad_kernel`` over all rows and classes (after ``epilogue_kernel``'s PHASE 4 wrote ``stats``):
     dz over z1/z2 (the heads with g_main/g_aux), the column sums of dz1/dz2 (sum1/sum2) and the
@@ -252,9 +258,7 @@ def _grad_pass(wk, o, z1, z2, t, y, b1, b2, stats, *, g_main, g_aux, sum1, sum2,
         raise RuntimeError(f"the plan's {parts} row parts differ from grad_kernel's {cdiv(n, rows)}")
     sums = _buffer((2, parts, cp), F32, dev) if (sum1 or sum2) else None
     lgp = _buffer((parts * tiles,), F32, dev) if wk.aux else None
-    vec = 16 // t.element_size() if (t.numel() and t.stride(1) == 1) else 1
-    while vec > 1 and t.stride(0) % vec:
-        vec //= 2
+    vec = _teacher_vec(t, bc, 0)
     nbytes = 0
     if cost.recording():
         nbytes = n * c * (wk.elem * (2 * int(g_main) + int(wk.aux) * (1 + int(g_aux)))
