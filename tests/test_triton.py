@@ -74,10 +74,23 @@ def _call(inputs, **opts):
     (9, 5, 7, 3, True),
     (9, 3, 129, None, True),
     (37, 20, 33, 6, False),
+    (6, 4, 32, None, True),
+    (5, 3, 16, 2, True),
 ])
 def test_matches_reference_shapes(device, plan, n, d, c, da, bias):
     inputs = make_inputs(n, d, c, da=da, bias=bias, device=device, ignore_frac=0.25, seed=n + c)
     assert_matches_reference(inputs, backend="triton", kd_weight=0.5)
+
+
+@pytest.mark.parametrize("c", [15, 16, 47, 48])
+@pytest.mark.parametrize("opts", [dict(label_smoothing=0.1), dict(kd_divergence="reverse_kl"),
+                                  dict(softcap=5.0, teacher_softcap=6.0, z_loss_weight=1e-2)])
+def test_statistics_full_tiles_and_tail(device, plan, c, opts):
+    """Pass 1 reads the row's full class tiles without class masks and its partial last tile with them
+    (the interpreter's tiles are 16 classes): rows whose width is, and is not, a multiple of the tile,
+    with the options that keep their own lane sums."""
+    inputs = make_inputs(7, 4, c, bias=True, device=device, ignore_frac=0.2, seed=c, teacher_scale=6.0)
+    assert_matches_reference(inputs, backend="triton", kd_weight=0.5, **opts)
 
 
 @pytest.mark.parametrize("logit_loss,reduction,kd_weight", [

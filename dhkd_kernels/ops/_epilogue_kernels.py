@@ -296,6 +296,76 @@ def _store_rounded(ptrs, v, mask, INTERP_BF16: tl.constexpr):
     tl.store(ptrs, v.to(ptrs.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _stats_tile(m_l, sn_l, a_l, zs_l, s1t_l, mt_l, st_l, k_l, sk_l, r_l, c0, y_g,
+                z1_ptr, b1_ptr, t_ptr, zrow3, valid3, t_rows3, rows0_3, goffs, gbase, W, stride_z1, stride_tc,
+                t_col0, cap, inv_cap, tcap, inv_tcap, inv_kd_t, inv_kd_t2,
+                MASKED: tl.constexpr, KD_STATS: tl.constexpr, SMOOTH: tl.constexpr, DIV: tl.constexpr,
+                HAS_B1: tl.constexpr, CAP: tl.constexpr, TCAP: tl.constexpr, FAST: tl.constexpr,
+                GROUP: tl.constexpr):
+    """Pass 1 over the (BLOCK_R, NG, GROUP) tile of classes [c0, c0 + BLOCK_C): the lanes' running
+    statistics (see epilogue_kernel) updated and returned. MASKED: the row's last, partial tile (class
+    masks); the full tiles before it load and reduce without any class mask (uniform predicates, 128-bit
+    bias loads)."""
+    neg_inf = float("-inf")
+    cols = (c0 + goffs)[None, :, :]
+    if MASKED:
+        cmask = cols < W
+    else:
+        cmask = rows0_3 == 0  # every class of a full tile
+    z = _main_logits(z1_ptr, b1_ptr, zrow3, valid3, cols, cmask, rows0_3, stride_z1, cap, inv_cap, HAS_B1, CAP,
+                     FAST)
+    zm = tl.where(cmask, z, neg_inf) if MASKED else z
+    gmax = tl.max(zm, 2)
+    m_new = tl.maximum(m_l, gmax)
+    a_l = tl.where(gmax > m_l, c0 + gbase[None, :], a_l)
+    # exponentials in log2 units: e^x = 2^(x log2 e); forward KL's K in the same units
+    dz = zm - m_new[:, :, None]
+    dz2 = dz * LOG2E
+    # the target excluded: y_g is its class relative to each lane's group (one compare per element
+    # against a constant)
+    sn_l = sn_l * _exp2((m_l - m_new) * LOG2E, FAST) + tl.sum(
+        tl.where(tl.arange(0, GROUP)[None, None, :] == y_g, 0.0, _exp2(dz2, FAST)), 2)
+    if SMOOTH:
+        zs_l += tl.sum(tl.where(cmask, z, 0.0) if MASKED else z, 2)
+    if KD_STATS:
+        alpha_s = _exp2((m_l - m_new) * inv_kd_t2, FAST)
+        dzt2 = dz2 * inv_kd_t
+        u = _exp2(dzt2, FAST)
+        s1t_l = s1t_l * alpha_s + tl.sum(u, 2)
+        if MASKED:
+            t = tl.load(t_ptr + t_rows3 + (cols - t_col0) * stride_tc, mask=valid3 & cmask, other=0.0)
+        else:
+            # the tile's first class as a 64-bit offset: the GROUP classes of a thread then sit at
+            # constant offsets from one address (no per-element 64-bit address arithmetic)
+            tp = t_ptr + t_rows3 + (c0 - t_col0).to(tl.int64) * stride_tc
+            t = tl.load(tp + goffs[None, :, :] * stride_tc, mask=valid3)
+        t = _teacher_cap(t.to(tl.float32), tcap, inv_tcap, TCAP, FAST)
+        # t/T as the gradient pass computes it: the two passes' teacher probabilities agree to the bit
+        tt = tl.where(cmask, t * inv_kd_t, neg_inf) if MASKED else t * inv_kd_t
+        mt_new = tl.maximum(mt_l, tl.max(tt, 2))
+        alpha_t = _exp2((mt_l - mt_new) * LOG2E, FAST)
+        shift = (m_new - m_l) * inv_kd_t - (mt_new - mt_l)
+        dtt = tt - mt_new[:, :, None]
+        dtt2 = dtt * LOG2E
+        e = _exp2(dtt2, FAST)
+        if DIV == 0:
+            k_l = alpha_t * (k_l + tl.where(st_l > 0, st_l * (shift * LOG2E), 0.0))
+            k_l += tl.sum(tl.where(e > 0, e * (dtt2 - dzt2), 0.0), 2)
+        st_l = st_l * alpha_t + tl.sum(e, 2)
+        if DIV == 1:
+            # u-weighted log-ratios over the teacher's classes, anchored at the lanes' maxima, in
+            # natural units and the gradient pass's own arithmetic ((z - m)/T - (t/T - m_t)):
+            # where the student's softmax saturates, the gradient's offset cancels exactly
+            keep = tt != neg_inf
+            r_l = alpha_s * (r_l - tl.where(sk_l > 0, sk_l * shift, 0.0))
+            sk_l = sk_l * alpha_s
+            r_l += tl.sum(tl.where(keep, u * (dz * inv_kd_t - dtt), 0.0), 2)
+            sk_l += tl.sum(tl.where(keep, u, 0.0), 2)
+        mt_l = mt_new
+    return m_new, sn_l, a_l, zs_l, s1t_l, mt_l, st_l, k_l, sk_l, r_l
+
+
 @triton.jit(do_not_specialize=["R", "W_VEC", "acc_logit"])
 def epilogue_kernel(
     # pointers: stored logits of the block (read, then overwritten with dz); teacher (N, C) or its block
@@ -390,56 +460,23 @@ def epilogue_kernel(
         t_rows3 = t_rows[:, :, None]
         rows0_3 = tl.zeros((BLOCK_R, 1, 1), tl.int32)
         gbase = tl.arange(0, NG) * GROUP
-        y_c0 = tl.where(y32 >= 0, y32, -2**30)[:, None, None]  # the label's class relative to the tile
+        # the label's class relative to each lane's group of the tile
+        y_g = tl.where(y32 >= 0, y32, -2**30)[:, None, None] - gbase[None, :, None]
         inv_kd_t2 = inv_kd_t * LOG2E
-        for c0 in range(0, W, BLOCK_C):
-            cols = c0 + goffs
-            cmask = cols < W
-            z = _main_logits(z1_ptr, b1_ptr, lrows[:, None, None] * stride_z1, valid[:, None, None],
-                             cols[None, :, :], cmask[None, :, :], rows0_3, stride_z1, cap, inv_cap, HAS_B1, CAP, FAST)
-            zm = tl.where(cmask[None, :, :], z, neg_inf)
-            gmax = tl.max(zm, 2)
-            m_new = tl.maximum(m_l, gmax)
-            a_l = tl.where(gmax > m_l, c0 + gbase[None, :], a_l)
-            # exponentials in log2 units: e^x = 2^(x log2 e); forward KL's K in the same units
-            dz = zm - m_new[:, :, None]
-            dz2 = dz * LOG2E
-            sn_l = sn_l * _exp2((m_l - m_new) * LOG2E, FAST) + tl.sum(tl.where(goffs[None, :, :] == y_c0, 0.0,
-                                                                                _exp2(dz2, FAST)), 2)
-            if SMOOTH:
-                zs_l += tl.sum(tl.where(cmask[None, :, :], z, 0.0), 2)
-            if KD_STATS:
-                alpha_s = _exp2((m_l - m_new) * inv_kd_t2, FAST)
-                dzt2 = dz2 * inv_kd_t
-                u = _exp2(dzt2, FAST)
-                s1t_l = s1t_l * alpha_s + tl.sum(u, 2)
-                t = tl.load(t_ptr + t_rows3 + (cols - t_col0)[None, :, :] * stride_tc,
-                            mask=valid[:, None, None] & cmask[None, :, :], other=0.0).to(tl.float32)
-                t = _teacher_cap(t, tcap, inv_tcap, TCAP, FAST)
-                # t/T as the gradient pass computes it: the two passes' teacher probabilities agree to the bit
-                tt = tl.where(cmask[None, :, :], t * inv_kd_t, neg_inf)
-                mt_new = tl.maximum(mt_l, tl.max(tt, 2))
-                alpha_t = _exp2((mt_l - mt_new) * LOG2E, FAST)
-                shift = (m_new - m_l) * inv_kd_t - (mt_new - mt_l)
-                dtt = tt - mt_new[:, :, None]
-                dtt2 = dtt * LOG2E
-                e = _exp2(dtt2, FAST)
-                if DIV == 0:
-                    k_l = alpha_t * (k_l + tl.where(st_l > 0, st_l * (shift * LOG2E), 0.0))
-                    k_l += tl.sum(tl.where(e > 0, e * (dtt2 - dzt2), 0.0), 2)
-                st_l = st_l * alpha_t + tl.sum(e, 2)
-                if DIV == 1:
-                    # u-weighted log-ratios over the teacher's classes, anchored at the lanes' maxima, in
-                    # natural units and the gradient pass's own arithmetic ((z - m)/T - (t/T - m_t)):
-                    # where the student's softmax saturates, the gradient's offset cancels exactly
-                    keep = tt != neg_inf
-                    r_l = alpha_s * (r_l - tl.where(sk_l > 0, sk_l * shift, 0.0))
-                    sk_l = sk_l * alpha_s
-                    r_l += tl.sum(tl.where(keep, u * (dz * inv_kd_t - dtt), 0.0), 2)
-                    sk_l += tl.sum(tl.where(keep, u, 0.0), 2)
-                mt_l = mt_new
-            m_l = m_new
-            y_c0 -= BLOCK_C
+        zrow3 = lrows[:, None, None] * stride_z1
+        valid3 = valid[:, None, None]
+        w_full = (W // BLOCK_C) * BLOCK_C
+        for c0 in range(0, w_full, BLOCK_C):
+            m_l, sn_l, a_l, zs_l, s1t_l, mt_l, st_l, k_l, sk_l, r_l = _stats_tile(
+                m_l, sn_l, a_l, zs_l, s1t_l, mt_l, st_l, k_l, sk_l, r_l, c0, y_g, z1_ptr, b1_ptr, t_ptr, zrow3,
+                valid3, t_rows3, rows0_3, goffs, gbase, W, stride_z1, stride_tc, t_col0, cap, inv_cap, tcap,
+                inv_tcap, inv_kd_t, inv_kd_t2, False, KD_STATS, SMOOTH, DIV, HAS_B1, CAP, TCAP, FAST, GROUP)
+            y_g -= BLOCK_C
+        if w_full < W:
+            m_l, sn_l, a_l, zs_l, s1t_l, mt_l, st_l, k_l, sk_l, r_l = _stats_tile(
+                m_l, sn_l, a_l, zs_l, s1t_l, mt_l, st_l, k_l, sk_l, r_l, w_full, y_g, z1_ptr, b1_ptr, t_ptr,
+                zrow3, valid3, t_rows3, rows0_3, goffs, gbase, W, stride_z1, stride_tc, t_col0, cap, inv_cap,
+                tcap, inv_tcap, inv_kd_t, inv_kd_t2, True, KD_STATS, SMOOTH, DIV, HAS_B1, CAP, TCAP, FAST, GROUP)
         # the lanes reduced once: anchors moved to the row maxima (K from log2 units)
         k_l = k_l * LN2
         m1 = tl.max(m_l, 1)
