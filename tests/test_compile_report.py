@@ -87,7 +87,7 @@ INSTR_PER_LOGIT = (  # (kernel, MAIN or GRAD_CE, KD_STATS or GRAD_KD, AUX, odd C
     (("epilogue_kernel", True, True, False, False), 62.0),    # CE + KD: the LLM main head's row chunks
     (("epilogue_kernel", False, False, True, False), 40.0),   # BinaryKL-Norm alone: the LLM auxiliary slabs
     (("epilogue_kernel", True, True, True, False), 98.0),     # all three terms, both heads
-    (("epilogue_kernel", True, True, False, True), 36.0),     # the statistics pass alone, odd C (scalar teacher)
+    (("epilogue_kernel", True, True, False, True), 38.0),     # the statistics pass alone, odd C (scalar teacher)
     (("grad_kernel", True, True, True, False), 75.0),         # the split gradient pass, all terms
     (("grad_kernel", True, True, True, True), 75.0),          # the same with an odd C
 )
