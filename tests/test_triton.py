@@ -374,14 +374,16 @@ def test_cublas_plan_sums_bias_gradients_in_grad_kernel(device, monkeypatch, n, 
     with cost.record() as rec:
         assert_matches_reference(cast_inputs(inputs, torch.float32), backend="triton", kd_weight=0.5)
     kernels = rec.by_kernel()
-    # no column of ones for dZ^T 1 (with C = 1 the forward's products are matrix-vector ones too)
-    assert kernels.get("grad_kernel") == 1 and kernels.get("bias_kernel") == 1 and "torch:fill_" not in kernels, kernels
+    # no column of ones for dZ^T 1 (with C = 1 the forward's products are matrix-vector ones too); the
+    # bias gradients in the backward's scale launches: one for X's scaled copy and dX, one for A's and dA
+    assert kernels.get("grad_kernel") == 1 and kernels.get("scale_kernel") == 2 and "torch:fill_" not in kernels, \
+        kernels
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("parts,heads,mean", [(7, 2, True), (1, 1, False), (4, 2, False)])
-def test_bias_kernel_sums_parts_in_order(device, parts, heads, mean, dtype):
-    """bias_kernel: out_h = g / max(|V|, 1) (mean) x the sum of the P fp32 parts of each head's column
+def test_scale_kernel_sums_bias_parts_in_order(device, parts, heads, mean, dtype):
+    """scale_kernel's bias job alone: out_h = g / max(|V|, 1) (mean) x the sum of the P fp32 parts of each head's column
     sums (grad_kernel's row parts, strided rows; several blocks of parts at once), cast to the bias
     dtype; the other head untouched when one is asked."""
     g = torch.Generator().manual_seed(parts)
@@ -401,6 +403,40 @@ def test_bias_kernel_sums_parts_in_order(device, parts, heads, mean, dtype):
             assert torch.equal(out.cpu(), want.float().to(dtype).cpu())
     if heads == 1:
         assert torch.isnan(out2).all()
+
+
+@pytest.mark.parametrize("row_g", [False, True])
+def test_scale_kernel_two_jobs_and_biases_in_one_launch(device, row_g):
+    """One scale_kernel launch: a masked scaled copy (X for dW), an fp32 accumulator cast to bf16 (dX)
+    and both heads' bias gradients from their parts, each against its float64 value; outputs poisoned."""
+    from dhkd_kernels import cost
+    g = torch.Generator().manual_seed(3 + int(row_g))
+    m, p, c, parts = 37, 24, 19, 3
+    y = torch.randint(0, c, (m,), generator=g)
+    y[::4] = -100
+    x = torch.randn(m, p, generator=g)
+    x[y == -100] = float("nan")  # rows outside V: zeroed by the mask, never scaled
+    acc = torch.randn(m, p, generator=g)
+    sums = torch.randn(2, parts, 32, generator=g)
+    grad = (torch.rand(m, generator=g) + 0.5) if row_g else torch.tensor(1.75)
+    n_valid = (y != -100).sum()
+    x, acc, sums, grad, y, n_valid = (v.to(device) for v in (x, acc, sums, grad, y, n_valid))
+    xs, gx = (torch.full((m, p), float("nan"), device=device, dtype=torch.bfloat16) for _ in range(2))
+    b1, b2 = (torch.full((c,), float("nan"), device=device) for _ in range(2))
+    with cost.record() as rec:
+        _launch._scales([(x.bfloat16(), xs, True), (acc, gx, False)], y, grad, n_valid, mean=True,
+                        ignore_index=-100, row_g=row_g, bias=(sums[0], sums[1], b1, b2))
+    assert [x_.kernel for x_ in rec.launches if x_.engine == "triton"] == ["scale_kernel"]
+    s = 1.0 / n_valid.item()
+    srow = (grad.double().cpu() * s) if row_g else torch.full((m,), 1.75 * s, dtype=torch.float64)
+    keep = (y != -100).cpu()
+    want_xs = torch.where(keep[:, None], x.bfloat16().double().cpu().nan_to_num() * srow[:, None], 0.0)
+    assert torch.equal(xs.cpu(), want_xs.float().bfloat16())
+    assert torch.equal(gx.cpu(), (acc.double().cpu() * srow[:, None]).float().bfloat16())
+    sb = s if row_g else 1.75 * s  # a per-row grad_output weights dz's columns already
+    for out, h in ((b1, 0), (b2, 1)):
+        torch.testing.assert_close(out.double().cpu(), sums[h, :, :c].double().cpu().sum(0) * sb, rtol=1e-6,
+                                   atol=1e-6)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

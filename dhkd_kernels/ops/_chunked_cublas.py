@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from . import _epilogue_kernels as E
-from ._launch import (_bias, _buffer, _empty, _epilogue, _launch, _mm, _ones, _opts, _scale, _teacher_block,
+from ._launch import (_buffer, _empty, _epilogue, _launch, _mm, _ones, _opts, _scale, _scale_jobs, _teacher_block,
                       _teacher_kind, _zero)
 from ._plan import F32, _epi_config, _interpreted, _kind, _ld
 
@@ -152,13 +152,13 @@ def _finish_chunked(wk, o, y, n_valid, state):
     gx, gw1, gb1, ga, gw2, gb2, accx, acca, gb1_acc, gb2_acc = state
     need_x, need_w1, need_b1, need_a, need_w2, need_b2 = wk.need
     fed = [accx is not None, need_w1, need_b1, acca is not None, need_w2, need_b2]
-    for g, acc in ((gx, accx), (ga, acca)):
-        if g is not None and acc is not None:
-            _scale(acc, g, y, None, n_valid, mask_rows=False, mean=o.mean, ignore_index=o.ignore_index)
+    jobs = [(acc, g, False) for g, acc in ((gx, accx), (ga, acca)) if g is not None and acc is not None]
     b1_on, b2_on = gb1 is not None and need_b1, gb2 is not None and need_b2
+    bias = None
     if b1_on or b2_on:
-        _bias(gb1_acc if b1_on else None, gb2_acc if b2_on else None, gb1 if b1_on else None,
-              gb2 if b2_on else None, None, n_valid, mean=o.mean)
+        bias = (gb1_acc if b1_on else None, gb2_acc if b2_on else None, gb1 if b1_on else None,
+                gb2 if b2_on else None)
+    _scale_jobs(jobs, y, None, n_valid, mean=o.mean, ignore_index=o.ignore_index, bias=bias)
     for g, ok in zip((gx, gw1, gb1, ga, gw2, gb2), fed):
         if g is not None and not ok:
             _zero(g)
@@ -168,9 +168,7 @@ def _scale_grads(grads: List[Tensor], g: Tensor) -> None:
     """grads *= g in place (the chunked plan's backward), one launch per gradient."""
     g = g.reshape(())
     unused = torch.empty(0, dtype=torch.int64, device=g.device)  # labels / |V| slots, never read here
-    for gr in grads:
-        if gr.numel() == 0:
-            continue
-        flat = gr.view(gr.shape[0], -1) if gr.dim() > 1 else gr.view(1, -1)
-        _scale(flat, flat, unused, g, unused, mask_rows=False, mean=False, ignore_index=0)
+    jobs = [(flat, flat, False) for flat in (gr.view(gr.shape[0], -1) if gr.dim() > 1 else gr.view(1, -1)
+                                             for gr in grads if gr.numel())]
+    _scale_jobs(jobs, unused, g, unused, mean=False, ignore_index=0)
 

@@ -43,12 +43,12 @@ of the (N, C) problem, stored with row strides ``stride_z1`` / ``stride_z2``.
 ``finalize_kernel``  one program: reduces ``rows`` over the valid rows in a fixed order into loss,
     terms (3,), correct and n_valid; with per_row also the (N,) weighted per-row losses.
 
-``bias_kernel``  grid (cdiv(W, BLOCK), heads): out = scale * sum for the fp32 column sums of dz of one or
-    both heads, summed over their P parts (grad_kernel's row parts; 1 for dZ^T 1) in a fixed order
-    (scale = grad_output / max(|V|, 1) as device scalars), cast to the bias dtype.
-
-``scale_kernel``  grid (cdiv(M, BLOCK_M), cdiv(P, BLOCK_P)): out = scale * in (any strides, dtype cast),
-    optionally zeroing the rows not in V (the masked, pre-scaled features of the dW products).
+``scale_kernel``  grid (JOBS x the tiles of one job + the bias tiles,): the backward's scaled copies and
+    bias gradients in one launch. Up to two scale jobs of one shape (M, P): out = scale * in (any
+    strides, dtype cast), optionally zeroing the rows not in V (the masked, pre-scaled features of the
+    dW products; dX's fp32 accumulator cast to the gradient); and the bias job: out = scale * sum for
+    the fp32 column sums of dz of one or both heads, summed over their P parts (grad_kernel's row
+    parts; 1 for dZ^T 1) in a fixed order. scale = grad_output / max(|V|, 1) as device scalars.
 
 ``count_kernel``  one program: n_valid = |V|.
 
@@ -776,54 +776,16 @@ def _scale_value(g_ptr, nvalid_ptr, has_g, mean):
     return s
 
 
-@triton.jit(do_not_specialize=["W", "P", "stride_p", "head0", "has_g", "mean"])
-def bias_kernel(
-    # pointers: fp32 column sums of dz per head, P parts (P, W) of row stride stride_p; outputs (W,) per
-    # head (the bias dtype); grad_output () and n_valid () for the scale
-    sum1_ptr, sum2_ptr, out1_ptr, out2_ptr, g_ptr, nvalid_ptr,
-    # W columns, P parts; runtime flags: head0 = the head of grid row 0 (0 or 1; a second grid row is
-    # head 1), has_g / mean select the scale
-    W, P, stride_p, head0, has_g, mean,
-    INTERP_BF16: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK: tl.constexpr,
-):
-    # bytes: 4 P read + the bias dtype written per column and head; the parts summed in a fixed order,
-    # BLOCK_P of them loaded at once (independent loads in flight, not a chain of P latencies)
-    cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    cmask = cols < W
-    s = _scale_value(g_ptr, nvalid_ptr, has_g != 0, mean != 0)
-    sum_ptr = sum1_ptr
-    out_ptr = out1_ptr
-    if tl.program_id(1) + head0 == 1:
-        sum_ptr = sum2_ptr
-        out_ptr = out2_ptr
-    total = tl.zeros((BLOCK_P, BLOCK), tl.float32)
-    for p0 in range(0, P, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
-        total += tl.load(sum_ptr + p[:, None] * stride_p + cols[None, :], mask=(p < P)[:, None] & cmask[None, :],
-                         other=0.0)
-    _store_rounded(out_ptr + cols, tl.sum(total, 0) * s, cmask, INTERP_BF16)
-
-
-@triton.jit(do_not_specialize=["ignore_index", "mask_rows", "has_g", "mean"])
-def scale_kernel(
-    # pointers: in (M, P), out (M, P) (may be the same tensor), labels (M,), grad_output, n_valid
-    in_ptr, out_ptr, y_ptr, g_ptr, nvalid_ptr,
-    # sizes, strides
-    M, P, stride_im, stride_ip, stride_om, stride_op, ignore_index,
-    # runtime flags: mask_rows zeroes the rows not in V; has_g / mean select the scale
-    mask_rows, has_g, mean,
-    # meta-parameters: ROW_G scales row i by g[i] (per-row grads)
-    ROW_G: tl.constexpr, INTERP_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    rp = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+@triton.jit
+def _scale_tile(in_ptr, out_ptr, y_ptr, g_ptr, s, rm, rp, M, P, stride_im, stride_ip, stride_om, stride_op,
+                ignore_index, mask_rows, ROW_G: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """out = s in over the tile rows rm x columns rp (times g[row] with ROW_G), rows not in V zeroed
+    with mask_rows."""
     mmask = rm < M
     m2d = mmask[:, None] & (rp < P)[None, :]
+    srow = tl.zeros_like(rm).to(tl.float32) + s
     if ROW_G:
-        s = _scale_value(g_ptr, nvalid_ptr, False, mean != 0)
-        srow = s * tl.load(g_ptr + rm, mask=mmask, other=0.0).to(tl.float32)
-    else:
-        srow = tl.zeros((BLOCK_M,), tl.float32) + _scale_value(g_ptr, nvalid_ptr, has_g != 0, mean != 0)
+        srow = srow * tl.load(g_ptr + rm, mask=mmask, other=0.0).to(tl.float32)
     keep = m2d
     if mask_rows != 0:
         y = tl.load(y_ptr + rm, mask=mmask, other=ignore_index).to(tl.int64)
@@ -831,6 +793,67 @@ def scale_kernel(
     v = tl.load(in_ptr + rm[:, None] * stride_im + rp[None, :] * stride_ip, mask=keep, other=0.0).to(tl.float32)
     v = tl.where(keep, v * srow[:, None], 0.0)
     _store_rounded(out_ptr + rm[:, None] * stride_om + rp[None, :] * stride_op, v, m2d, INTERP_BF16)
+
+
+@triton.jit
+def _bias_tile(sum_ptr, out_ptr, s, cols, W, PARTS, stride_parts, INTERP_BF16: tl.constexpr,
+               BLOCK_PARTS: tl.constexpr, BLOCK_W: tl.constexpr):
+    """out[cols] = s sum_p sum[p, cols] over the PARTS fp32 parts in a fixed order, BLOCK_PARTS of them
+    loaded at once (independent loads in flight, not a chain of PARTS latencies)."""
+    cmask = cols < W
+    total = tl.zeros((BLOCK_PARTS, BLOCK_W), tl.float32)
+    for p0 in range(0, PARTS, BLOCK_PARTS):
+        p = p0 + tl.arange(0, BLOCK_PARTS).to(tl.int64)
+        total += tl.load(sum_ptr + p[:, None] * stride_parts + cols[None, :],
+                         mask=(p < PARTS)[:, None] & cmask[None, :], other=0.0)
+    _store_rounded(out_ptr + cols, tl.sum(total, 0) * s, cmask, INTERP_BF16)
+
+
+@triton.jit(do_not_specialize=["ignore_index", "mask_a", "mask_b", "W", "PARTS", "stride_parts", "head0", "has_g",
+                               "mean"])
+def scale_kernel(
+    # scale jobs a and b (JOBS of them, the same shape): out = s in over (M, P), any strides and dtypes,
+    # rows not in V zeroed where mask_a / mask_b; labels (M,); grad_output () (or (M,) with ROW_G); n_valid ()
+    a_in, a_out, b_in, b_out, y_ptr, g_ptr, nvalid_ptr,
+    M, P, stride_aim, stride_aip, stride_aom, stride_aop, stride_bim, stride_bip, stride_bom, stride_bop,
+    ignore_index, mask_a, mask_b,
+    # the bias job (BIAS): one or two heads' fp32 column sums of dz, PARTS parts (PARTS, >= W) of row
+    # stride stride_parts, into the (W,) bias gradients (their dtype); head0: the first bias programs' head
+    sum1_ptr, sum2_ptr, bias1_ptr, bias2_ptr, W, PARTS, stride_parts, head0,
+    # the scale s = grad_output (has_g; per row with ROW_G) / max(|V|, 1) (mean)
+    has_g, mean,
+    # meta-parameters: INTERP_BF16 / BIAS_BF16: the jobs' / the biases' outputs are bf16 in the interpreter
+    JOBS: tl.constexpr, BIAS: tl.constexpr, ROW_G: tl.constexpr, INTERP_BF16: tl.constexpr, BIAS_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_PARTS: tl.constexpr,
+):
+    # Bytes: each job's in and out once; the bias job 4 PARTS per column and head, plus the bias. The
+    # programs: JOBS x cdiv(M, BLOCK_M) cdiv(P, BLOCK_P) scale tiles, then heads x cdiv(W, BLOCK_W) bias
+    # tiles (one launch for the backward's scaled copies and bias gradients)
+    pid = tl.program_id(0)
+    if ROW_G:  # the per-row grad_output weights the scale jobs' rows; the bias columns are weighted already
+        s = _scale_value(g_ptr, nvalid_ptr, False, mean != 0)
+    else:
+        s = _scale_value(g_ptr, nvalid_ptr, has_g != 0, mean != 0)
+    tiles_p = tl.cdiv(P, BLOCK_P)
+    tiles = tl.cdiv(M, BLOCK_M) * tiles_p
+    if pid < JOBS * tiles:
+        t = pid % tiles
+        rm = (t // tiles_p).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        rp = (t % tiles_p).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+        if pid < tiles:
+            _scale_tile(a_in, a_out, y_ptr, g_ptr, s, rm, rp, M, P, stride_aim, stride_aip, stride_aom, stride_aop,
+                        ignore_index, mask_a, ROW_G, INTERP_BF16)
+        else:
+            _scale_tile(b_in, b_out, y_ptr, g_ptr, s, rm, rp, M, P, stride_bim, stride_bip, stride_bom, stride_bop,
+                        ignore_index, mask_b, ROW_G, INTERP_BF16)
+    elif BIAS:
+        q = pid - JOBS * tiles
+        bt = tl.cdiv(W, BLOCK_W)
+        cols = (q % bt).to(tl.int64) * BLOCK_W + tl.arange(0, BLOCK_W).to(tl.int64)
+        if q // bt + head0 == 0:
+            _bias_tile(sum1_ptr, bias1_ptr, s, cols, W, PARTS, stride_parts, BIAS_BF16, BLOCK_PARTS, BLOCK_W)
+        else:
+            _bias_tile(sum2_ptr, bias2_ptr, s, cols, W, PARTS, stride_parts, BIAS_BF16, BLOCK_PARTS, BLOCK_W)
 
 
 @triton.jit

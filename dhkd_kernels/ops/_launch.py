@@ -173,21 +173,77 @@ def _mm(a: Tensor, b: Tensor, out: Tensor, *, beta: int = 0, kind: str) -> None:
 
 def _scale(src: Tensor, out: Tensor, y: Tensor, g: Optional[Tensor], n_valid: Tensor, *, mask_rows: bool,
            mean: bool, ignore_index: int, row_g: bool = False) -> None:
-    """out = s src (rows not in V zeroed with ``mask_rows``), s = g / max(|V|, 1) (mean) on the device.
+    """out = s src (rows not in V zeroed with ``mask_rows``), s = g / max(|V|, 1) (mean) on the device."""
+    _scales([(src, out, mask_rows)], y, g, n_valid, mean=mean, ignore_index=ignore_index, row_g=row_g)
+
+
+def _scales(jobs, y: Tensor, g: Optional[Tensor], n_valid: Tensor, *, mean: bool, ignore_index: int,
+            row_g: bool = False, bias=None) -> None:
+    """One launch of ``scale_kernel``: up to two scale jobs (src, out, mask_rows) of one shape (see
+    :func:`_scale`) and, with ``bias`` = (sum1, sum2, out1, out2), the bias gradients of :func:`_bias`,
+    all with the scale s = g / max(|V|, 1) (mean; g per row with ``row_g``, then not on the biases).
     The flags are runtime arguments: one compiled specialization serves every use with these dtypes."""
-    m, p = src.shape
-    if m == 0 or p == 0:
+    jobs = [j for j in jobs if j[0].numel()]
+    if len(jobs) > 2 or len({(tuple(j[0].shape), j[1].dtype) for j in jobs}) > 1:
+        raise RuntimeError("scale_kernel takes at most two scale jobs of one shape and output dtype")
+    if not jobs and bias is None:
         return
-    dev = src.device
-    # sizes and row strides specialized (multiples of 16: 128-bit accesses); 8 x 128 tiles over 4 warps
-    # (interpreter: small tiles exercise the tails, and long inputs take long ones: numpy per program)
-    bm, bp = ((16 if m <= 1024 else 1024), (16 if p <= 1024 else 1024)) if _interpreted(dev) else (8, 128)
-    _launch(E.scale_kernel, (cdiv(m, bm), cdiv(p, bp)),
-            src, out, y, g if g is not None else _empty(dev), n_valid, m, p,
-            src.stride(0), src.stride(1), out.stride(0), out.stride(1), ignore_index,
-            int(mask_rows), int(g is not None), int(mean),
-            name="scale_kernel", nbytes=m * p * (src.element_size() + out.element_size()),
-            ROW_G=row_g, INTERP_BF16=_interp_bf16(out.dtype, dev), BLOCK_M=bm, BLOCK_P=bp, **_opts(4, 1, dev))
+    dev = n_valid.device
+    interp = _interpreted(dev)
+    m, p = jobs[0][0].shape if jobs else (0, 0)
+    # scale tiles: 8 x 128 over 4 warps, sizes and row strides specialized (multiples of 16: 128-bit
+    # accesses); the interpreter takes small tiles (tails) or long ones for long inputs (numpy per program)
+    bm, bp = ((16 if m <= 1024 else 1024), (16 if p <= 1024 else 1024)) if interp else (8, 128)
+    ja = jobs[0] if jobs else None
+    jb = jobs[1] if len(jobs) > 1 else ja
+    nbytes = sum(j[0].numel() * (j[0].element_size() + j[1].element_size()) for j in jobs)
+    anchor = ja[0] if ja is not None else n_valid
+    if bias is not None:
+        sum1, sum2, out1, out2 = bias
+        s_any = sum1 if sum1 is not None else sum2
+        o_any = out1 if out1 is not None else out2
+        heads = int(sum1 is not None) + int(sum2 is not None)
+        w = o_any.shape[0]  # both heads' biases have C entries
+        parts, stride_parts = (1, 0) if s_any.dim() == 1 else (s_any.shape[0], s_any.stride(0))
+        # 128 columns a program (a grid of C / 64 programs), 16 parts at once
+        bw = (16 if w <= 1024 else 1024) if interp else 128
+        bias_args = (sum1 if sum1 is not None else s_any, sum2 if sum2 is not None else s_any,
+                     out1 if out1 is not None else o_any, out2 if out2 is not None else o_any,
+                     w, parts, stride_parts, int(sum1 is None))
+        bias_programs = cdiv(w, bw) * heads
+        nbytes += w * (4 * parts + o_any.element_size()) * heads
+        ob = o_any
+    else:
+        dummy = _empty(dev)
+        bias_args = (dummy, dummy, dummy, dummy, 0, 0, 0, 0)
+        bias_programs, bw, ob = 0, 16, None
+    ain, aout = (ja[0], ja[1]) if ja is not None else (anchor, anchor)
+    bin_, bout = (jb[0], jb[1]) if jb is not None else (anchor, anchor)
+    strides = []
+    for t_ in (ain, aout, bin_, bout):
+        strides += [t_.stride(0), t_.stride(1)] if (ja is not None) else [0, 0]
+    _launch(E.scale_kernel, (len(jobs) * cdiv(m, bm) * cdiv(p, bp) + bias_programs,),
+            ain, aout, bin_, bout, y, g if g is not None else _empty(dev), n_valid, m, p, *strides, ignore_index,
+            int(ja[2]) if ja is not None else 0, int(jb[2]) if jb is not None else 0, *bias_args,
+            int(g is not None), int(mean),
+            name="scale_kernel", nbytes=nbytes,
+            JOBS=len(jobs), BIAS=bias is not None, ROW_G=row_g,
+            INTERP_BF16=ja is not None and _interp_bf16(ja[1].dtype, dev),
+            BIAS_BF16=ob is not None and _interp_bf16(ob.dtype, dev),
+            BLOCK_M=bm, BLOCK_P=bp, BLOCK_W=bw, BLOCK_PARTS=4 if interp else 16, **_opts(4, 1, dev))
+
+
+def _scale_jobs(jobs, y, g, n_valid, *, mean, ignore_index, row_g=False, bias=None) -> None:
+    """The scale jobs (src, out, mask_rows) in launches of ``scale_kernel`` that pair jobs of one shape
+    and output dtype, ``bias`` (see ``_scales``) in the first (or alone)."""
+    groups = {}
+    for job in jobs:
+        groups.setdefault((tuple(job[0].shape), job[1].dtype), []).append(job)
+    launches = [js[i:i + 2] for js in groups.values() for i in range(0, len(js), 2)]
+    if bias is not None and not launches:
+        launches = [[]]
+    for k, js in enumerate(launches):
+        _scales(js, y, g, n_valid, mean=mean, ignore_index=ignore_index, row_g=row_g, bias=bias if k == 0 else None)
 
 
 def _epilogue(wk, o, z1, z2, t, y, b1, b2, rows, *, r0, R, c0, W, main, aux, g_ce, g_kd, g_aux,
@@ -327,22 +383,7 @@ def _bias(sum1, sum2, out1, out2, g, n_valid, *, mean):
     """Bias gradients of one or both heads in one launch: out_h = s sum_h (fp32 column sums of dz: (C,),
     or (P, >= C) parts summed in order), s = grad_output / max(|V|, 1) (grad_output 1 when ``g`` is None;
     no 1/|V| unless ``mean``)."""
-    dev = n_valid.device
-    s_any = sum1 if sum1 is not None else sum2
-    o_any = out1 if out1 is not None else out2
-    heads = int(sum1 is not None) + int(sum2 is not None)
-    w = o_any.shape[0]  # both heads' biases have C entries
-    parts, stride_p = (1, 0) if s_any.dim() == 1 else (s_any.shape[0], s_any.stride(0))
-    # 128 columns a program (a grid of C / 64 programs), 16 parts at once
-    block = (16 if w <= 1024 else 1024) if _interpreted(dev) else 128
-    _launch(E.bias_kernel, (cdiv(w, block), heads),
-            sum1 if sum1 is not None else s_any, sum2 if sum2 is not None else s_any,
-            out1 if out1 is not None else o_any, out2 if out2 is not None else o_any,
-            g if g is not None else _empty(dev), n_valid, w, parts, stride_p, int(sum1 is None),
-            int(g is not None), int(mean),
-            name="bias_kernel", nbytes=w * (4 * parts + o_any.element_size()) * heads,
-            INTERP_BF16=_interp_bf16(o_any.dtype, dev), BLOCK_P=4 if _interpreted(dev) else 16, BLOCK=block,
-            **_opts(4, 1, dev))
+    _scales([], n_valid, g, n_valid, mean=mean, ignore_index=0, bias=(sum1, sum2, out1, out2))
 
 
 def _teacher_kind(t, tf32: bool) -> str:

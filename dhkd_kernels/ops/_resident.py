@@ -7,8 +7,9 @@ from torch import Tensor
 
 from .. import cost
 from . import _gemm_kernels as G
-from ._launch import (_bias, _buffer, _cast, _dot_precision, _empty, _epilogue, _grad_pass, _interp_bf16,
-                      _launch, _logits_buffer, _logits_buffers, _mm, _ones, _opts, _scale, _teacher_block, _teacher_kind, _zero)
+from ._launch import (_buffer, _cast, _dot_precision, _empty, _epilogue, _grad_pass, _interp_bf16,
+                      _launch, _logits_buffer, _logits_buffers, _mm, _ones, _opts, _scale, _scale_jobs, _scales,
+                      _teacher_block, _teacher_kind, _zero)
 from ._plan import (DW_TILES, DX_TILES, F32, LOGITS_TILES, Plan, _epi_config, _gemm_tiles, _interpreted, _kind,
                     _ld, _Opts, _work, cdiv)
 
@@ -216,26 +217,8 @@ def _backward_cublas(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, gx, gw1, gb1,
     # would fall into fp16's subnormals (s = 1/|V|), so X is only masked (and weighted per row for
     # reduction="none"), the product is taken in fp32 and scaled before the cast
     fp16 = dt == torch.float16
-    xs = as_ = None
-    if (dz1 is not None and gw1 is not None) or (shared and dz2 is not None and gw2 is not None):
-        xs = _buffer((n, d), dt, dev)
-        _scale(x, xs, y, g if (row_g or not fp16) else None, n_valid, mask_rows=True, mean=o.mean and not fp16,
-               ignore_index=ii, row_g=row_g)
-    if not shared and dz2 is not None and gw2 is not None:
-        as_ = _buffer((n, da), dt, dev)
-        _scale(a, as_, y, g if (row_g or not fp16) else None, n_valid, mask_rows=True, mean=o.mean and not fp16,
-               ignore_index=ii, row_g=row_g)
-    for dz, gw, feats, k in ((dz1, gw1, xs, 1), (dz2, gw2, xs if shared else as_, 4)):
-        if dz is None or gw is None:
-            continue
-        if fp16:
-            tmp = _buffer(gw.shape, F32, dev)
-            _mm(dz.t(), feats, tmp, kind=kind)
-            _scale(tmp, gw, y, None if row_g else g, n_valid, mask_rows=False, mean=o.mean, ignore_index=ii)
-        else:
-            _mm(dz.t(), feats, gw, kind=kind)
-        filled.add(k)
-    # dX = s (dZ1 W1 + dZ2 W2) in an fp32 accumulator (gx itself for fp32), scaled and cast once
+    # dX = s (dZ1 W1 + dZ2 W2) in an fp32 accumulator (gx itself for fp32), scaled and cast once below
+    scaled = []  # scale jobs (src, out, mask_rows) of the scale s, launched together
     pairs_x = ([(dz1, w1)] if dz1 is not None else []) + ([(dz2, w2)] if (shared and dz2 is not None) else [])
     for grad, pairs, name in ((gx, pairs_x, 0), (ga, [(dz2, w2)] if dz2 is not None else [], 3)):
         if grad is None or not pairs:
@@ -243,26 +226,51 @@ def _backward_cublas(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, gx, gw1, gb1,
         acc = grad if wk.f32 else _buffer(grad.shape, F32, dev)
         for i, (dz, w) in enumerate(pairs):
             _mm(dz, w, acc, beta=int(i > 0), kind=kind)
-        _scale(acc, grad, y, g, n_valid, mask_rows=False, mean=o.mean, ignore_index=ii, row_g=row_g)
+        scaled.append((acc, grad, False))
         filled.add(name)
     h1 = dz1 is not None and gb1 is not None
     h2 = dz2 is not None and gb2 is not None
-    if (h1 or h2) and sums is not None:
-        _bias(sums[0] if h1 else None, sums[1] if h2 else None, gb1 if h1 else None, gb2 if h2 else None,
-              None if row_g else g, n_valid, mean=o.mean)
+    bias = None
+    if h1 or h2:
+        if sums is not None:
+            sums = (sums[0] if h1 else None, sums[1] if h2 else None)
+        else:
+            # db = s dZ^T 1 summed in fp32 by one product per head (a per-row grad_output weights the
+            # column instead)
+            col = _cast(g, dt).reshape(n, 1) if row_g else _ones(n, dt, dev)
+            sums = []
+            for dz, on in ((dz1, h1), (dz2, h2)):
+                acc = _buffer((wk.c,), F32, dev) if on else None
+                if on:
+                    _mm(dz.t(), col, acc.view(-1, 1), kind=kind)
+                sums.append(acc)
+        bias = (sums[0], sums[1], gb1 if h1 else None, gb2 if h2 else None)
         filled |= ({2} if h1 else set()) | ({5} if h2 else set())
-    elif h1 or h2:
-        # db = s dZ^T 1 summed in fp32 by one product per head (a per-row grad_output weights the column
-        # instead), then scaled and cast for both heads in one launch
-        col = _cast(g, dt).reshape(n, 1) if row_g else _ones(n, dt, dev)
-        sums = []
-        for dz, on in ((dz1, h1), (dz2, h2)):
-            acc = _buffer((wk.c,), F32, dev) if on else None
-            if on:
-                _mm(dz.t(), col, acc.view(-1, 1), kind=kind)
-            sums.append(acc)
-        _bias(sums[0], sums[1], gb1 if h1 else None, gb2 if h2 else None, None if row_g else g, n_valid,
-              mean=o.mean)
-        filled |= ({2} if h1 else set()) | ({5} if h2 else set())
+    # dW = dZ^T (s X) over the valid rows: X scaled and masked once (N x D, cheap next to dZ), in the
+    # launch that casts dX. fp16: s X would fall into fp16's subnormals (s = 1/|V|), so X is only masked
+    # (and weighted per row for reduction="none"), the product is taken in fp32 and scaled before the cast
+    xs = as_ = None
+    feats = []
+    if (dz1 is not None and gw1 is not None) or (shared and dz2 is not None and gw2 is not None):
+        xs = _buffer((n, d), dt, dev)
+        feats.append((x, xs, True))
+    if not shared and dz2 is not None and gw2 is not None:
+        as_ = _buffer((n, da), dt, dev)
+        feats.append((a, as_, True))
+    if fp16:
+        for job in feats:
+            _scales([job], y, g if row_g else None, n_valid, mean=False, ignore_index=ii, row_g=row_g)
+        feats = []
+    _scale_jobs(feats + scaled, y, g, n_valid, mean=o.mean, ignore_index=ii, row_g=row_g, bias=bias)
+    for dz, gw, feats_, k in ((dz1, gw1, xs, 1), (dz2, gw2, xs if shared else as_, 4)):
+        if dz is None or gw is None:
+            continue
+        if fp16:
+            tmp = _buffer(gw.shape, F32, dev)
+            _mm(dz.t(), feats_, tmp, kind=kind)
+            _scale(tmp, gw, y, None if row_g else g, n_valid, mask_rows=False, mean=o.mean, ignore_index=ii)
+        else:
+            _mm(dz.t(), feats_, gw, kind=kind)
+        filled.add(k)
     return filled
 
