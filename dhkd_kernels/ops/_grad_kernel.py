@@ -8,7 +8,7 @@ from :mod:`dhkd_kernels.ops._launch` after ``epilogue_kernel``'s statistics pass
         dz1 written over z1, dz2 over z2 (zeros past C and in rows not in V, NaN in a row whose label
         is out of range), as in ``epilogue_kernel``;
         sums (2, P, Cp): the column sums of dz1 and dz2 over the program's rows (bias gradients
-        without grad_output and 1/|V|, which ``bias_kernel`` applies with the P parts' sum);
+        without grad_output and 1/|V|, which the backward's ``scale_kernel`` applies with the P parts' sum);
         lgp (P, T): tau^2 sum of the logit-level loss over the program's valid rows and classes (NaN
         with a bad label), which ``finalize_kernel`` adds in a fixed order.
     Because a program keeps its classes across all its rows, the bias sums cost no extra pass over dz
