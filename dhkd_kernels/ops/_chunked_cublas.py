@@ -165,7 +165,7 @@ def _finish_chunked(wk, o, y, n_valid, state):
 
 
 def _scale_grads(grads: List[Tensor], g: Tensor) -> None:
-    """grads *= g in place (the chunked plan's backward), one launch per gradient."""
+    """grads *= g in place (the chunked plan's backward), gradients of one shape and dtype paired in a launch."""
     g = g.reshape(())
     unused = torch.empty(0, dtype=torch.int64, device=g.device)  # labels / |V| slots, never read here
     jobs = [(flat, flat, False) for flat in (gr.view(gr.shape[0], -1) if gr.dim() > 1 else gr.view(1, -1)

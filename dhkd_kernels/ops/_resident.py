@@ -213,9 +213,6 @@ def _backward_cublas(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, gx, gw1, gb1,
     shared = wk.shared
     filled = set()
     ii = o.ignore_index
-    # dW = dZ^T (s X) over the valid rows: X scaled and masked once (N x D, cheap next to dZ). fp16: s X
-    # would fall into fp16's subnormals (s = 1/|V|), so X is only masked (and weighted per row for
-    # reduction="none"), the product is taken in fp32 and scaled before the cast
     fp16 = dt == torch.float16
     # dX = s (dZ1 W1 + dZ2 W2) in an fp32 accumulator (gx itself for fp32), scaled and cast once below
     scaled = []  # scale jobs (src, out, mask_rows) of the scale s, launched together
