@@ -848,13 +848,15 @@ try:
     buf = torch.empty(2 * S + n, dtype=torch.float16)  # 4 GiB of address space, a few pages touched
 except RuntimeError:
     print("SKIP"); raise SystemExit(0)
-x = buf.as_strided((n, d), (1, S))  # column k at k * 2**30: element offsets reach 2**31
 g = torch.Generator().manual_seed(0)
-with torch.no_grad():
-    x.copy_(torch.randn(n, d, generator=g).half())
+x = torch.randn(n, d, generator=g).half()
+t, y = torch.randn(n, c, generator=g).half(), torch.tensor([1, 3])
+if OPERAND == "features":
+    x = buf.as_strided((n, d), (1, S)).copy_(x)  # column k at k * 2**30: element offsets reach 2**31
+else:
+    t = buf.as_strided((n, c), (1, S // 2)).copy_(t)  # class k at k * 2**29: offsets reach 2**31
 x.requires_grad_(True)
 w1, w2 = (torch.randn(c, d, generator=g).half().requires_grad_(True) for _ in range(2))
-t, y = torch.randn(n, c, generator=g), torch.tensor([1, 3])
 loss = fused_dual_head_kd_loss(x, w1, None, w2, None, t, y, backend="triton", kd_weight=0.5)
 loss.backward()
 r = [v.detach().double().requires_grad_(True) for v in (x, w1, w2)]
@@ -866,10 +868,13 @@ print("ERRS", max(errs))
 """
 
 
-def test_transposed_operand_offsets_past_2_31():
-    """A column-major operand whose column stride times D passes 2**31 elements: the forward's
-    K-offsets must be int64 (in int32 they wrapped negative; the interpreter then segfaulted).
-    Runs in a subprocess so that a regression cannot take the test session down with it."""
+@pytest.mark.parametrize("operand", ["features", "teacher"])
+def test_transposed_operand_offsets_past_2_31(operand):
+    """A column-major operand whose column stride times its width passes 2**31 elements: the
+    features' K-offsets in the forward must be int64 (in int32 they wrapped negative; the interpreter
+    then segfaulted); the teacher, whose class offsets the epilogues take in int32, is copied to
+    contiguous rows first. Runs in a subprocess so that a regression cannot take the test session
+    down with it."""
     import os
     import pathlib
     import subprocess
@@ -879,7 +884,7 @@ def test_transposed_operand_offsets_past_2_31():
     root = pathlib.Path(__file__).resolve().parents[1]
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _TRANSPOSED_OFFSETS], cwd=root, env=env,
+    proc = subprocess.run([sys.executable, "-c", f"OPERAND = {operand!r}\n" + _TRANSPOSED_OFFSETS], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"rc={proc.returncode}: {proc.stderr[-2000:]}"
     if "SKIP" in proc.stdout:

@@ -42,6 +42,7 @@ __all__ = ["dual_head_kd_loss", "make_plan", "set_debug_poison", "set_engine", "
            "TRITON_MAX_FLOPS", "settings", "Plan", "Work", "plan_from_list", "plan_to_list", "operand_dtype"]
 
 _OPERAND_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TEACHER_OFFSET_MAX = 2**31 - 1  # the largest teacher class offset (class x column stride) the kernels take
 
 def _tf32_enabled(matmul=None) -> bool:
     """PyTorch's TF32 setting for CUDA matmuls: ``allow_tf32`` (traceable by dynamo), or, where
@@ -108,7 +109,11 @@ def dual_head_kd_loss(features, head_weight, head_bias, aux_weight, aux_bias, te
         tf, tw = _cast(teacher_logits.features, tdt), _cast(teacher_logits.weight, tdt)
         tb = None if teacher_logits.bias is None else _contiguous(_cast(teacher_logits.bias, tdt))
     else:
+        # the kernels take a teacher class's offset as an int32 product (class x column stride; stride 1,
+        # the usual layout, is specialized away): a strided teacher whose offsets pass int32 is copied
         t = teacher_logits
+        if t.dim() == 2 and t.stride(1) != 1 and t.shape[1] * t.stride(1) > TEACHER_OFFSET_MAX:
+            t = _contiguous(t)
     # the kernels index labels and biases with unit stride: strided or expanded views are copied
     # (N + 2C elements); gradients reach the original views through autograd
     labels = _contiguous(labels)
