@@ -392,8 +392,8 @@ def test_scale_kernel_sums_bias_parts_in_order(device, parts, heads, mean, dtype
     out1, out2 = (torch.full((c,), float("nan"), device=device, dtype=dtype) for _ in range(2))
     grad = torch.tensor(1.75, device=device)
     n_valid = torch.tensor(5, device=device)
-    _launch._bias(sums[0], sums[1] if heads == 2 else None, out1, out2 if heads == 2 else None, grad, n_valid,
-                  mean=mean)
+    _launch._scales([], n_valid, grad, n_valid, mean=mean, ignore_index=0,
+                    bias=(sums[0], sums[1] if heads == 2 else None, out1, out2 if heads == 2 else None))
     scale = 1.75 / 5 if mean else 1.75
     for out, h in ((out1, 0), (out2, 1))[:heads]:
         want = sums[h, :, :c].double().sum(0) * scale

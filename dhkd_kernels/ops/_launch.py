@@ -180,9 +180,11 @@ def _scale(src: Tensor, out: Tensor, y: Tensor, g: Optional[Tensor], n_valid: Te
 def _scales(jobs, y: Tensor, g: Optional[Tensor], n_valid: Tensor, *, mean: bool, ignore_index: int,
             row_g: bool = False, bias=None) -> None:
     """One launch of ``scale_kernel``: up to two scale jobs (src, out, mask_rows) of one shape (see
-    :func:`_scale`) and, with ``bias`` = (sum1, sum2, out1, out2), the bias gradients of :func:`_bias`,
-    all with the scale s = g / max(|V|, 1) (mean; g per row with ``row_g``, then not on the biases).
-    The flags are runtime arguments: one compiled specialization serves every use with these dtypes."""
+    :func:`_scale`) and, with ``bias`` = (sum1, sum2, out1, out2), the bias gradients of one or both heads,
+    out_h = s sum_h (fp32 column sums of dz: (C,), or (P, >= C) parts summed in order), all with the
+    scale s = g / max(|V|, 1) (g = 1 when None; no 1/|V| unless ``mean``; g per row with ``row_g``, then
+    not on the biases). The flags are runtime arguments: one compiled specialization serves every use
+    with these dtypes."""
     jobs = [j for j in jobs if j[0].numel()]
     if len(jobs) > 2 or len({(tuple(j[0].shape), j[1].dtype) for j in jobs}) > 1:
         raise RuntimeError("scale_kernel takes at most two scale jobs of one shape and output dtype")
@@ -194,10 +196,9 @@ def _scales(jobs, y: Tensor, g: Optional[Tensor], n_valid: Tensor, *, mean: bool
     # scale tiles: 8 x 128 over 4 warps, sizes and row strides specialized (multiples of 16: 128-bit
     # accesses); the interpreter takes small tiles (tails) or long ones for long inputs (numpy per program)
     bm, bp = ((16 if m <= 1024 else 1024), (16 if p <= 1024 else 1024)) if interp else (8, 128)
-    ja = jobs[0] if jobs else None
-    jb = jobs[1] if len(jobs) > 1 else ja
+    ja = jobs[0] if jobs else (n_valid, n_valid, False)  # (no scale job: pointers that are not read)
+    jb = jobs[-1] if jobs else ja
     nbytes = sum(j[0].numel() * (j[0].element_size() + j[1].element_size()) for j in jobs)
-    anchor = ja[0] if ja is not None else n_valid
     if bias is not None:
         sum1, sum2, out1, out2 = bias
         s_any = sum1 if sum1 is not None else sum2
@@ -217,18 +218,13 @@ def _scales(jobs, y: Tensor, g: Optional[Tensor], n_valid: Tensor, *, mean: bool
         dummy = _empty(dev)
         bias_args = (dummy, dummy, dummy, dummy, 0, 0, 0, 0)
         bias_programs, bw, ob = 0, 16, None
-    ain, aout = (ja[0], ja[1]) if ja is not None else (anchor, anchor)
-    bin_, bout = (jb[0], jb[1]) if jb is not None else (anchor, anchor)
-    strides = []
-    for t_ in (ain, aout, bin_, bout):
-        strides += [t_.stride(0), t_.stride(1)] if (ja is not None) else [0, 0]
+    strides = [s_ for t_ in (*ja[:2], *jb[:2]) for s_ in t_.stride()] if jobs else [0] * 8
     _launch(E.scale_kernel, (len(jobs) * cdiv(m, bm) * cdiv(p, bp) + bias_programs,),
-            ain, aout, bin_, bout, y, g if g is not None else _empty(dev), n_valid, m, p, *strides, ignore_index,
-            int(ja[2]) if ja is not None else 0, int(jb[2]) if jb is not None else 0, *bias_args,
-            int(g is not None), int(mean),
+            *ja[:2], *jb[:2], y, g if g is not None else _empty(dev), n_valid, m, p, *strides, ignore_index,
+            int(ja[2]), int(jb[2]), *bias_args, int(g is not None), int(mean),
             name="scale_kernel", nbytes=nbytes,
             JOBS=len(jobs), BIAS=bias is not None, ROW_G=row_g,
-            INTERP_BF16=ja is not None and _interp_bf16(ja[1].dtype, dev),
+            INTERP_BF16=bool(jobs) and _interp_bf16(ja[1].dtype, dev),
             BIAS_BF16=ob is not None and _interp_bf16(ob.dtype, dev),
             BLOCK_M=bm, BLOCK_P=bp, BLOCK_W=bw, BLOCK_PARTS=4 if interp else 16, **_opts(4, 1, dev))
 
@@ -377,13 +373,6 @@ def _ones(n: int, dtype, device) -> Tensor:
     """An (n, 1) column of ones: dZ^T 1 is a bias gradient as one cuBLAS product reading dz once."""
     cost.note("torch:fill_", "torch", (), 0, n * torch.finfo(dtype).bits // 8)
     return torch.ones((n, 1), dtype=dtype, device=device)
-
-
-def _bias(sum1, sum2, out1, out2, g, n_valid, *, mean):
-    """Bias gradients of one or both heads in one launch: out_h = s sum_h (fp32 column sums of dz: (C,),
-    or (P, >= C) parts summed in order), s = grad_output / max(|V|, 1) (grad_output 1 when ``g`` is None;
-    no 1/|V| unless ``mean``)."""
-    _scales([], n_valid, g, n_valid, mean=mean, ignore_index=0, bias=(sum1, sum2, out1, out2))
 
 
 def _teacher_kind(t, tf32: bool) -> str:

@@ -8,7 +8,7 @@ from torch import Tensor
 from .. import cost
 from . import _gemm_kernels as G
 from ._launch import (_buffer, _cast, _dot_precision, _empty, _epilogue, _grad_pass, _interp_bf16,
-                      _launch, _logits_buffer, _logits_buffers, _mm, _ones, _opts, _scale, _scale_jobs, _scales,
+                      _launch, _logits_buffer, _logits_buffers, _mm, _ones, _opts, _scale, _scale_jobs,
                       _teacher_block, _teacher_kind, _zero)
 from ._plan import (DW_TILES, DX_TILES, F32, LOGITS_TILES, Plan, _epi_config, _gemm_tiles, _interpreted, _kind,
                     _ld, _Opts, _work, cdiv)
@@ -255,8 +255,9 @@ def _backward_cublas(wk, o, g, n_valid, x, w1, a, w2, y, dz1, dz2, gx, gw1, gb1,
         as_ = _buffer((n, da), dt, dev)
         feats.append((a, as_, True))
     if fp16:
-        for job in feats:
-            _scales([job], y, g if row_g else None, n_valid, mean=False, ignore_index=ii, row_g=row_g)
+        for src, out, _ in feats:
+            _scale(src, out, y, g if row_g else None, n_valid, mask_rows=True, mean=False, ignore_index=ii,
+                   row_g=row_g)
         feats = []
     _scale_jobs(feats + scaled, y, g, n_valid, mean=o.mean, ignore_index=ii, row_g=row_g, bias=bias)
     for dz, gw, feats_, k in ((dz1, gw1, xs, 1), (dz2, gw2, xs if shared else as_, 4)):
