@@ -30,7 +30,7 @@ from ._epilogue_kernels import (LOG2E, _aux_terms, _main_grad, _row_bcast_load, 
 
 @triton.jit
 def _logit_tile(zp, valid, in_width, b, cap, inv_cap, HAS_B: tl.constexpr, CAP: tl.constexpr, FAST: tl.constexpr):
-    """(zp, z, dcap): a tile of stored logits at pointers zp (rows ``valid``, columns ``in_width`` of the
+    """(z, dcap): a tile of stored logits at pointers zp (rows ``valid``, columns ``in_width`` of the
     padded buffer: 128-bit loads) plus the bias tile b, softcapped, with the softcap's derivative (1
     without CAP)."""
     z = tl.load(zp, mask=valid[:, None] & in_width, other=0.0).to(tl.float32)
@@ -39,7 +39,7 @@ def _logit_tile(zp, valid, in_width, b, cap, inv_cap, HAS_B: tl.constexpr, CAP: 
     dcap = 1.0
     if CAP:
         z, dcap = _softcap(z, cap, inv_cap, FAST)
-    return zp, z, dcap
+    return z, dcap
 
 
 @triton.jit(do_not_specialize=["N", "ROWS"])
@@ -116,8 +116,8 @@ def grad_kernel(
                     skn = tl.load(sp + 7 * N, mask=rmask, other=0.0)
             ok = valid & (~bad)
             is_y = cols2 == tl.where(ok, y, -1).to(tl.int32)[:, None]
-            zp, z, dcap = _logit_tile(z1_ptr + zrow + cols2, valid, cols2 < stride_z, b1, cap, inv_cap, HAS_B1, CAP,
-                                      FAST)
+            zp = z1_ptr + zrow + cols2
+            z, dcap = _logit_tile(zp, valid, cols2 < stride_z, b1, cap, inv_cap, HAS_B1, CAP, FAST)
             g = _main_grad(z, t, is_y, m1, q, log_s1, log_s1t, mt, log_st, kdiv, skn, (log_s1 * LOG2E)[:, None],
                            (log_s1t * LOG2E)[:, None], (log_st * LOG2E)[:, None], ce_w, kd_w_t, inv_kd_t,
                            inv_kd_t2, eps, C, zl_w, beta, log_beta, log_1mbeta, GRAD_CE, GRAD_KD, GRAD_Z,
@@ -129,8 +129,8 @@ def grad_kernel(
             if SUM_B1:
                 acc1 += g
         if AUX:
-            zp2, z2, dcap2 = _logit_tile(z2_ptr + zrow + cols2, valid, cols2 < stride_z, b2, cap, inv_cap, HAS_B2,
-                                         CAP, FAST)
+            zp2 = z2_ptr + zrow + cols2
+            z2, dcap2 = _logit_tile(zp2, valid, cols2 < stride_z, b2, cap, inv_cap, HAS_B2, CAP, FAST)
             live = m2d & (t != float("-inf"))  # -inf teacher: a masked class
             lg, g2 = _aux_terms(z2, t, live, inv_tau, KL_NORM, FAST)
             lg_l += lg * row_nan
