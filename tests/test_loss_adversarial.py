@@ -343,3 +343,68 @@ def test_torch_path_rounds_each_16bit_gradient_once_after_scaling(dtype, grad_sc
             ratio = rel_err(got[k].grad, want) / rel_err(want.to(dtype), want)
             assert got[k].grad.dtype == dtype
             assert ratio <= (1.1 if k.endswith("bias") else 1.7), f"{k}: {ratio:.2f}x the single rounding's error"
+
+
+# ---------------------------------------------------------------- zero-width heads, KD sums at fp32's range
+
+def _fp32_against_float64(fn, leaves, loss_tol=2e-5, grad_tol=1e-4):
+    """fn(dict of leaves) -> loss, run on float32 copies (triton) and float64 copies (reference): the
+    loss and every leaf's gradient (of 3 * loss) finite and within float32's error."""
+    got = {k: v.detach().float().requires_grad_(v.requires_grad) for k, v in leaves.items()}
+    want = {k: v.detach().double().requires_grad_(v.requires_grad) for k, v in leaves.items()}
+    loss = fn(got, "triton")
+    ref = fn(want, "reference")
+    (3 * loss).backward()
+    (3 * ref).backward()
+    assert torch.isfinite(loss) and rel_err(loss, ref) <= loss_tol, (loss.item(), ref.item())
+    for k, v in got.items():
+        if v.requires_grad:
+            assert v.grad is not None and v.grad.dtype == torch.float32, k
+            assert rel_err(v.grad, want[k].grad) <= grad_tol, k
+
+
+@pytest.mark.parametrize("plan_name", ["triton", "cublas", "chunked"])
+@pytest.mark.parametrize("teacher_bias", [False, True])
+def test_zero_width_teacher_head(plan_name, teacher_bias, monkeypatch):
+    """teacher_features (N, 0) and teacher_weight (C, 0): the teacher logits are its bias (or zeros).
+    The resident plans took a zero width for "no teacher" and read teacher logits from an empty buffer
+    (the interpreter segfaulted)."""
+    from tests.test_triton import use_plan
+    use_plan(monkeypatch, plan_name)
+    g = torch.Generator().manual_seed(61)
+    n, d, c = 5, 3, 7
+    leaves = dict(x=torch.randn(n, d, generator=g, dtype=torch.float64).requires_grad_(),
+                  w1=torch.randn(c, d, generator=g, dtype=torch.float64).requires_grad_(),
+                  w2=torch.randn(c, d, generator=g, dtype=torch.float64).requires_grad_(),
+                  tf=torch.zeros(n, 0, dtype=torch.float64), tw=torch.zeros(c, 0, dtype=torch.float64),
+                  tb=torch.randn(c, generator=g, dtype=torch.float64) * 2.0)
+    y = torch.tensor([0, 1, -100, 3, 6])
+
+    def fn(v, backend):
+        return fused_dual_head_kd_loss(v["x"], v["w1"], None, v["w2"], None, None, y, teacher_features=v["tf"],
+                                       teacher_weight=v["tw"], teacher_bias=v["tb"] if teacher_bias else None,
+                                       kd_weight=0.5, backend=backend)
+    _fp32_against_float64(fn, leaves)
+
+
+@pytest.mark.parametrize("plan_name", ["triton", "cublas", "chunked"])
+@pytest.mark.parametrize("empty", ["features", "aux_features"])
+def test_zero_width_features_keep_bias_gradients(plan_name, empty, monkeypatch):
+    """A head on zero features (D = 0 or D_aux = 0): its logits are its bias, whose gradient must still
+    be written (dw_kernel has no feature tile to store it from: such a call runs on cuBLAS, whatever
+    the engine setting). The gradient buffers are poisoned."""
+    from tests.test_triton import use_plan
+    use_plan(monkeypatch, plan_name)
+    g = torch.Generator().manual_seed(62)
+    n, c = 6, 5
+    d, da = (0, 3) if empty == "features" else (3, 0)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    leaves = dict(x=r(n, d).requires_grad_(), a=r(n, da).requires_grad_(), w1=r(c, d).requires_grad_(),
+                  b1=r(c).requires_grad_(), w2=r(c, da).requires_grad_(), b2=r(c).requires_grad_(),
+                  t=r(n, c) * 3.0)
+    y = torch.tensor([0, 1, 2, -100, 4, 3])
+
+    def fn(v, backend):
+        return fused_dual_head_kd_loss(v["x"], v["w1"], v["b1"], v["w2"], v["b2"], v["t"], y, aux_features=v["a"],
+                                       kd_weight=0.5, backend=backend)
+    _fp32_against_float64(fn, leaves)

@@ -148,6 +148,7 @@ class Work(NamedTuple):
     t_elem: int = 2
     fp16: bool = False
     none: bool = False
+    t_head: bool = False  # the teacher comes as features + head (D_t may be 0: logits = its bias)
 
     @property
     def t_main(self) -> bool:
@@ -156,7 +157,7 @@ class Work(NamedTuple):
 
     @property
     def teacher_product(self) -> bool:
-        return self.t_width > 0 and (self.t_main or self.aux)
+        return self.t_head and (self.t_main or self.aux)
 
     @property
     def grad(self) -> bool:
@@ -290,6 +291,9 @@ def make_plan(wk: Work, device: torch.device) -> Plan:
     else:
         # Triton GEMMs only on tensor cores (16-bit, or fp32 with TF32): IEEE fp32 goes to cuBLAS
         engine = "triton" if (wk.flops() < TRITON_MAX_FLOPS and wk.tensor_cores) else "cublas"
+    if min(wk.d, wk.da) == 0 and (wk.need[2] or wk.need[5]):
+        # a head with no features: dw_kernel has no feature tile to store its bias gradient from
+        engine = "cublas"
     need = _resident_bytes(wk, engine, device)
     if need <= budget or (wk.n * wk.c) == 0:
         parts = 0
@@ -302,7 +306,7 @@ def make_plan(wk: Work, device: torch.device) -> Plan:
                 - (4 * wk.c + wk.n * wk.elem) * (int(wk.need[2]) + int(wk.need[5]))
         return Plan(engine, True, wk.n, wk.c, need, bias_parts=parts)
     n, c, e = wk.n, wk.c, wk.elem
-    th, te = wk.t_width > 0, wk.t_elem
+    th, te = wk.t_head, wk.t_elem
     rows_mode = th and wk.t_main and wk.aux
     fixed = 5 * n * 4 + 16 + (_cublas_grad_bytes(wk) if wk.grad else 0)
     room = max(budget - fixed, 0)
@@ -374,7 +378,8 @@ def _work(x, w1, a, n: int, c: int, o: _Opts, needs, teacher=None) -> Work:
                 bool(o.kd_w) or o.components, aux, g_main, g_aux,
                 (need_x, need_w1 and g_main, need_b1 and g_main, need_a, need_w2 and g_aux, need_b2 and g_aux),
                 x.dtype == F32, x.dtype != F32 or o.tf32,
-                teacher[1].shape[1] if th else 0, teacher[0].element_size() if th else 2, x.dtype == torch.float16, o.none)
+                teacher[1].shape[1] if th else 0, teacher[0].element_size() if th else 2, x.dtype == torch.float16,
+                o.none, th)
 
 
 def _opts_from(ce_w, kd_w, lg_w, kd_t, tau, kl_norm, ignore_index, mean, components, tf32, eps=0.0,
