@@ -408,3 +408,57 @@ def test_zero_width_features_keep_bias_gradients(plan_name, empty, monkeypatch):
         return fused_dual_head_kd_loss(v["x"], v["w1"], v["b1"], v["w2"], v["b2"], v["t"], y, aux_features=v["a"],
                                        kd_weight=0.5, backend=backend)
     _fp32_against_float64(fn, leaves)
+
+
+def _huge_kd_case(divergence):
+    """One row whose KD term is ~1e37, finite in float32, while a plain sum of its C per-class
+    log-ratio terms is not: a teacher with 1e37 on one class (reverse KL), or a student spread over
+    +-1e37 (forward KL)."""
+    c, d = 64, 2
+    x = torch.zeros(1, d, dtype=torch.float64)
+    x[0, 0] = 1.0
+    w1 = torch.zeros(c, d, dtype=torch.float64)
+    t = torch.zeros(1, c, dtype=torch.float64)
+    if divergence == "reverse_kl":
+        t[0, 0] = 1e37
+    else:
+        w1[:, 0] = 1e37 * torch.linspace(-1, 1, c, dtype=torch.float64)
+    return dict(x=x.requires_grad_(), w1=w1.requires_grad_(), w2=torch.zeros(c, d, dtype=torch.float64), t=t)
+
+
+@pytest.mark.parametrize("plan_name", ["triton", "cublas", "chunked"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+def test_kd_log_ratio_sums_stay_finite(divergence, plan_name, monkeypatch):
+    """The statistics pass keeps its KD log-ratio sums scaled by 2^-ceil(log2 C): a loss near fp32's
+    range is finite and its gradients are too (they summed to inf, and reverse KL's gradient offset
+    made NaN gradients)."""
+    from tests.test_triton import use_plan
+    use_plan(monkeypatch, plan_name)
+    y = torch.tensor([0])
+
+    def fn(v, backend):
+        return fused_dual_head_kd_loss(v["x"], v["w1"], None, v["w2"], None, v["t"], y, ce_weight=0.0,
+                                       kd_weight=1.0, logit_weight=0.0, kd_temperature=1.0,
+                                       kd_divergence=divergence, backend=backend)
+    _fp32_against_float64(fn, _huge_kd_case(divergence), loss_tol=1e-5, grad_tol=1e-4)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+def test_kd_log_ratio_sums_stay_finite_sharded(divergence):
+    """The same through the vocab-parallel form (one rank): the ranks' scaled sums are combined at the
+    same scale."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        y = torch.tensor([0])
+        c = 64
+
+        def fn(v, backend):
+            vp = dict(vocab_parallel_group=dist.group.WORLD, vocab_start=0, vocab_size=c) if backend == "triton" \
+                else {}
+            return fused_dual_head_kd_loss(v["x"], v["w1"], None, v["w2"], None, v["t"], y, ce_weight=0.0,
+                                           kd_weight=1.0, logit_weight=0.0, kd_temperature=1.0,
+                                           kd_divergence=divergence, backend=backend, **vp)
+        _fp32_against_float64(fn, _huge_kd_case(divergence), loss_tol=1e-5, grad_tol=1e-4)
+    finally:
+        dist.destroy_process_group()

@@ -299,7 +299,7 @@ def _store_rounded(ptrs, v, mask, INTERP_BF16: tl.constexpr):
 @triton.jit
 def _stats_tile(m_l, sn_l, a_l, zs_l, s1t_l, mt_l, st_l, k_l, sk_l, r_l, c0, y_g,
                 z1_ptr, b1_ptr, t_ptr, zrow3, valid3, t_rows3, rows0_3, goffs, gbase, W, stride_z1, stride_tc,
-                t_col0, cap, inv_cap, tcap, inv_tcap, inv_kd_t, inv_kd_t2,
+                t_col0, cap, inv_cap, tcap, inv_tcap, inv_kd_t, inv_kd_t2, kscale, kl2s,
                 MASKED: tl.constexpr, KD_STATS: tl.constexpr, SMOOTH: tl.constexpr, DIV: tl.constexpr,
                 HAS_B1: tl.constexpr, CAP: tl.constexpr, TCAP: tl.constexpr, FAST: tl.constexpr,
                 GROUP: tl.constexpr):
@@ -350,17 +350,17 @@ def _stats_tile(m_l, sn_l, a_l, zs_l, s1t_l, mt_l, st_l, k_l, sk_l, r_l, c0, y_g
         dtt2 = dtt * LOG2E
         e = _exp2(dtt2, FAST)
         if DIV == 0:
-            k_l = alpha_t * (k_l + tl.where(st_l > 0, st_l * (shift * LOG2E), 0.0))
-            k_l += tl.sum(tl.where(e > 0, e * (dtt2 - dzt2), 0.0), 2)
+            k_l = alpha_t * (k_l + tl.where(st_l > 0, st_l * (shift * kl2s), 0.0))
+            k_l += kscale * tl.sum(tl.where(e > 0, e * (dtt2 - dzt2), 0.0), 2)
         st_l = st_l * alpha_t + tl.sum(e, 2)
         if DIV == 1:
             # u-weighted log-ratios over the teacher's classes, anchored at the lanes' maxima, in
             # natural units and the gradient pass's own arithmetic ((z - m)/T - (t/T - m_t)):
             # where the student's softmax saturates, the gradient's offset cancels exactly
             keep = tt != neg_inf
-            r_l = alpha_s * (r_l - tl.where(sk_l > 0, sk_l * shift, 0.0))
+            r_l = alpha_s * (r_l - tl.where(sk_l > 0, sk_l * (shift * kscale), 0.0))
             sk_l = sk_l * alpha_s
-            r_l += tl.sum(tl.where(keep, u * (dz * inv_kd_t - dtt), 0.0), 2)
+            r_l += kscale * tl.sum(tl.where(keep, u * (dz * inv_kd_t - dtt), 0.0), 2)
             sk_l += tl.sum(tl.where(keep, u, 0.0), 2)
         mt_l = mt_new
     return m_new, sn_l, a_l, zs_l, s1t_l, mt_l, st_l, k_l, sk_l, r_l
@@ -384,6 +384,8 @@ def epilogue_kernel(
     # scalars: term weights and temperatures (kd_w_t = kd_w T); eps: label smoothing of CE;
     # acc_logit: add to the previous logit sums
     ce_w, kd_w_t, inv_kd_t, kd_t2, lg_w, inv_tau, tau2, eps, ignore_index, acc_logit,
+    # kscale: a power of two <= 1/C scaling the KD log-ratio sums K and R (finite while the loss is)
+    kscale,
     # the LLM options: softcaps of the student (both heads) and the teacher with their inverses, the
     # z-loss weight, the JSD mixture's beta, log(beta) and log(1 - beta)
     cap, inv_cap, tcap, inv_tcap, zl_w, beta, log_beta, log_1mbeta,
@@ -463,6 +465,7 @@ def epilogue_kernel(
         # the label's class relative to each lane's group of the tile
         y_g = tl.where(y32 >= 0, y32, -2**30)[:, None, None] - gbase[None, :, None]
         inv_kd_t2 = inv_kd_t * LOG2E
+        kl2s = kscale * LOG2E
         zrow3 = lrows[:, None, None] * stride_z1
         valid3 = valid[:, None, None]
         w_full = (W // BLOCK_C) * BLOCK_C
@@ -470,13 +473,15 @@ def epilogue_kernel(
             m_l, sn_l, a_l, zs_l, s1t_l, mt_l, st_l, k_l, sk_l, r_l = _stats_tile(
                 m_l, sn_l, a_l, zs_l, s1t_l, mt_l, st_l, k_l, sk_l, r_l, c0, y_g, z1_ptr, b1_ptr, t_ptr, zrow3,
                 valid3, t_rows3, rows0_3, goffs, gbase, W, stride_z1, stride_tc, t_col0, cap, inv_cap, tcap,
-                inv_tcap, inv_kd_t, inv_kd_t2, False, KD_STATS, SMOOTH, DIV, HAS_B1, CAP, TCAP, FAST, GROUP)
+                inv_tcap, inv_kd_t, inv_kd_t2, kscale, kl2s, False, KD_STATS, SMOOTH, DIV, HAS_B1, CAP, TCAP, FAST,
+                GROUP)
             y_g -= BLOCK_C
         if w_full < W:
             m_l, sn_l, a_l, zs_l, s1t_l, mt_l, st_l, k_l, sk_l, r_l = _stats_tile(
                 m_l, sn_l, a_l, zs_l, s1t_l, mt_l, st_l, k_l, sk_l, r_l, w_full, y_g, z1_ptr, b1_ptr, t_ptr,
                 zrow3, valid3, t_rows3, rows0_3, goffs, gbase, W, stride_z1, stride_tc, t_col0, cap, inv_cap,
-                tcap, inv_tcap, inv_kd_t, inv_kd_t2, True, KD_STATS, SMOOTH, DIV, HAS_B1, CAP, TCAP, FAST, GROUP)
+                tcap, inv_tcap, inv_kd_t, inv_kd_t2, kscale, kl2s, True, KD_STATS, SMOOTH, DIV, HAS_B1, CAP, TCAP,
+                FAST, GROUP)
         # the lanes reduced once: anchors moved to the row maxima (K from log2 units)
         k_l = k_l * LN2
         m1 = tl.max(m_l, 1)
@@ -521,16 +526,17 @@ def epilogue_kernel(
             st = tl.sum(st_l * at, 1)
             shift = (m1[:, None] - m_l) * inv_kd_t - (mt[:, None] - mt_l)
             log_st = tl.log(st)
+            # K and R come scaled by kscale (a power of two): unscaled after the normalization
             if DIV == 0:
-                kacc = tl.sum(at * (k_l + tl.where(st_l > 0, st_l * shift, 0.0)), 1)
-                kd = kd_t2 * (kacc / st - log_st + log_s1t)
+                kacc = tl.sum(at * (k_l + tl.where(st_l > 0, st_l * (shift * kscale), 0.0)), 1)
+                kd = kd_t2 * ((kacc / st) / kscale - log_st + log_s1t)
             if DIV == 1:
                 # KL(s || p) over the teacher's classes = (R + SK (log st - log s1t)) / S1t, with
                 # R = sum_keep u ((z - m1)/T - (t/T - mt)), SK = sum_keep u, u = e^((z - m1)/T)
                 inv_s1t = 1.0 / tl.sum(s1t_l * sc_t, 1)
-                racc = tl.sum(sc_t * (r_l - tl.where(sk_l > 0, sk_l * shift, 0.0)), 1)
+                racc = tl.sum(sc_t * (r_l - tl.where(sk_l > 0, sk_l * (shift * kscale), 0.0)), 1)
                 skn = tl.sum(sc_t * sk_l, 1) * inv_s1t
-                kdiv = racc * inv_s1t + skn * (log_st - log_s1t)
+                kdiv = (racc * inv_s1t) / kscale + skn * (log_st - log_s1t)
                 kd = kd_t2 * kdiv
 
     if MAIN and PHASE == 1:

@@ -16,7 +16,7 @@ from .. import cost
 from .._validation import env_flag
 from . import _epilogue_kernels as E
 from ._grad_kernel import grad_kernel
-from ._plan import F32, _grad_config, cdiv, _interpreted, _kind, _ld
+from ._plan import F32, _grad_config, cdiv, _interpreted, _kind, _ld, kd_scale
 
 _POISON = env_flag("DHKD_DEBUG_POISON")
 
@@ -257,6 +257,7 @@ def _epilogue(wk, o, z1, z2, t, y, b1, b2, rows, *, r0, R, c0, W, main, aux, g_c
     dummy = rows
     g_main = wk.g_main and (g_ce or g_kd or bool(o.zl_w))
     vec = _teacher_vec(t, W, c0 - t_col0)
+    c_all = wk.c if o.shard is None else o.shard.total
     nbytes = 0
     if cost.recording():  # bytes are only for the cost record
         jsd = main and wk.kd_stats and o.div == 2  # one more pass over z1 and t: the JSD's row sums
@@ -267,12 +268,12 @@ def _epilogue(wk, o, z1, z2, t, y, b1, b2, rows, *, r0, R, c0, W, main, aux, g_c
             z1 if z1 is not None else dummy, z2 if z2 is not None else dummy, t, y,
             b1 if b1 is not None else dummy, b2 if b2 is not None else dummy, rows,
             w if w is not None else dummy, stats if stats is not None else dummy,
-            wk.n, wk.c if o.shard is None else o.shard.total, R, W // vec, r0, c0,
+            wk.n, c_all, R, W // vec, r0, c0,
             0 if o.shard is None else o.shard.start,
             z1.stride(0) if z1 is not None else 0, z2.stride(0) if z2 is not None else 0,
             t.stride(0) // vec, t.stride(1), t_row0, t_col0,
             o.ce_w, o.kd_w * o.kd_t, 1.0 / o.kd_t, o.kd_t * o.kd_t, o.lg_w, 1.0 / o.tau, o.tau * o.tau, o.eps,
-            o.ignore_index, int(acc_logit), *_llm_scalars(o),
+            o.ignore_index, int(acc_logit), kd_scale(c_all), *_llm_scalars(o),
             name="epilogue_kernel", nbytes=nbytes,
             MAIN=main, KD_STATS=main and wk.kd_stats, AUX=aux, GRAD_CE=g_ce, GRAD_KD=g_kd, GRAD_AUX=g_aux,
             ZLOSS=main and bool(o.zl_w), GRAD_Z=main and g_main and bool(o.zl_w), DIV=o.div, CAP=o.cap > 0,

@@ -175,6 +175,12 @@ class Work(NamedTuple):
         return f + 2 * self.n * self.c * self.t_width * int(self.teacher_product)
 
 
+def kd_scale(c: int) -> float:
+    """2^-ceil(log2 C): the epilogue's KD log-ratio sums over C classes are kept times this, so that
+    they stay finite wherever the loss is (a sum of C terms, each bounded by the loss's own range)."""
+    return 2.0 ** -max(0, (c - 1).bit_length())
+
+
 def plan_to_list(plan: Plan) -> List[int]:
     """The plan as ints, to travel with the autograd context into the backward ops (the backward must
     run the forward's plan whatever the settings are by then)."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..reference import valid_rows
-from ._plan import F32
+from ._plan import F32, kd_scale
 from .vocab_parallel import _all_reduce_
 
 STATS = 11   # m1, s1n, zy, zsum, s1t, mt, st, kacc, racc | J, sk | S, amax
@@ -62,6 +62,7 @@ def _combine(stats, y, valid, bad, rows, r0, wk, o):
     shard = o.shard
     T = o.kd_t
     m1, s1n, zy, zsum, s1t, mt, st, kacc, racc, sk, amax = stats
+    ks = kd_scale(shard.total)  # kacc and racc come times it (epilogue_kernel's PHASE 1)
     mx = _all_reduce_(torch.stack([m1, mt, zy]), shard, "max")
     M, Mt, zy_g = mx
     e = torch.exp(m1 - M)
@@ -72,8 +73,8 @@ def _combine(stats, y, valid, bad, rows, r0, wk, o):
     earlier = ((m1 == M) & (amax < y.to(F32))).to(F32)
     sums = _all_reduce_(torch.stack([
         s1n * e, s1t * et, st * at,
-        at * (kacc + torch.where(live_t, st * shift, 0.0)),
-        et * (racc - torch.where(sk > 0, sk * shift, 0.0)), et * sk, zsum, earlier]), shard)
+        at * (kacc + torch.where(live_t, st * (shift * ks), 0.0)),
+        et * (racc - torch.where(sk > 0, sk * (shift * ks), 0.0)), et * sk, zsum, earlier]), shard)
     s1n_g, s1t_g, st_g, k_g, r_g, sk_g, zsum_g, earlier_g = sums
     s1 = s1n_g + torch.exp(zy_g - M)
     confident = (zy_g == M) & (s1n_g < 1e-3)
@@ -90,10 +91,10 @@ def _combine(stats, y, valid, bad, rows, r0, wk, o):
     rows[0, r0:end] = _row_term(ce, valid, bad)
     if wk.kd_stats:
         if o.div == 0:
-            rows[1, r0:end] = _row_term(T * T * (k_g / st_g - log_st + log_s1t), valid, bad)
+            rows[1, r0:end] = _row_term(T * T * ((k_g / st_g) / ks - log_st + log_s1t), valid, bad)
         elif o.div == 1:
             skn = sk_g / s1t_g
-            kdiv = r_g / s1t_g + skn * (log_st - log_s1t)
+            kdiv = (r_g / s1t_g) / ks + skn * (log_st - log_s1t)
             g[6], g[7] = kdiv, skn
             rows[1, r0:end] = _row_term(T * T * kdiv, valid, bad)
     else:  # as the unsharded epilogue stores it: 0, NaN for a bad label
